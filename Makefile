@@ -1,0 +1,34 @@
+# The two commands: `make run` starts the server, `make test` runs the whole suite.
+# Both create or refresh .venv first, so a fresh machine needs only Python 3.11+ and make.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SOURCES := taskserver tests twisted
+
+.PHONY: run test lint venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# A plain (non-editable) install: twistd must find the plugin the way users' installs will.
+venv: $(BIN)/python
+	$(BIN)/python -m pip install -q '.[test]'
+	@rm -rf build
+	@# Refresh Twisted's plugin cache so twistd neither rescans nor warns.
+	@$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
+run: venv
+	$(BIN)/twistd --pidfile= -n taskserver
+
+lint: venv
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

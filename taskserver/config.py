@@ -1,0 +1,379 @@
+# -*- test-case-name: tests.test_config -*-
+"""Settings: one table of options, read from the command line, the environment and ``.env``.
+
+Every setting has a twistd option (``--port``) and an environment variable
+(``PORT``). The command line beats the environment, which beats ``.env``
+(python-dotenv never overrides a variable that is already set). Invalid
+values raise :class:`ConfigError` with one line that names the setting.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+DEFAULT_HANDLER = "taskserver.handlers:complete"
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message is one line, fit for users."""
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where an external Redis lives. Never printed with its password."""
+
+    host: str
+    port: int = 6379
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    db: int = 0
+    tls: bool = False
+
+    def display(self) -> str:
+        """A URL safe for logs: the password is replaced by ``***``."""
+        scheme = "rediss" if self.tls else "redis"
+        auth = ""
+        if self.username or self.password:
+            auth = (self.username or "") + (":***" if self.password else "") + "@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{auth}{host}:{self.port}/{self.db}"
+
+
+@dataclass(frozen=True)
+class RateTier:
+    """One fixed-window tier: at most ``limit`` accepted requests per ``window_ms``."""
+
+    name: str
+    limit: int
+    window_ms: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a taskserver process needs to know, validated."""
+
+    port: int = 8000
+    interface: str = ""
+    log_dir: Path = Path("logs")
+    data_dir: Path = Path("data")
+    redis: RedisAddress | None = None
+    redis_server_bin: str | None = None
+    handler: str = DEFAULT_HANDLER
+    concurrency: int = 4
+    rate_limits: tuple[RateTier, ...] = ()
+    kill_token: str | None = field(default=None, repr=False)
+    key_prefix: str = "taskserver"
+    status_ttl_s: int = 86_400
+    redis_timeout_s: float = 1.0
+    heartbeat_ttl_s: float = 10.0
+    shutdown_timeout_s: float = 10.0
+    task_log_max_bytes: int = 10_000_000
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ConfigError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"expected a number from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ConfigError(f"expected a number of seconds, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ConfigError(f"expected seconds from {low:g} to {high:g}, got {text.strip()}")
+        return value
+
+    return parse
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+def _optional_text(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise ConfigError("expected a folder, got an empty value")
+    return Path(text.strip())
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"expected true or false, got {text!r}")
+
+
+_KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _key_prefix(text: str) -> str:
+    value = text.strip()
+    if not _KEY_PREFIX.match(value):
+        raise ConfigError(f"expected 1-64 characters of A-Z a-z 0-9 _ . -, got {text!r}")
+    return value
+
+
+_HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _handler(text: str) -> str:
+    value = text.strip()
+    if not _HANDLER.match(value):
+        raise ConfigError(f"expected module:function, got {text!r}")
+    return value
+
+
+_TIER = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, None: 1000}
+
+
+def parse_rate_limits(text: str) -> tuple[RateTier, ...]:
+    """Parse ``"1/1s,20/60s"``: comma-separated ``limit/window`` tiers.
+
+    The window unit is ``ms``, ``s`` (default), ``m`` or ``h``. Each tier is
+    named after its window as written (``"1s"``, ``"60s"``), the name clients
+    see in the ``RateLimit`` headers. An empty value turns rate limiting off.
+    """
+    tiers: list[RateTier] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        match = _TIER.match(part)
+        if not match:
+            raise ConfigError(f"expected tiers like '1/1s,20/60s', got {part.strip()!r}")
+        limit, amount, unit = int(match[1]), int(match[2]), match[3]
+        window_ms = amount * _UNIT_MS[unit]
+        if limit < 1 or window_ms < 1:
+            raise ConfigError(f"a tier needs a limit and a window of at least 1, got {part!r}")
+        tiers.append(RateTier(f"{amount}{unit or 's'}", limit, window_ms))
+    if len({tier.window_ms for tier in tiers}) != len(tiers):
+        raise ConfigError("two tiers have the same window")
+    return tuple(sorted(tiers, key=lambda tier: tier.window_ms))
+
+
+def parse_redis_url(text: str) -> RedisAddress:
+    """Parse ``redis://[user[:password]@]host[:port][/db]`` (``rediss://`` for TLS)."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port or 6379
+    except ValueError as e:
+        raise ConfigError(f"not a valid Redis URL ({e})") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError("expected a redis:// or rediss:// URL")
+    if not parts.hostname:
+        raise ConfigError("the Redis URL has no host")
+    db_text = parts.path.lstrip("/") or "0"
+    if not db_text.isdigit():
+        raise ConfigError(f"the Redis URL's database must be a number, got {db_text!r}")
+    return RedisAddress(
+        host=parts.hostname,
+        port=port,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        db=int(db_text),
+        tls=parts.scheme == "rediss",
+    )
+
+
+# ---------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its twistd option, environment variable, default and parser."""
+
+    name: str
+    env: str
+    default: str
+    doc: str
+    parse: Callable[[str], Any]
+
+    @property
+    def option(self) -> str:
+        return self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("port", "PORT", "8000", "TCP port to listen on (0 picks a free one)", _int_in(0, 65535)),
+    Option("interface", "INTERFACE", "", "address to listen on (empty: all interfaces)", _text),
+    Option("log_dir", "LOG_DIR", "./logs", "folder for tasks.log and twistd.log", _path),
+    Option("data_dir", "DATA_DIR", "./data", "folder for the embedded Redis's data", _path),
+    Option(
+        "redis_url",
+        "REDIS_URL",
+        "",
+        "redis://[user[:password]@]host[:port][/db] or rediss:// (TLS); empty: embedded Redis",
+        _optional_text,
+    ),
+    Option("redis_host", "REDIS_HOST", "", "Redis host (instead of REDIS_URL)", _optional_text),
+    Option("redis_port", "REDIS_PORT", "6379", "Redis port, with REDIS_HOST", _int_in(1, 65535)),
+    Option("redis_username", "REDIS_USERNAME", "", "Redis ACL user, with REDIS_HOST", _text),
+    Option("redis_password", "REDIS_PASSWORD", "", "Redis password, with REDIS_HOST", _text),
+    Option(
+        "redis_db", "REDIS_DB", "0", "Redis database number, with REDIS_HOST", _int_in(0, 1 << 16)
+    ),
+    Option("redis_tls", "REDIS_TLS", "false", "use TLS to REDIS_HOST (verified)", _flag),
+    Option(
+        "redis_server_bin",
+        "REDIS_SERVER_BIN",
+        "",
+        "redis-server/valkey-server binary for the embedded Redis",
+        _optional_text,
+    ),
+    Option(
+        "redis_timeout",
+        "REDIS_TIMEOUT",
+        "1.0",
+        "seconds a request waits for Redis before answering 503",
+        _seconds(0.05, 30),
+    ),
+    Option(
+        "handler", "TASK_HANDLER", DEFAULT_HANDLER, "module:function run for each task", _handler
+    ),
+    Option("concurrency", "CONCURRENCY", "4", "consumer loops per process", _int_in(1, 256)),
+    Option(
+        "rate_limits",
+        "RATE_LIMITS",
+        "1/1s,20/60s",
+        "per-user tiers, limit/window, comma-separated (empty: no limit)",
+        parse_rate_limits,
+    ),
+    Option("kill_token", "KILL_TOKEN", "", "bearer token required by GET /kill", _optional_text),
+    Option("key_prefix", "KEY_PREFIX", "taskserver", "prefix of every Redis key", _key_prefix),
+    Option(
+        "status_ttl",
+        "STATUS_TTL",
+        "86400",
+        "seconds a task's status record is kept",
+        _int_in(1, 365 * 86400),
+    ),
+    Option(
+        "heartbeat_ttl",
+        "HEARTBEAT_TTL",
+        "10",
+        "seconds after which a silent consumer's tasks go back to the queue",
+        _seconds(0.2, 3600),
+    ),
+    Option(
+        "shutdown_timeout",
+        "SHUTDOWN_TIMEOUT",
+        "10",
+        "seconds running tasks get to finish on stop",
+        _seconds(0, 3600),
+    ),
+    Option(
+        "task_log_max_bytes",
+        "TASK_LOG_MAX_BYTES",
+        "10000000",
+        "rotate tasks.log at this size",
+        _int_in(1024, 1 << 40),
+    ),
+)
+
+
+def _raw_value(option: Option, cli: Mapping[str, str | None], environ: Mapping[str, str]) -> str:
+    given = cli.get(option.name)
+    if given is not None:
+        return given
+    return environ.get(option.env, option.default)
+
+
+def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> Settings:
+    """Build validated settings from command-line values and an environment.
+
+    ``cli`` maps option names to strings or ``None`` (not given); ``environ``
+    already holds the ``.env`` values underneath the real environment.
+    """
+    values: dict[str, Any] = {}
+    given: dict[str, bool] = {}
+    for option in OPTIONS:
+        raw = _raw_value(option, cli, environ)
+        given[option.name] = cli.get(option.name) is not None or option.env in environ
+        try:
+            values[option.name] = option.parse(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{option.env} (--{option.option}): {e}") from None
+
+    return Settings(
+        port=values["port"],
+        interface=values["interface"],
+        log_dir=values["log_dir"],
+        data_dir=values["data_dir"],
+        redis=_redis_address(values, given),
+        redis_server_bin=values["redis_server_bin"],
+        handler=values["handler"],
+        concurrency=values["concurrency"],
+        rate_limits=values["rate_limits"],
+        kill_token=values["kill_token"],
+        key_prefix=values["key_prefix"],
+        status_ttl_s=values["status_ttl"],
+        redis_timeout_s=values["redis_timeout"],
+        heartbeat_ttl_s=values["heartbeat_ttl"],
+        shutdown_timeout_s=values["shutdown_timeout"],
+        task_log_max_bytes=values["task_log_max_bytes"],
+    )
+
+
+def _redis_address(values: Mapping[str, Any], given: Mapping[str, bool]) -> RedisAddress | None:
+    """REDIS_URL wins; else REDIS_HOST and friends; else None (embedded Redis)."""
+    if values["redis_url"]:
+        try:
+            return parse_redis_url(values["redis_url"])
+        except ConfigError as e:
+            raise ConfigError(f"REDIS_URL (--redis-url): {e}") from None
+    if values["redis_host"]:
+        return RedisAddress(
+            host=values["redis_host"],
+            port=values["redis_port"],
+            username=values["redis_username"] or None,
+            password=values["redis_password"] or None,
+            db=values["redis_db"],
+            tls=values["redis_tls"],
+        )
+    orphans = [
+        name.upper()
+        for name in ("redis_port", "redis_password", "redis_username", "redis_db", "redis_tls")
+        if given[name]
+    ]
+    if orphans:
+        raise ConfigError(f"{', '.join(orphans)} set but REDIS_HOST is not")
+    return None
+
+
+def resolve_handler(spec: str) -> Callable[[dict[str, Any]], Any]:
+    """Import ``module:function``; a ConfigError says what is missing."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ConfigError(f"TASK_HANDLER: cannot import {module_name!r}: {e}") from None
+    handler = getattr(module, attribute, None)
+    if not callable(handler):
+        raise ConfigError(f"TASK_HANDLER: {module_name!r} has no function {attribute!r}")
+    return handler

@@ -1,0 +1,249 @@
+# -*- test-case-name: tests.test_consumer -*-
+"""Consumer loops: fetch a task, run the handler, log it, acknowledge it.
+
+Each loop owns a processing list (consumer id ``<process id>#<n>``). The
+service keeps the process's heartbeat alive and reaps the lists of dead
+processes. A loop survives every Redis error: it backs off and carries on,
+because a loop that died on the first ConnectionError would stop processing
+for good while the web side looked healthy.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from taskserver.queue import TaskQueue
+from taskserver.redisclient import RedisUnavailable
+from taskserver.task import MalformedTask, Task, iso_utc
+from taskserver.tasklog import TaskLog
+
+#: Seconds a blocking pop waits before looping (and checking for stop).
+POP_WAIT_S = 1
+#: Back-off after a Redis error: doubles from the first value up to the second.
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 1.0
+#: Longest error text kept in a status record.
+ERROR_MAX_CHARS = 1000
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+def new_process_id() -> str:
+    """Unique across hosts and pid reuse: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def backoff_s(failures: int) -> float:
+    return float(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, failures - 1)))
+
+
+class ConsumerService(Service):
+    """``concurrency`` consumer loops, the heartbeat and the reaper of one process."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        queue: TaskQueue,
+        blocking_redis: Any,
+        handler: Handler,
+        task_log: TaskLog,
+        concurrency: int,
+        heartbeat_ttl_s: float,
+        shutdown_timeout_s: float,
+        clock: IReactorTime,
+        process_id: str | None = None,
+    ) -> None:
+        self._queue = queue
+        self._blocking = blocking_redis
+        self._handler = handler
+        self._task_log = task_log
+        self._heartbeat_ttl_s = heartbeat_ttl_s
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._clock = clock
+        self.process_id = process_id or new_process_id()
+        self.consumer_ids = [f"{self.process_id}#{n}" for n in range(concurrency)]
+        self._stopping = False
+        self._loops: list[defer.Deferred[None]] = []
+        self._timers: list[tuple[task.LoopingCall, defer.Deferred[Any]]] = []
+        self._failing: set[str] = set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        for function, interval in (
+            (self._beat, self._heartbeat_ttl_s / 3),
+            (self._reap, self._heartbeat_ttl_s / 2),
+        ):
+            timer = task.LoopingCall(function)
+            timer.clock = self._clock
+            self._timers.append((timer, timer.start(interval, now=True)))
+        self._loops = [defer.Deferred.fromCoroutine(self._run(c)) for c in self.consumer_ids]
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        """Stop fetching, let running tasks finish (bounded), give back the rest."""
+        self._stopping = True
+        loops = defer.DeferredList(self._loops, consumeErrors=True)
+        deadline = self._clock.callLater(self._shutdown_timeout_s + POP_WAIT_S, self._cancel_loops)
+        results = await loops
+        if deadline.active():
+            deadline.cancel()
+        forced = any(not ok for ok, _ in results)
+        for timer, stopped in self._timers:
+            if timer.running:
+                timer.stop()
+            await stopped
+        self._timers = []
+        try:
+            await self._queue.forget_heartbeat(self.process_id)
+            moved = await self._queue.reclaim(self.process_id, self.consumer_ids, forget=not forced)
+        except Exception as e:
+            self.log.warn(
+                "could not give back in-flight tasks ({error}); another process will after "
+                "the heartbeat expires",
+                error=e,
+            )
+            return
+        if moved:
+            self.log.info("gave {moved} unfinished task(s) back to the queue", moved=moved)
+
+    def _cancel_loops(self) -> None:
+        for loop in self._loops:
+            loop.cancel()
+
+    # ------------------------------------------------------------ timers
+
+    async def _beat(self) -> None:
+        try:
+            await self._queue.heartbeat(self.process_id, self.consumer_ids, self._heartbeat_ttl_s)
+        except Exception as e:
+            self.log.warn("heartbeat failed: {error}", error=e)
+
+    async def _reap(self) -> None:
+        try:
+            moved = await self._queue.reap(self.process_id)
+        except Exception as e:
+            self.log.warn("reaper failed: {error}", error=e)
+            return
+        if moved:
+            self.log.info("returned {moved} task(s) of dead consumers to the queue", moved=moved)
+
+    # ------------------------------------------------------------ the loop
+
+    async def _run(self, consumer_id: str) -> None:
+        processing = self._queue.keys.processing(consumer_id)
+        failures = 0
+        while not self._stopping:
+            try:
+                raw = await self._queue.fetch(
+                    self._blocking, self._queue.keys.pending, processing, POP_WAIT_S
+                )
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                failures += 1
+                self._note_failure(consumer_id, e)
+                await task.deferLater(self._clock, backoff_s(failures))
+                continue
+            if failures:
+                failures = 0
+                self._note_recovery(consumer_id)
+            if raw is None:
+                continue
+            try:
+                await self._process(consumer_id, raw)
+            except defer.CancelledError:
+                raise
+            except Exception:
+                self.log.failure("consumer {consumer} failed on a task", consumer=consumer_id)
+
+    def _note_failure(self, consumer_id: str, error: Exception) -> None:
+        if consumer_id not in self._failing:
+            self._failing.add(consumer_id)
+            self.log.warn(
+                "consumer {consumer} cannot fetch: {error}", consumer=consumer_id, error=error
+            )
+
+    def _note_recovery(self, consumer_id: str) -> None:
+        self._failing.discard(consumer_id)
+        self.log.info("consumer {consumer} is fetching again", consumer=consumer_id)
+
+    async def _process(self, consumer_id: str, raw: str) -> None:
+        try:
+            task_ = Task.from_json(raw)
+        except MalformedTask as e:
+            self.log.error(
+                "dropping a queue entry that is not a task ({error}): {raw!r}",
+                error=e,
+                raw=raw[:200],
+            )
+            await self._until_done(lambda: self._queue.drop(consumer_id, raw))
+            return
+        started = self._clock.seconds()
+        try:
+            attempts = await self._queue.mark_started(task_, iso_utc(started))
+        except RedisUnavailable as e:
+            self.log.warn(
+                "could not mark task {task_id} processing: {error}", task_id=task_.id, error=e
+            )
+            attempts = task_.attempts + 1
+        argument = task_.as_handler_argument()
+        argument["attempts"] = attempts
+        status, error = "completed", ""
+        try:
+            await self._call_handler(argument)
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            status, error = "failed", f"{type(e).__name__}: {e}"[:ERROR_MAX_CHARS]
+            self.log.failure("task {task_id} failed", task_id=task_.id)
+        finished = self._clock.seconds()
+        duration_ms = (finished - started) * 1000
+        self._task_log.record(
+            finished=finished,
+            user_id=task_.user_id,
+            task_id=task_.id,
+            status=status,
+            duration_ms=duration_ms,
+        )
+        await self._until_done(
+            lambda: self._queue.finish(
+                consumer_id, raw, task_, status, iso_utc(finished), duration_ms, error
+            )
+        )
+
+    async def _call_handler(self, argument: dict[str, Any]) -> Any:
+        result = self._handler(argument)
+        if isinstance(result, defer.Deferred) or inspect.isawaitable(result):
+            return await result
+        return result
+
+    async def _until_done(self, operation: Callable[[], Any]) -> None:
+        """Retry a Redis write through an outage; stop() cancels it after its deadline."""
+        failures = 0
+        while True:
+            try:
+                await operation()
+                return
+            except RedisUnavailable as e:
+                failures += 1
+                if failures == 1:
+                    self.log.warn("Redis write failed, retrying: {error}", error=e)
+                await task.deferLater(self._clock, backoff_s(failures))

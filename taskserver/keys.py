@@ -1,0 +1,61 @@
+# -*- test-case-name: tests.test_keys -*-
+"""Redis key names: one prefix for everything, hash tags for Redis Cluster.
+
+The queue's keys (pending list, processing lists, status records, consumer
+registry, heartbeats) share the hash tag ``{q}`` because the queue's scripts
+touch several of them at once. A user's rate-limit counters share a tag made
+from a hash of the user id, so the user id itself never appears in a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+
+
+def user_hash(user_id: str) -> str:
+    """22 URL-safe characters of SHA-256: stable, key-safe, not reversible."""
+    digest = hashlib.sha256(user_id.encode("utf-8")).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii")[:22]
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under ``prefix``."""
+
+    prefix: str
+
+    @property
+    def _queue_tag(self) -> str:
+        return f"{self.prefix}:{{q}}"
+
+    @property
+    def pending(self) -> str:
+        """The list tasks wait in: LPUSH on enqueue, RPOPLPUSH by consumers."""
+        return f"{self._queue_tag}:pending"
+
+    @property
+    def consumers(self) -> str:
+        """Set of registered consumer ids, so a reaper can find dead ones."""
+        return f"{self._queue_tag}:consumers"
+
+    def processing(self, consumer_id: str) -> str:
+        """One consumer's in-flight list."""
+        return f"{self._queue_tag}:processing:{consumer_id}"
+
+    def heartbeat(self, process_id: str) -> str:
+        """Exists while the process is alive (short TTL, refreshed)."""
+        return f"{self._queue_tag}:heartbeat:{process_id}"
+
+    @property
+    def status_prefix(self) -> str:
+        return f"{self._queue_tag}:task:"
+
+    def status(self, task_id: str) -> str:
+        """A task's status record (a hash with a TTL)."""
+        return f"{self.status_prefix}{task_id}"
+
+    def rate(self, user_id: str, tier_name: str) -> str:
+        """A user's counter for one rate-limit tier."""
+        return f"{self.prefix}:rl:{{{user_hash(user_id)}}}:{tier_name}"

@@ -1,0 +1,250 @@
+# -*- test-case-name: tests.test_queue -*-
+"""The reliable queue in Redis: enqueue, fetch, acknowledge, and give back.
+
+Tasks wait in one list (LPUSH in, RPOPLPUSH out). A consumer moves a task
+atomically into its own processing list, so a task is always in exactly one
+list; it is removed only after it has finished. A process keeps a heartbeat
+key alive; when it dies, the processing lists of its consumers go back to
+the queue (:meth:`TaskQueue.reap`). Every status write carries the record's
+TTL, so status records never outlive ``STATUS_TTL``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from taskserver.keys import Keys
+from taskserver.redisclient import within
+from taskserver.task import Task
+
+# KEYS: pending, status. ARGV: task json, ttl ms, user_id, queued_at.
+# The status record is written with the push, atomically: a fast consumer
+# could otherwise finish the task before a separate "queued" write lands.
+ENQUEUE = """
+redis.call('HSET', KEYS[2], 'status', 'queued', 'user_id', ARGV[3], 'queued_at', ARGV[4],
+           'attempts', '0')
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return redis.call('LPUSH', KEYS[1], ARGV[1])
+"""
+
+# KEYS: status. ARGV: started_at, ttl ms, user_id, queued_at. Returns attempts.
+MARK_STARTED = """
+redis.call('HSET', KEYS[1], 'status', 'processing', 'started_at', ARGV[1],
+           'user_id', ARGV[3], 'queued_at', ARGV[4])
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return attempts
+"""
+
+# KEYS: status, processing. ARGV: status, finished_at, ttl ms, raw task,
+# duration ms, error ('' for none), user_id, queued_at. Returns entries removed.
+FINISH = """
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], 'duration_ms', ARGV[5],
+           'user_id', ARGV[7], 'queued_at', ARGV[8])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[6]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return redis.call('LREM', KEYS[2], 1, ARGV[4])
+"""
+
+# KEYS: pending, consumers, heartbeat, processing_1..n.
+# ARGV: status key prefix, forget ('1' to unregister), consumer_id_1..n.
+# Does nothing (-1) while the heartbeat exists. Otherwise moves every entry
+# of the processing lists back to the consuming end of the queue, oldest
+# nearest, marks them queued, and returns how many moved. Being one script,
+# two reapers can never both move the same list.
+RECLAIM = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local moved = 0
+for i = 4, #KEYS do
+  while true do
+    local raw = redis.call('LPOP', KEYS[i])
+    if not raw then break end
+    redis.call('RPUSH', KEYS[1], raw)
+    moved = moved + 1
+    local ok, task = pcall(cjson.decode, raw)
+    if ok and type(task) == 'table' and type(task.id) == 'string' then
+      local status = ARGV[1] .. task.id
+      if redis.call('EXISTS', status) == 1 then
+        redis.call('HSET', status, 'status', 'queued')
+      end
+    end
+  end
+  if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[i - 1]) end
+end
+return moved
+"""
+
+# KEYS: heartbeat, consumers. ARGV: ttl ms, consumer ids...
+HEARTBEAT = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+for i = 2, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
+return 1
+"""
+
+STATUS_FIELDS = (
+    "status",
+    "user_id",
+    "attempts",
+    "queued_at",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "error",
+)
+
+
+def process_of(consumer_id: str) -> str:
+    """Consumer ids are ``<process id>#<n>``; the heartbeat belongs to the process."""
+    return consumer_id.rpartition("#")[0]
+
+
+class TaskQueue:
+    """Queue operations. Non-blocking calls have a deadline (RedisUnavailable)."""
+
+    def __init__(
+        self,
+        redis: Any,
+        keys: Keys,
+        status_ttl_s: int,
+        timeout_s: float,
+        clock: IReactorTime,
+    ) -> None:
+        self._redis = redis
+        self.keys = keys
+        self._status_ttl_ms = status_ttl_s * 1000
+        self._timeout_s = timeout_s
+        self._clock = clock
+
+    async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await within(
+            self._redis.eval(script, list(keys), list(args)), self._timeout_s, self._clock
+        )
+
+    async def enqueue(self, task: Task) -> None:
+        """Push the task and write its "queued" status in one round trip."""
+        await self._eval(
+            ENQUEUE,
+            [self.keys.pending, self.keys.status(task.id)],
+            [task.to_json(), self._status_ttl_ms, task.user_id, task.queued_at],
+        )
+
+    async def status(self, task_id: str) -> dict[str, str] | None:
+        """The status record, or None when unknown or expired."""
+        values = await within(
+            self._redis.hmget(self.keys.status(task_id), list(STATUS_FIELDS)),
+            self._timeout_s,
+            self._clock,
+        )
+        record = {
+            name: value
+            for name, value in zip(STATUS_FIELDS, values, strict=True)
+            if value is not None
+        }
+        return record or None
+
+    async def ping(self) -> None:
+        await within(self._redis.ping(), self._timeout_s, self._clock)
+
+    async def depth(self) -> int:
+        return int(await within(self._redis.llen(self.keys.pending), self._timeout_s, self._clock))
+
+    @staticmethod
+    async def fetch(blocking_redis: Any, pending: str, processing: str, wait_s: int) -> str | None:
+        """Move the oldest task into ``processing``; None if none came within ``wait_s``.
+
+        Runs on the blocking pool: BRPOPLPUSH holds its connection while it waits.
+        """
+        raw = await blocking_redis.brpoplpush(pending, processing, wait_s)
+        return raw or None
+
+    async def mark_started(self, task: Task, started_at: str) -> int:
+        """Status "processing"; returns the attempt number (1 on the first run)."""
+        attempts = await self._eval(
+            MARK_STARTED,
+            [self.keys.status(task.id)],
+            [started_at, self._status_ttl_ms, task.user_id, task.queued_at],
+        )
+        return int(attempts)
+
+    async def finish(
+        self,
+        consumer_id: str,
+        raw: str,
+        task: Task,
+        status: str,
+        finished_at: str,
+        duration_ms: float,
+        error: str = "",
+    ) -> None:
+        """Record the outcome and acknowledge: the entry leaves the processing list."""
+        await self._eval(
+            FINISH,
+            [self.keys.status(task.id), self.keys.processing(consumer_id)],
+            [
+                status,
+                finished_at,
+                self._status_ttl_ms,
+                raw,
+                f"{duration_ms:.3f}",
+                error,
+                task.user_id,
+                task.queued_at,
+            ],
+        )
+
+    async def drop(self, consumer_id: str, raw: str) -> None:
+        """Remove an entry that is not a task (never written by us) from a processing list."""
+        await within(
+            self._redis.lrem(self.keys.processing(consumer_id), 1, raw),
+            self._timeout_s,
+            self._clock,
+        )
+
+    async def heartbeat(self, process_id: str, consumer_ids: Sequence[str], ttl_s: float) -> None:
+        """Say this process is alive, and (re)register its consumers."""
+        await self._eval(
+            HEARTBEAT,
+            [self.keys.heartbeat(process_id), self.keys.consumers],
+            [max(1, int(ttl_s * 1000)), *consumer_ids],
+        )
+
+    async def forget_heartbeat(self, process_id: str) -> None:
+        await within(
+            self._redis.delete(self.keys.heartbeat(process_id)), self._timeout_s, self._clock
+        )
+
+    async def reclaim(self, process_id: str, consumer_ids: Sequence[str], forget: bool) -> int:
+        """Give a dead process's in-flight tasks back to the queue.
+
+        Returns how many moved, or -1 if the process's heartbeat still exists.
+        ``forget`` also unregisters the consumers.
+        """
+        moved = await self._eval(
+            RECLAIM,
+            [
+                self.keys.pending,
+                self.keys.consumers,
+                self.keys.heartbeat(process_id),
+                *(self.keys.processing(c) for c in consumer_ids),
+            ],
+            [self.keys.status_prefix, "1" if forget else "0", *consumer_ids],
+        )
+        return int(moved)
+
+    async def reap(self, own_process_id: str) -> int:
+        """Reclaim the tasks of every registered process whose heartbeat expired."""
+        members = await within(
+            self._redis.smembers(self.keys.consumers), self._timeout_s, self._clock
+        )
+        by_process: dict[str, list[str]] = defaultdict(list)
+        for consumer_id in members:
+            by_process[process_of(consumer_id)].append(consumer_id)
+        moved = 0
+        for process_id, consumer_ids in sorted(by_process.items()):
+            if process_id != own_process_id:
+                moved += max(0, await self.reclaim(process_id, sorted(consumer_ids), forget=True))
+        return moved

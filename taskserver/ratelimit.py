@@ -1,0 +1,172 @@
+# -*- test-case-name: tests.test_ratelimit -*-
+"""Per-user fixed-window rate limits, all tiers checked and charged in one Lua call.
+
+Each tier is a counter whose window starts at the user's first counted
+request: the key is created with its TTL in the same ``SET ... PX`` command,
+so no key ever lives without one, and a key at PTTL <= 0 counts as a new
+window. The script reads every tier first and commits only if every tier
+admits the request, so a request rejected by one tier costs nothing in any
+tier (a client retrying too fast does not burn its minute budget).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from taskserver.config import RateTier
+from taskserver.keys import Keys
+from taskserver.redisclient import within
+
+# KEYS: one counter per tier. ARGV: limit_1, window_ms_1, limit_2, window_ms_2, ...
+# Returns {allowed, used_1, ttl_ms_1, used_2, ttl_ms_2, ...}; "used" is after
+# the charge when allowed, before it when not.
+CHECK_AND_CHARGE = """
+local allowed = 1
+local used, ttl = {}, {}
+for i = 1, #KEYS do
+  local limit, window = tonumber(ARGV[2*i-1]), tonumber(ARGV[2*i])
+  local count = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
+  local left = redis.call('PTTL', KEYS[i])
+  if left <= 0 then count = 0; left = window end
+  if count + 1 > limit then allowed = 0 end
+  used[i], ttl[i] = count, left
+end
+local reply = {allowed}
+for i = 1, #KEYS do
+  if allowed == 1 then
+    if used[i] == 0 then
+      redis.call('SET', KEYS[i], 1, 'PX', tonumber(ARGV[2*i]))
+    else
+      redis.call('INCR', KEYS[i])
+    end
+    used[i] = used[i] + 1
+  end
+  reply[#reply+1] = used[i]
+  reply[#reply+1] = ttl[i]
+end
+return reply
+"""
+
+QUOTA_EXCEEDED_TYPE = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+
+
+@dataclass(frozen=True)
+class TierState:
+    """One tier's counter as the script saw it."""
+
+    tier: RateTier
+    used: int
+    reset_ms: int
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.tier.limit - self.used)
+
+    @property
+    def reset_s(self) -> int:
+        """Whole seconds until the window ends, rounded up."""
+        return math.ceil(self.reset_ms / 1000)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a request is admitted, and everything its headers need."""
+
+    allowed: bool
+    tiers: tuple[TierState, ...]
+
+    @property
+    def violated(self) -> tuple[TierState, ...]:
+        """The tiers that rejected the request (empty when allowed)."""
+        if self.allowed:
+            return ()
+        return tuple(state for state in self.tiers if state.used + 1 > state.tier.limit)
+
+    @property
+    def retry_after_s(self) -> int:
+        """Seconds until every violated tier admits again: rounded up, at least 1."""
+        return max([1, *(state.reset_s for state in self.violated)])
+
+    def headers(self, now: float) -> list[tuple[str, str]]:
+        """RateLimit-Policy/RateLimit (draft-ietf-httpapi-ratelimit-headers-11) and X-RateLimit-*.
+
+        The X- headers describe the binding tier: the one with the fewest
+        requests left (on a tie, the one that resets last).
+        """
+        if not self.tiers:
+            return []
+        policy = ", ".join(
+            f'"{s.tier.name}";q={s.tier.limit};w={max(1, math.ceil(s.tier.window_ms / 1000))}'
+            for s in self.tiers
+        )
+        current = ", ".join(f'"{s.tier.name}";r={s.remaining};t={s.reset_s}' for s in self.tiers)
+        binding = min(self.tiers, key=lambda s: (s.remaining, -s.reset_ms))
+        headers = [
+            ("RateLimit-Policy", policy),
+            ("RateLimit", current),
+            ("X-RateLimit-Limit", str(binding.tier.limit)),
+            ("X-RateLimit-Remaining", str(binding.remaining)),
+            ("X-RateLimit-Reset", str(math.ceil(now + binding.reset_ms / 1000))),
+        ]
+        if not self.allowed:
+            headers.append(("Retry-After", str(self.retry_after_s)))
+        return headers
+
+    def problem(self) -> dict[str, Any]:
+        """The application/problem+json body of a 429."""
+        names = [state.tier.name for state in self.violated]
+        message = f"rate limit exceeded ({', '.join(names)}); retry in {self.retry_after_s} s"
+        return {
+            "type": QUOTA_EXCEEDED_TYPE,
+            "title": "Too Many Requests",
+            "status": 429,
+            "detail": message,
+            "violated-policies": names,
+            "error": "rate_limited",
+            "message": message,
+        }
+
+
+def decision_from_reply(tiers: Sequence[RateTier], reply: Sequence[Any]) -> Decision:
+    """Turn the script's flat reply into a Decision."""
+    states = tuple(
+        TierState(tier, int(reply[1 + 2 * i]), int(reply[2 + 2 * i]))
+        for i, tier in enumerate(tiers)
+    )
+    return Decision(allowed=int(reply[0]) == 1, tiers=states)
+
+
+class RateLimiter:
+    """Checks and charges a user's tiers in one round trip to Redis."""
+
+    def __init__(
+        self,
+        redis: Any,
+        keys: Keys,
+        tiers: Sequence[RateTier],
+        timeout_s: float,
+        clock: IReactorTime,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._tiers = tuple(tiers)
+        self._timeout_s = timeout_s
+        self._clock = clock
+
+    async def check(self, user_id: str) -> Decision:
+        """Admit or reject one request by ``user_id``; raises RedisUnavailable."""
+        if not self._tiers:
+            return Decision(allowed=True, tiers=())
+        keys = [self._keys.rate(user_id, tier.name) for tier in self._tiers]
+        args: list[int] = []
+        for tier in self._tiers:
+            args += [tier.limit, tier.window_ms]
+        reply = await within(
+            self._redis.eval(CHECK_AND_CHARGE, keys, args), self._timeout_s, self._clock
+        )
+        return decision_from_reply(self._tiers, reply)

@@ -1,0 +1,56 @@
+# -*- test-case-name: tests.test_tap -*-
+"""twistd glue: the ``taskserver`` options and ``makeService``.
+
+Options are generated from :data:`taskserver.config.OPTIONS`, so the command
+line, the environment and the README table describe the same settings.
+Configuration errors end start-up with one line on stderr, not a traceback
+or a page of usage text.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dotenv import find_dotenv, load_dotenv
+from twisted.application.service import IService
+from twisted.python import usage
+
+from taskserver.config import OPTIONS, ConfigError, Settings, load_settings, resolve_handler
+from taskserver.embedded import find_server_binary, lock_data_dir
+from taskserver.listener import bind_listener
+from taskserver.server import TaskServer
+
+
+class Options(usage.Options):
+    """``twistd taskserver [options]``; every option also has an environment variable."""
+
+    optParameters = [
+        [o.option, None, None, f"{o.doc} [{o.env}, default: {o.default or 'empty'}]"]
+        for o in OPTIONS
+    ]
+
+    settings: Settings
+
+    def postOptions(self) -> None:
+        # usecwd: find_dotenv() otherwise searches from this file, not where twistd runs.
+        load_dotenv(find_dotenv(usecwd=True), override=False)
+        cli = {o.name: self[o.option] for o in OPTIONS}
+        try:
+            self.settings = load_settings(cli, os.environ)
+        except ConfigError as e:
+            raise SystemExit(f"taskserver: {e}") from None
+
+
+def makeService(options: Options) -> IService:
+    """Bind the port and check everything that can fail before the reactor runs."""
+    from twisted.internet import reactor
+
+    settings = options.settings
+    try:
+        handler = resolve_handler(settings.handler)
+        binary = None if settings.redis else find_server_binary(settings.redis_server_bin)
+        data_lock = None if settings.redis else lock_data_dir(settings.data_dir)
+        listener = bind_listener(settings.interface, settings.port)
+    except ConfigError as e:
+        raise SystemExit(f"taskserver: {e}") from None
+    return TaskServer(settings, listener, handler, reactor, binary, data_lock)

@@ -1,0 +1,64 @@
+# -*- test-case-name: tests.test_task -*-
+"""The task record as it travels through the queue, and the timestamp format."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def iso_utc(seconds: float) -> str:
+    """ISO-8601 UTC with milliseconds, e.g. ``2026-11-27T21:00:18.123Z``."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class MalformedTask(ValueError):
+    """A queue entry that is not a task this server wrote."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work. Serialised as JSON into the queue lists."""
+
+    id: str
+    user_id: str
+    payload: Any
+    queued_at: str
+    attempts: int = 0
+
+    @classmethod
+    def new(cls, user_id: str, payload: Any, now: float) -> Task:
+        return cls(id=uuid.uuid4().hex, user_id=user_id, payload=payload, queued_at=iso_utc(now))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: str) -> Task:
+        try:
+            data = json.loads(raw)
+            task = cls(
+                id=data["id"],
+                user_id=data["user_id"],
+                payload=data.get("payload"),
+                queued_at=data["queued_at"],
+                attempts=int(data.get("attempts", 0)),
+            )
+        except (ValueError, TypeError, KeyError) as e:
+            raise MalformedTask(f"not a task: {e}") from None
+        if not (isinstance(task.id, str) and TASK_ID.match(task.id)):
+            raise MalformedTask("not a task: bad id")
+        if not isinstance(task.user_id, str) or not isinstance(task.queued_at, str):
+            raise MalformedTask("not a task: bad field types")
+        return task
+
+    def as_handler_argument(self) -> dict[str, Any]:
+        """What TASK_HANDLER receives: a plain dict, a copy the handler may change."""
+        return json.loads(self.to_json())

@@ -1,0 +1,302 @@
+# -*- test-case-name: tests.test_web -*-
+"""The HTTP API (Klein): enqueue tasks, read their status, health checks.
+
+Every answer is JSON, errors included (``{"error": code, "message": text}``);
+the mapping from failures to status codes lives in the error handlers at
+the bottom of :class:`TaskAPI`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import unicodedata
+from http import HTTPStatus
+from collections.abc import Iterable
+from io import BytesIO
+from typing import Any
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from taskserver.queue import TaskQueue
+from taskserver.ratelimit import RateLimiter
+from taskserver.redisclient import RedisUnavailable
+from taskserver.task import TASK_ID, Task
+
+MAX_BODY_BYTES = 64 * 1024
+USER_ID_MAX_CHARS = 128
+#: Retry-After sent with 503 while Redis is unreachable.
+UNAVAILABLE_RETRY_AFTER_S = 2
+#: Unicode categories a user_id may not contain: controls, surrogates, line/paragraph separators.
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_ALLOWED_FIELDS = frozenset({"user_id", "payload"})
+
+Headers = Iterable[tuple[str, str]]
+
+
+class ApiError(Exception):
+    """An error answer: status, machine-readable code, human-readable message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Headers = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = list(headers)
+
+
+class BoundedRequest(server.Request):
+    """A request that stops buffering its body past MAX_BODY_BYTES.
+
+    twisted.web reads the whole body before the resource runs; this keeps
+    the bytes it stores bounded and lets the handler answer 413.
+    """
+
+    body_too_large = False
+    _body_bytes = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY_BYTES:
+            self.body_too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > MAX_BODY_BYTES:
+            self.body_too_large = True
+            self.content = BytesIO()  # type: ignore[assignment]  # drop what was kept
+            return
+        super().handleContentChunk(data)
+
+    def body(self) -> bytes:
+        """The request body (empty once it was found too large)."""
+        return self.content.read()  # type: ignore[attr-defined]
+
+
+class TaskSite(server.Site):
+    """A Site without per-request access-log lines (they cost more than the request)."""
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
+# ------------------------------------------------------------------ input
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key[:40]!r}")
+        result[key] = value
+    return result
+
+
+def is_json_media_type(content_type: bytes | None) -> bool:
+    """``application/json``, optionally with ``charset=utf-8``."""
+    if not content_type:
+        return False
+    media, _, parameters = content_type.decode("latin-1").partition(";")
+    if media.strip().lower() != "application/json":
+        return False
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return False
+    return True
+
+
+def validate_user_id(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_user_id", "user_id must be a string")
+    if not 1 <= len(value) <= USER_ID_MAX_CHARS:
+        raise ApiError(
+            400, "invalid_user_id", f"user_id must be 1 to {USER_ID_MAX_CHARS} characters long"
+        )
+    if any(unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for ch in value):
+        raise ApiError(400, "invalid_user_id", "user_id must not contain control characters")
+    return value
+
+
+def parse_task_body(content_type: bytes | None, body: bytes) -> tuple[str, Any]:
+    """Validate a POST body; returns ``(user_id, payload)`` or raises ApiError."""
+    if not is_json_media_type(content_type):
+        raise ApiError(415, "unsupported_media_type", "send the task as application/json")
+    try:
+        document = json.loads(
+            body.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_no_duplicate_keys,
+        )
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}"[:300]) from None
+    if not isinstance(document, dict):
+        raise ApiError(
+            400, "not_an_object", 'the body must be a JSON object like {"user_id": "..."}'
+        )
+    unknown = sorted(set(document) - _ALLOWED_FIELDS)
+    if unknown:
+        raise ApiError(
+            400, "unknown_field", f"unknown field(s): {', '.join(map(repr, unknown))}"[:300]
+        )
+    if "user_id" not in document:
+        raise ApiError(400, "missing_user_id", "user_id is required")
+    return validate_user_id(document["user_id"]), document.get("payload")
+
+
+def status_document(task_id: str, record: dict[str, str]) -> dict[str, Any]:
+    """The public view of a status record."""
+    document: dict[str, Any] = {"task_id": task_id}
+    for name in ("user_id", "status", "queued_at", "started_at", "finished_at", "error"):
+        if name in record:
+            document[name] = record[name]
+    document["attempts"] = int(record.get("attempts", "0"))
+    if "duration_ms" in record:
+        document["duration_ms"] = float(record["duration_ms"])
+    return document
+
+
+# ------------------------------------------------------------------ output
+
+
+def respond(
+    request: IRequest,
+    status: int,
+    document: dict[str, Any],
+    headers: Headers = (),
+    content_type: str = "application/json",
+) -> bytes:
+    request.setResponseCode(status, HTTPStatus(status).phrase.encode("ascii"))
+    request.setHeader(b"content-type", content_type.encode("ascii"))
+    request.setHeader(b"cache-control", b"no-store")
+    for name, value in headers:
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+class TaskAPI:
+    """Routes of one taskserver process. Dependencies are passed in."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, limiter: RateLimiter, queue: TaskQueue, clock: IReactorTime) -> None:
+        self._limiter = limiter
+        self._queue = queue
+        self._clock = clock
+
+    def site(self) -> server.Site:
+        site = TaskSite(self.app.resource(), requestFactory=BoundedRequest)
+        site.displayTracebacks = False
+        site.noisy = False
+        return site
+
+    @app.route("/api/v1/task", methods=["POST"])
+    async def create_task(self, request: BoundedRequest) -> bytes:
+        if request.body_too_large:
+            raise ApiError(
+                413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes"
+            )
+        user_id, payload = parse_task_body(request.getHeader(b"content-type"), request.body())
+        decision = await self._limiter.check(user_id)
+        headers = decision.headers(self._clock.seconds())
+        if not decision.allowed:
+            return respond(
+                request, 429, decision.problem(), headers, content_type="application/problem+json"
+            )
+        task = Task.new(user_id, payload, self._clock.seconds())
+        await self._queue.enqueue(task)
+        headers.append(("Location", f"/api/v1/task/{task.id}"))
+        return respond(
+            request,
+            202,
+            {
+                "task_id": task.id,
+                "user_id": task.user_id,
+                "status": "queued",
+                "queued_at": task.queued_at,
+            },
+            headers,
+        )
+
+    @app.route("/api/v1/task/<task_id>", methods=["GET"])
+    async def get_task(self, request: IRequest, task_id: str) -> bytes:
+        record = await self._queue.status(task_id) if TASK_ID.match(task_id) else None
+        if record is None:
+            raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
+        return respond(request, 200, status_document(task_id, record))
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        return respond(request, 200, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"])
+    async def readyz(self, request: IRequest) -> bytes:
+        await self._queue.ping()
+        return respond(request, 200, {"status": "ready"})
+
+    # -------------------------------------------------------------- errors
+
+    @app.handle_errors(ApiError)
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error: ApiError = failure.value
+        return respond(
+            request, error.status, {"error": error.code, "message": error.message}, error.headers
+        )
+
+    @app.handle_errors(RedisUnavailable)
+    def redis_unavailable(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.warn("Redis unavailable: {error}", error=failure.value)
+        return respond(
+            request,
+            503,
+            {"error": "redis_unavailable", "message": "the queue is unavailable; retry shortly"},
+            [("Retry-After", str(UNAVAILABLE_RETRY_AFTER_S))],
+        )
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return respond(request, 404, {"error": "not_found", "message": "no such resource"})
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = ", ".join(sorted(failure.value.valid_methods or []))
+        return respond(
+            request,
+            405,
+            {"error": "method_not_allowed", "message": f"allowed methods: {allowed}"},
+            [("Allow", allowed)],
+        )
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.failure(
+            "unhandled error in {method} {path}", failure, method=request.method, path=request.path
+        )
+        return respond(
+            request, 500, {"error": "internal_error", "message": "internal server error"}
+        )
