@@ -9,6 +9,7 @@ process exits with status 1.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from typing import IO, Any, cast
 
@@ -112,12 +113,19 @@ class TaskServer(Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        if self.child is not None:
-            await self.child.stopService()
-        if self._embedded is not None:
-            await self._embedded.stopService()
+        try:
+            if self.child is not None:
+                await self.child.stopService()
+        finally:
+            # Redis stops last, and even if the child failed to stop cleanly.
+            if self._embedded is not None:
+                await self._embedded.stopService()
         self._listener.close()
         self.log.info("taskserver stopped")
+        # twistd re-raises the signal that stopped it (exit status -15); a
+        # stop that completed cleanly is a success, so it exits 0 instead.
+        if getattr(self._reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self._reactor._exitSignal = None
         if self._log_observer is not None:
             globalLogPublisher.removeObserver(self._log_observer)
         if self._log_file is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
-from http import HTTPStatus
 from collections.abc import Iterable
+from http import HTTPStatus
 from io import BytesIO
 from typing import Any
 

@@ -1,0 +1,138 @@
+"""Settings: precedence, parsing, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from taskserver.config import (
+    ConfigError,
+    RateTier,
+    RedisAddress,
+    load_settings,
+    parse_rate_limits,
+    parse_redis_url,
+    resolve_handler,
+)
+from taskserver.tap import Options
+
+
+def test_defaults() -> None:
+    settings = load_settings({}, {})
+    assert settings.port == 8000
+    assert settings.interface == ""
+    assert settings.log_dir == Path("logs")
+    assert settings.data_dir == Path("data")
+    assert settings.redis is None  # embedded Redis
+    assert settings.concurrency == 4
+    assert settings.rate_limits == (RateTier("1s", 1, 1000), RateTier("60s", 20, 60_000))
+    assert settings.status_ttl_s == 86_400
+    assert settings.handler == "taskserver.handlers:complete"
+
+
+def test_command_line_beats_environment() -> None:
+    settings = load_settings({"port": "9001"}, {"PORT": "9002", "CONCURRENCY": "7"})
+    assert settings.port == 9001
+    assert settings.concurrency == 7
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"PORT": "eighty"}, "PORT (--port): expected a whole number, got 'eighty'"),
+        ({"PORT": "70000"}, "PORT (--port): expected a number from 0 to 65535, got 70000"),
+        ({"CONCURRENCY": "0"}, "CONCURRENCY (--concurrency): expected a number from 1 to 256"),
+        (
+            {"REDIS_URL": "http://x"},
+            "REDIS_URL (--redis-url): expected a redis:// or rediss:// URL",
+        ),
+        ({"REDIS_URL": "redis://h/abc"}, "database must be a number"),
+        ({"RATE_LIMITS": "1 per second"}, "RATE_LIMITS (--rate-limits): expected tiers like"),
+        ({"RATE_LIMITS": "1/1s,5/1000ms"}, "two tiers have the same window"),
+        ({"TASK_HANDLER": "not a handler"}, "TASK_HANDLER (--handler): expected module:function"),
+        ({"REDIS_TLS": "maybe"}, "REDIS_TLS (--redis-tls): expected true or false"),
+        ({"REDIS_PASSWORD": "s3cret"}, "REDIS_PASSWORD set but REDIS_HOST is not"),
+        ({"HEARTBEAT_TTL": "nan"}, "HEARTBEAT_TTL (--heartbeat-ttl): expected seconds"),
+        ({"KEY_PREFIX": "a b"}, "KEY_PREFIX (--key-prefix): expected 1-64 characters"),
+    ],
+)
+def test_invalid_values_name_the_setting_in_one_line(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, environ)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_redis_url_with_user_password_db_and_tls() -> None:
+    address = parse_redis_url("rediss://alice:p%40ss@redis.example:6380/3")
+    assert address == RedisAddress("redis.example", 6380, "alice", "p@ss", 3, tls=True)
+    assert address.display() == "rediss://alice:***@redis.example:6380/3"
+    assert "p@ss" not in repr(address)
+
+
+def test_original_readme_variables() -> None:
+    settings = load_settings(
+        {}, {"REDIS_HOST": "cache", "REDIS_PORT": "6390", "REDIS_PASSWORD": "pw"}
+    )
+    assert settings.redis == RedisAddress("cache", 6390, None, "pw", 0, tls=False)
+
+
+def test_redis_url_takes_precedence_over_redis_host() -> None:
+    settings = load_settings({}, {"REDIS_URL": "redis://a:1/0", "REDIS_HOST": "b"})
+    assert settings.redis is not None and settings.redis.host == "a"
+
+
+def test_rate_limit_units() -> None:
+    assert parse_rate_limits("20/1m, 1/500ms") == (
+        RateTier("500ms", 1, 500),
+        RateTier("1m", 20, 60_000),
+    )
+    assert parse_rate_limits("") == ()
+
+
+def test_handler_resolution() -> None:
+    assert resolve_handler("taskserver.handlers:complete")({"id": "x"}) is None
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module'"):
+        resolve_handler("no_such_module:run")
+    with pytest.raises(ConfigError, match="has no function 'nope'"):
+        resolve_handler("taskserver.handlers:nope")
+
+
+class TestOptions:
+    """The twistd options: command line over environment over .env."""
+
+    @pytest.fixture(autouse=True)
+    def clean_environment(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        for name in ("PORT", "CONCURRENCY", "LOG_DIR", "REDIS_URL", "REDIS_HOST"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.chdir(tmp_path)
+        return tmp_path
+
+    def test_dotenv_is_read_from_the_working_directory(self, tmp_path: Path) -> None:
+        (tmp_path / ".env").write_text("PORT=8123\nCONCURRENCY=3\nLOG_DIR=/tmp/x\n")
+        options = Options()
+        try:
+            options.parseOptions(["--concurrency", "5"])
+            assert options.settings.port == 8123  # .env
+            assert options.settings.concurrency == 5  # command line beats .env
+        finally:
+            for name in ("PORT", "CONCURRENCY", "LOG_DIR"):
+                os.environ.pop(name, None)
+
+    def test_environment_beats_dotenv(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        (tmp_path / ".env").write_text("PORT=8123\n")
+        monkeypatch.setenv("PORT", "8124")
+        options = Options()
+        options.parseOptions([])
+        assert options.settings.port == 8124
+
+    def test_invalid_value_exits_with_one_line(self) -> None:
+        with pytest.raises(SystemExit) as caught:
+            Options().parseOptions(["--port", "-1"])
+        assert str(caught.value) == (
+            "taskserver: PORT (--port): expected a number from 0 to 65535, got -1"
+        )

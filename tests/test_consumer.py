@@ -1,0 +1,218 @@
+"""Consumer loops against a real Redis: handlers, failures, stop, and dead consumers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from conftest import connect_raw, eventually
+from taskserver.config import RedisAddress
+from taskserver.consumer import ConsumerService, backoff_s
+from taskserver.keys import Keys
+from taskserver.queue import TaskQueue
+from taskserver.task import Task
+from taskserver.tasklog import TaskLog
+
+Factory = Callable[..., ConsumerService]
+
+
+@pytest.fixture
+def queue(redis: Any, keys: Keys) -> TaskQueue:
+    return TaskQueue(redis, keys, status_ttl_s=3600, timeout_s=2.0, clock=reactor)
+
+
+@pytest_twisted.async_yield_fixture
+async def consumers(
+    redis_server: RedisAddress, queue: TaskQueue, tmp_path: Path
+) -> AsyncIterator[Factory]:
+    """Start ConsumerServices with their own blocking pools; stopped at teardown."""
+    made: list[tuple[ConsumerService, Any]] = []
+
+    def make(handler: Callable[[dict[str, Any]], Any], **options: Any) -> ConsumerService:
+        concurrency = options.pop("concurrency", 2)
+        blocking = connect_raw(redis_server, poolsize=concurrency)
+        service = ConsumerService(
+            queue=queue,
+            blocking_redis=blocking,
+            handler=handler,
+            task_log=TaskLog(tmp_path / "logs", 1_000_000, pid=4242),
+            concurrency=concurrency,
+            heartbeat_ttl_s=options.pop("heartbeat_ttl_s", 1.0),
+            shutdown_timeout_s=options.pop("shutdown_timeout_s", 2.0),
+            clock=reactor,
+            **options,
+        )
+        service.startService()
+        made.append((service, blocking))
+        return service
+
+    yield make
+    for service, blocking in made:
+        if service.running:
+            await service.stopService()
+        await blocking.disconnect()
+
+
+async def enqueue(queue: TaskQueue, user: str = "u", payload: Any = None) -> Task:
+    task = Task.new(user, payload, now=reactor.seconds())
+    await queue.enqueue(task)
+    return task
+
+
+def status_is(queue: TaskQueue, task: Task, wanted: str) -> Callable[[], Any]:
+    async def check() -> bool:
+        record = await queue.status(task.id)
+        return record is not None and record["status"] == wanted
+
+    return check
+
+
+def log_lines(tmp_path: Path) -> list[str]:
+    path = tmp_path / "logs" / "tasks.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_backoff_doubles_up_to_a_cap() -> None:
+    assert [backoff_s(n) for n in (1, 2, 3)] == [0.05, 0.1, 0.2]
+    assert backoff_s(50) == 1.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_handler_gets_the_task_and_completion_is_logged(
+    consumers: Factory, queue: TaskQueue, tmp_path: Path, keys: Keys, redis: Any
+) -> None:
+    seen: list[dict[str, Any]] = []
+    service = consumers(seen.append)
+    task = await enqueue(queue, "alice", {"x": [1, 2]})
+    await eventually(status_is(queue, task, "completed"))
+    assert seen == [
+        {
+            "id": task.id,
+            "user_id": "alice",
+            "payload": {"x": [1, 2]},
+            "queued_at": task.queued_at,
+            "attempts": 1,
+        }
+    ]
+    [line] = log_lines(tmp_path)
+    assert f'user_id="alice" task_id={task.id} status=completed' in line
+    assert line.endswith(" pid=4242")
+    for consumer_id in service.consumer_ids:
+        assert await redis.llen(keys.processing(consumer_id)) == 0
+
+
+@pytest.mark.parametrize("style", ["deferred", "coroutine"])
+@pytest_twisted.ensureDeferred
+async def test_asynchronous_handlers_are_awaited(
+    consumers: Factory, queue: TaskQueue, style: str
+) -> None:
+    release: defer.Deferred[None] = defer.Deferred()
+
+    async def coroutine_handler(task: dict[str, Any]) -> None:
+        await release
+
+    consumers(coroutine_handler if style == "coroutine" else (lambda task: release))
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "processing"))
+    release.callback(None)
+    await eventually(status_is(queue, task, "completed"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_raising_handler_marks_the_task_failed(
+    consumers: Factory, queue: TaskQueue, tmp_path: Path
+) -> None:
+    def broken(task: dict[str, Any]) -> None:
+        raise ValueError("bad input")
+
+    consumers(broken)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "failed"))
+    record = await queue.status(task.id) or {}
+    assert record["error"] == "ValueError: bad input"
+    assert "status=failed" in log_lines(tmp_path)[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_consumers_share_the_work(consumers: Factory, queue: TaskQueue) -> None:
+    done: list[str] = []
+    consumers(lambda task: done.append(task["id"]), concurrency=4)
+    tasks = [await enqueue(queue, f"user{i}") for i in range(50)]
+
+    async def all_done() -> bool:
+        return len(done) == 50
+
+    await eventually(all_done)
+    assert sorted(done) == sorted(t.id for t in tasks)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_lets_a_running_task_finish(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    release: defer.Deferred[None] = defer.Deferred()
+    service = consumers(lambda task: release, shutdown_timeout_s=5.0)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "processing"))
+    stopped = service.stopService()
+    reactor.callLater(0.2, release.callback, None)
+    await stopped
+    assert (await queue.status(task.id) or {})["status"] == "completed"
+    assert await redis.llen(keys.pending) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_gives_back_a_task_that_does_not_finish_in_time(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    service = consumers(lambda task: defer.Deferred(), shutdown_timeout_s=0.2)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "processing"))
+    await service.stopService()
+    assert await redis.lrange(keys.pending, 0, -1) == [task.to_json()]
+    assert (await queue.status(task.id) or {})["status"] == "queued"
+    assert not await redis.exists(keys.heartbeat(service.process_id))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_consumers_task_runs_again_within_seconds(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    """A process died holding a task: its heartbeat expires, a live process reaps and runs it."""
+    dead = "otherhost:999:dead00"
+    task = await enqueue(queue, "victim")
+    await queue.heartbeat(dead, [f"{dead}#0"], ttl_s=0.5)
+    assert await queue.fetch(redis, keys.pending, keys.processing(f"{dead}#0"), 1)
+    await queue.mark_started(task, "2026-01-01T00:00:00.000Z")
+
+    started = reactor.seconds()
+    consumers(lambda task: None, heartbeat_ttl_s=1.0)
+    await eventually(status_is(queue, task, "completed"), timeout=5.0)
+    assert reactor.seconds() - started < 3.0
+    record = await queue.status(task.id) or {}
+    assert record["attempts"] == "2"
+    assert f"task_id={task.id} status=completed" in log_lines(tmp_path)[0]
+    assert await redis.llen(keys.processing(f"{dead}#0")) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_entry_that_is_not_a_task_is_dropped(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    seen: list[Any] = []
+    consumers(seen.append)
+    await redis.lpush(keys.pending, "not json")
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "completed"))
+    assert [t["id"] for t in seen] == [task.id]
+
+    async def processing_lists_empty() -> bool:
+        names = await redis.keys(f"{keys.prefix}:*processing*")
+        return not names
+
+    await eventually(processing_lists_empty)

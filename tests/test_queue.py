@@ -1,0 +1,118 @@
+"""The reliable queue's Redis operations, against a real server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from taskserver.keys import Keys
+from taskserver.queue import TaskQueue
+from taskserver.task import Task
+
+
+@pytest.fixture
+def queue(redis: Any, keys: Keys) -> TaskQueue:
+    return TaskQueue(redis, keys, status_ttl_s=3600, timeout_s=2.0, clock=reactor)
+
+
+def new_task(user: str = "u1") -> Task:
+    return Task.new(user, {"n": 1}, now=reactor.seconds())
+
+
+@pytest_twisted.ensureDeferred
+async def test_enqueue_pushes_the_task_and_its_status_together(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    task = new_task()
+    await queue.enqueue(task)
+    assert await redis.lrange(keys.pending, 0, -1) == [task.to_json()]
+    record = await queue.status(task.id)
+    assert record == {
+        "status": "queued",
+        "user_id": "u1",
+        "attempts": "0",
+        "queued_at": task.queued_at,
+    }
+    assert 0 < int(await redis.execute_command("PTTL", keys.status(task.id))) <= 3_600_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_start_finish(queue: TaskQueue, redis: Any, keys: Keys) -> None:
+    first, second = new_task(), new_task()
+    await queue.enqueue(first)
+    await queue.enqueue(second)
+    raw = await queue.fetch(redis, keys.pending, keys.processing("p#0"), 1)
+    assert raw == first.to_json(), "oldest first"
+    assert await redis.lrange(keys.processing("p#0"), 0, -1) == [raw]
+    assert await queue.mark_started(first, "2026-01-01T00:00:00.000Z") == 1
+    assert (await queue.status(first.id) or {})["status"] == "processing"
+    await queue.finish("p#0", raw, first, "completed", "2026-01-01T00:00:01.000Z", 12.5)
+    assert await redis.llen(keys.processing("p#0")) == 0
+    record = await queue.status(first.id) or {}
+    assert record["status"] == "completed"
+    assert record["duration_ms"] == "12.500"
+    assert record["attempts"] == "1"
+    assert await redis.llen(keys.pending) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_returns_none_when_the_queue_stays_empty(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    assert await queue.fetch(redis, keys.pending, keys.processing("p#0"), 1) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_task_has_no_status(queue: TaskQueue) -> None:
+    assert await queue.status("0" * 32) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_reclaim_waits_while_the_heartbeat_lives(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    task = new_task()
+    await queue.enqueue(task)
+    await queue.heartbeat("host:1:aa", ["host:1:aa#0"], ttl_s=30)
+    await queue.fetch(redis, keys.pending, keys.processing("host:1:aa#0"), 1)
+    assert await queue.reap("someone-else") == 0
+    assert await queue.reclaim("host:1:aa", ["host:1:aa#0"], forget=True) == -1
+    assert await redis.llen(keys.processing("host:1:aa#0")) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_reap_returns_a_dead_process_tasks_to_the_front_of_the_queue(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    dead = "host:2:bb"
+    tasks = [new_task(f"user{i}") for i in range(3)]
+    for task in tasks:
+        await queue.enqueue(task)
+    await queue.heartbeat(dead, [f"{dead}#0", f"{dead}#1"], ttl_s=30)
+    await queue.fetch(redis, keys.pending, keys.processing(f"{dead}#0"), 1)  # tasks[0]
+    await queue.fetch(redis, keys.pending, keys.processing(f"{dead}#1"), 1)  # tasks[1]
+    await queue.mark_started(tasks[0], "2026-01-01T00:00:00.000Z")
+    await queue.forget_heartbeat(dead)  # as if its TTL had run out
+
+    assert await queue.reap("me") == 2
+    pending = await redis.lrange(keys.pending, 0, -1)
+    # consumers pop from the right: the reclaimed tasks come out before the one still waiting
+    out_order = [Task.from_json(raw).user_id for raw in reversed(pending)]
+    assert sorted(out_order[:2]) == ["user0", "user1"]
+    assert out_order[2] == "user2"
+    assert (await queue.status(tasks[0].id) or {})["status"] == "queued"
+    assert await redis.smembers(keys.consumers) == set()
+    assert await queue.reap("me") == 0, "a list is reaped once"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_never_reaps_itself(queue: TaskQueue, redis: Any, keys: Keys) -> None:
+    me = "host:3:cc"
+    await queue.enqueue(new_task())
+    await queue.heartbeat(me, [f"{me}#0"], ttl_s=30)
+    await queue.fetch(redis, keys.pending, keys.processing(f"{me}#0"), 1)
+    await queue.forget_heartbeat(me)
+    assert await queue.reap(me) == 0

@@ -1,0 +1,241 @@
+"""The HTTP API: input validation (pure) and every answer over loopback against real Redis."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor
+
+from conftest import RunningServer, eventually, unused_port
+from taskserver.config import RedisAddress
+from taskserver.web import ApiError, is_json_media_type, parse_task_body
+
+JSON = {"Content-Type": "application/json"}
+
+# ------------------------------------------------------------------ pure validation
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"", "invalid_json"),
+        (b"{", "invalid_json"),
+        (b"\xff\xfe", "invalid_json"),
+        (b'{"user_id": NaN}', "invalid_json"),
+        (b'{"user_id": "a", "payload": 1e999}', "invalid_json"),
+        (b'{"user_id": "a", "user_id": "b"}', "invalid_json"),
+        (b"[" * 50_000, "invalid_json"),
+        (b"[]", "not_an_object"),
+        (b'"user123"', "not_an_object"),
+        (b"{}", "missing_user_id"),
+        (b'{"userid": "a"}', "unknown_field"),
+        (b'{"user_id": 5}', "invalid_user_id"),
+        (b'{"user_id": ""}', "invalid_user_id"),
+        (b'{"user_id": "' + b"x" * 129 + b'"}', "invalid_user_id"),
+        (b'{"user_id": "a\\nb"}', "invalid_user_id"),
+        (b'{"user_id": "a\\u2028b"}', "invalid_user_id"),
+        (b'{"user_id": "\\ud800"}', "invalid_user_id"),
+    ],
+)
+def test_bad_bodies_are_rejected_with_a_code(body: bytes, code: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        parse_task_body(b"application/json", body)
+    assert caught.value.status == 400
+    assert caught.value.code == code
+
+
+def test_good_bodies() -> None:
+    assert parse_task_body(b"application/json", b'{"user_id": "user123"}') == ("user123", None)
+    assert parse_task_body(
+        b"application/json; charset=utf-8",
+        '{"user_id": "ünïcode ✓", "payload": {"a": [1, null]}}'.encode(),
+    ) == ("ünïcode ✓", {"a": [1, None]})
+    assert parse_task_body(b"application/json", b'{"user_id": "' + b"x" * 128 + b'"}')[0]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "ok"),
+    [
+        (b"application/json", True),
+        (b"Application/JSON ; charset=UTF-8", True),
+        (b"application/json; charset=latin-1", False),
+        (b"text/plain", False),
+        (b"application/x-www-form-urlencoded", False),
+        (None, False),
+    ],
+)
+def test_media_type(content_type: bytes | None, ok: bool) -> None:
+    assert is_json_media_type(content_type) is ok
+
+
+# ------------------------------------------------------------------ over loopback
+
+
+async def post(
+    server: RunningServer, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[Any, Any]:
+    response = await treq.post(
+        server.url + "/api/v1/task", data=body, headers=JSON if headers is None else headers
+    )
+    return response, json.loads(await response.content())
+
+
+@pytest.fixture
+def server(start_server: Callable[..., RunningServer]) -> RunningServer:
+    return start_server()
+
+
+@pytest_twisted.ensureDeferred
+async def test_accepted_task(server: RunningServer) -> None:
+    response, document = await post(server, b'{"user_id": "user123", "payload": {"n": 1}}')
+    assert response.code == 202
+    assert set(document) == {"task_id", "user_id", "status", "queued_at"}
+    assert document["user_id"] == "user123" and document["status"] == "queued"
+    headers = response.headers
+    assert headers.getRawHeaders("Location") == [f"/api/v1/task/{document['task_id']}"]
+    assert headers.getRawHeaders("Content-Type") == ["application/json"]
+    assert headers.getRawHeaders("RateLimit-Policy") == ['"1s";q=1;w=1, "60s";q=20;w=60']
+    assert headers.getRawHeaders("RateLimit") == ['"1s";r=0;t=1, "60s";r=19;t=60']
+    assert headers.getRawHeaders("X-RateLimit-Remaining") == ["0"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_follows_the_task_to_completion(server: RunningServer) -> None:
+    _, created = await post(server, b'{"user_id": "user123"}')
+
+    async def completed() -> Any:
+        response = await treq.get(f"{server.url}/api/v1/task/{created['task_id']}")
+        document = json.loads(await response.content())
+        return document if document.get("status") == "completed" else None
+
+    document = await eventually(completed)
+    assert document["task_id"] == created["task_id"]
+    assert document["user_id"] == "user123"
+    assert document["attempts"] == 1
+    assert {"queued_at", "started_at", "finished_at", "duration_ms"} <= set(document)
+    line = server.task_log.read_text()
+    assert f'user_id="user123" task_id={created["task_id"]} status=completed' in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_request_in_the_same_second_is_429(server: RunningServer) -> None:
+    await post(server, b'{"user_id": "fast"}')
+    response, problem = await post(server, b'{"user_id": "fast"}')
+    assert response.code == 429
+    assert response.headers.getRawHeaders("Content-Type") == ["application/problem+json"]
+    assert response.headers.getRawHeaders("Retry-After") == ["1"]
+    assert problem["violated-policies"] == ["1s"]
+    assert problem["error"] == "rate_limited" and problem["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_forty_simultaneous_requests_of_a_new_user_get_one_202(
+    server: RunningServer,
+) -> None:
+    answers = await defer.gatherResults(
+        [defer.Deferred.fromCoroutine(post(server, b'{"user_id": "crowd"}')) for _ in range(40)]
+    )
+    codes = sorted(response.code for response, _ in answers)
+    assert codes == [202] + [429] * 39
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        (b'{"user_id": "a"}', {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+        (b'{"user_id": "a"}', {}, 415, "unsupported_media_type"),
+        (b"{nope", JSON, 400, "invalid_json"),
+        (b'{"user_id": ""}', JSON, 400, "invalid_user_id"),
+        (b'{"user_id": "a", "payload": "' + b"x" * 70_000 + b'"}', JSON, 413, "body_too_large"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_errors_are_json(
+    server: RunningServer, body: bytes, headers: dict[str, str], status: int, code: str
+) -> None:
+    response, document = await post(server, body, headers)
+    assert response.code == status
+    assert document["error"] == code and document["message"]
+    assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_body_over_the_limit_is_413(server: RunningServer) -> None:
+    from io import BytesIO
+
+    from twisted.web.client import FileBodyProducer
+
+    class UnknownLength(FileBodyProducer):
+        length = -1  # UNKNOWN_LENGTH: sent chunked, no Content-Length
+
+    producer = UnknownLength(BytesIO(b'{"user_id":"a","payload":"' + b"y" * 100_000 + b'"}'))
+    response = await treq.post(server.url + "/api/v1/task", data=producer, headers=JSON)
+    assert response.code == 413
+    assert json.loads(await response.content())["error"] == "body_too_large"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/nowhere", 404, "not_found"),
+        ("GET", "/api/v1/task/" + "0" * 32, 404, "task_not_found"),
+        ("GET", "/api/v1/task/not-a-task-id", 404, "task_not_found"),
+        ("GET", "/api/v1/task", 405, "method_not_allowed"),
+        ("DELETE", "/healthz", 405, "method_not_allowed"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_unknown_things_are_json_errors(
+    server: RunningServer, method: str, path: str, status: int, code: str
+) -> None:
+    response = await treq.request(method, server.url + path)
+    assert response.code == status
+    assert json.loads(await response.content())["error"] == code
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_and_readiness(server: RunningServer) -> None:
+    for path in ("/healthz", "/readyz"):
+        response = await treq.get(server.url + path)
+        assert response.code == 200, path
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_gives_503_quickly_and_health_stays_up(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    nowhere = RedisAddress("127.0.0.1", unused_port())
+    server = start_server(redis=nowhere, redis_timeout_s=1.0, shutdown_timeout_s=0.2)
+    started = reactor.seconds()
+    response, document = await post(server, b'{"user_id": "u"}')
+    assert reactor.seconds() - started < 2.0
+    assert response.code == 503
+    assert document["error"] == "redis_unavailable"
+    assert response.headers.getRawHeaders("Retry-After") == ["2"]
+    assert (await treq.get(server.url + "/readyz")).code == 503
+    assert (await treq.get(server.url + "/healthz")).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_that_never_answers_gives_503_within_two_seconds(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    """A server that accepts connections and then says nothing (a hung Redis)."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    try:
+        mute = RedisAddress("127.0.0.1", silent.getHost().port)
+        server = start_server(redis=mute, redis_timeout_s=1.0, shutdown_timeout_s=0.2)
+        started = reactor.seconds()
+        response, document = await post(server, b'{"user_id": "u"}')
+        assert response.code == 503
+        assert reactor.seconds() - started < 2.0
+        assert document["error"] == "redis_unavailable"
+    finally:
+        await silent.stopListening()
