@@ -166,15 +166,19 @@ class EmbeddedRedis(Service):
         self._transport: Any = None
         self.address: RedisAddress | None = None
 
-    async def start(self) -> RedisAddress:
-        """Start the server and wait until it accepts connections."""
+    async def start(self, port: int | None = None) -> RedisAddress:
+        """Start the server and wait until it accepts connections.
+
+        ``port`` is normally chosen free; a given port is used as is (tests
+        restart a server on the port its clients know).
+        """
         self.startService()
         self._data_dir.mkdir(parents=True, exist_ok=True)
         last_output = ""
-        for _ in range(START_ATTEMPTS):
-            port = free_loopback_port()
+        for _ in range(START_ATTEMPTS if port is None else 1):
+            chosen = port or free_loopback_port()
             process = _ServerProcess()
-            arguments = detached(server_arguments(self.binary, port, self._data_dir))
+            arguments = detached(server_arguments(self.binary, chosen, self._data_dir))
             self._transport = self._reactor.spawnProcess(
                 process,
                 arguments[0],
@@ -196,7 +200,7 @@ class EmbeddedRedis(Service):
                 raise EmbeddedRedisError(
                     f"{self.binary} did not become ready in {self._start_timeout_s:g} s"
                 ) from None
-            self.address = RedisAddress(host="127.0.0.1", port=port)
+            self.address = RedisAddress(host="127.0.0.1", port=chosen)
             return self.address
         last_line = last_output.splitlines()[-1] if last_output else "no output"
         raise EmbeddedRedisError(f"{self.binary} exited at start: {last_line}")
