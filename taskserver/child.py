@@ -1,33 +1,56 @@
-# -*- test-case-name: tests.test_integration -*-
-"""What one taskserver process runs: Redis pools, the web app, the consumers.
+# -*- test-case-name: tests.test_cluster -*-
+"""What one cluster child runs: Redis pools, the web app on the shared socket, the consumers.
 
-Started after Redis is known, on a listening socket made elsewhere, so the
-same service runs in a single process or in each child of a cluster.
-Stopping is ordered: stop accepting, let consumers finish and give back
-their tasks, then close the Redis connections.
+:class:`ChildService` is the whole of a child's work; tests also run it in
+process. :func:`main` is the child program the master spawns
+(``python -m taskserver.child``), with these file descriptors:
+
+====  =====================================================================
+fd    what
+====  =====================================================================
+0     a pipe from the master: first line, this child's JSON configuration;
+      then end-of-file when the master exits
+1, 2  log output, relayed by the master into its log, tagged with the child
+3     the shared listening socket
+4     the connection-balancing scoreboard (see :mod:`taskserver.balance`)
+5     a pipe to the master: ``ready`` once serving, ``task <line>`` per
+      finished task (the master is the single writer of tasks.log)
+====  =====================================================================
+
+Stopping is ordered: stop accepting, drain HTTP connections, let the
+consumers finish and give back their tasks, then close Redis connections.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import socket
+import signal
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.internet import defer, error, task
+from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 
-from taskserver.config import RedisAddress, Settings
+from taskserver.balance import BEAT_EVERY_S, BalancedPort, Scoreboard, Seat
+from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
 from taskserver.keys import Keys
+from taskserver.lifeline import ParentWatch, detach_from_parent_session
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter
 from taskserver.redisclient import connect
 from taskserver.tasklog import TaskLog
-from taskserver.web import TaskAPI
+from taskserver.web import TaskAPI, TaskSite
 
 #: Connections for request-path commands (pipelined; blocking pops have their own pool).
 API_POOL_SIZE = 4
+CONFIG_FD, LISTENER_FD, SCOREBOARD_FD, RECORDS_FD = 0, 3, 4, 5
+#: How long a stopping child waits for its open HTTP connections to finish.
+DRAIN_TIMEOUT_S = 5.0
 
 
 class ChildService(Service):
@@ -39,18 +62,30 @@ class ChildService(Service):
         self,
         settings: Settings,
         redis: RedisAddress,
-        listener: socket.socket,
+        listener_fd: int,
+        address_family: int,
         handler: Handler,
         reactor: Any,
+        task_sink: Callable[[str], None],
+        *,
+        seat: Seat | None = None,
+        kill: Callable[[], None] | None = None,
+        process_id: str | None = None,
     ) -> None:
         self._settings = settings
         self._redis = redis
-        self._listener = listener
+        self._listener_fd = listener_fd
+        self._family = address_family
         self._handler = handler
         self._reactor = reactor
+        self._task_sink = task_sink
+        self._seat = seat
+        self._kill = kill
+        self._process_id = process_id
         self._pools: list[Any] = []
-        self._port: Any = None
-        self._task_log: TaskLog | None = None
+        self._port: BalancedPort | None = None
+        self._beat: task.LoopingCall | None = None
+        self.site: TaskSite | None = None
         self.consumers: ConsumerService | None = None
         self.queue: TaskQueue | None = None
 
@@ -63,18 +98,28 @@ class ChildService(Service):
         keys = Keys(settings.key_prefix)
         self.queue = TaskQueue(api, keys, settings.status_ttl_s, settings.redis_timeout_s, reactor)
         limiter = RateLimiter(api, keys, settings.rate_limits, settings.redis_timeout_s, reactor)
-        site = TaskAPI(limiter, self.queue, reactor).site()
-        self._port = reactor.adoptStreamPort(self._listener.fileno(), self._listener.family, site)
-        self._task_log = TaskLog(settings.log_dir, settings.task_log_max_bytes, os.getpid())
+        kill = None if settings.disable_kill else self._kill
+        self.site = TaskAPI(limiter, self.queue, reactor, kill, settings.kill_token).site()
+        if self._seat is not None:
+            seat = self._seat
+            self.site.on_open, self.site.on_close = seat.opened, seat.closed
+            seat.publish()
+            self._beat = task.LoopingCall(seat.publish)
+            self._beat.clock = reactor
+            self._beat.start(BEAT_EVERY_S)
+        self._port = BalancedPort.adopt(
+            reactor, self._listener_fd, self._family, self.site, self._seat
+        )
         self.consumers = ConsumerService(
             queue=self.queue,
             blocking_redis=blocking,
             handler=self._handler,
-            task_log=self._task_log,
+            task_log=TaskLog(self._task_sink, os.getpid()),
             concurrency=settings.concurrency,
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
             shutdown_timeout_s=settings.shutdown_timeout_s,
             clock=reactor,
+            process_id=self._process_id,
         )
         self.consumers.startService()
 
@@ -83,12 +128,97 @@ class ChildService(Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._seat is not None:
+            self._seat.retire()
         if self._port is not None:
             await self._port.stopListening()
+        if self.site is not None:
+            self.site.drain()
+            await self._connections_closed(DRAIN_TIMEOUT_S)
         if self.consumers is not None:
             await self.consumers.stopService()
         for pool in self._pools:
             await pool.disconnect()
         self._pools = []
-        if self._task_log is not None:
-            self._task_log.close()
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
+
+    async def _connections_closed(self, timeout_s: float) -> None:
+        deadline = self._reactor.seconds() + timeout_s
+        while self.site is not None and self.site.channels and self._reactor.seconds() < deadline:
+            await task.deferLater(self._reactor, 0.01)
+
+
+# ---------------------------------------------------------------------- the child program
+
+
+def _read_config_line(fd: int) -> dict[str, Any]:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise SystemExit(
+                "taskserver child: the master closed the pipe before the configuration"
+            )
+        data += chunk
+    return json.loads(data)
+
+
+def _send_record(record: str) -> None:
+    """One write per record on our own pipe: the master never sees half a line."""
+    os.write(RECORDS_FD, record.encode("utf-8") + b"\n")
+
+
+def _die() -> None:
+    """The /kill crash: no drain, no cleanup, like a real one."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _stop(reactor: Any) -> None:
+    """Stop unless already stopping (SIGTERM and the master's exit can both ask)."""
+    with contextlib.suppress(error.ReactorNotRunning):
+        reactor.stop()
+
+
+def main() -> None:
+    """``python -m taskserver.child``: run one cluster child until told to stop."""
+    config = _read_config_line(CONFIG_FD)
+    detach_from_parent_session(config["master_pid"])
+    from twisted.internet import reactor
+
+    globalLogBeginner.beginLoggingTo(
+        [
+            FileLogObserver(
+                sys.stdout, lambda event: eventAsText(event, includeTimestamp=False) + "\n"
+            )
+        ],
+        redirectStandardIO=False,
+    )
+    settings = settings_from_json(config["settings"])
+    service = ChildService(
+        settings,
+        RedisAddress(**config["redis"]),
+        LISTENER_FD,
+        config["address_family"],
+        resolve_handler(settings.handler),
+        reactor,
+        lambda line: _send_record(f"task {line}"),
+        seat=Seat(Scoreboard(SCOREBOARD_FD, config["seats"]), config["seat"], reactor),
+        kill=_die,
+        process_id=config["process_id"],
+    )
+    watch = ParentWatch(CONFIG_FD, lambda: _stop(reactor), reactor)
+
+    def start() -> None:
+        service.startService()
+        os.close(LISTENER_FD)  # the port holds its own duplicate
+        watch.startReading()
+        _send_record("ready")
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

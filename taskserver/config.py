@@ -10,10 +10,12 @@ values raise :class:`ConfigError` with one line that names the setting.
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -75,6 +77,8 @@ class Settings:
     heartbeat_ttl_s: float = 10.0
     shutdown_timeout_s: float = 10.0
     task_log_max_bytes: int = 10_000_000
+    workers: int = 1
+    disable_kill: bool = False
 
 
 # ---------------------------------------------------------------- parsers
@@ -130,6 +134,12 @@ def _flag(text: str) -> bool:
 
 
 _KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() in ("", "auto"):
+        return os.cpu_count() or 1
+    return _int_in(1, 256)(text)
 
 
 def _key_prefix(text: str) -> str:
@@ -213,6 +223,7 @@ class Option:
     default: str
     doc: str
     parse: Callable[[str], Any]
+    flag: bool = False  # a command-line switch (--disable-kill); "true"/"false" in the environment
 
     @property
     def option(self) -> str:
@@ -238,7 +249,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "redis_db", "REDIS_DB", "0", "Redis database number, with REDIS_HOST", _int_in(0, 1 << 16)
     ),
-    Option("redis_tls", "REDIS_TLS", "false", "use TLS to REDIS_HOST (verified)", _flag),
+    Option("redis_tls", "REDIS_TLS", "false", "use TLS to REDIS_HOST (verified)", _flag, flag=True),
     Option(
         "redis_server_bin",
         "REDIS_SERVER_BIN",
@@ -264,7 +275,9 @@ OPTIONS: tuple[Option, ...] = (
         "per-user tiers, limit/window, comma-separated (empty: no limit)",
         parse_rate_limits,
     ),
+    Option("workers", "WORKERS", "auto", "child processes (auto: one per CPU core)", _workers),
     Option("kill_token", "KILL_TOKEN", "", "bearer token required by GET /kill", _optional_text),
+    Option("disable_kill", "DISABLE_KILL", "false", "turn GET /kill off (404)", _flag, flag=True),
     Option("key_prefix", "KEY_PREFIX", "taskserver", "prefix of every Redis key", _key_prefix),
     Option(
         "status_ttl",
@@ -337,7 +350,26 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> 
         heartbeat_ttl_s=values["heartbeat_ttl"],
         shutdown_timeout_s=values["shutdown_timeout"],
         task_log_max_bytes=values["task_log_max_bytes"],
+        workers=values["workers"],
+        disable_kill=values["disable_kill"],
     )
+
+
+def settings_to_json(settings: Settings) -> str:
+    """Settings as one line of JSON: how the master hands them to its children."""
+    document = asdict(settings)
+    document["log_dir"] = str(settings.log_dir)
+    document["data_dir"] = str(settings.data_dir)
+    return json.dumps(document, separators=(",", ":"))
+
+
+def settings_from_json(text: str) -> Settings:
+    document = json.loads(text)
+    document["log_dir"] = Path(document["log_dir"])
+    document["data_dir"] = Path(document["data_dir"])
+    document["redis"] = RedisAddress(**document["redis"]) if document["redis"] else None
+    document["rate_limits"] = tuple(RateTier(**tier) for tier in document["rate_limits"])
+    return Settings(**document)
 
 
 def _redis_address(values: Mapping[str, Any], given: Mapping[str, bool]) -> RedisAddress | None:

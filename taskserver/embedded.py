@@ -15,7 +15,6 @@ import fcntl
 import os
 import shutil
 import socket
-import sys
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskserver.config import ConfigError, RedisAddress
+from taskserver.lifeline import tied_command
 
 READY_MARKER = b"Ready to accept connections"
 START_TIMEOUT_S = 15.0
@@ -77,28 +77,6 @@ def lock_data_dir(data_dir: Path) -> IO[bytes]:
             f"DATA_DIR {str(data_dir)!r} is in use by another taskserver (set another DATA_DIR)"
         ) from None
     return handle
-
-
-# Runs between fork and exec of the server: a session of its own, so a Ctrl-C
-# or a SIGTERM sent to our process group does not stop Redis before the
-# consumers have given their tasks back; and (Linux) SIGTERM if we die, so
-# a SIGKILLed taskserver leaves no orphaned Redis behind.
-_DETACH = """
-import ctypes, os, signal, sys
-os.setsid()
-try:
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except Exception:
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(1)
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def detached(arguments: list[str]) -> list[str]:
-    """``arguments`` wrapped so the program runs in its own session, tied to our lifetime."""
-    return [sys.executable, "-c", _DETACH, str(os.getpid()), *arguments]
 
 
 def free_loopback_port() -> int:
@@ -178,7 +156,8 @@ class EmbeddedRedis(Service):
         for _ in range(START_ATTEMPTS if port is None else 1):
             chosen = port or free_loopback_port()
             process = _ServerProcess()
-            arguments = detached(server_arguments(self.binary, chosen, self._data_dir))
+            # Its own session (Ctrl-C reaches us, and we stop it last) and tied to our life.
+            arguments = tied_command(server_arguments(self.binary, chosen, self._data_dir))
             self._transport = self._reactor.spawnProcess(
                 process,
                 arguments[0],

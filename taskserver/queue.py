@@ -51,13 +51,14 @@ return redis.call('LREM', KEYS[2], 1, ARGV[4])
 """
 
 # KEYS: pending, consumers, heartbeat, processing_1..n.
-# ARGV: status key prefix, forget ('1' to unregister), consumer_id_1..n.
-# Does nothing (-1) while the heartbeat exists. Otherwise moves every entry
-# of the processing lists back to the consuming end of the queue, oldest
-# nearest, marks them queued, and returns how many moved. Being one script,
-# two reapers can never both move the same list.
+# ARGV: status key prefix, forget ('1': unregister the consumers),
+#       force ('1': even if the heartbeat exists), consumer_id_1..n.
+# Without force, does nothing (-1) while the heartbeat exists. Otherwise
+# moves every entry of the processing lists back to the consuming end of
+# the queue, marks them queued, and returns how many moved. Being one
+# script, two reapers can never both move the same entry.
 RECLAIM = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 local moved = 0
 for i = 4, #KEYS do
   while true do
@@ -73,7 +74,7 @@ for i = 4, #KEYS do
       end
     end
   end
-  if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[i - 1]) end
+  if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[i]) end
 end
 return moved
 """
@@ -217,11 +218,15 @@ class TaskQueue:
             self._redis.delete(self.keys.heartbeat(process_id)), self._timeout_s, self._clock
         )
 
-    async def reclaim(self, process_id: str, consumer_ids: Sequence[str], forget: bool) -> int:
+    async def reclaim(
+        self, process_id: str, consumer_ids: Sequence[str], forget: bool, force: bool = False
+    ) -> int:
         """Give a dead process's in-flight tasks back to the queue.
 
-        Returns how many moved, or -1 if the process's heartbeat still exists.
-        ``forget`` also unregisters the consumers.
+        Returns how many moved, or -1 if the process's heartbeat still exists
+        (unless ``force``: the caller knows the process is dead). ``forget``
+        also unregisters the consumers; leave them registered when a blocking
+        pop of the dead process might still land, so the reaper looks again.
         """
         moved = await self._eval(
             RECLAIM,
@@ -231,7 +236,7 @@ class TaskQueue:
                 self.keys.heartbeat(process_id),
                 *(self.keys.processing(c) for c in consumer_ids),
             ],
-            [self.keys.status_prefix, "1" if forget else "0", *consumer_ids],
+            [self.keys.status_prefix, "1" if forget else "0", "1" if force else "0", *consumer_ids],
         )
         return int(moved)
 

@@ -18,7 +18,7 @@ from twisted.python import usage
 from taskserver.config import OPTIONS, ConfigError, Settings, load_settings, resolve_handler
 from taskserver.embedded import find_server_binary, lock_data_dir
 from taskserver.listener import bind_listener
-from taskserver.server import TaskServer
+from taskserver.master import Master
 
 
 class Options(usage.Options):
@@ -27,14 +27,19 @@ class Options(usage.Options):
     optParameters = [
         [o.option, None, None, f"{o.doc} [{o.env}, default: {o.default or 'empty'}]"]
         for o in OPTIONS
+        if not o.flag
     ]
+    optFlags = [[o.option, None, f"{o.doc} [{o.env}]"] for o in OPTIONS if o.flag]
 
     settings: Settings
 
     def postOptions(self) -> None:
         # usecwd: find_dotenv() otherwise searches from this file, not where twistd runs.
         load_dotenv(find_dotenv(usecwd=True), override=False)
-        cli = {o.name: self[o.option] for o in OPTIONS}
+        cli = {
+            o.name: ("true" if self[o.option] else None) if o.flag else self[o.option]
+            for o in OPTIONS
+        }
         try:
             self.settings = load_settings(cli, os.environ)
         except ConfigError as e:
@@ -47,10 +52,10 @@ def makeService(options: Options) -> IService:
 
     settings = options.settings
     try:
-        handler = resolve_handler(settings.handler)
+        resolve_handler(settings.handler)  # fail now, not in every child
         binary = None if settings.redis else find_server_binary(settings.redis_server_bin)
         data_lock = None if settings.redis else lock_data_dir(settings.data_dir)
         listener = bind_listener(settings.interface, settings.port)
     except ConfigError as e:
         raise SystemExit(f"taskserver: {e}") from None
-    return TaskServer(settings, listener, handler, reactor, binary, data_lock)
+    return Master(settings, listener, reactor, binary, data_lock)

@@ -1,22 +1,25 @@
 # -*- test-case-name: tests.test_tasklog -*-
 """The task log: one line per finished task in ``LOG_DIR/tasks.log``.
 
-Written through twisted.logger with a private observer, so task lines stay
-out of twistd's own log and the formatting lives in one function. Lines
-look like::
+Lines look like this (one line in the file, wrapped here)::
 
     2026-11-27T21:00:18.123Z user_id="user123" task_id=9f0c...
         status=completed duration_ms=0.412 pid=4242
 
-(one line in the file; wrapped here).
-
 The user id is JSON-quoted with every non-ASCII and control character
 escaped, so nothing a client sends can split or forge a line.
+
+One process writes the file: in a cluster, children format their lines
+and send them to the master over a pipe (each line is one ``write`` on the
+child's own pipe, so lines never interleave), and the master appends them
+through twisted.logger with a private observer that rotates by size.
+Several processes writing one ``LogFile`` would overwrite each other.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, cast
 
@@ -29,27 +32,31 @@ TASK_LOG_NAME = "tasks.log"
 TASK_LOG_ROTATED_FILES = 10
 
 
-def format_task_line(event: LogEvent) -> str | None:
-    """The line for one task event; None (skip) for events that are not ours."""
-    if event.get("log_namespace") != TaskLog.namespace or "task_id" not in event:
-        return None
+def task_line(
+    *, finished: float, user_id: str, task_id: str, status: str, duration_ms: float, pid: int
+) -> str:
+    """The log line of one finished task, without its newline."""
     return (
-        f"{iso_utc(event['finished'])} "
-        f"user_id={json.dumps(event['user_id'], ensure_ascii=True)} "
-        f"task_id={event['task_id']} "
-        f"status={event['status']} "
-        f"duration_ms={event['duration_ms']:.3f} "
-        f"pid={event['pid']}\n"
+        f"{iso_utc(finished)} "
+        f"user_id={json.dumps(user_id, ensure_ascii=True)} "
+        f"task_id={task_id} "
+        f"status={status} "
+        f"duration_ms={duration_ms:.3f} "
+        f"pid={pid}"
     )
 
 
-class TaskLog:
-    """Appends task lines to ``tasks.log``, rotating by size (``tasks.log.1``, ...)."""
+def _line_of(event: LogEvent) -> str | None:
+    line = event.get("task_line")
+    return f"{line}\n" if isinstance(line, str) else None
 
-    namespace = "taskserver.tasks"
 
-    def __init__(self, log_dir: Path, max_bytes: int, pid: int) -> None:
+class TaskLogFile:
+    """The single writer of ``tasks.log``, rotating at ``max_bytes`` (``tasks.log.1``, ...)."""
+
+    def __init__(self, log_dir: Path, max_bytes: int) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
+        self.path = log_dir / TASK_LOG_NAME
         self._file = LogFile(
             TASK_LOG_NAME,
             str(log_dir),
@@ -57,23 +64,35 @@ class TaskLog:
             maxRotatedFiles=TASK_LOG_ROTATED_FILES,
         )
         self._log = Logger(
-            namespace=self.namespace,
-            observer=FileLogObserver(cast(IO[str], self._file), format_task_line),
+            namespace="taskserver.tasks",
+            observer=FileLogObserver(cast(IO[str], self._file), _line_of),
         )
+
+    def write_line(self, line: str) -> None:
+        """Append one line (no newline inside it; callers pass task_line() output)."""
+        self._log.info("{task_line}", task_line=line)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TaskLog:
+    """What consumers call when a task finishes: formats the line and hands it on."""
+
+    def __init__(self, sink: Callable[[str], None], pid: int) -> None:
+        self._sink = sink
         self._pid = pid
 
     def record(
         self, *, finished: float, user_id: str, task_id: str, status: str, duration_ms: float
     ) -> None:
-        self._log.info(
-            "task {task_id} {status}",
-            finished=finished,
-            user_id=user_id,
-            task_id=task_id,
-            status=status,
-            duration_ms=duration_ms,
-            pid=self._pid,
+        self._sink(
+            task_line(
+                finished=finished,
+                user_id=user_id,
+                task_id=task_id,
+                status=status,
+                duration_ms=duration_ms,
+                pid=self._pid,
+            )
         )
-
-    def close(self) -> None:
-        self._file.close()

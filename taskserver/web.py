@@ -8,13 +8,16 @@ the bottom of :class:`TaskAPI`, nowhere else.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import math
+import os
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
@@ -38,6 +41,16 @@ _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 _ALLOWED_FIELDS = frozenset({"user_id", "payload"})
 
 Headers = Iterable[tuple[str, str]]
+#: /kill waits for its answer to be sent, but not longer than this.
+KILL_FLUSH_TIMEOUT_S = 1.0
+
+
+def is_loopback(address: Any) -> bool:
+    host = getattr(address, "host", "")
+    try:
+        return ipaddress.ip_address(host.removeprefix("::ffff:")).is_loopback
+    except ValueError:
+        return False
 
 
 class ApiError(Exception):
@@ -82,11 +95,66 @@ class BoundedRequest(server.Request):
         return self.content.read()  # type: ignore[attr-defined]
 
 
+class CountingChannel(http.HTTPChannel):
+    """An HTTP/1.1 connection that tells its site when it opens and closes."""
+
+    site: TaskSite
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.connection_opened(self)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)
+        self.site.connection_closed(self)
+
+    @property
+    def idle(self) -> bool:
+        return not self._handlingRequest
+
+
 class TaskSite(server.Site):
-    """A Site without per-request access-log lines (they cost more than the request)."""
+    """The Site of one process: tracks its connections, so it can drain and be balanced.
+
+    No per-request access-log lines: they would cost more than the request.
+    """
+
+    protocol = CountingChannel  # type: ignore[assignment]  # HTTP/1.1 only, no wrapper
+
+    def __init__(self, resource: Any, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.channels: set[CountingChannel] = set()
+        self.on_open: Callable[[], None] = lambda: None
+        self.on_close: Callable[[], None] = lambda: None
+        self._closed_waiters: dict[CountingChannel, list[Callable[[], None]]] = {}
 
     def log(self, request: http.Request) -> None:
         pass
+
+    def connection_opened(self, channel: CountingChannel) -> None:
+        self.channels.add(channel)
+        self.on_open()
+
+    def connection_closed(self, channel: CountingChannel) -> None:
+        self.channels.discard(channel)
+        for waiter in self._closed_waiters.pop(channel, []):
+            waiter()
+        self.on_close()
+
+    def when_closed(self, channel: CountingChannel, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once ``channel`` has closed (its last bytes are sent)."""
+        self._closed_waiters.setdefault(channel, []).append(callback)
+
+    def drain(self) -> None:
+        """Close idle connections now and busy ones after their current response."""
+        for channel in list(self.channels):
+            if channel.idle:
+                channel.loseConnection()
+            else:
+                channel.persistent = False
+                for request in channel.requests:
+                    if not request.startedWriting:
+                        request.setHeader(b"connection", b"close")
 
 
 # ------------------------------------------------------------------ input
@@ -204,12 +272,22 @@ class TaskAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, limiter: RateLimiter, queue: TaskQueue, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        queue: TaskQueue,
+        clock: IReactorTime,
+        kill: Callable[[], None] | None = None,
+        kill_token: str | None = None,
+    ) -> None:
+        """``kill`` ends this process abruptly (GET /kill); None turns the route off."""
         self._limiter = limiter
         self._queue = queue
         self._clock = clock
+        self._kill = kill
+        self._kill_token = kill_token
 
-    def site(self) -> server.Site:
+    def site(self) -> TaskSite:
         site = TaskSite(self.app.resource(), requestFactory=BoundedRequest)
         site.displayTracebacks = False
         site.noisy = False
@@ -252,12 +330,38 @@ class TaskAPI:
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
-        return respond(request, 200, {"status": "ok"})
+        return respond(request, 200, {"status": "ok", "pid": os.getpid()})
 
     @app.route("/readyz", methods=["GET"])
     async def readyz(self, request: IRequest) -> bytes:
         await self._queue.ping()
         return respond(request, 200, {"status": "ready"})
+
+    @app.route("/kill", methods=["GET"])
+    def kill(self, request: server.Request) -> bytes:
+        """Crash this process on purpose, to watch the cluster replace it.
+
+        Loopback clients only, unless KILL_TOKEN is set: then anyone with
+        ``Authorization: Bearer <token>``, and nobody without it.
+        """
+        if self._kill is None:
+            raise ApiError(404, "not_found", "no such resource")
+        if self._kill_token is not None:
+            given = request.getHeader(b"authorization") or b""
+            expected = f"Bearer {self._kill_token}".encode()
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(
+                    403, "forbidden", "GET /kill needs Authorization: Bearer <KILL_TOKEN>"
+                )
+        elif not is_loopback(request.getClientAddress()):
+            raise ApiError(403, "forbidden", "GET /kill is only open to loopback clients")
+        self.log.warn("GET /kill: this process (pid {pid}) exits now", pid=os.getpid())
+        request.setHeader(b"connection", b"close")
+        channel = cast(CountingChannel, request.channel)
+        kill = self._kill
+        channel.site.when_closed(channel, kill)
+        self._clock.callLater(KILL_FLUSH_TIMEOUT_S, kill)
+        return respond(request, 200, {"pid": os.getpid(), "status": "exiting"})
 
     # -------------------------------------------------------------- errors
 

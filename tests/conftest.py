@@ -24,6 +24,7 @@ from taskserver.config import RedisAddress, Settings, parse_rate_limits
 from taskserver.embedded import EmbeddedRedis, find_server_binary
 from taskserver.keys import Keys
 from taskserver.listener import bind_listener
+from taskserver.tasklog import TaskLogFile
 
 T = TypeVar("T")
 
@@ -94,23 +95,41 @@ def settings(redis_server: RedisAddress, keys: Keys, tmp_path: Path) -> Settings
 
 
 class RunningServer:
-    """A ChildService on a loopback port, as one taskserver process runs it."""
+    """A ChildService on a loopback port, as one cluster child runs it, in this process."""
 
-    def __init__(self, settings: Settings, handler: Callable[[dict[str, Any]], Any]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        handler: Callable[[dict[str, Any]], Any],
+        kill: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.listener = bind_listener("127.0.0.1", 0)
         self.port = self.listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.task_log_file = TaskLogFile(settings.log_dir, settings.task_log_max_bytes)
         assert settings.redis is not None
-        self.child = ChildService(settings, settings.redis, self.listener, handler, reactor)
+        self.child = ChildService(
+            settings,
+            settings.redis,
+            self.listener.fileno(),
+            self.listener.family,
+            handler,
+            reactor,
+            self.task_log_file.write_line,
+            kill=kill,
+        )
 
     def start(self) -> None:
         self.child.startService()
 
     async def stop(self) -> None:
-        if self.child.running:
-            await self.child.stopService()
+        """Stop once; later calls do nothing."""
+        if not self.child.running:
+            return
+        await self.child.stopService()
         self.listener.close()
+        self.task_log_file.close()
 
     @property
     def task_log(self) -> Path:
@@ -123,9 +142,11 @@ def start_server(settings: Settings) -> Iterator[Callable[..., RunningServer]]:
     started: list[RunningServer] = []
 
     def start(
-        handler: Callable[[dict[str, Any]], Any] | None = None, **overrides: Any
+        handler: Callable[[dict[str, Any]], Any] | None = None,
+        kill: Callable[[], None] | None = None,
+        **overrides: Any,
     ) -> RunningServer:
-        server = RunningServer(replace(settings, **overrides), handler or (lambda task: None))
+        server = RunningServer(replace(settings, **overrides), handler or (lambda task: None), kill)
         server.start()
         started.append(server)
         return server

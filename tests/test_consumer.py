@@ -16,7 +16,7 @@ from taskserver.consumer import ConsumerService, backoff_s
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
 from taskserver.task import Task
-from taskserver.tasklog import TaskLog
+from taskserver.tasklog import TaskLog, TaskLogFile
 
 Factory = Callable[..., ConsumerService]
 
@@ -32,6 +32,7 @@ async def consumers(
 ) -> AsyncIterator[Factory]:
     """Start ConsumerServices with their own blocking pools; stopped at teardown."""
     made: list[tuple[ConsumerService, Any]] = []
+    log_file = TaskLogFile(tmp_path / "logs", 1_000_000)
 
     def make(handler: Callable[[dict[str, Any]], Any], **options: Any) -> ConsumerService:
         concurrency = options.pop("concurrency", 2)
@@ -40,7 +41,7 @@ async def consumers(
             queue=queue,
             blocking_redis=blocking,
             handler=handler,
-            task_log=TaskLog(tmp_path / "logs", 1_000_000, pid=4242),
+            task_log=TaskLog(log_file.write_line, pid=4242),
             concurrency=concurrency,
             heartbeat_ttl_s=options.pop("heartbeat_ttl_s", 1.0),
             shutdown_timeout_s=options.pop("shutdown_timeout_s", 2.0),
@@ -56,6 +57,7 @@ async def consumers(
         if service.running:
             await service.stopService()
         await blocking.disconnect()
+    log_file.close()
 
 
 async def enqueue(queue: TaskQueue, user: str = "u", payload: Any = None) -> Task:

@@ -1,4 +1,4 @@
-"""The task log's line format and rotation."""
+"""The task log's line format, its single writer, and rotation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from taskserver.tasklog import TaskLog, format_task_line
+from taskserver.tasklog import TaskLog, TaskLogFile, task_line
 
 LINE = re.compile(
     r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z user_id=("[^"\\]*(?:\\.[^"\\]*)*") '
@@ -15,47 +15,43 @@ LINE = re.compile(
 
 
 def test_line_format(tmp_path: Path) -> None:
-    log = TaskLog(tmp_path, 1_000_000, pid=77)
-    log.record(
+    log_file = TaskLogFile(tmp_path, 1_000_000)
+    TaskLog(log_file.write_line, pid=77).record(
         finished=1_795_813_218.123,
         user_id="user123",
         task_id="ab" * 16,
         status="completed",
         duration_ms=0.4,
     )
-    log.close()
+    log_file.close()
     assert (tmp_path / "tasks.log").read_text() == (
         f'2026-11-27T21:00:18.123Z user_id="user123" task_id={"ab" * 16} '
         "status=completed duration_ms=0.400 pid=77\n"
     )
 
 
-def test_nothing_in_a_user_id_can_break_or_forge_a_line(tmp_path: Path) -> None:
-    log = TaskLog(tmp_path, 1_000_000, pid=1)
+def test_nothing_in_a_user_id_can_break_or_forge_a_line() -> None:
     hostile = 'x" status=failed\n2026-01-01T00:00:00.000Z user_id="y\r\u2028ü'
-    log.record(finished=0, user_id=hostile, task_id="0" * 32, status="completed", duration_ms=1)
-    log.close()
-    [line] = (tmp_path / "tasks.log").read_text().splitlines()
+    line = task_line(
+        finished=0, user_id=hostile, task_id="0" * 32, status="completed", duration_ms=1, pid=1
+    )
+    assert "\n" not in line and "\r" not in line and line.isascii()
     match = LINE.match(line)
     assert match, line
     assert json.loads(match[1]) == hostile
     assert match[2] == "completed"
-    assert line.isascii()
-
-
-def test_events_of_other_loggers_are_not_written() -> None:
-    assert format_task_line({"log_namespace": "something.else", "task_id": "x"}) is None
 
 
 def test_rotates_by_size_without_losing_lines(tmp_path: Path) -> None:
-    log = TaskLog(tmp_path, max_bytes=2048, pid=1)
+    log_file = TaskLogFile(tmp_path, max_bytes=2048)
+    log = TaskLog(log_file.write_line, pid=1)
     for n in range(100):
         log.record(
             finished=n, user_id=f"u{n}", task_id=f"{n:032x}", status="completed", duration_ms=1
         )
-    log.close()
+    log_file.close()
     files = sorted(tmp_path.glob("tasks.log*"))
     assert len(files) > 1
     lines = [line for f in files for line in f.read_text().splitlines()]
-    assert sorted(lines) == sorted(set(lines)) and len(lines) == 100
+    assert len(lines) == 100 and len(set(lines)) == 100
     assert all(LINE.match(line) for line in lines)

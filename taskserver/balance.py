@@ -1,0 +1,183 @@
+# -*- test-case-name: tests.test_balance -*-
+"""Spreading connections over children that share one listening socket.
+
+Linux wakes the most recently waiting process first and Twisted accepts up
+to ~100 connections per wake-up, so with a plainly inherited socket one
+child can take every connection. Here each child keeps a seat in a small
+shared-memory scoreboard (open connections, whether it is accepting, a
+heartbeat) and accepts only while it holds no more than the least-loaded
+live, accepting child plus a small slack, like nginx's ``accept_disabled``.
+
+The socket stays shared, so what it buys is kept: a child that dies or
+stalls takes no queued connection with it. A stalled child stops beating;
+after :data:`STALE_AFTER_S` the others leave it out of the comparison and
+accept what it cannot.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IReactorTime
+
+#: One seat: open connections (int64), accepting (int64, 0/1), heartbeat (float64, monotonic s).
+_SEAT = struct.Struct("=qqd")
+#: A seat whose heartbeat is older than this is ignored (its child died or stalls).
+STALE_AFTER_S = 0.5
+#: How often a child refreshes its heartbeat.
+BEAT_EVERY_S = 0.1
+#: While it may not accept, a child looks again this often (and whenever a connection closes).
+RECHECK_EVERY_S = 0.005
+
+
+def accept_allowance(own: int, others: Sequence[int]) -> int:
+    """How many connections a child holding ``own`` may accept now.
+
+    ``others`` are the open-connection counts of the other live, accepting
+    children. The slack grows with the load (10 % of the mean) so a busy
+    cluster does not stop accepting over a difference of one connection.
+    """
+    if not others:
+        return 1_000_000
+    mean = (own + sum(others)) / (len(others) + 1)
+    slack = max(2, math.ceil(0.1 * mean))
+    return min(others) + slack - own
+
+
+class Scoreboard:
+    """A shared array of seats, backed by a file every child maps (fd inherited)."""
+
+    def __init__(self, fd: int, seats: int) -> None:
+        self.fd = fd
+        self.seats = seats
+        self._map = mmap.mmap(fd, seats * _SEAT.size)
+
+    @classmethod
+    def create(cls, seats: int) -> Scoreboard:
+        """A new zeroed scoreboard in an anonymous (already unlinked) file."""
+        with tempfile.TemporaryFile() as backing:
+            fd = os.dup(backing.fileno())
+        os.ftruncate(fd, seats * _SEAT.size)
+        os.set_inheritable(fd, True)
+        return cls(fd, seats)
+
+    def write(self, seat: int, connections: int, accepting: bool, beat: float) -> None:
+        _SEAT.pack_into(self._map, seat * _SEAT.size, connections, int(accepting), beat)
+
+    def read(self, seat: int) -> tuple[int, bool, float]:
+        connections, accepting, beat = _SEAT.unpack_from(self._map, seat * _SEAT.size)
+        return connections, bool(accepting), beat
+
+    def clear(self, seat: int) -> None:
+        self.write(seat, 0, False, 0.0)
+
+    def live_connections(self, now: float, exclude: int = -1) -> list[int]:
+        """Connection counts of the live, accepting seats (other than ``exclude``)."""
+        counts = []
+        for seat in range(self.seats):
+            if seat == exclude:
+                continue
+            connections, accepting, beat = self.read(seat)
+            if accepting and now - beat <= STALE_AFTER_S:
+                counts.append(connections)
+        return counts
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+
+
+class Seat:
+    """One child's place on the scoreboard: counts its connections, decides when it may accept."""
+
+    def __init__(self, scoreboard: Scoreboard, index: int, clock: IReactorTime) -> None:
+        self.scoreboard = scoreboard
+        self.index = index
+        self.connections = 0
+        self.accepting = True
+        self._clock = clock
+        self.port: BalancedPort | None = None
+
+    def publish(self) -> None:
+        self.scoreboard.write(self.index, self.connections, self.accepting, time.monotonic())
+
+    def allowance(self) -> int:
+        others = self.scoreboard.live_connections(time.monotonic(), exclude=self.index)
+        return accept_allowance(self.connections, others)
+
+    def opened(self) -> None:
+        self.connections += 1
+        self.publish()
+
+    def closed(self) -> None:
+        self.connections -= 1
+        self.publish()
+        if self.port is not None:
+            self.port.recheck()
+
+    def retire(self) -> None:
+        """Stop counting as an accepting child (we are draining)."""
+        self.accepting = False
+        self.publish()
+
+
+class BalancedPort(tcp.Port):
+    """An adopted listening port that accepts only its fair share.
+
+    Before each accept loop it asks its seat how many connections it may
+    take; at zero it stops reading the socket and looks again shortly, or
+    as soon as one of its connections closes.
+    """
+
+    seat: Seat | None = None
+    seat_clock: IReactorTime
+    _recheck_call: Any = None
+
+    @classmethod
+    def adopt(
+        cls, reactor: Any, fd: int, family: int, factory: Any, seat: Seat | None
+    ) -> BalancedPort:
+        port: BalancedPort = cls._fromListeningDescriptor(reactor, fd, family, factory)
+        port.seat = seat
+        port.seat_clock = reactor
+        if seat is not None:
+            seat.port = port
+        port.startListening()
+        return port
+
+    def doRead(self) -> None:
+        if self.seat is None:
+            return super().doRead()
+        allowance = self.seat.allowance()
+        if allowance <= 0:
+            self.stopReading()
+            self._schedule_recheck()
+            return None
+        self.numberAccepts = min(allowance, 100)
+        return super().doRead()
+
+    def _schedule_recheck(self) -> None:
+        if self._recheck_call is None or not self._recheck_call.active():
+            self._recheck_call = self.seat_clock.callLater(RECHECK_EVERY_S, self.recheck)
+
+    def recheck(self) -> None:
+        """Start reading the socket again if we may accept."""
+        if self.disconnecting or not self.connected or self.seat is None:
+            return
+        if self.seat.allowance() > 0:
+            self.startReading()
+        else:
+            self._schedule_recheck()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._recheck_call is not None and self._recheck_call.active():
+            self._recheck_call.cancel()
+        super().connectionLost(reason)

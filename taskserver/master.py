@@ -1,0 +1,265 @@
+# -*- test-case-name: tests.test_cluster -*-
+"""The master: owns the listening socket, the embedded Redis, the task log and the children.
+
+It serves no HTTP itself. Start-up: the embedded Redis (if no Redis is
+configured) becomes ready, then the children are spawned, each handed the
+listening socket and the balancing scoreboard. When a child dies, the
+master gives its in-flight tasks back to the queue at once. Stop (SIGTERM,
+SIGINT): children drain and exit, then Redis stops, then the master exits
+0. SIGHUP: a rolling restart of the children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+from dataclasses import asdict
+from typing import IO, Any, cast
+
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.logger import ILogObserver, Logger, globalLogPublisher, textFileLogObserver
+from twisted.python.logfile import LogFile
+
+from taskserver.balance import Scoreboard
+from taskserver.config import RedisAddress, Settings, settings_to_json
+from taskserver.embedded import EmbeddedRedis
+from taskserver.keys import Keys
+from taskserver.listener import describe
+from taskserver.queue import TaskQueue
+from taskserver.redisclient import connect
+from taskserver.supervisor import Supervisor, Worker
+from taskserver.tasklog import TaskLogFile
+
+SERVER_LOG_NAME = "twistd.log"
+SERVER_LOG_MAX_BYTES = 10_000_000
+SERVER_LOG_ROTATED_FILES = 5
+#: How long the master keeps trying to give a dead child's tasks back (then the reaper will).
+RECLAIM_RETRY_FOR_S = 30.0
+
+
+class Master(Service):
+    """The cluster: embedded Redis, children, and the single writer of tasks.log."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        settings: Settings,
+        listener: socket.socket,
+        reactor: Any,
+        redis_binary: str | None = None,
+        data_lock: IO[bytes] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._listener = listener
+        self._reactor = reactor
+        self._embedded = (
+            EmbeddedRedis(redis_binary, settings.data_dir, reactor) if redis_binary else None
+        )
+        self._data_lock = data_lock
+        self._token = secrets.token_hex(3)
+        self._log_observer: ILogObserver | None = None
+        self._log_file: LogFile | None = None
+        self._task_log: TaskLogFile | None = None
+        self._pool: Any = None
+        self._queue: TaskQueue | None = None
+        self._scoreboard: Scoreboard | None = None
+        self.redis: RedisAddress | None = None
+        self.supervisor: Supervisor | None = None
+        self.started: defer.Deferred[None] = defer.Deferred()
+
+    # ------------------------------------------------------------ start
+
+    def startService(self) -> None:
+        super().startService()
+        self._start_server_log()
+        self._task_log = TaskLogFile(self._settings.log_dir, self._settings.task_log_max_bytes)
+        defer.Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
+
+    def _start_server_log(self) -> None:
+        """twistd's own log also goes to LOG_DIR/twistd.log."""
+        self._settings.log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_file = LogFile(
+            SERVER_LOG_NAME,
+            str(self._settings.log_dir),
+            rotateLength=SERVER_LOG_MAX_BYTES,
+            maxRotatedFiles=SERVER_LOG_ROTATED_FILES,
+        )
+        self._log_observer = textFileLogObserver(cast(IO[str], self._log_file))
+        globalLogPublisher.addObserver(self._log_observer)
+
+    async def _start(self) -> None:
+        settings = self._settings
+        self.redis = await self._redis_address()
+        self._pool = connect(self.redis, 1, settings.redis_timeout_s)
+        self._queue = TaskQueue(
+            self._pool,
+            Keys(settings.key_prefix),
+            settings.status_ttl_s,
+            settings.redis_timeout_s,
+            self._reactor,
+        )
+        self._scoreboard = Scoreboard.create(2 * settings.workers)
+        self.supervisor = Supervisor(
+            self._reactor,
+            settings.workers,
+            argv=[sys.executable, "-m", "taskserver.child"],
+            env=self._child_environment(),
+            extra_fds={3: self._listener.fileno(), 4: self._scoreboard.fd},
+            config_for=self._config_for,
+            on_record=self._record,
+            on_exit=self._child_exited,
+            process_id_for=self._process_id_for,
+            stop_timeout_s=settings.shutdown_timeout_s,
+        )
+        self.supervisor.startService()
+        signal.signal(signal.SIGHUP, self._on_sighup)
+        self.log.info(
+            "taskserver listening on {url} (master pid {pid}, {n} workers, "
+            "{c} consumer loops each)",
+            url=describe(self._listener),
+            pid=os.getpid(),
+            n=settings.workers,
+            c=settings.concurrency,
+        )
+        self.started.callback(None)
+
+    async def _redis_address(self) -> RedisAddress:
+        if self._embedded is None:
+            assert self._settings.redis is not None
+            self.log.info("Redis: {url}", url=self._settings.redis.display())
+            return self._settings.redis
+        address = await self._embedded.start()
+        self.log.info(
+            "Redis: embedded {binary} at {host}:{port}, data in {data_dir}",
+            binary=self._embedded.binary,
+            host=address.host,
+            port=address.port,
+            data_dir=self._settings.data_dir.resolve(),
+        )
+        return address
+
+    def _start_failed(self, failure: Any) -> None:
+        self.log.critical("taskserver could not start: {error}", error=failure.value)
+        self.started.errback(failure)
+        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self._reactor.stop()
+
+    # ------------------------------------------------------------ children
+
+    @staticmethod
+    def _child_environment() -> dict[str, str]:
+        """Our environment (with .env loaded), and our import path: children import what we do."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        return env
+
+    def _process_id_for(self, slot: int, generation: int) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}:{self._token}-w{slot}.{generation}"
+
+    def _config_for(self, worker: Worker) -> bytes:
+        assert self.redis is not None and self.supervisor is not None
+        config = {
+            "settings": settings_to_json(self._settings),
+            "redis": asdict(self.redis),
+            "process_id": worker.process_id,
+            "seat": worker.seat,
+            "seats": self.supervisor.seats,
+            "address_family": int(self._listener.family),
+            "master_pid": os.getpid(),
+        }
+        return json.dumps(config).encode("utf-8") + b"\n"
+
+    def _record(self, worker: Worker, record: str) -> None:
+        kind, _, rest = record.partition(" ")
+        if kind == "task" and self._task_log is not None:
+            self._task_log.write_line(rest)
+        else:
+            self.log.warn(
+                "{name} sent an unknown record: {record!r}", name=worker.name, record=record[:200]
+            )
+
+    def _child_exited(self, worker: Worker) -> None:
+        if self._scoreboard is not None:
+            self._scoreboard.clear(worker.seat)
+        if not worker.retiring:
+            defer.Deferred.fromCoroutine(self._reclaim(worker))
+
+    async def _reclaim(self, worker: Worker) -> None:
+        """Give a dead child's in-flight tasks back to the queue now, not after its heartbeat.
+
+        The consumers stay registered: a blocking pop the dead child sent may
+        still land in its list, and the reaper looks again once the heartbeat
+        has expired.
+        """
+        assert self._queue is not None
+        consumer_ids = [f"{worker.process_id}#{n}" for n in range(self._settings.concurrency)]
+        deadline = self._reactor.seconds() + RECLAIM_RETRY_FOR_S
+        while True:
+            try:
+                moved = await self._queue.reclaim(
+                    worker.process_id, consumer_ids, forget=False, force=True
+                )
+            except Exception as e:
+                if self._reactor.seconds() > deadline or not self.running:
+                    self.log.warn(
+                        "could not give back {name}'s tasks ({error}); the reaper will",
+                        name=worker.name,
+                        error=e,
+                    )
+                    return
+                await task.deferLater(self._reactor, 0.5)
+                continue
+            if moved:
+                self.log.info(
+                    "gave {moved} in-flight task(s) of {name} back to the queue",
+                    moved=moved,
+                    name=worker.name,
+                )
+            return
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self._rolling_restart)
+
+    def _rolling_restart(self) -> None:
+        if self.supervisor is not None and self.running:
+            self.log.info("SIGHUP: rolling restart of the workers")
+            defer.Deferred.fromCoroutine(self.supervisor.rolling_restart())
+
+    # ------------------------------------------------------------ stop
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        try:
+            if self.supervisor is not None:
+                await self.supervisor.stopService()
+            if self._pool is not None:
+                await self._pool.disconnect()
+        finally:
+            # Redis stops last, after every child has given its tasks back.
+            if self._embedded is not None:
+                await self._embedded.stopService()
+        self._listener.close()
+        if self._scoreboard is not None:
+            self._scoreboard.close()
+        if self._task_log is not None:
+            self._task_log.close()
+        self.log.info("taskserver stopped")
+        # twistd re-raises the signal that stopped it (exit status -15); a
+        # stop that completed cleanly is a success, so it exits 0 instead.
+        if getattr(self._reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self._reactor._exitSignal = None
+        if self._log_observer is not None:
+            globalLogPublisher.removeObserver(self._log_observer)
+        if self._log_file is not None:
+            self._log_file.close()
+        if self._data_lock is not None:
+            self._data_lock.close()
