@@ -136,8 +136,9 @@ class Master(Service):
             return self._settings.redis
         address = await self._embedded.start()
         self.log.info(
-            "Redis: embedded {binary} at {host}:{port}, data in {data_dir}",
+            "Redis: embedded {binary} (pid {pid}) at {host}:{port}, data in {data_dir}",
             binary=self._embedded.binary,
+            pid=self._embedded.pid,
             host=address.host,
             port=address.port,
             data_dir=self._settings.data_dir.resolve(),

@@ -221,6 +221,7 @@ class Supervisor(Service):
             self.log.info("[{name} {pid}] {line}", name=worker.name, pid=worker.pid, line=line)
 
     def _became_ready(self, worker: Worker) -> None:
+        self.log.info("{name} (pid {pid}) ready", name=worker.name, pid=worker.pid)
         worker.ready = True
         self._failures[worker.slot] = 0
         worker.became_ready.callback(None)

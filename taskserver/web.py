@@ -96,9 +96,17 @@ class BoundedRequest(server.Request):
 
 
 class CountingChannel(http.HTTPChannel):
-    """An HTTP/1.1 connection that tells its site when it opens and closes."""
+    """An HTTP/1.1 connection that tells its site when it opens and closes, and can drain.
+
+    A connection is idle only between requests: it has answered at least one
+    and received nothing since. A brand-new connection is not idle (its first
+    request may be on the way); while draining, it gets that request answered
+    with ``Connection: close``.
+    """
 
     site: TaskSite
+    _served = 0
+    _bytes_since_answer = 0
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -108,9 +116,35 @@ class CountingChannel(http.HTTPChannel):
         super().connectionLost(reason)
         self.site.connection_closed(self)
 
-    @property
-    def idle(self) -> bool:
-        return not self._handlingRequest
+    def dataReceived(self, data: bytes) -> None:
+        self._bytes_since_answer += len(data)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        if self.site.draining:
+            self.persistent = False
+            self.requests[-1].setHeader(b"connection", b"close")
+
+    def requestDone(self, request: http.Request) -> None:
+        self._served += 1
+        self._bytes_since_answer = 0
+        super().requestDone(request)
+
+    def close_when_idle(self) -> None:
+        """Close now if idle, else right after the next answer.
+
+        Only a request being handled may be marked here: twisted.web drops
+        a request that *arrives* on a non-persistent connection. Requests
+        still arriving are marked by allHeadersReceived (the site drains).
+        """
+        if self._served and not self._handlingRequest and not self._bytes_since_answer:
+            self.loseConnection()
+        elif self._handlingRequest:
+            self.persistent = False
+            for request in self.requests:
+                if not request.startedWriting:
+                    request.setHeader(b"connection", b"close")
 
 
 class TaskSite(server.Site):
@@ -124,6 +158,7 @@ class TaskSite(server.Site):
     def __init__(self, resource: Any, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.channels: set[CountingChannel] = set()
+        self.draining = False
         self.on_open: Callable[[], None] = lambda: None
         self.on_close: Callable[[], None] = lambda: None
         self._closed_waiters: dict[CountingChannel, list[Callable[[], None]]] = {}
@@ -146,15 +181,10 @@ class TaskSite(server.Site):
         self._closed_waiters.setdefault(channel, []).append(callback)
 
     def drain(self) -> None:
-        """Close idle connections now and busy ones after their current response."""
+        """Close idle connections now and the others after their next answer."""
+        self.draining = True
         for channel in list(self.channels):
-            if channel.idle:
-                channel.loseConnection()
-            else:
-                channel.persistent = False
-                for request in channel.requests:
-                    if not request.startedWriting:
-                        request.setHeader(b"connection", b"close")
+            channel.close_when_idle()
 
 
 # ------------------------------------------------------------------ input
@@ -356,8 +386,9 @@ class TaskAPI:
         elif not is_loopback(request.getClientAddress()):
             raise ApiError(403, "forbidden", "GET /kill is only open to loopback clients")
         self.log.warn("GET /kill: this process (pid {pid}) exits now", pid=os.getpid())
-        request.setHeader(b"connection", b"close")
         channel = cast(CountingChannel, request.channel)
+        channel.persistent = False  # close after this answer; the kill follows the close
+        request.setHeader(b"connection", b"close")
         kill = self._kill
         channel.site.when_closed(channel, kill)
         self._clock.callLater(KILL_FLUSH_TIMEOUT_S, kill)

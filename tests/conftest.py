@@ -19,6 +19,7 @@ import pytest_twisted
 import txredisapi
 from twisted.internet import defer, reactor, task
 
+from harness import Twistd
 from taskserver.child import ChildService
 from taskserver.config import RedisAddress, Settings, parse_rate_limits
 from taskserver.embedded import EmbeddedRedis, find_server_binary
@@ -160,3 +161,20 @@ def unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def twistd(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
+    """Start ``twistd -n taskserver`` processes in tmp_path; killed at teardown if still running."""
+    running: list[Twistd] = []
+
+    def start(**environ: str) -> Twistd:
+        server = Twistd(tmp_path, environ)
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 
 
-def hang(task: dict[str, Any]) -> defer.Deferred[None]:
+def hang(task_: dict[str, Any]) -> defer.Deferred[None]:
     """Never finishes: the task stays in flight until the process stops or dies."""
     return defer.Deferred()
 
 
-def fail(task: dict[str, Any]) -> None:
-    raise RuntimeError(f"cannot do {task['id']}")
+def fail(task_: dict[str, Any]) -> None:
+    raise RuntimeError(f"cannot do {task_['id']}")
+
+
+def slow(task_: dict[str, Any]) -> defer.Deferred[None]:
+    """Takes SLOW_HANDLER_S seconds (default 0.2) without blocking the reactor."""
+    return task.deferLater(reactor, float(os.environ.get("SLOW_HANDLER_S", "0.2")), lambda: None)

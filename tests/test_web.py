@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,13 @@ from twisted.internet import defer, reactor
 
 from conftest import RunningServer, eventually, unused_port
 from taskserver.config import RedisAddress
-from taskserver.web import ApiError, is_json_media_type, parse_task_body
+from taskserver.web import (
+    KILL_FLUSH_TIMEOUT_S,
+    ApiError,
+    is_json_media_type,
+    is_loopback,
+    parse_task_body,
+)
 
 JSON = {"Content-Type": "application/json"}
 
@@ -239,3 +246,139 @@ async def test_redis_that_never_answers_gives_503_within_two_seconds(
         assert document["error"] == "redis_unavailable"
     finally:
         await silent.stopListening()
+
+
+# ------------------------------------------------------------------ GET /kill
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("::ffff:127.0.0.1", True),
+     ("10.0.0.1", False), ("192.168.1.5", False), ("::ffff:10.0.0.1", False), ("", False)],
+)  # fmt: skip
+def test_loopback_detection(host: str, loopback: bool) -> None:
+    from twisted.internet.address import IPv4Address
+
+    assert is_loopback(IPv4Address("TCP", host, 1234)) is loopback
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_answers_then_kills_after_the_answer_is_sent(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    killed: list[float] = []
+    server = start_server(kill=lambda: killed.append(reactor.seconds()))
+    response = await treq.get(server.url + "/kill")
+    answered = reactor.seconds()
+    document = json.loads(await response.content())
+    assert response.code == 200
+    assert document == {"pid": os.getpid(), "status": "exiting"}
+    await eventually(lambda: defer.succeed(killed))
+    assert killed[0] - answered < KILL_FLUSH_TIMEOUT_S / 2, (
+        "killed at the close, not by the fallback"
+    )
+
+
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [(None, 403), ("Bearer wrong", 403), ("secret", 403), ("Bearer secret", 200)],
+)
+@pytest_twisted.ensureDeferred
+async def test_kill_with_a_token_needs_it_even_from_loopback(
+    start_server: Callable[..., RunningServer], authorization: str | None, status: int
+) -> None:
+    killed: list[bool] = []
+    server = start_server(kill=lambda: killed.append(True), kill_token="secret")
+    headers = {"Authorization": authorization} if authorization else {}
+    response = await treq.get(server.url + "/kill", headers=headers)
+    assert response.code == status
+    if status == 403:
+        assert json.loads(await response.content())["error"] == "forbidden"
+        assert killed == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_can_be_turned_off(start_server: Callable[..., RunningServer]) -> None:
+    killed: list[bool] = []
+    server = start_server(kill=lambda: killed.append(True), disable_kill=True)
+    response = await treq.get(server.url + "/kill")
+    assert response.code == 404
+    assert killed == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_closes_the_connection_even_if_the_client_would_keep_it(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    """A client that ignores "Connection: close": the server closes, then the kill follows."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+
+    killed: list[bool] = []
+    server = start_server(kill=lambda: killed.append(True))
+
+    class Stubborn(Protocol):
+        def __init__(self) -> None:
+            self.received = b""
+            self.closed: defer.Deferred[None] = defer.Deferred()
+
+        def dataReceived(self, data: bytes) -> None:
+            self.received += data
+
+        def connectionLost(self, reason: object) -> None:
+            self.closed.callback(None)
+
+    client = Stubborn()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), client)
+    client.transport.write(b"GET /kill HTTP/1.1\r\nHost: localhost\r\n\r\n")  # type: ignore[union-attr]
+    await client.closed.addTimeout(KILL_FLUSH_TIMEOUT_S / 2, reactor)
+    assert b'"status":"exiting"' in client.received
+    assert killed == [True]
+
+
+class RawClient:
+    """A raw HTTP client over loopback: what it received, and when the server closed."""
+
+    def __init__(self) -> None:
+        from twisted.internet.protocol import Protocol
+
+        client = self
+
+        class _Protocol(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                client.received += data
+
+            def connectionLost(self, reason: object) -> None:
+                client.closed.callback(None)
+
+        self.protocol = _Protocol()
+        self.received = b""
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    async def connect(self, port: int) -> RawClient:
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), self.protocol)
+        return self
+
+    def send(self, data: bytes) -> None:
+        self.protocol.transport.write(data)  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_draining_answers_a_connection_whose_first_request_is_still_coming(
+    server: RunningServer,
+) -> None:
+    fresh = await RawClient().connect(server.port)
+    idle = await RawClient().connect(server.port)
+    idle.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await eventually(lambda: defer.succeed(idle.received.endswith(b"0\r\n\r\n")))
+    await eventually(lambda: defer.succeed(len(server.child.site.channels) == 2))  # type: ignore[union-attr]
+
+    server.child.site.drain()  # type: ignore[union-attr]
+    await idle.closed.addTimeout(2, reactor)  # idle keep-alive connection: closed now
+    assert not fresh.closed.called, "a connection that has not sent its request yet stays open"
+    fresh.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await fresh.closed.addTimeout(2, reactor)
+    assert fresh.received.startswith(b"HTTP/1.1 200 OK")
+    assert b"Connection: close" in fresh.received

@@ -1,0 +1,210 @@
+"""The cluster, with real processes: a master, two children, the embedded Redis, loopback HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from harness import (
+    Twistd,
+    alive,
+    logged_task_ids,
+    wait_for,
+    wait_until_logged,
+)
+
+WORKERS = 2
+
+
+def start_cluster(twistd: Callable[..., Twistd], **environ: str) -> tuple[Twistd, list[int]]:
+    server = twistd(WORKERS=str(WORKERS), **environ)
+    pids = server.wait_until_ready(WORKERS)
+    return server, pids
+
+
+class Load:
+    """A bounded stream of POSTs from distinct users on a few threads (loopback only)."""
+
+    def __init__(self, server: Twistd, threads: int = 4, limit: int = 400) -> None:
+        self.server = server
+        self.accepted: list[str] = []
+        self.failed = 0
+        self._limit = limit
+        self._next = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if self._next >= self._limit:
+                    return
+                n, self._next = self._next, self._next + 1
+            task_id = self.server.post_task(f"load-{os.getpid()}-{n}")
+            with self._lock:
+                if task_id:
+                    self.accepted.append(task_id)
+                else:
+                    self.failed += 1
+
+    def finish(self, timeout: float = 60.0) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+        self._stop.set()
+
+
+def test_children_share_the_port_and_connections_spread_evenly(
+    twistd: Callable[..., Twistd],
+) -> None:
+    """64 connections opened at once: every child holds between 0.5 and 1.5 times its share."""
+    server, pids = start_cluster(twistd)
+    assert len(set(pids)) == WORKERS and server.process.pid not in pids
+    fair = 64 / WORKERS
+    for run in range(3):
+        counts = server.spread(64)
+        print(f"run {run}: connections per child {dict(counts)}")
+        assert set(counts) == set(pids), "every child serves, the master does not"
+        assert all(0.5 * fair <= n <= 1.5 * fair for n in counts.values()), counts
+    assert f"[worker-0 {pids[0]}]" in server.output or f"[worker-1 {pids[0]}]" in server.output
+    assert server.stop() == 0
+
+
+def test_a_stalled_child_keeps_no_queued_connection(twistd: Callable[..., Twistd]) -> None:
+    server, pids = start_cluster(twistd)
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        counts = server.spread(20)
+        assert counts == {pids[1]: 20}
+        assert time.monotonic() - started < 3.0
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    assert server.stop() == 0
+
+
+def test_killed_children_are_replaced_and_no_accepted_task_is_lost(
+    twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    """SIGKILL and /kill under load; then every accepted task is in the log (duplicates counted)."""
+    server, _ = start_cluster(twistd, TASK_HANDLER="sample_handlers:slow", SLOW_HANDLER_S="0.02")
+    load = Load(server, limit=600)
+    victims = []
+    for round_ in range(4):
+        enough = 100 * (round_ + 1)
+        wait_for(lambda: len(load.accepted) >= enough, what="load progressing")  # noqa: B023
+        ready_before = len(server.ready_pids())
+        if round_ % 2 == 0:
+            victim = server.ready_pids()[-1]
+            os.kill(victim, signal.SIGKILL)
+        else:
+            code, answer = server.request("GET", "/kill")
+            assert code == 200 and answer["status"] == "exiting"
+            victim = answer["pid"]
+        victims.append(victim)
+        killed_at = time.monotonic()
+        wait_for(
+            lambda: len(server.ready_pids()) > ready_before,  # noqa: B023
+            what="a replacement child",
+        )
+        assert time.monotonic() - killed_at < 5.0
+    load.finish()
+    assert "killed by signal 9" in server.output
+
+    accepted = set(load.accepted)
+    logged = wait_until_logged(tmp_path / "logs", accepted)
+    duplicates = sum(n - 1 for task_id, n in logged.items() if task_id in accepted and n > 1)
+    print(
+        f"accepted {len(accepted)}, failed requests {load.failed}, killed {len(victims)} children, "
+        f"logged {sum(logged.values())} lines, duplicates {duplicates}"
+    )
+    assert server.stop() == 0
+
+
+def test_sigterm_stops_everything_and_a_restart_runs_what_was_queued(
+    twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    server, _ = start_cluster(
+        twistd, TASK_HANDLER="sample_handlers:slow", SLOW_HANDLER_S="0.3", CONCURRENCY="1"
+    )
+    answers = [server.post_task(f"queued-{n}") for n in range(12)]
+    accepted = [task_id for task_id in answers if task_id]
+    assert len(accepted) == 12
+    children = server.worker_pids()
+    assert server.stop() == 0
+    left = [pid for pid in [*children, server.redis_pid()] if alive(pid)]
+    assert left == [], "a child or Redis outlived the master"
+    assert "taskserver stopped" in server.output
+    done_before = logged_task_ids(tmp_path / "logs")
+    assert len(done_before) < len(accepted), "some tasks should still have been queued"
+
+    again, _ = start_cluster(twistd)
+    logged = wait_until_logged(tmp_path / "logs", set(accepted))
+    assert all(logged[task_id] == 1 for task_id in accepted), "graceful stop runs nothing twice"
+    assert again.stop() == 0
+
+
+def test_a_crash_looping_child_backs_off(twistd: Callable[..., Twistd], tmp_path: Path) -> None:
+    flag = tmp_path / "broken"
+    server, _ = start_cluster(twistd, TASK_HANDLER="sample_crashy:run", CRASH_FLAG=str(flag))
+    flag.touch()
+    assert server.request("GET", "/kill")[0] == 200
+    wait_for(lambda: "restarting in 2 s" in server.output, timeout=10, what="the back-off growing")
+    assert "restarting in 0.5 s" in server.output and "restarting in 1 s" in server.output
+    starts = len(server.worker_pids())
+    assert starts <= WORKERS + 4, "no busy restart loop"
+    assert server.process.poll() is None, "the master survives"
+    assert server.request("GET", "/healthz")[0] == 200, "the other child still serves"
+    flag.unlink()
+    wait_for(lambda: len(server.ready_pids()) > WORKERS, timeout=15, what="the child back")
+    assert server.stop() == 0
+
+
+def test_sighup_restarts_every_child_without_refusing_a_request(
+    twistd: Callable[..., Twistd],
+) -> None:
+    server, old_pids = start_cluster(twistd)
+    answers: list[int] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set() and len(answers) < 20_000:
+            try:
+                answers.append(server.request("GET", "/healthz")[0])
+            except OSError as e:
+                errors.append(e)
+
+    client = threading.Thread(target=ask, daemon=True)
+    client.start()
+    wait_for(lambda: len(answers) > 20, what="requests flowing")
+    server.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "rolling restart done" in server.output, timeout=30, what="rolling restart")
+    stop.set()
+    client.join(10)
+    print(f"{len(answers)} requests during the rolling restart, {len(errors)} errors")
+    assert errors == [] and set(answers) == {200}
+    new_pids = server.ready_pids()[WORKERS:]
+    assert len(new_pids) == WORKERS and not set(new_pids) & set(old_pids)
+    assert server.stop() == 0
+
+
+def test_children_and_redis_exit_when_the_master_is_killed(
+    twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    server, pids = start_cluster(twistd)
+    redis = server.redis_pid()
+    assert alive(redis)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(10)
+    wait_for(
+        lambda: not any(alive(pid) for pid in [*pids, redis]),
+        timeout=10,
+        what="children and Redis gone",
+    )

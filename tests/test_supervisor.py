@@ -1,0 +1,199 @@
+"""The supervisor's policy on a fake process reactor (no real processes), as procmon's tests do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import defer, error
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from taskserver.supervisor import FIRST_BACKOFF_S, KILL_GRACE_S, MAX_BACKOFF_S, Supervisor, Worker
+
+
+class FakeProcess:
+    """What spawnProcess returns: records signals and what is written to stdin."""
+
+    def __init__(self, protocol: Any, pid: int) -> None:
+        self.protocol = protocol
+        self.pid = pid
+        self.signals: list[str] = []
+        self.stdin = b""
+
+    def write(self, data: bytes) -> None:
+        self.stdin += data
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+    def say(self, fd: int, data: bytes) -> None:
+        self.protocol.childDataReceived(fd, data)
+
+    def exit(self, code: int | None = 0, signal: int | None = None) -> None:
+        if signal is not None:
+            reason = error.ProcessTerminated(signal=signal)
+        elif code:
+            reason = error.ProcessTerminated(exitCode=code)
+        else:
+            reason = error.ProcessDone(0)
+        self.protocol.processEnded(Failure(reason))
+
+
+class FakeProcessReactor(MemoryReactorClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[FakeProcess, list[str], dict[int, Any]]] = []
+
+    def spawnProcess(
+        self,
+        protocol: Any,
+        executable: str,
+        args: list[str],
+        env: Any = None,
+        childFDs: Any = None,
+        **kwargs: Any,
+    ) -> FakeProcess:
+        process = FakeProcess(protocol, pid=1000 + len(self.spawned))
+        self.spawned.append((process, args, childFDs))
+        protocol.makeConnection(process)
+        return process
+
+    def process(self, n: int) -> FakeProcess:
+        return self.spawned[n][0]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.records: list[tuple[int, str]] = []
+        self.exits: list[str] = []
+
+
+@pytest.fixture
+def reactor() -> FakeProcessReactor:
+    return FakeProcessReactor()
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def supervisor(reactor: FakeProcessReactor, recorder: Recorder) -> Supervisor:
+    supervisor = Supervisor(
+        reactor,
+        2,
+        argv=["python", "-m", "taskserver.child"],
+        env={},
+        extra_fds={3: 33, 4: 44},
+        config_for=lambda worker: f"config {worker.slot} {worker.seat}\n".encode(),
+        on_record=lambda worker, line: recorder.records.append((worker.slot, line)),
+        on_exit=lambda worker: recorder.exits.append(worker.process_id),
+        process_id_for=lambda slot, generation: f"p-w{slot}.{generation}",
+        stop_timeout_s=10.0,
+    )
+    supervisor.startService()
+    return supervisor
+
+
+def ready(process: FakeProcess) -> None:
+    process.say(5, b"ready\n")
+
+
+def test_spawns_every_child_with_its_fds_and_configuration(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    assert len(reactor.spawned) == 2
+    process, args, fds = reactor.spawned[1]
+    assert args == ["python", "-m", "taskserver.child"]
+    assert fds == {0: "w", 1: "r", 2: "r", 5: "r", 3: 33, 4: 44}
+    assert process.stdin == b"config 1 1\n"
+
+
+def test_records_are_split_into_lines_and_passed_on(
+    supervisor: Supervisor, reactor: FakeProcessReactor, recorder: Recorder
+) -> None:
+    process = reactor.process(0)
+    process.say(5, b"ready\ntask first li")
+    process.say(5, b"ne\ntask second\n")
+    assert recorder.records == [(0, "task first line"), (0, "task second")]
+    assert supervisor.workers[0].ready
+
+
+def test_a_ready_child_that_dies_is_replaced_at_once(
+    supervisor: Supervisor, reactor: FakeProcessReactor, recorder: Recorder
+) -> None:
+    ready(reactor.process(0))
+    reactor.process(0).exit(signal=9)
+    assert recorder.exits == ["p-w0.0"]
+    reactor.advance(0)
+    assert len(reactor.spawned) == 3
+    replacement = supervisor.workers[0]
+    assert replacement.process_id == "p-w0.1"
+    assert replacement.seat == 2, "the replacement takes the slot's other seat"
+
+
+def current(supervisor: Supervisor, reactor: FakeProcessReactor, slot: int) -> FakeProcess:
+    pid = supervisor.workers[slot].pid
+    return next(process for process, *_ in reactor.spawned if process.pid == pid)
+
+
+def test_a_child_dying_before_ready_backs_off_exponentially(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    delays = []
+    for _ in range(9):
+        spawned = len(reactor.spawned)
+        current(supervisor, reactor, 0).exit(code=1)
+        waited = 0.0
+        while len(reactor.spawned) == spawned:
+            reactor.advance(0.25)
+            waited += 0.25
+        delays.append(waited)
+    assert delays[:4] == [FIRST_BACKOFF_S * 2**n for n in range(4)]
+    assert max(delays) == MAX_BACKOFF_S
+    ready(current(supervisor, reactor, 0))
+    current(supervisor, reactor, 0).exit(signal=9)
+    spawned = len(reactor.spawned)
+    reactor.advance(0)
+    assert len(reactor.spawned) == spawned + 1, "being ready once resets the back-off"
+
+
+def test_stop_terminates_then_kills_and_waits_for_every_child(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    first, second = reactor.process(0), reactor.process(1)
+    stopped = supervisor.stopService()
+    assert first.signals == ["TERM"] and second.signals == ["TERM"]
+    first.exit(0)
+    assert not stopped.called
+    reactor.advance(10.0 + KILL_GRACE_S)
+    assert second.signals == ["TERM", "KILL"]
+    second.exit(signal=9)
+    assert stopped.called
+    reactor.advance(60)
+    assert len(reactor.spawned) == 2, "nothing is restarted while stopping"
+
+
+def test_rolling_restart_replaces_one_child_at_a_time(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    for n in (0, 1):
+        ready(reactor.process(n))
+    done = defer.Deferred.fromCoroutine(supervisor.rolling_restart())
+    assert len(reactor.spawned) == 3, "the new worker-0 starts first"
+    assert reactor.process(0).signals == [], "the old one waits until the new one is ready"
+    ready(reactor.process(2))
+    assert reactor.process(0).signals == ["TERM"]
+    assert len(reactor.spawned) == 3, "worker-1 waits until the old worker-0 has exited"
+    reactor.process(0).exit(0)
+    assert len(reactor.spawned) == 4
+    ready(reactor.process(3))
+    reactor.process(1).exit(0)
+    assert done.called
+    assert {w.pid for w in supervisor.workers.values()} == {1002, 1003}
+
+
+def test_worker_names() -> None:
+    assert Worker(slot=3, generation=0, seat=3, process_id="p", started_at=0).name == "worker-3"
