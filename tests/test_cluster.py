@@ -99,7 +99,7 @@ def test_killed_children_are_replaced_and_no_accepted_task_is_lost(
     for round_ in range(4):
         enough = 100 * (round_ + 1)
         wait_for(lambda: len(load.accepted) >= enough, what="load progressing")  # noqa: B023
-        ready_before = len(server.ready_pids())
+        ready_before, started_before = len(server.ready_pids()), len(server.worker_pids())
         if round_ % 2 == 0:
             victim = server.ready_pids()[-1]
             os.kill(victim, signal.SIGKILL)
@@ -110,10 +110,14 @@ def test_killed_children_are_replaced_and_no_accepted_task_is_lost(
         victims.append(victim)
         killed_at = time.monotonic()
         wait_for(
-            lambda: len(server.ready_pids()) > ready_before,  # noqa: B023
-            what="a replacement child",
+            lambda: len(server.worker_pids()) > started_before,  # noqa: B023
+            what="a replacement child started",
         )
-        assert time.monotonic() - killed_at < 5.0
+        assert time.monotonic() - killed_at < 1.0, "replaced within 1 s"
+        wait_for(
+            lambda: len(server.ready_pids()) > ready_before,  # noqa: B023
+            what="the replacement ready",
+        )
     load.finish()
     assert "killed by signal 9" in server.output
 
@@ -124,6 +128,29 @@ def test_killed_children_are_replaced_and_no_accepted_task_is_lost(
         f"accepted {len(accepted)}, failed requests {load.failed}, killed {len(victims)} children, "
         f"logged {sum(logged.values())} lines, duplicates {duplicates}"
     )
+    assert server.stop() == 0
+
+
+def test_a_dead_childs_task_is_back_at_once_not_after_its_heartbeat(
+    twistd: Callable[..., Twistd],
+) -> None:
+    """HEARTBEAT_TTL is 30 s, yet the task runs again within seconds: the master gave it back."""
+    server = twistd(
+        WORKERS="1", TASK_HANDLER="sample_handlers:hang", HEARTBEAT_TTL="30", SHUTDOWN_TIMEOUT="0.5"
+    )
+    [child] = server.wait_until_ready(1)
+    task_id = server.post_task("held")
+    assert task_id
+    wait_for(lambda: server.status_of(task_id) == "processing", what="task processing")
+    os.kill(child, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def attempts() -> int:
+        return int(server.request("GET", f"/api/v1/task/{task_id}")[1].get("attempts", 0))
+
+    wait_for(lambda: attempts() == 2, timeout=10, what="the task started again")
+    assert time.monotonic() - killed_at < 5.0
+    assert "gave 1 in-flight task(s) of worker-0 back to the queue" in server.output
     assert server.stop() == 0
 
 
