@@ -96,7 +96,15 @@ class ChildService(Service):
         blocking = connect(self._redis, settings.concurrency, settings.redis_timeout_s)
         self._pools = [api, blocking]
         keys = Keys(settings.key_prefix)
-        self.queue = TaskQueue(api, keys, settings.status_ttl_s, settings.redis_timeout_s, reactor)
+        self.queue = TaskQueue(
+            api,
+            keys,
+            settings.status_ttl_s,
+            settings.redis_timeout_s,
+            reactor,
+            settings.max_attempts,
+            settings.dead_letter_max,
+        )
         limiter = RateLimiter(api, keys, settings.rate_limits, settings.redis_timeout_s, reactor)
         kill = None if settings.disable_kill else self._kill
         self.site = TaskAPI(limiter, self.queue, reactor, kill, settings.kill_token).site()
@@ -120,6 +128,8 @@ class ChildService(Service):
             shutdown_timeout_s=settings.shutdown_timeout_s,
             clock=reactor,
             process_id=self._process_id,
+            task_timeout_s=settings.task_timeout_s,
+            retry_backoff_s=settings.retry_backoff_s,
         )
         self.consumers.startService()
 

@@ -79,6 +79,10 @@ class Settings:
     task_log_max_bytes: int = 10_000_000
     workers: int = 1
     disable_kill: bool = False
+    task_timeout_s: float = 30.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 1.0
+    dead_letter_max: int = 10_000
 
 
 # ---------------------------------------------------------------- parsers
@@ -301,6 +305,34 @@ OPTIONS: tuple[Option, ...] = (
         _seconds(0, 3600),
     ),
     Option(
+        "task_timeout",
+        "TASK_TIMEOUT",
+        "30",
+        "seconds a handler may run before it is cancelled (and the attempt fails)",
+        _seconds(0.01, 86400),
+    ),
+    Option(
+        "max_attempts",
+        "MAX_ATTEMPTS",
+        "3",
+        "attempts before a failing task goes to the dead-letter list",
+        _int_in(1, 100),
+    ),
+    Option(
+        "retry_backoff",
+        "RETRY_BACKOFF",
+        "1",
+        "seconds before the first retry; doubles each attempt, with jitter, up to 5 min",
+        _seconds(0.01, 3600),
+    ),
+    Option(
+        "dead_letter_max",
+        "DEAD_LETTER_MAX",
+        "10000",
+        "dead-letter list length kept (oldest dropped)",
+        _int_in(1, 10_000_000),
+    ),
+    Option(
         "task_log_max_bytes",
         "TASK_LOG_MAX_BYTES",
         "10000000",
@@ -352,6 +384,10 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> 
         task_log_max_bytes=values["task_log_max_bytes"],
         workers=values["workers"],
         disable_kill=values["disable_kill"],
+        task_timeout_s=values["task_timeout"],
+        max_attempts=values["max_attempts"],
+        retry_backoff_s=values["retry_backoff"],
+        dead_letter_max=values["dead_letter_max"],
     )
 
 

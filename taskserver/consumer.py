@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import inspect
 import os
+import random
 import secrets
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -34,6 +35,25 @@ BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 1.0
 #: Longest error text kept in a status record.
 ERROR_MAX_CHARS = 1000
+#: How often every process moves due retries into the queue.
+PROMOTE_EVERY_S = 0.25
+#: Longest wait between two attempts of a task.
+RETRY_BACKOFF_MAX_S = 300.0
+
+
+class TaskTimeout(Exception):
+    """The handler ran longer than TASK_TIMEOUT and was cancelled."""
+
+
+def retry_delay_s(attempts: int, base_s: float, rng: Callable[[], float] = random.random) -> float:
+    """Exponential back-off with jitter: base * 2**(attempts-1), capped, times 0.5 to 1.0.
+
+    The jitter spreads retries of tasks that failed together (say, while a
+    downstream service was down) so they do not all come back at once.
+    """
+    ceiling = min(RETRY_BACKOFF_MAX_S, base_s * 2 ** max(0, attempts - 1))
+    return ceiling * (0.5 + 0.5 * rng())
+
 
 Handler = Callable[[dict[str, Any]], Any]
 
@@ -64,6 +84,8 @@ class ConsumerService(Service):
         shutdown_timeout_s: float,
         clock: IReactorTime,
         process_id: str | None = None,
+        task_timeout_s: float = 30.0,
+        retry_backoff_s: float = 1.0,
     ) -> None:
         self._queue = queue
         self._blocking = blocking_redis
@@ -71,6 +93,8 @@ class ConsumerService(Service):
         self._task_log = task_log
         self._heartbeat_ttl_s = heartbeat_ttl_s
         self._shutdown_timeout_s = shutdown_timeout_s
+        self._task_timeout_s = task_timeout_s
+        self._retry_backoff_s = retry_backoff_s
         self._clock = clock
         self.process_id = process_id or new_process_id()
         self.consumer_ids = [f"{self.process_id}#{n}" for n in range(concurrency)]
@@ -87,6 +111,7 @@ class ConsumerService(Service):
         for function, interval in (
             (self._beat, self._heartbeat_ttl_s / 3),
             (self._reap, self._heartbeat_ttl_s / 2),
+            (self._promote, PROMOTE_EVERY_S),
         ):
             timer = task.LoopingCall(function)
             timer.clock = self._clock
@@ -113,7 +138,9 @@ class ConsumerService(Service):
         self._timers = []
         try:
             await self._queue.forget_heartbeat(self.process_id)
-            moved = await self._queue.reclaim(self.process_id, self.consumer_ids, forget=not forced)
+            got = await self._queue.reclaim(
+                self.process_id, self.consumer_ids, forget=not forced, force=True, died=False
+            )
         except Exception as e:
             self.log.warn(
                 "could not give back in-flight tasks ({error}); another process will after "
@@ -121,8 +148,8 @@ class ConsumerService(Service):
                 error=e,
             )
             return
-        if moved:
-            self.log.info("gave {moved} unfinished task(s) back to the queue", moved=moved)
+        if got.requeued:
+            self.log.info("gave {n} unfinished task(s) back to the queue", n=got.requeued)
 
     def _cancel_loops(self) -> None:
         for loop in self._loops:
@@ -136,14 +163,24 @@ class ConsumerService(Service):
         except Exception as e:
             self.log.warn("heartbeat failed: {error}", error=e)
 
+    async def _promote(self) -> None:
+        try:
+            await self._queue.promote()
+        except Exception as e:
+            self.log.debug("promoting retries failed: {error}", error=e)
+
     async def _reap(self) -> None:
         try:
-            moved = await self._queue.reap(self.process_id)
+            got = await self._queue.reap(self.process_id)
         except Exception as e:
             self.log.warn("reaper failed: {error}", error=e)
             return
-        if moved:
-            self.log.info("returned {moved} task(s) of dead consumers to the queue", moved=moved)
+        if got.requeued or got.dead:
+            self.log.info(
+                "dead consumers' tasks: {requeued} back to the queue, {dead} dead-lettered",
+                requeued=got.requeued,
+                dead=got.dead,
+            )
 
     # ------------------------------------------------------------ the loop
 
@@ -206,16 +243,28 @@ class ConsumerService(Service):
             attempts = task_.attempts + 1
         argument = task_.as_handler_argument()
         argument["attempts"] = attempts
-        status, error = "completed", ""
+        error = ""
         try:
             await self._call_handler(argument)
+        except TaskTimeout as e:
+            error = f"TaskTimeout: {e}"
+            self.log.warn("task {task_id} timed out (attempt {n})", task_id=task_.id, n=attempts)
         except defer.CancelledError:
             raise
         except Exception as e:
-            status, error = "failed", f"{type(e).__name__}: {e}"[:ERROR_MAX_CHARS]
-            self.log.failure("task {task_id} failed", task_id=task_.id)
+            error = f"{type(e).__name__}: {e}"[:ERROR_MAX_CHARS]
+            self.log.failure("task {task_id} failed (attempt {n})", task_id=task_.id, n=attempts)
         finished = self._clock.seconds()
         duration_ms = (finished - started) * 1000
+        if error:
+            delay = retry_delay_s(attempts, self._retry_backoff_s)
+            status = await self._until_done(
+                lambda: self._queue.fail(
+                    consumer_id, raw, task_, attempts, error, delay, iso_utc(finished), duration_ms
+                )
+            )
+        else:
+            status = "completed"
         self._task_log.record(
             finished=finished,
             user_id=task_.user_id,
@@ -223,25 +272,31 @@ class ConsumerService(Service):
             status=status,
             duration_ms=duration_ms,
         )
-        await self._until_done(
-            lambda: self._queue.finish(
-                consumer_id, raw, task_, status, iso_utc(finished), duration_ms, error
+        if not error:
+            await self._until_done(
+                lambda: self._queue.complete(
+                    consumer_id, raw, task_, iso_utc(finished), duration_ms
+                )
             )
-        )
 
     async def _call_handler(self, argument: dict[str, Any]) -> Any:
+        """Run the handler; cancel it (TaskTimeout) if it outlives TASK_TIMEOUT."""
         result = self._handler(argument)
-        if isinstance(result, defer.Deferred) or inspect.isawaitable(result):
-            return await result
-        return result
+        if not (isinstance(result, defer.Deferred) or inspect.isawaitable(result)):
+            return result
+        running: defer.Deferred[Any] = defer.ensureDeferred(cast(Any, result))
+        running.addTimeout(self._task_timeout_s, self._clock)
+        try:
+            return await running
+        except defer.TimeoutError:
+            raise TaskTimeout(f"ran longer than {self._task_timeout_s:g} s") from None
 
-    async def _until_done(self, operation: Callable[[], Any]) -> None:
+    async def _until_done(self, operation: Callable[[], Any]) -> Any:
         """Retry a Redis write through an outage; stop() cancels it after its deadline."""
         failures = 0
         while True:
             try:
-                await operation()
-                return
+                return await operation()
             except RedisUnavailable as e:
                 failures += 1
                 if failures == 1:

@@ -36,6 +36,16 @@ class Keys:
         return f"{self._queue_tag}:pending"
 
     @property
+    def delayed(self) -> str:
+        """Sorted set of tasks waiting to be retried, scored by due time (ms, Redis clock)."""
+        return f"{self._queue_tag}:delayed"
+
+    @property
+    def dead(self) -> str:
+        """List of tasks that used up their attempts, newest first, capped."""
+        return f"{self._queue_tag}:dead"
+
+    @property
     def consumers(self) -> str:
         """Set of registered consumer ids, so a reaper can find dead ones."""
         return f"{self._queue_tag}:consumers"

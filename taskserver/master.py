@@ -103,6 +103,8 @@ class Master(Service):
             settings.status_ttl_s,
             settings.redis_timeout_s,
             self._reactor,
+            settings.max_attempts,
+            settings.dead_letter_max,
         )
         self._scoreboard = Scoreboard.create(2 * settings.workers)
         self.supervisor = Supervisor(
@@ -203,7 +205,7 @@ class Master(Service):
         deadline = self._reactor.seconds() + RECLAIM_RETRY_FOR_S
         while True:
             try:
-                moved = await self._queue.reclaim(
+                got = await self._queue.reclaim(
                     worker.process_id, consumer_ids, forget=False, force=True
                 )
             except Exception as e:
@@ -216,10 +218,17 @@ class Master(Service):
                     return
                 await task.deferLater(self._reactor, 0.5)
                 continue
-            if moved:
+            if got.requeued:
                 self.log.info(
-                    "gave {moved} in-flight task(s) of {name} back to the queue",
-                    moved=moved,
+                    "gave {n} in-flight task(s) of {name} back to the queue",
+                    n=got.requeued,
+                    name=worker.name,
+                )
+            if got.dead:
+                self.log.warn(
+                    "{n} task(s) {name} was running used up their attempts by crashing it: "
+                    "dead-lettered",
+                    n=got.dead,
                     name=worker.name,
                 )
             return

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -40,43 +40,100 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return attempts
 """
 
-# KEYS: status, processing. ARGV: status, finished_at, ttl ms, raw task,
-# duration ms, error ('' for none), user_id, queued_at. Returns entries removed.
-FINISH = """
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], 'duration_ms', ARGV[5],
-           'user_id', ARGV[7], 'queued_at', ARGV[8])
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[6]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return redis.call('LREM', KEYS[2], 1, ARGV[4])
+# KEYS: status, processing. ARGV: finished_at, ttl ms, raw task, duration ms,
+# user_id, queued_at. Records success and acknowledges (removes the entry).
+COMPLETE = """
+redis.call('HSET', KEYS[1], 'status', 'completed', 'finished_at', ARGV[1], 'duration_ms', ARGV[4],
+           'user_id', ARGV[5], 'queued_at', ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('LREM', KEYS[2], 1, ARGV[3])
 """
 
-# KEYS: pending, consumers, heartbeat, processing_1..n.
+# KEYS: status, processing, delayed, dead.
+# ARGV: raw task, attempts, max attempts, retry delay ms, error, finished_at, ttl ms,
+#       dead-letter max, duration ms, user_id, queued_at.
+# A failed attempt: acknowledge, then either schedule a retry (due time from
+# the Redis clock, so hosts' clocks do not matter) or dead-letter the task.
+FAIL = """
+redis.call('LREM', KEYS[2], 1, ARGV[1])
+local attempts = tonumber(ARGV[2])
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local outcome = 'dead'
+if attempts < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[4]), ARGV[1])
+  outcome = 'retrying'
+else
+  redis.call('LPUSH', KEYS[4], '{"error":' .. cjson.encode(ARGV[5]) .. ',"attempts":' .. attempts ..
+             ',"failed_at_ms":' .. now_ms .. ',"task":' .. ARGV[1] .. '}')
+  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[8]) - 1)
+end
+redis.call('HSET', KEYS[1], 'status', outcome, 'error', ARGV[5], 'finished_at', ARGV[6],
+           'duration_ms', ARGV[9], 'user_id', ARGV[10], 'queued_at', ARGV[11])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return outcome
+"""
+
+# KEYS: delayed, pending. ARGV: most to move. Moves retries that are due
+# (by the Redis clock) to the queue. Any process may run it, at any time.
+PROMOTE = """
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, raw in ipairs(due) do
+  redis.call('ZREM', KEYS[1], raw)
+  redis.call('LPUSH', KEYS[2], raw)
+end
+return #due
+"""
+
+# KEYS: pending, consumers, heartbeat, dead, processing_1..n.
 # ARGV: status key prefix, forget ('1': unregister the consumers),
-#       force ('1': even if the heartbeat exists), consumer_id_1..n.
-# Without force, does nothing (-1) while the heartbeat exists. Otherwise
-# moves every entry of the processing lists back to the consuming end of
-# the queue, marks them queued, and returns how many moved. Being one
-# script, two reapers can never both move the same entry.
+#       force ('1': even if the heartbeat exists), died ('1': the process
+#       died, so the task may have killed it), max attempts, dead-letter max,
+#       consumer_id_1..n.
+# Without force, does nothing ({-1, 0}) while the heartbeat exists.
+# Otherwise moves every entry of the processing lists back to the consuming
+# end of the queue. A task whose process died while it ran, and that has
+# used up its attempts (a poison pill), goes to the dead-letter list
+# instead. Returns {requeued, dead-lettered}. Being one script, two reapers can never both
+# move the same entry.
 RECLAIM = """
-if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
-local moved = 0
-for i = 4, #KEYS do
+if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {-1, 0} end
+local requeued, dead = 0, 0
+local max_attempts, dead_max = tonumber(ARGV[5]), tonumber(ARGV[6])
+for i = 5, #KEYS do
   while true do
     local raw = redis.call('LPOP', KEYS[i])
     if not raw then break end
-    redis.call('RPUSH', KEYS[1], raw)
-    moved = moved + 1
+    local outcome = 'queued'
     local ok, task = pcall(cjson.decode, raw)
+    local status = nil
     if ok and type(task) == 'table' and type(task.id) == 'string' then
-      local status = ARGV[1] .. task.id
-      if redis.call('EXISTS', status) == 1 then
-        redis.call('HSET', status, 'status', 'queued')
+      status = ARGV[1] .. task.id
+      local attempts = tonumber(redis.call('HGET', status, 'attempts') or '0') or 0
+      if ARGV[4] == '1' and attempts >= max_attempts then outcome = 'dead' end
+      if outcome == 'dead' then
+        local error = 'its process died while running it, ' .. attempts .. ' time(s)'
+        local now = redis.call('TIME')
+        redis.call('LPUSH', KEYS[4], '{"error":' .. cjson.encode(error) .. ',"attempts":' ..
+                   attempts .. ',"failed_at_ms":' .. (now[1] * 1000 + math.floor(now[2] / 1000)) ..
+                   ',"task":' .. raw .. '}')
+        redis.call('LTRIM', KEYS[4], 0, dead_max - 1)
+        if redis.call('EXISTS', status) == 1 then redis.call('HSET', status, 'error', error) end
       end
+      if redis.call('EXISTS', status) == 1 then redis.call('HSET', status, 'status', outcome) end
+    end
+    if outcome == 'queued' then
+      redis.call('RPUSH', KEYS[1], raw)
+      requeued = requeued + 1
+    else
+      dead = dead + 1
     end
   end
-  if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[i]) end
+  if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[i + 2]) end
 end
-return moved
+return {requeued, dead}
 """
 
 # KEYS: heartbeat, consumers. ARGV: ttl ms, consumer ids...
@@ -98,6 +155,13 @@ STATUS_FIELDS = (
 )
 
 
+class Reclaimed(NamedTuple):
+    """What giving a process's in-flight tasks back did."""
+
+    requeued: int
+    dead: int
+
+
 def process_of(consumer_id: str) -> str:
     """Consumer ids are ``<process id>#<n>``; the heartbeat belongs to the process."""
     return consumer_id.rpartition("#")[0]
@@ -113,12 +177,16 @@ class TaskQueue:
         status_ttl_s: int,
         timeout_s: float,
         clock: IReactorTime,
+        max_attempts: int = 3,
+        dead_letter_max: int = 10_000,
     ) -> None:
         self._redis = redis
         self.keys = keys
         self._status_ttl_ms = status_ttl_s * 1000
         self._timeout_s = timeout_s
         self._clock = clock
+        self.max_attempts = max_attempts
+        self._dead_letter_max = dead_letter_max
 
     async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await within(
@@ -171,31 +239,62 @@ class TaskQueue:
         )
         return int(attempts)
 
-    async def finish(
-        self,
-        consumer_id: str,
-        raw: str,
-        task: Task,
-        status: str,
-        finished_at: str,
-        duration_ms: float,
-        error: str = "",
+    async def complete(
+        self, consumer_id: str, raw: str, task: Task, finished_at: str, duration_ms: float
     ) -> None:
-        """Record the outcome and acknowledge: the entry leaves the processing list."""
+        """Record success and acknowledge: the entry leaves the processing list."""
         await self._eval(
-            FINISH,
+            COMPLETE,
             [self.keys.status(task.id), self.keys.processing(consumer_id)],
             [
-                status,
                 finished_at,
                 self._status_ttl_ms,
                 raw,
                 f"{duration_ms:.3f}",
-                error,
                 task.user_id,
                 task.queued_at,
             ],
         )
+
+    async def fail(
+        self,
+        consumer_id: str,
+        raw: str,
+        task: Task,
+        attempts: int,
+        error: str,
+        retry_in_s: float,
+        finished_at: str,
+        duration_ms: float,
+    ) -> str:
+        """Record a failed attempt and acknowledge it; returns "retrying" or "dead"."""
+        outcome = await self._eval(
+            FAIL,
+            [
+                self.keys.status(task.id),
+                self.keys.processing(consumer_id),
+                self.keys.delayed,
+                self.keys.dead,
+            ],
+            [
+                raw,
+                attempts,
+                self.max_attempts,
+                max(0, int(retry_in_s * 1000)),
+                error,
+                finished_at,
+                self._status_ttl_ms,
+                self._dead_letter_max,
+                f"{duration_ms:.3f}",
+                task.user_id,
+                task.queued_at,
+            ],
+        )
+        return str(outcome)
+
+    async def promote(self, limit: int = 1000) -> int:
+        """Move retries that are due into the queue; returns how many."""
+        return int(await self._eval(PROMOTE, [self.keys.delayed, self.keys.pending], [limit]))
 
     async def drop(self, consumer_id: str, raw: str) -> None:
         """Remove an entry that is not a task (never written by us) from a processing list."""
@@ -219,28 +318,45 @@ class TaskQueue:
         )
 
     async def reclaim(
-        self, process_id: str, consumer_ids: Sequence[str], forget: bool, force: bool = False
-    ) -> int:
-        """Give a dead process's in-flight tasks back to the queue.
+        self,
+        process_id: str,
+        consumer_ids: Sequence[str],
+        forget: bool,
+        force: bool = False,
+        died: bool = True,
+    ) -> Reclaimed:
+        """Give a process's in-flight tasks back to the queue.
 
-        Returns how many moved, or -1 if the process's heartbeat still exists
+        Returns how many were requeued and dead-lettered; requeued is -1 if
+        the process's heartbeat still exists
         (unless ``force``: the caller knows the process is dead). ``forget``
         also unregisters the consumers; leave them registered when a blocking
         pop of the dead process might still land, so the reaper looks again.
+        ``died``: the process died (not a graceful stop), so a task that has
+        used up its attempts is a poison pill and goes to the dead letters.
         """
-        moved = await self._eval(
+        requeued, dead = await self._eval(
             RECLAIM,
             [
                 self.keys.pending,
                 self.keys.consumers,
                 self.keys.heartbeat(process_id),
+                self.keys.dead,
                 *(self.keys.processing(c) for c in consumer_ids),
             ],
-            [self.keys.status_prefix, "1" if forget else "0", "1" if force else "0", *consumer_ids],
+            [
+                self.keys.status_prefix,
+                "1" if forget else "0",
+                "1" if force else "0",
+                "1" if died else "0",
+                self.max_attempts,
+                self._dead_letter_max,
+                *consumer_ids,
+            ],
         )
-        return int(moved)
+        return Reclaimed(int(requeued), int(dead))
 
-    async def reap(self, own_process_id: str) -> int:
+    async def reap(self, own_process_id: str) -> Reclaimed:
         """Reclaim the tasks of every registered process whose heartbeat expired."""
         members = await within(
             self._redis.smembers(self.keys.consumers), self._timeout_s, self._clock
@@ -248,8 +364,9 @@ class TaskQueue:
         by_process: dict[str, list[str]] = defaultdict(list)
         for consumer_id in members:
             by_process[process_of(consumer_id)].append(consumer_id)
-        moved = 0
+        total = Reclaimed(0, 0)
         for process_id, consumer_ids in sorted(by_process.items()):
             if process_id != own_process_id:
-                moved += max(0, await self.reclaim(process_id, sorted(consumer_ids), forget=True))
-        return moved
+                got = await self.reclaim(process_id, sorted(consumer_ids), forget=True)
+                total = Reclaimed(total.requeued + max(0, got.requeued), total.dead + got.dead)
+        return total

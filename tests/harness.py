@@ -31,7 +31,7 @@ EMBEDDED_REDIS = re.compile(r"Redis: embedded \S+ \(pid (\d+)\)")
 WORKER_READY = re.compile(r"worker-\d+ \(pid (\d+)\) ready")
 TASK_LINE = re.compile(
     r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z user_id="(?:[^"\\]|\\.)*" '
-    r"task_id=([0-9a-f]{32}) status=(completed|failed) duration_ms=\d+\.\d{3} pid=\d+$"
+    r"task_id=([0-9a-f]{32}) status=(completed|retrying|dead) duration_ms=\d+\.\d{3} pid=\d+$"
 )
 T = TypeVar("T")
 
@@ -143,7 +143,11 @@ class Twistd:
             return e.code, json.loads(e.read())
 
     def status_of(self, task_id: str) -> str | None:
-        code, document = self.request("GET", f"/api/v1/task/{task_id}")
+        """The task's status; None if unknown or if the serving child died mid-request."""
+        try:
+            code, document = self.request("GET", f"/api/v1/task/{task_id}")
+        except OSError:
+            return None
         return document.get("status") if code == 200 else None
 
     def crash(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 from twisted.internet import defer, reactor, task
@@ -20,3 +21,8 @@ def fail(task_: dict[str, Any]) -> None:
 def slow(task_: dict[str, Any]) -> defer.Deferred[None]:
     """Takes SLOW_HANDLER_S seconds (default 0.2) without blocking the reactor."""
     return task.deferLater(reactor, float(os.environ.get("SLOW_HANDLER_S", "0.2")), lambda: None)
+
+
+def suicide(task_: dict[str, Any]) -> None:
+    """A poison pill: running this task kills the process running it."""
+    os.kill(os.getpid(), signal.SIGKILL)

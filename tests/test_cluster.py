@@ -154,6 +154,23 @@ def test_a_dead_childs_task_is_back_at_once_not_after_its_heartbeat(
     assert server.stop() == 0
 
 
+def test_a_task_that_kills_its_child_ends_in_the_dead_letters(
+    twistd: Callable[..., Twistd],
+) -> None:
+    """A poison pill costs an attempt per crash, then stops crashing children."""
+    server, _ = start_cluster(twistd, TASK_HANDLER="sample_handlers:suicide", MAX_ATTEMPTS="2")
+    task_id = server.post_task("poison")
+    assert task_id
+    wait_for(lambda: server.status_of(task_id) == "dead", timeout=20, what="the task dead-lettered")
+    _, document = server.request("GET", f"/api/v1/task/{task_id}")
+    assert document["attempts"] == 2
+    assert "process died" in document["error"]
+    assert server.output.count("killed by signal 9") == 2
+    assert "1 task(s) worker-" in server.output and "dead-lettered" in server.output
+    assert server.request("GET", "/healthz")[0] == 200
+    assert server.stop() == 0
+
+
 def test_sigterm_stops_everything_and_a_restart_runs_what_was_queued(
     twistd: Callable[..., Twistd], tmp_path: Path
 ) -> None:

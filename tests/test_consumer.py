@@ -23,7 +23,7 @@ Factory = Callable[..., ConsumerService]
 
 @pytest.fixture
 def queue(redis: Any, keys: Keys) -> TaskQueue:
-    return TaskQueue(redis, keys, status_ttl_s=3600, timeout_s=2.0, clock=reactor)
+    return TaskQueue(redis, keys, status_ttl_s=3600, timeout_s=2.0, clock=reactor, max_attempts=3)
 
 
 @pytest_twisted.async_yield_fixture
@@ -126,18 +126,58 @@ async def test_asynchronous_handlers_are_awaited(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_raising_handler_marks_the_task_failed(
+async def test_a_failing_task_is_retried_until_it_succeeds(
     consumers: Factory, queue: TaskQueue, tmp_path: Path
+) -> None:
+    attempts: list[int] = []
+
+    def flaky(task: dict[str, Any]) -> None:
+        attempts.append(task["attempts"])
+        if task["attempts"] < 3:
+            raise ConnectionError("downstream is down")
+
+    consumers(flaky, retry_backoff_s=0.05)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "completed"))
+    assert attempts == [1, 2, 3]
+    assert [line.split(" status=")[1].split()[0] for line in log_lines(tmp_path)] == [
+        "retrying",
+        "retrying",
+        "completed",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_that_always_fails_ends_in_the_dead_letters(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
     def broken(task: dict[str, Any]) -> None:
         raise ValueError("bad input")
 
-    consumers(broken)
+    consumers(broken, retry_backoff_s=0.05)
     task = await enqueue(queue)
-    await eventually(status_is(queue, task, "failed"))
+    await eventually(status_is(queue, task, "dead"))
     record = await queue.status(task.id) or {}
-    assert record["error"] == "ValueError: bad input"
-    assert "status=failed" in log_lines(tmp_path)[0]
+    assert (record["error"], record["attempts"]) == ("ValueError: bad input", "3")
+    [entry] = await redis.lrange(keys.dead, 0, -1)
+    assert task.id in entry
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handler_that_runs_too_long_is_cancelled(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    cancelled: list[bool] = []
+
+    def endless(task: dict[str, Any]) -> defer.Deferred[None]:
+        return defer.Deferred(lambda d: cancelled.append(True))
+
+    consumers(endless, task_timeout_s=0.1, retry_backoff_s=0.05)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "dead"))
+    assert cancelled == [True, True, True]
+    record = await queue.status(task.id) or {}
+    assert record["error"] == "TaskTimeout: ran longer than 0.1 s"
 
 
 @pytest_twisted.ensureDeferred

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -15,7 +16,15 @@ from taskserver.task import Task
 
 @pytest.fixture
 def queue(redis: Any, keys: Keys) -> TaskQueue:
-    return TaskQueue(redis, keys, status_ttl_s=3600, timeout_s=2.0, clock=reactor)
+    return TaskQueue(
+        redis,
+        keys,
+        status_ttl_s=3600,
+        timeout_s=2.0,
+        clock=reactor,
+        max_attempts=2,
+        dead_letter_max=3,
+    )
 
 
 def new_task(user: str = "u1") -> Task:
@@ -49,7 +58,7 @@ async def test_fetch_start_finish(queue: TaskQueue, redis: Any, keys: Keys) -> N
     assert await redis.lrange(keys.processing("p#0"), 0, -1) == [raw]
     assert await queue.mark_started(first, "2026-01-01T00:00:00.000Z") == 1
     assert (await queue.status(first.id) or {})["status"] == "processing"
-    await queue.finish("p#0", raw, first, "completed", "2026-01-01T00:00:01.000Z", 12.5)
+    await queue.complete("p#0", raw, first, "2026-01-01T00:00:01.000Z", 12.5)
     assert await redis.llen(keys.processing("p#0")) == 0
     record = await queue.status(first.id) or {}
     assert record["status"] == "completed"
@@ -78,8 +87,8 @@ async def test_reclaim_waits_while_the_heartbeat_lives(
     await queue.enqueue(task)
     await queue.heartbeat("host:1:aa", ["host:1:aa#0"], ttl_s=30)
     await queue.fetch(redis, keys.pending, keys.processing("host:1:aa#0"), 1)
-    assert await queue.reap("someone-else") == 0
-    assert await queue.reclaim("host:1:aa", ["host:1:aa#0"], forget=True) == -1
+    assert await queue.reap("someone-else") == (0, 0)
+    assert await queue.reclaim("host:1:aa", ["host:1:aa#0"], forget=True) == (-1, 0)
     assert await redis.llen(keys.processing("host:1:aa#0")) == 1
 
 
@@ -97,7 +106,7 @@ async def test_reap_returns_a_dead_process_tasks_to_the_front_of_the_queue(
     await queue.mark_started(tasks[0], "2026-01-01T00:00:00.000Z")
     await queue.forget_heartbeat(dead)  # as if its TTL had run out
 
-    assert await queue.reap("me") == 2
+    assert await queue.reap("me") == (2, 0)
     pending = await redis.lrange(keys.pending, 0, -1)
     # consumers pop from the right: the reclaimed tasks come out before the one still waiting
     out_order = [Task.from_json(raw).user_id for raw in reversed(pending)]
@@ -105,7 +114,7 @@ async def test_reap_returns_a_dead_process_tasks_to_the_front_of_the_queue(
     assert out_order[2] == "user2"
     assert (await queue.status(tasks[0].id) or {})["status"] == "queued"
     assert await redis.smembers(keys.consumers) == set()
-    assert await queue.reap("me") == 0, "a list is reaped once"
+    assert await queue.reap("me") == (0, 0), "a list is reaped once"
 
 
 @pytest_twisted.ensureDeferred
@@ -115,4 +124,78 @@ async def test_a_process_never_reaps_itself(queue: TaskQueue, redis: Any, keys: 
     await queue.heartbeat(me, [f"{me}#0"], ttl_s=30)
     await queue.fetch(redis, keys.pending, keys.processing(f"{me}#0"), 1)
     await queue.forget_heartbeat(me)
-    assert await queue.reap(me) == 0
+    assert await queue.reap(me) == (0, 0)
+
+
+async def start(queue: TaskQueue, redis: Any, consumer: str = "p#0") -> tuple[Task, str]:
+    """Enqueue a task, fetch it into ``consumer``'s list and mark it started."""
+    task = new_task()
+    await queue.enqueue(task)
+    raw = await queue.fetch(redis, queue.keys.pending, queue.keys.processing(consumer), 1)
+    assert raw is not None
+    await queue.mark_started(task, "2026-01-01T00:00:00.000Z")
+    return task, raw
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_attempt_is_retried_when_due(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    task, raw = await start(queue, redis)
+    outcome = await queue.fail("p#0", raw, task, 1, "ValueError: x", 30.0, "t", 1.0)
+    assert outcome == "retrying"
+    assert await redis.llen(keys.processing("p#0")) == 0
+    assert await redis.zcard(keys.delayed) == 1
+    record = await queue.status(task.id) or {}
+    assert (record["status"], record["error"]) == ("retrying", "ValueError: x")
+    assert await queue.promote() == 0, "not due for 30 s"
+
+    await redis.execute_command("ZADD", keys.delayed, "0", raw)  # make it due now
+    assert await queue.promote() == 1
+    assert await redis.lrange(keys.pending, 0, -1) == [raw]
+    assert await redis.zcard(keys.delayed) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_last_failed_attempt_goes_to_the_capped_dead_letters(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    for n in range(5):
+        task, raw = await start(queue, redis)
+        assert await queue.fail("p#0", raw, task, 2, f"boom {n}", 1.0, "t", 1.0) == "dead"
+    entries = [json.loads(entry) for entry in await redis.lrange(keys.dead, 0, -1)]
+    assert [e["error"] for e in entries] == ["boom 4", "boom 3", "boom 2"], (
+        "newest first, capped at 3"
+    )
+    assert entries[0]["task"]["id"] == task.id and entries[0]["attempts"] == 2
+    assert entries[0]["failed_at_ms"] > 1_700_000_000_000
+    assert (await queue.status(task.id) or {})["status"] == "dead"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_that_keeps_killing_its_process_is_dead_lettered(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """A poison pill: every crash while running it counts as an attempt."""
+    task, _ = await start(queue, redis, "gone:1:x#0")
+    assert await queue.reclaim("gone:1:x", ["gone:1:x#0"], forget=False, force=True) == (1, 0)
+    assert (await queue.status(task.id) or {})["status"] == "queued", "1 of 2 attempts used"
+
+    raw = await queue.fetch(redis, keys.pending, keys.processing("gone:1:y#0"), 1)
+    assert raw is not None
+    await queue.mark_started(task, "2026-01-01T00:00:00.000Z")
+    assert await queue.reclaim("gone:1:y", ["gone:1:y#0"], forget=False, force=True) == (0, 1)
+    assert await redis.llen(keys.pending) == 0
+    [entry] = [json.loads(e) for e in await redis.lrange(keys.dead, 0, -1)]
+    assert entry["task"]["id"] == task.id and entry["attempts"] == 2
+    assert "process died" in entry["error"]
+    assert (await queue.status(task.id) or {})["status"] == "dead"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_graceful_stop_never_dead_letters(queue: TaskQueue, redis: Any, keys: Keys) -> None:
+    task, _ = await start(queue, redis, "me:1:z#0")
+    await queue.mark_started(task, "2026-01-01T00:00:00.000Z")  # attempts 2 of 2
+    got = await queue.reclaim("me:1:z", ["me:1:z#0"], forget=True, force=True, died=False)
+    assert got == (1, 0)
+    assert await redis.llen(keys.pending) == 1 and await redis.llen(keys.dead) == 0

@@ -10,7 +10,7 @@ from taskserver.tasklog import TaskLog, TaskLogFile, task_line
 
 LINE = re.compile(
     r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z user_id=("[^"\\]*(?:\\.[^"\\]*)*") '
-    r"task_id=[0-9a-f]{32} status=(completed|failed) duration_ms=\d+\.\d{3} pid=\d+$"
+    r"task_id=[0-9a-f]{32} status=(completed|retrying|dead) duration_ms=\d+\.\d{3} pid=\d+$"
 )
 
 
