@@ -32,7 +32,7 @@ from taskserver.tasklog import TaskLog
 POP_WAIT_S = 1
 #: Back-off after a Redis error: doubles from the first value up to the second.
 BACKOFF_FIRST_S = 0.05
-BACKOFF_MAX_S = 1.0
+BACKOFF_MAX_S = 0.5
 #: Longest error text kept in a status record.
 ERROR_MAX_CHARS = 1000
 #: How often every process moves due retries into the queue.

@@ -23,7 +23,7 @@ T = TypeVar("T")
 #: Reconnect quickly after an outage: a consumer should be fetching again
 #: within a couple of seconds of Redis coming back, not txredisapi's 10 s.
 RECONNECT_INITIAL_DELAY_S = 0.1
-RECONNECT_MAX_DELAY_S = 1.0
+RECONNECT_MAX_DELAY_S = 0.5
 CONNECT_TIMEOUT_S = 2
 
 #: Redis error replies that mean "cannot serve now", not "your command is wrong".

@@ -81,7 +81,7 @@ def log_lines(tmp_path: Path) -> list[str]:
 
 def test_backoff_doubles_up_to_a_cap() -> None:
     assert [backoff_s(n) for n in (1, 2, 3)] == [0.05, 0.1, 0.2]
-    assert backoff_s(50) == 1.0
+    assert backoff_s(50) == 0.5
 
 
 @pytest_twisted.ensureDeferred

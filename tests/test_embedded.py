@@ -95,6 +95,16 @@ async def test_server_recovers_when_redis_comes_back(
 
         response = await eventually(accepted, timeout=5.0)
         assert reactor.seconds() - back_at < 2.0, "enqueueing did not resume within 2 s"
+
+        watcher = connect_raw(redis.address)  # type: ignore[arg-type]
+
+        async def every_consumer_waiting() -> bool:
+            clients = await watcher.execute_command("CLIENT", "LIST")
+            return str(clients).count("cmd=brpoplpush") == server.settings.concurrency
+
+        await eventually(every_consumer_waiting, timeout=5.0)
+        assert reactor.seconds() - back_at < 2.0, "blocking pops did not resume within 2 s"
+        await watcher.disconnect()
         task_id = (await response.json())["task_id"]
 
         async def completed() -> bool:

@@ -382,3 +382,40 @@ async def test_draining_answers_a_connection_whose_first_request_is_still_coming
     await fresh.closed.addTimeout(2, reactor)
     assert fresh.received.startswith(b"HTTP/1.1 200 OK")
     assert b"Connection: close" in fresh.received
+
+
+# ------------------------------------------------------------------ Redis trouble
+
+
+@pytest_twisted.ensureDeferred
+async def test_scripts_are_reloaded_after_the_script_cache_is_flushed(
+    server: RunningServer, redis: Any
+) -> None:
+    """NOSCRIPT (a Redis restart or failover forgets scripts) is handled, not a 500."""
+    assert (await post(server, b'{"user_id": "before-flush"}'))[0].code == 202
+    await redis.execute_command("SCRIPT", "FLUSH")
+    response, document = await post(server, b'{"user_id": "after-flush"}')
+    assert response.code == 202, document
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_paused_redis_gives_bounded_503s_not_a_pile_up(
+    server: RunningServer, redis: Any
+) -> None:
+    """CLIENT PAUSE (or DEBUG SLEEP): every request answers 503 within 2 s, then all is well."""
+    await redis.execute_command("CLIENT", "PAUSE", "2500", "ALL")
+    started = reactor.seconds()
+    answers = await defer.gatherResults(
+        [
+            defer.Deferred.fromCoroutine(post(server, f'{{"user_id": "p{n}"}}'.encode()))
+            for n in range(30)
+        ]
+    )
+    assert [response.code for response, _ in answers] == [503] * 30
+    assert reactor.seconds() - started < 2.0
+
+    async def accepted() -> bool:
+        response, _ = await post(server, f'{{"user_id": "later-{reactor.seconds()}"}}'.encode())
+        return response.code == 202
+
+    await eventually(accepted, timeout=6.0)
