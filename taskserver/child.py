@@ -38,6 +38,7 @@ from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginn
 from taskserver.balance import BEAT_EVERY_S, BalancedPort, Scoreboard, Seat
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
+from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
 from taskserver.lifeline import ParentWatch, detach_from_parent_session
 from taskserver.queue import TaskQueue
@@ -107,7 +108,10 @@ class ChildService(Service):
         )
         limiter = RateLimiter(api, keys, settings.rate_limits, settings.redis_timeout_s, reactor)
         kill = None if settings.disable_kill else self._kill
-        self.site = TaskAPI(limiter, self.queue, reactor, kill, settings.kill_token).site()
+        idempotency = IdempotencyKeys(api, keys, settings.redis_timeout_s, reactor)
+        self.site = TaskAPI(
+            limiter, self.queue, idempotency, reactor, kill, settings.kill_token
+        ).site()
         if self._seat is not None:
             seat = self._seat
             self.site.on_open, self.site.on_close = seat.opened, seat.closed

@@ -66,6 +66,11 @@ class Keys:
         """A task's status record (a hash with a TTL)."""
         return f"{self.status_prefix}{task_id}"
 
+    def idempotency(self, user_id: str, key: str) -> str:
+        """A user's claim on an idempotency key (the key is hashed too)."""
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+        return f"{self.prefix}:idem:{{{user_hash(user_id)}}}:{digest}"
+
     def rate(self, user_id: str, tier_name: str) -> str:
         """A user's counter for one rate-limit tier."""
         return f"{self.prefix}:rl:{{{user_hash(user_id)}}}:{tier_name}"

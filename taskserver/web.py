@@ -27,6 +27,7 @@ from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from taskserver.idempotency import VALID_KEY, Claim, IdempotencyKeys, fingerprint
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter
 from taskserver.redisclient import RedisUnavailable
@@ -266,6 +267,20 @@ def parse_task_body(content_type: bytes | None, body: bytes) -> tuple[str, Any]:
     return validate_user_id(document["user_id"]), document.get("payload")
 
 
+def idempotency_key(header: bytes | None) -> str | None:
+    """The Idempotency-Key header, validated; None if absent."""
+    if header is None:
+        return None
+    key = header.decode("latin-1")
+    if not VALID_KEY.match(key):
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 printable ASCII characters",
+        )
+    return key
+
+
 def status_document(task_id: str, record: dict[str, str]) -> dict[str, Any]:
     """The public view of a status record."""
     document: dict[str, Any] = {"task_id": task_id}
@@ -306,6 +321,7 @@ class TaskAPI:
         self,
         limiter: RateLimiter,
         queue: TaskQueue,
+        idempotency: IdempotencyKeys,
         clock: IReactorTime,
         kill: Callable[[], None] | None = None,
         kill_token: str | None = None,
@@ -313,6 +329,7 @@ class TaskAPI:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off."""
         self._limiter = limiter
         self._queue = queue
+        self._idempotency = idempotency
         self._clock = clock
         self._kill = kill
         self._kill_token = kill_token
@@ -330,14 +347,28 @@ class TaskAPI:
                 413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes"
             )
         user_id, payload = parse_task_body(request.getHeader(b"content-type"), request.body())
-        decision = await self._limiter.check(user_id)
-        headers = decision.headers(self._clock.seconds())
+        key = idempotency_key(request.getHeader(b"idempotency-key"))
+        task = Task.new(user_id, payload, self._clock.seconds())
+        if key is not None:
+            claim = Claim(task.id, fingerprint(user_id, payload), task.queued_at)
+            earlier = await self._idempotency.claim(user_id, key, claim)
+            if earlier is not None:
+                return await self._replay(request, user_id, claim, earlier)
+        try:
+            decision = await self._limiter.check(user_id)
+            headers = decision.headers(self._clock.seconds())
+            if decision.allowed:
+                await self._queue.enqueue(task)
+        except Exception:
+            if key is not None:
+                await self._release(user_id, key)
+            raise
         if not decision.allowed:
+            if key is not None:
+                await self._release(user_id, key)
             return respond(
                 request, 429, decision.problem(), headers, content_type="application/problem+json"
             )
-        task = Task.new(user_id, payload, self._clock.seconds())
-        await self._queue.enqueue(task)
         headers.append(("Location", f"/api/v1/task/{task.id}"))
         return respond(
             request,
@@ -350,6 +381,40 @@ class TaskAPI:
             },
             headers,
         )
+
+    async def _replay(self, request: IRequest, user_id: str, claim: Claim, earlier: Claim) -> bytes:
+        """A retried request: the task it created (200), or 422 if the body differs."""
+        if earlier.fingerprint != claim.fingerprint:
+            raise ApiError(
+                422,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different body",
+            )
+        record = await self._queue.status(earlier.task_id)
+        if record is None:
+            raise ApiError(
+                409,
+                "idempotency_key_in_use",
+                "the first request with this Idempotency-Key has not finished; retry shortly",
+                [("Retry-After", "1")],
+            )
+        return respond(
+            request,
+            200,
+            {
+                "task_id": earlier.task_id,
+                "user_id": user_id,
+                "status": record.get("status", "queued"),
+                "queued_at": earlier.queued_at,
+            },
+            [("Location", f"/api/v1/task/{earlier.task_id}"), ("Idempotent-Replayed", "true")],
+        )
+
+    async def _release(self, user_id: str, key: str) -> None:
+        try:
+            await self._idempotency.release(user_id, key)
+        except RedisUnavailable as e:
+            self.log.warn("could not release an idempotency key: {error}", error=e)
 
     @app.route("/api/v1/task/<task_id>", methods=["GET"])
     async def get_task(self, request: IRequest, task_id: str) -> bytes:

@@ -13,7 +13,7 @@ import treq
 from twisted.internet import defer, reactor
 
 from conftest import RunningServer, eventually, unused_port
-from taskserver.config import RedisAddress
+from taskserver.config import RedisAddress, parse_rate_limits
 from taskserver.web import (
     KILL_FLUSH_TIMEOUT_S,
     ApiError,
@@ -419,3 +419,67 @@ async def test_a_paused_redis_gives_bounded_503s_not_a_pile_up(
         return response.code == 202
 
     await eventually(accepted, timeout=6.0)
+
+
+# ------------------------------------------------------------------ Idempotency-Key
+
+
+async def post_with_key(server: RunningServer, body: bytes, key: str) -> tuple[Any, Any]:
+    return await post(server, body, {**JSON, "Idempotency-Key": key})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retried_post_returns_the_original_task(server: RunningServer, redis: Any) -> None:
+    body = b'{"user_id": "retrier", "payload": {"x": 1, "y": [2]}}'
+    first, created = await post_with_key(server, body, "order-42")
+    again, replayed = await post_with_key(
+        server, b'{"payload": {"y": [2], "x": 1}, "user_id": "retrier"}', "order-42"
+    )
+    assert first.code == 202
+    assert again.code == 200, "a replay, not a 429: replays are not charged to the rate limit"
+    assert replayed["task_id"] == created["task_id"]
+    assert again.headers.getRawHeaders("Idempotent-Replayed") == ["true"]
+    assert again.headers.getRawHeaders("Location") == [f"/api/v1/task/{created['task_id']}"]
+    pending = await redis.lrange(server.child.queue.keys.pending, 0, -1)  # type: ignore[union-attr]
+    logged = server.task_log.read_text() if server.task_log.exists() else ""
+    assert str(pending).count(created["task_id"]) + logged.count(created["task_id"]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_key_with_another_body_is_422(server: RunningServer) -> None:
+    await post_with_key(server, b'{"user_id": "u1", "payload": 1}', "k")
+    response, document = await post_with_key(server, b'{"user_id": "u1", "payload": 2}', "k")
+    assert response.code == 422
+    assert document["error"] == "idempotency_key_reused"
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_belong_to_one_user(server: RunningServer) -> None:
+    first, a = await post_with_key(server, b'{"user_id": "alice"}', "same-key")
+    second, b = await post_with_key(server, b'{"user_id": "bob"}', "same-key")
+    assert (first.code, second.code) == (202, 202)
+    assert a["task_id"] != b["task_id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_whose_request_was_rate_limited_is_free_again(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(rate_limits=parse_rate_limits("1/60s"))
+    assert (await post(server, b'{"user_id": "busy"}'))[0].code == 202
+    limited, _ = await post_with_key(server, b'{"user_id": "busy"}', "k2")
+    assert limited.code == 429
+    other, _ = await post_with_key(server, b'{"user_id": "busy", "payload": 9}', "k2")
+    assert other.code == 429, "not 409 or 422: the limited request did not keep the key"
+
+
+@pytest.mark.parametrize("key", ["", "tab\there", "x" * 256, "naïve"])
+@pytest_twisted.ensureDeferred
+async def test_invalid_keys_are_400(server: RunningServer, key: str) -> None:
+    response, document = await post(
+        server,
+        b'{"user_id": "k"}',
+        {**JSON, "Idempotency-Key": key.encode("utf-8").decode("latin-1")},
+    )
+    assert response.code == 400
+    assert document["error"] == "invalid_idempotency_key"

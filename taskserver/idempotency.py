@@ -1,0 +1,76 @@
+# -*- test-case-name: tests.test_web -*-
+"""Idempotency keys: a retried POST returns the task it created, not a second task.
+
+A client sends ``Idempotency-Key: <key>``; the first request claims the key
+(per user, kept :data:`IDEMPOTENCY_TTL_S`) with the task id it is about to
+create, in one Redis call that either claims or returns the existing claim.
+A request is "the same" when its user id and payload are equal as JSON
+(key order and spacing do not matter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from taskserver.keys import Keys
+from taskserver.redisclient import within
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+#: Printable ASCII, 1 to 255 characters (what Stripe and the IETF draft allow in practice).
+VALID_KEY = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,254}$")
+
+# KEYS: claim. ARGV: record, ttl ms. Returns nil if claimed now, else the existing record.
+CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+return redis.call('GET', KEYS[1])
+"""
+
+
+def fingerprint(user_id: str, payload: Any) -> str:
+    """What makes two requests the same: their user id and payload, as canonical JSON."""
+    canonical = json.dumps([user_id, payload], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who holds an idempotency key: the task it created and the request's fingerprint."""
+
+    task_id: str
+    fingerprint: str
+    queued_at: str
+
+
+class IdempotencyKeys:
+    """Claims and releases idempotency keys in Redis (one round trip each)."""
+
+    def __init__(self, redis: Any, keys: Keys, timeout_s: float, clock: IReactorTime) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._timeout_s = timeout_s
+        self._clock = clock
+
+    async def claim(self, user_id: str, key: str, claim: Claim) -> Claim | None:
+        """Claim ``key`` for ``claim``; returns the earlier claim if there is one."""
+        existing = await within(
+            self._redis.eval(
+                CLAIM,
+                [self._keys.idempotency(user_id, key)],
+                [json.dumps(asdict(claim)), IDEMPOTENCY_TTL_S * 1000],
+            ),
+            self._timeout_s,
+            self._clock,
+        )
+        return Claim(**json.loads(existing)) if existing else None
+
+    async def release(self, user_id: str, key: str) -> None:
+        """Give the key up (the request it was claimed for did not create a task)."""
+        await within(
+            self._redis.delete(self._keys.idempotency(user_id, key)), self._timeout_s, self._clock
+        )
