@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import IO, Any, cast
 
 from twisted.application.service import Service
@@ -25,6 +26,7 @@ from twisted.internet import defer, task
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, textFileLogObserver
 from twisted.python.logfile import LogFile
 
+from taskserver.admin import write_embedded_address
 from taskserver.balance import Scoreboard
 from taskserver.config import RedisAddress, Settings, settings_to_json
 from taskserver.embedded import EmbeddedRedis
@@ -62,6 +64,7 @@ class Master(Service):
             EmbeddedRedis(redis_binary, settings.data_dir, reactor) if redis_binary else None
         )
         self._data_lock = data_lock
+        self._address_file: Path | None = None
         self._token = secrets.token_hex(3)
         self._log_observer: ILogObserver | None = None
         self._log_file: LogFile | None = None
@@ -137,6 +140,7 @@ class Master(Service):
             self.log.info("Redis: {url}", url=self._settings.redis.display())
             return self._settings.redis
         address = await self._embedded.start()
+        self._address_file = write_embedded_address(self._settings.data_dir, address)
         self.log.info(
             "Redis: embedded {binary} (pid {pid}) at {host}:{port}, data in {data_dir}",
             binary=self._embedded.binary,
@@ -257,6 +261,8 @@ class Master(Service):
             # Redis stops last, after every child has given its tasks back.
             if self._embedded is not None:
                 await self._embedded.stopService()
+            if self._address_file is not None:
+                self._address_file.unlink(missing_ok=True)
         self._listener.close()
         if self._scoreboard is not None:
             self._scoreboard.close()

@@ -1,0 +1,88 @@
+"""taskserver-admin: its operations against a real Redis, and the installed command itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from harness import Twistd
+from taskserver import admin
+from taskserver.keys import Keys
+from taskserver.queue import TaskQueue
+from taskserver.task import Task
+
+ADMIN = str(Path(sys.executable).parent / "taskserver-admin")
+
+
+@pytest.fixture
+def queue(redis: Any, keys: Keys) -> TaskQueue:
+    return TaskQueue(redis, keys, 3600, 2.0, reactor, max_attempts=1)
+
+
+async def dead_task(queue: TaskQueue, redis: Any, user: str) -> Task:
+    task = Task.new(user, None, reactor.seconds())
+    await queue.enqueue(task)
+    raw = await queue.fetch(redis, queue.keys.pending, queue.keys.processing("h:1:a#0"), 1)
+    await queue.mark_started(task, "t")
+    assert await queue.fail("h:1:a#0", raw, task, 1, "boom", 1, "t", 1) == "dead"
+    return task
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_dead_requeue_purge(queue: TaskQueue, redis: Any, keys: Keys) -> None:
+    first = await dead_task(queue, redis, "a")
+    second = await dead_task(queue, redis, "b")
+    await queue.enqueue(Task.new("c", None, reactor.seconds()))
+    await queue.heartbeat("h:1:a", ["h:1:a#0"], ttl_s=30)
+
+    report = await admin.stats(redis, keys)
+    assert (report["pending"], report["dead"], report["delayed"], report["processing"]) == (
+        1,
+        2,
+        0,
+        0,
+    )
+    assert report["processes"] == {"h:1:a": {"alive": True, "processing": {"h:1:a#0": 0}}}
+
+    listed = await admin.dead_letters(redis, keys, limit=10)
+    assert [entry["task"]["id"] for entry in listed] == [second.id, first.id]
+    assert listed[0]["error"] == "boom"
+
+    assert await admin.requeue(redis, keys, [first.id]) == 1
+    assert (await queue.status(first.id) or {})["status"] == "queued"
+    assert (await queue.status(first.id) or {})["attempts"] == "0"
+    assert await redis.llen(keys.pending) == 2
+    assert await admin.purge(redis, keys) == 1
+    assert await redis.llen(keys.dead) == 0
+
+
+def test_the_installed_command_finds_the_embedded_redis(
+    twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    server = twistd(WORKERS="1")
+    server.wait_until_listening()
+    assert server.post_task("from-admin-test")
+    result = subprocess.run(
+        [ADMIN, "stats", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"pending", "delayed", "dead", "processing", "processes"}
+    assert server.stop() == 0
+    assert not (tmp_path / "data" / admin.EMBEDDED_ADDRESS_FILE).exists()
+
+    gone = subprocess.run(
+        [ADMIN, "stats"], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert gone.returncode == 1
+    assert gone.stderr.strip() == (
+        "taskserver-admin: no Redis configured and no running taskserver in DATA_DIR 'data'"
+    )
