@@ -104,7 +104,6 @@ class Seat:
         self.connections = 0
         self.accepting = True
         self._clock = clock
-        self.port: BalancedPort | None = None
 
     def publish(self) -> None:
         self.scoreboard.write(self.index, self.connections, self.accepting, time.monotonic())
@@ -120,8 +119,6 @@ class Seat:
     def closed(self) -> None:
         self.connections -= 1
         self.publish()
-        if self.port is not None:
-            self.port.recheck()
 
     def retire(self) -> None:
         """Stop counting as an accepting child (we are draining)."""
@@ -130,33 +127,45 @@ class Seat:
 
 
 class BalancedPort(tcp.Port):
-    """An adopted listening port that accepts only its fair share.
+    """An adopted listening port that accepts only its fair share, and never too many.
 
-    Before each accept loop it asks its seat how many connections it may
-    take; at zero it stops reading the socket and looks again shortly, or
-    as soon as one of its connections closes.
+    Before each accept loop it works out how many connections it may take:
+    its seat's allowance (if it shares the socket with other children), and
+    what is left under ``max_connections``. At zero it stops reading the
+    socket (new connections wait in the shared accept queue, or go to other
+    children) and looks again shortly, or as soon as a connection closes
+    (call :meth:`recheck`).
     """
 
     seat: Seat | None = None
     seat_clock: IReactorTime
+    max_connections: int = 1_000_000
     _recheck_call: Any = None
 
     @classmethod
     def adopt(
-        cls, reactor: Any, fd: int, family: int, factory: Any, seat: Seat | None
+        cls,
+        reactor: Any,
+        fd: int,
+        family: int,
+        factory: Any,
+        seat: Seat | None,
+        max_connections: int,
     ) -> BalancedPort:
+        """Listen on the inherited socket ``fd``; ``factory`` must have a ``channels`` set."""
         port: BalancedPort = cls._fromListeningDescriptor(reactor, fd, family, factory)
         port.seat = seat
         port.seat_clock = reactor
-        if seat is not None:
-            seat.port = port
+        port.max_connections = max_connections
         port.startListening()
         return port
 
+    def allowance(self) -> int:
+        room = self.max_connections - len(self.factory.channels)  # type: ignore[union-attr]
+        return min(room, self.seat.allowance()) if self.seat is not None else room
+
     def doRead(self) -> None:
-        if self.seat is None:
-            return super().doRead()
-        allowance = self.seat.allowance()
+        allowance = self.allowance()
         if allowance <= 0:
             self.stopReading()
             self._schedule_recheck()
@@ -170,9 +179,9 @@ class BalancedPort(tcp.Port):
 
     def recheck(self) -> None:
         """Start reading the socket again if we may accept."""
-        if self.disconnecting or not self.connected or self.seat is None:
+        if self.disconnecting or not self.connected:
             return
-        if self.seat.allowance() > 0:
+        if self.allowance() > 0:
             self.startReading()
         else:
             self._schedule_recheck()

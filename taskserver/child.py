@@ -111,16 +111,22 @@ class ChildService(Service):
         idempotency = IdempotencyKeys(api, keys, settings.redis_timeout_s, reactor)
         self.site = TaskAPI(
             limiter, self.queue, idempotency, reactor, kill, settings.kill_token
-        ).site()
+        ).site(settings.idle_timeout_s, settings.request_timeout_s)
         if self._seat is not None:
             seat = self._seat
-            self.site.on_open, self.site.on_close = seat.opened, seat.closed
+            self.site.on_open = seat.opened
             seat.publish()
             self._beat = task.LoopingCall(seat.publish)
             self._beat.clock = reactor
             self._beat.start(BEAT_EVERY_S)
+        self.site.on_close = self._connection_closed
         self._port = BalancedPort.adopt(
-            reactor, self._listener_fd, self._family, self.site, self._seat
+            reactor,
+            self._listener_fd,
+            self._family,
+            self.site,
+            self._seat,
+            settings.max_connections,
         )
         self.consumers = ConsumerService(
             queue=self.queue,
@@ -136,6 +142,12 @@ class ChildService(Service):
             retry_backoff_s=settings.retry_backoff_s,
         )
         self.consumers.startService()
+
+    def _connection_closed(self) -> None:
+        if self._seat is not None:
+            self._seat.closed()
+        if self._port is not None:
+            self._port.recheck()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

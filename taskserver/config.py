@@ -83,6 +83,9 @@ class Settings:
     max_attempts: int = 3
     retry_backoff_s: float = 1.0
     dead_letter_max: int = 10_000
+    max_connections: int = 1000
+    idle_timeout_s: float = 60.0
+    request_timeout_s: float = 10.0
 
 
 # ---------------------------------------------------------------- parsers
@@ -333,6 +336,27 @@ OPTIONS: tuple[Option, ...] = (
         _int_in(1, 10_000_000),
     ),
     Option(
+        "max_connections",
+        "MAX_CONNECTIONS",
+        "1000",
+        "open connections per child; more wait in the shared accept queue",
+        _int_in(1, 1_000_000),
+    ),
+    Option(
+        "idle_timeout",
+        "IDLE_TIMEOUT",
+        "60",
+        "seconds an idle keep-alive connection is kept open",
+        _seconds(1, 3600),
+    ),
+    Option(
+        "request_timeout",
+        "REQUEST_TIMEOUT",
+        "10",
+        "seconds a client gets to send a whole request, from its first byte",
+        _seconds(0.1, 3600),
+    ),
+    Option(
         "task_log_max_bytes",
         "TASK_LOG_MAX_BYTES",
         "10000000",
@@ -388,6 +412,9 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> 
         max_attempts=values["max_attempts"],
         retry_backoff_s=values["retry_backoff"],
         dead_letter_max=values["dead_letter_max"],
+        max_connections=values["max_connections"],
+        idle_timeout_s=values["idle_timeout"],
+        request_timeout_s=values["request_timeout"],
     )
 
 

@@ -108,18 +108,43 @@ class CountingChannel(http.HTTPChannel):
     site: TaskSite
     _served = 0
     _bytes_since_answer = 0
+    _read_deadline: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.connection_opened(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_read_deadline()
         super().connectionLost(reason)
         self.site.connection_closed(self)
 
     def dataReceived(self, data: bytes) -> None:
         self._bytes_since_answer += len(data)
+        if self._read_deadline is None and not self._handlingRequest:
+            self._read_deadline = self.callLater(self.site.request_timeout_s, self._too_slow)
         super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._cancel_read_deadline()
+        super().allContentReceived()
+
+    def _cancel_read_deadline(self) -> None:
+        if self._read_deadline is not None and self._read_deadline.active():
+            self._read_deadline.cancel()
+        self._read_deadline = None
+
+    def _too_slow(self) -> None:
+        """The request did not arrive in time (a slow or stuck client): 408, then close."""
+        self._read_deadline = None
+        body = json.dumps(
+            {"error": "request_timeout", "message": "the request took too long to arrive"}
+        ).encode()
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.loseConnection()
 
     def allHeadersReceived(self) -> None:
         super().allHeadersReceived()
@@ -160,6 +185,7 @@ class TaskSite(server.Site):
         super().__init__(resource, **kwargs)
         self.channels: set[CountingChannel] = set()
         self.draining = False
+        self.request_timeout_s = 10.0
         self.on_open: Callable[[], None] = lambda: None
         self.on_close: Callable[[], None] = lambda: None
         self._closed_waiters: dict[CountingChannel, list[Callable[[], None]]] = {}
@@ -334,8 +360,10 @@ class TaskAPI:
         self._kill = kill
         self._kill_token = kill_token
 
-    def site(self) -> TaskSite:
-        site = TaskSite(self.app.resource(), requestFactory=BoundedRequest)
+    def site(self, idle_timeout_s: float = 60.0, request_timeout_s: float = 10.0) -> TaskSite:
+        """The Site serving these routes; idle connections close after ``idle_timeout_s``."""
+        site = TaskSite(self.app.resource(), requestFactory=BoundedRequest, timeout=idle_timeout_s)
+        site.request_timeout_s = request_timeout_s
         site.displayTracebacks = False
         site.noisy = False
         return site

@@ -12,7 +12,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor
 
-from conftest import RunningServer, eventually, unused_port
+from conftest import RunningServer, eventually, sleep, unused_port
 from taskserver.config import RedisAddress, parse_rate_limits
 from taskserver.web import (
     KILL_FLUSH_TIMEOUT_S,
@@ -483,3 +483,59 @@ async def test_invalid_keys_are_400(server: RunningServer, key: str) -> None:
     )
     assert response.code == 400
     assert document["error"] == "invalid_idempotency_key"
+
+
+# ------------------------------------------------------------------ slow, idle and many clients
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_that_trickles_in_gets_408_and_others_are_served(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(request_timeout_s=0.5)
+    slow = await RawClient().connect(server.port)
+    started = reactor.seconds()
+    slow.send(b"POST /api/v1/task HTTP/1.1\r\nHost: x\r\n")
+    for _ in range(3):  # a byte now and then: the idle timeout alone would never fire
+        await sleep(0.2)
+        slow.send(b"X")
+        response = await treq.get(server.url + "/healthz")
+        assert response.code == 200, "others are served meanwhile"
+    await slow.closed.addTimeout(3, reactor)
+    assert slow.received.startswith(b"HTTP/1.1 408 Request Timeout")
+    assert b'"error": "request_timeout"' in slow.received
+    assert reactor.seconds() - started < 1.5
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_keep_alive_connection_is_closed(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(idle_timeout_s=1.0)
+    client = await RawClient().connect(server.port)
+    client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await client.closed.addTimeout(3, reactor)
+    assert client.received.startswith(b"HTTP/1.1 200 OK")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_child_holds_at_most_max_connections_and_the_rest_wait(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(max_connections=3)
+    clients = [await RawClient().connect(server.port) for _ in range(5)]
+    for client in clients:
+        client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+
+    def answered() -> list[bool]:
+        return [client.received.endswith(b"0\r\n\r\n") for client in clients]
+
+    await eventually(lambda: defer.succeed(sum(answered()) == 3))
+    assert len(server.child.site.channels) == 3  # type: ignore[union-attr]
+    waiting = [client for client, done in zip(clients, answered(), strict=True) if not done]
+    served = [client for client, done in zip(clients, answered(), strict=True) if done]
+    served[0].protocol.transport.loseConnection()  # type: ignore[union-attr]
+    await eventually(lambda: defer.succeed(sum(answered()) == 4))
+    assert sum(client.received.endswith(b"0\r\n\r\n") for client in waiting) == 1
+    for client in clients:
+        client.protocol.transport.loseConnection()  # type: ignore[union-attr]
