@@ -36,6 +36,7 @@ from twisted.internet import defer, error, task
 from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 
 from taskserver.balance import BEAT_EVERY_S, BalancedPort, Scoreboard, Seat
+from taskserver.clientip import parse_networks
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
 from taskserver.idempotency import IdempotencyKeys
@@ -109,8 +110,18 @@ class ChildService(Service):
         limiter = RateLimiter(api, keys, settings.rate_limits, settings.redis_timeout_s, reactor)
         kill = None if settings.disable_kill else self._kill
         idempotency = IdempotencyKeys(api, keys, settings.redis_timeout_s, reactor)
+        ip_limiter = RateLimiter(
+            api, keys, settings.ip_rate_limits, settings.redis_timeout_s, reactor, Keys.ip_rate
+        )
         self.site = TaskAPI(
-            limiter, self.queue, idempotency, reactor, kill, settings.kill_token
+            limiter,
+            self.queue,
+            idempotency,
+            reactor,
+            kill,
+            settings.kill_token,
+            ip_limiter=ip_limiter,
+            trusted_proxies=parse_networks(",".join(settings.trusted_proxies)),
         ).site(settings.idle_timeout_s, settings.request_timeout_s)
         if self._seat is not None:
             seat = self._seat

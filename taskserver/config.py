@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from taskserver.clientip import parse_networks
+
 DEFAULT_HANDLER = "taskserver.handlers:complete"
 
 
@@ -84,6 +86,8 @@ class Settings:
     retry_backoff_s: float = 1.0
     dead_letter_max: int = 10_000
     max_connections: int = 1000
+    ip_rate_limits: tuple[RateTier, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
     idle_timeout_s: float = 60.0
     request_timeout_s: float = 10.0
 
@@ -147,6 +151,13 @@ def _workers(text: str) -> int:
     if text.strip().lower() in ("", "auto"):
         return os.cpu_count() or 1
     return _int_in(1, 256)(text)
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(str(network) for network in parse_networks(text))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _key_prefix(text: str) -> str:
@@ -283,6 +294,20 @@ OPTIONS: tuple[Option, ...] = (
         parse_rate_limits,
     ),
     Option("workers", "WORKERS", "auto", "child processes (auto: one per CPU core)", _workers),
+    Option(
+        "ip_rate_limits",
+        "IP_RATE_LIMITS",
+        "",
+        "per-client-address tiers, like RATE_LIMITS (empty: off)",
+        parse_rate_limits,
+    ),
+    Option(
+        "trusted_proxy",
+        "TRUSTED_PROXY",
+        "",
+        "proxies (addresses or networks, comma-separated) whose X-Forwarded-For is believed",
+        _networks,
+    ),
     Option("kill_token", "KILL_TOKEN", "", "bearer token required by GET /kill", _optional_text),
     Option("disable_kill", "DISABLE_KILL", "false", "turn GET /kill off (404)", _flag, flag=True),
     Option("key_prefix", "KEY_PREFIX", "taskserver", "prefix of every Redis key", _key_prefix),
@@ -413,6 +438,11 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> 
         retry_backoff_s=values["retry_backoff"],
         dead_letter_max=values["dead_letter_max"],
         max_connections=values["max_connections"],
+        ip_rate_limits=tuple(
+            RateTier(f"ip-{tier.name}", tier.limit, tier.window_ms)
+            for tier in values["ip_rate_limits"]
+        ),
+        trusted_proxies=values["trusted_proxy"],
         idle_timeout_s=values["idle_timeout"],
         request_timeout_s=values["request_timeout"],
     )
@@ -432,6 +462,8 @@ def settings_from_json(text: str) -> Settings:
     document["data_dir"] = Path(document["data_dir"])
     document["redis"] = RedisAddress(**document["redis"]) if document["redis"] else None
     document["rate_limits"] = tuple(RateTier(**tier) for tier in document["rate_limits"])
+    document["ip_rate_limits"] = tuple(RateTier(**tier) for tier in document["ip_rate_limits"])
+    document["trusted_proxies"] = tuple(document["trusted_proxies"])
     return Settings(**document)
 
 

@@ -74,3 +74,7 @@ class Keys:
     def rate(self, user_id: str, tier_name: str) -> str:
         """A user's counter for one rate-limit tier."""
         return f"{self.prefix}:rl:{{{user_hash(user_id)}}}:{tier_name}"
+
+    def ip_rate(self, address: str, tier_name: str) -> str:
+        """A client address's counter for one tier (apart from users: no collisions)."""
+        return f"{self.prefix}:rlip:{{{user_hash(address)}}}:{tier_name}"

@@ -12,7 +12,7 @@ tier (a client retrying too fast does not burn its minute budget).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,18 +151,25 @@ class RateLimiter:
         tiers: Sequence[RateTier],
         timeout_s: float,
         clock: IReactorTime,
+        key_of: Callable[[Keys, str, str], str] = Keys.rate,
     ) -> None:
+        """``key_of(keys, identity, tier name)``: the counter's key (per user by default)."""
         self._redis = redis
         self._keys = keys
+        self._key_of = key_of
         self._tiers = tuple(tiers)
         self._timeout_s = timeout_s
         self._clock = clock
 
-    async def check(self, user_id: str) -> Decision:
-        """Admit or reject one request by ``user_id``; raises RedisUnavailable."""
+    @property
+    def active(self) -> bool:
+        return bool(self._tiers)
+
+    async def check(self, identity: str) -> Decision:
+        """Admit or reject one request by ``identity``; raises RedisUnavailable."""
         if not self._tiers:
             return Decision(allowed=True, tiers=())
-        keys = [self._keys.rate(user_id, tier.name) for tier in self._tiers]
+        keys = [self._key_of(self._keys, identity, tier.name) for tier in self._tiers]
         args: list[int] = []
         for tier in self._tiers:
             args += [tier.limit, tier.window_ms]

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from io import BytesIO
 from typing import Any, cast
@@ -27,6 +27,7 @@ from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from taskserver.clientip import Network, client_address
 from taskserver.idempotency import VALID_KEY, Claim, IdempotencyKeys, fingerprint
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter
@@ -351,8 +352,17 @@ class TaskAPI:
         clock: IReactorTime,
         kill: Callable[[], None] | None = None,
         kill_token: str | None = None,
+        *,
+        ip_limiter: RateLimiter | None = None,
+        trusted_proxies: Sequence[Network] = (),
     ) -> None:
-        """``kill`` ends this process abruptly (GET /kill); None turns the route off."""
+        """``kill`` ends this process abruptly (GET /kill); None turns the route off.
+
+        ``ip_limiter`` is the optional per-client-address backstop tier; the
+        address comes from X-Forwarded-For only when the peer is a trusted proxy.
+        """
+        self._ip_limiter = ip_limiter
+        self._trusted_proxies = tuple(trusted_proxies)
         self._limiter = limiter
         self._queue = queue
         self._idempotency = idempotency
@@ -376,6 +386,21 @@ class TaskAPI:
             )
         user_id, payload = parse_task_body(request.getHeader(b"content-type"), request.body())
         key = idempotency_key(request.getHeader(b"idempotency-key"))
+        if self._ip_limiter is not None and self._ip_limiter.active:
+            address = client_address(
+                request.getClientAddress().host,
+                request.requestHeaders.getRawHeaders(b"x-forwarded-for"),
+                self._trusted_proxies,
+            )
+            by_address = await self._ip_limiter.check(address)
+            if not by_address.allowed:
+                return respond(
+                    request,
+                    429,
+                    by_address.problem(),
+                    by_address.headers(self._clock.seconds()),
+                    content_type="application/problem+json",
+                )
         task = Task.new(user_id, payload, self._clock.seconds())
         if key is not None:
             claim = Claim(task.id, fingerprint(user_id, payload), task.queued_at)

@@ -13,7 +13,7 @@ import treq
 from twisted.internet import defer, reactor
 
 from conftest import RunningServer, eventually, sleep, unused_port
-from taskserver.config import RedisAddress, parse_rate_limits
+from taskserver.config import RateTier, RedisAddress, parse_rate_limits
 from taskserver.web import (
     KILL_FLUSH_TIMEOUT_S,
     ApiError,
@@ -539,3 +539,16 @@ async def test_a_child_holds_at_most_max_connections_and_the_rest_wait(
     assert sum(client.received.endswith(b"0\r\n\r\n") for client in waiting) == 1
     for client in clients:
         client.protocol.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_per_address_tier_stops_a_client_rotating_user_ids(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(ip_rate_limits=(RateTier("ip-60s", 3, 60_000),))
+    codes = [
+        (await post(server, f'{{"user_id": "rotating-{n}"}}'.encode()))[0].code for n in range(5)
+    ]
+    assert codes == [202, 202, 202, 429, 429]
+    _, problem = await post(server, b'{"user_id": "rotating-9"}')
+    assert problem["violated-policies"] == ["ip-60s"]
