@@ -71,8 +71,13 @@ def connect(address: RedisAddress, poolsize: int, reply_timeout_s: float | None)
 
 
 def is_unavailable(error: BaseException) -> bool:
-    """True for failures that mean Redis cannot serve right now."""
-    if isinstance(error, txredisapi.ConnectionError | defer.TimeoutError | defer.CancelledError):
+    """True for failures that mean Redis cannot serve right now.
+
+    Not CancelledError: that is the caller giving up (a client that went
+    away), and must stay a cancellation so that nobody answers a 503 to a
+    closed connection.
+    """
+    if isinstance(error, txredisapi.ConnectionError | defer.TimeoutError):
         return True
     if isinstance(error, txredisapi.ResponseError):
         return str(error).startswith(_UNAVAILABLE_REPLIES)

@@ -138,12 +138,19 @@ class CountingChannel(http.HTTPChannel):
     def _too_slow(self) -> None:
         """The request did not arrive in time (a slow or stuck client): 408, then close."""
         self._read_deadline = None
-        body = json.dumps(
-            {"error": "request_timeout", "message": "the request took too long to arrive"}
-        ).encode()
+        self._answer_and_close(408, "request_timeout", "the request took too long to arrive")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Not HTTP we can parse (twisted.web answers a bare 400): a JSON 400, then close."""
+        self._answer_and_close(400, "bad_request", "malformed HTTP request")
+
+    def _answer_and_close(self, status: int, code: str, message: str) -> None:
+        """An error answer written directly: there is no Request to answer through."""
+        body = json.dumps({"error": code, "message": message}).encode()
+        phrase = HTTPStatus(status).phrase.encode("ascii")
         self.transport.write(  # type: ignore[union-attr]
-            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body)
         )
         self.loseConnection()
 

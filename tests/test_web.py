@@ -552,3 +552,35 @@ async def test_the_per_address_tier_stops_a_client_rotating_user_ids(
     assert codes == [202, 202, 202, 429, 429]
     _, problem = await post(server, b'{"user_id": "rotating-9"}')
     assert problem["violated-policies"] == ["ip-60s"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_hangs_up_mid_request_leaves_no_error_behind(
+    server: RunningServer, redis: Any
+) -> None:
+    from twisted.logger import globalLogPublisher
+
+    failures: list[Any] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event or event.get("isError"):
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        await redis.execute_command("CLIENT", "PAUSE", "400", "ALL")
+        client = await RawClient().connect(server.port)
+        client.send(
+            b"POST /api/v1/task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 17\r\n\r\n{"user_id": "hu"}'
+        )
+        await sleep(0.1)  # the request is now waiting on the paused Redis
+        client.protocol.transport.loseConnection()  # type: ignore[union-attr]
+        await client.closed
+        assert (await treq.get(server.url + "/readyz")).code in (200, 503)
+        await eventually(
+            lambda: treq.get(server.url + "/readyz").addCallback(lambda r: r.code == 200)
+        )
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert failures == []
