@@ -189,6 +189,8 @@ class ConsumerService(Service):
         failures = 0
         while not self._stopping:
             try:
+                if failures:
+                    await self._give_back_lost_fetch(consumer_id)
                 raw = await self._queue.fetch(
                     self._blocking, self._queue.keys.pending, processing, POP_WAIT_S
                 )
@@ -210,6 +212,23 @@ class ConsumerService(Service):
                 raise
             except Exception:
                 self.log.failure("consumer {consumer} failed on a task", consumer=consumer_id)
+
+    async def _give_back_lost_fetch(self, consumer_id: str) -> None:
+        """After a failed fetch, return whatever landed in our list anyway.
+
+        If the connection drops while BRPOPLPUSH completes, Redis may have
+        moved a task into our processing list and the reply is lost. We are
+        alive and keep our heartbeat, so no reaper would ever take it back:
+        we do, before fetching again (our list is empty between tasks).
+        """
+        got = await self._queue.reclaim(
+            self.process_id, [consumer_id], forget=False, force=True, died=False
+        )
+        if got.requeued:
+            self.log.info(
+                "consumer {consumer}: a fetch whose answer was lost is back in the queue",
+                consumer=consumer_id,
+            )
 
     def _note_failure(self, consumer_id: str, error: Exception) -> None:
         if consumer_id not in self._failing:

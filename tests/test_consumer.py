@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+import txredisapi
 from twisted.internet import defer, reactor
 
 from conftest import connect_raw, eventually
@@ -258,3 +259,50 @@ async def test_an_entry_that_is_not_a_task_is_dropped(
         return not names
 
     await eventually(processing_lists_empty)
+
+
+class LosesTheFirstReply:
+    """A blocking Redis client whose first BRPOPLPUSH moves a task but whose reply is lost.
+
+    That is what a connection that drops at the wrong moment (a Redis restart,
+    a network blip) does: the task is in the consumer's list, the consumer
+    does not know it.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._lost_one = False
+
+    async def brpoplpush(self, source: str, destination: str, timeout: int) -> Any:
+        if not self._lost_one:
+            self._lost_one = True
+            moved = await self._real.rpoplpush(source, destination)
+            assert moved, "the test enqueues a task first"
+            raise txredisapi.ConnectionError("Lost connection")
+        return await self._real.brpoplpush(source, destination, timeout)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_whose_fetch_reply_was_lost_is_not_stuck(
+    queue: TaskQueue, redis_server: RedisAddress, tmp_path: Path
+) -> None:
+    task = await enqueue(queue, "unlucky")
+    real = connect_raw(redis_server, poolsize=1)
+    log_file = TaskLogFile(tmp_path / "logs", 1_000_000)
+    service = ConsumerService(
+        queue=queue,
+        blocking_redis=LosesTheFirstReply(real),
+        handler=lambda task: None,
+        task_log=TaskLog(log_file.write_line, pid=1),
+        concurrency=1,
+        heartbeat_ttl_s=30.0,  # the process stays alive: no reaper would help
+        shutdown_timeout_s=1.0,
+        clock=reactor,
+    )
+    service.startService()
+    try:
+        await eventually(status_is(queue, task, "completed"), timeout=5.0)
+    finally:
+        await service.stopService()
+        await real.disconnect()
+        log_file.close()
