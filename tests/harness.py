@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -194,3 +195,40 @@ def wait_until_logged(log_dir: Path, task_ids: set[str], timeout: float = 30.0) 
         return counts if task_ids <= set(counts) else None
 
     return wait_for(logged, timeout=timeout, what=f"{len(task_ids)} tasks in the log")
+
+
+class Load:
+    """A bounded stream of POSTs from distinct users on a few threads (loopback only)."""
+
+    def __init__(self, server: Twistd, threads: int = 4, limit: int = 400) -> None:
+        self.server = server
+        self.accepted: list[str] = []
+        self.failed = 0
+        self._limit = limit
+        self._next = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if self._next >= self._limit:
+                    return
+                n, self._next = self._next, self._next + 1
+            task_id = self.server.post_task(f"load-{os.getpid()}-{n}")
+            with self._lock:
+                if task_id:
+                    self.accepted.append(task_id)
+                else:
+                    self.failed += 1
+
+    def done(self) -> bool:
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def finish(self, timeout: float = 60.0) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+        self._stop.set()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness import (
+    Load,
     Twistd,
     alive,
     logged_task_ids,
@@ -24,40 +25,6 @@ def start_cluster(twistd: Callable[..., Twistd], **environ: str) -> tuple[Twistd
     server = twistd(WORKERS=str(WORKERS), **environ)
     pids = server.wait_until_ready(WORKERS)
     return server, pids
-
-
-class Load:
-    """A bounded stream of POSTs from distinct users on a few threads (loopback only)."""
-
-    def __init__(self, server: Twistd, threads: int = 4, limit: int = 400) -> None:
-        self.server = server
-        self.accepted: list[str] = []
-        self.failed = 0
-        self._limit = limit
-        self._next = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                if self._next >= self._limit:
-                    return
-                n, self._next = self._next, self._next + 1
-            task_id = self.server.post_task(f"load-{os.getpid()}-{n}")
-            with self._lock:
-                if task_id:
-                    self.accepted.append(task_id)
-                else:
-                    self.failed += 1
-
-    def finish(self, timeout: float = 60.0) -> None:
-        for thread in self._threads:
-            thread.join(timeout)
-        self._stop.set()
 
 
 def test_children_share_the_port_and_connections_spread_evenly(

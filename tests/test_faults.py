@@ -1,0 +1,133 @@
+"""Fault injection: a few thousand tasks while children are SIGKILLed, /kill is called and
+Redis restarts; afterwards every accepted task has completed or is dead-lettered.
+
+The figures are printed (run with -s) and quoted in the README's reliability section.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import valkey
+
+from conftest import unused_port
+from harness import Load, Twistd, alive, logged_task_ids, wait_for
+from taskserver.embedded import find_server_binary, server_arguments
+
+TASKS = 8000
+SEED = 20261127
+
+
+class ExternalRedis:
+    """A Redis-protocol server with an append-only file, restarted on the same port."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = unused_port()
+        self.data_dir = data_dir
+        self.binary = find_server_binary(None)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            server_arguments(self.binary, self.port, self.data_dir),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._answers, what="Redis answering")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM: the server syncs its append-only file, as a clean restart does."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[ExternalRedis]:
+    server = ExternalRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_nothing_accepted_is_lost_under_faults(
+    twistd: Callable[..., Twistd], redis: ExternalRedis, tmp_path: Path
+) -> None:
+    rng = random.Random(SEED)
+    prefix = f"faults{time.monotonic_ns()}"
+    server = twistd(
+        WORKERS="2",
+        REDIS_URL=f"redis://127.0.0.1:{redis.port}/0",
+        KEY_PREFIX=prefix,
+        HEARTBEAT_TTL="2",
+        SHUTDOWN_TIMEOUT="2",
+        TASK_HANDLER="sample_handlers:slow",
+        SLOW_HANDLER_S="0.005",
+    )
+    server.wait_until_ready(2)
+    started = time.monotonic()
+    load = Load(server, threads=6, limit=TASKS)
+    faults: Counter[str] = Counter()
+    while not load.done():
+        time.sleep(rng.uniform(0.1, 0.4))  # when to strike: test input, not synchronisation
+        action = rng.choice(["sigkill", "/kill", "redis restart"])
+        if action == "sigkill":
+            victims = [pid for pid in server.ready_pids() if alive(pid)]
+            if victims:
+                os.kill(rng.choice(victims), signal.SIGKILL)
+        elif action == "/kill":
+            with contextlib.suppress(OSError):
+                server.request("GET", "/kill")
+        else:
+            redis.restart()
+        faults[action] += 1
+        assert time.monotonic() - started < 180, "the load never finished"
+    load.finish()
+    loaded_in = time.monotonic() - started
+
+    accepted = set(load.accepted)
+    client = valkey.Valkey(port=redis.port)
+
+    def outcome() -> tuple[Counter[str], set[str], set[str]]:
+        completed = logged_task_ids(tmp_path / "logs")
+        dead_entries = client.lrange(f"{prefix}:{{q}}:dead", 0, -1)
+        dead = {json.loads(entry)["task"]["id"] for entry in dead_entries}
+        return completed, dead, accepted - set(completed) - dead
+
+    with contextlib.suppress(AssertionError):  # a timeout is reported below, with the count
+        wait_for(lambda: not outcome()[2], timeout=90, what="every accepted task settled")
+    completed, dead, lost = outcome()
+    duplicates = sum(count - 1 for task_id, count in completed.items() if task_id in accepted)
+    print(
+        f"\nfault injection: {len(accepted)} accepted of {TASKS} attempted "
+        f"({load.failed} refused or cut off) in {loaded_in:.1f} s; faults {dict(faults)}; "
+        f"completed {len(accepted & set(completed))}, dead-lettered {len(accepted & dead)}, "
+        f"lost {len(lost)}, duplicate runs {duplicates}"
+    )
+    assert lost == set()
+    assert faults["redis restart"] >= 1 and faults["sigkill"] + faults["/kill"] >= 2
+    assert server.stop() == 0
