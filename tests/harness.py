@@ -200,8 +200,12 @@ def wait_until_logged(log_dir: Path, task_ids: set[str], timeout: float = 30.0) 
 class Load:
     """A bounded stream of POSTs from distinct users on a few threads (loopback only)."""
 
-    def __init__(self, server: Twistd, threads: int = 4, limit: int = 400) -> None:
+    def __init__(
+        self, server: Twistd, threads: int = 4, limit: int = 400, users: str = "load"
+    ) -> None:
+        """``users`` names the users (``<users>-<n>``): give concurrent loads different ones."""
         self.server = server
+        self._users = users
         self.accepted: list[str] = []
         self.failed = 0
         self._limit = limit
@@ -218,7 +222,7 @@ class Load:
                 if self._next >= self._limit:
                     return
                 n, self._next = self._next, self._next + 1
-            task_id = self.server.post_task(f"load-{os.getpid()}-{n}")
+            task_id = self.server.post_task(f"{self._users}-{os.getpid()}-{n}")
             with self._lock:
                 if task_id:
                     self.accepted.append(task_id)

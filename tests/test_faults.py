@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from harness import Load, Twistd, alive, logged_task_ids, wait_for
 from taskserver.embedded import find_server_binary, server_arguments
 
 TASKS = 8000
+REAPED = re.compile(r"dead consumers' tasks: (\d+) back to the queue")
 SEED = 20261127
 
 
@@ -130,4 +132,58 @@ def test_nothing_accepted_is_lost_under_faults(
     )
     assert lost == set()
     assert faults["redis restart"] >= 1 and faults["sigkill"] + faults["/kill"] >= 2
+    deaths = server.output.count(" died: ")
+    assert deaths <= faults["sigkill"] + faults["/kill"], "a Redis restart killed a process"
     assert server.stop() == 0
+
+
+def test_a_crashed_hosts_tasks_are_finished_by_the_other_host(
+    twistd: Callable[..., Twistd], redis: ExternalRedis, tmp_path: Path
+) -> None:
+    """Two instances on one Redis, as two hosts; one loses power (all SIGKILLed) under load."""
+    shared = {
+        "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0",
+        "KEY_PREFIX": f"hosts{time.monotonic_ns()}",
+        "HEARTBEAT_TTL": "2",
+        "WORKERS": "1",
+        "TASK_HANDLER": "sample_handlers:slow",
+        "SLOW_HANDLER_S": "0.05",
+        "CONCURRENCY": "8",
+    }
+    (tmp_path / "host-a").mkdir()
+    (tmp_path / "host-b").mkdir()
+    doomed = Twistd(tmp_path / "host-a", shared)
+    survivor = Twistd(tmp_path / "host-b", shared)
+    for host in (doomed, survivor):
+        host.wait_until_ready(1)
+    try:
+        load_a = Load(doomed, threads=2, limit=400, users="host-a")
+        load_b = Load(survivor, threads=2, limit=800, users="host-b")
+        wait_for(lambda: len(load_a.accepted) >= 200, what="load on host A")
+        doomed.crash()
+        crashed_at = time.monotonic()
+        load_a.finish()
+        load_b.finish()
+        accepted = set(load_a.accepted) | set(load_b.accepted)
+        logs = [tmp_path / "host-a" / "logs", tmp_path / "host-b" / "logs"]
+
+        def missing() -> set[str]:
+            done: set[str] = set()
+            for log_dir in logs:
+                done |= set(logged_task_ids(log_dir))
+            return accepted - done
+
+        wait_for(lambda: not missing(), timeout=30, what="the crashed host's tasks finished")
+        finished_after = time.monotonic() - crashed_at
+        reaped = sum(int(n) for n in REAPED.findall(survivor.output))
+        print(
+            f"\ntwo hosts: {len(accepted)} accepted; host A crashed; the survivor gave {reaped} of "
+            f"its in-flight tasks back to the queue; all finished {finished_after:.1f} s after "
+            f"the crash (HEARTBEAT_TTL 2 s)"
+        )
+        assert reaped >= 1, "host A had tasks in flight, and the survivor reaped them"
+        assert survivor.stop() == 0
+    finally:
+        for host in (doomed, survivor):
+            if host.process.poll() is None:
+                host.process.kill()
