@@ -98,12 +98,11 @@ class Scoreboard:
 class Seat:
     """One child's place on the scoreboard: counts its connections, decides when it may accept."""
 
-    def __init__(self, scoreboard: Scoreboard, index: int, clock: IReactorTime) -> None:
+    def __init__(self, scoreboard: Scoreboard, index: int) -> None:
         self.scoreboard = scoreboard
         self.index = index
         self.connections = 0
         self.accepting = True
-        self._clock = clock
 
     def publish(self) -> None:
         self.scoreboard.write(self.index, self.connections, self.accepting, time.monotonic())
@@ -138,7 +137,7 @@ class BalancedPort(tcp.Port):
     """
 
     seat: Seat | None = None
-    seat_clock: IReactorTime
+    clock: IReactorTime
     max_connections: int = 1_000_000
     _recheck_call: Any = None
 
@@ -155,7 +154,7 @@ class BalancedPort(tcp.Port):
         """Listen on the inherited socket ``fd``; ``factory`` must have a ``channels`` set."""
         port: BalancedPort = cls._fromListeningDescriptor(reactor, fd, family, factory)
         port.seat = seat
-        port.seat_clock = reactor
+        port.clock = reactor
         port.max_connections = max_connections
         port.startListening()
         return port
@@ -175,7 +174,7 @@ class BalancedPort(tcp.Port):
 
     def _schedule_recheck(self) -> None:
         if self._recheck_call is None or not self._recheck_call.active():
-            self._recheck_call = self.seat_clock.callLater(RECHECK_EVERY_S, self.recheck)
+            self._recheck_call = self.clock.callLater(RECHECK_EVERY_S, self.recheck)
 
     def recheck(self) -> None:
         """Start reading the socket again if we may accept."""

@@ -240,7 +240,7 @@ def main() -> None:
         resolve_handler(settings.handler),
         reactor,
         lambda line: _send_record(f"task {line}"),
-        seat=Seat(Scoreboard(SCOREBOARD_FD, config["seats"]), config["seat"], reactor),
+        seat=Seat(Scoreboard(SCOREBOARD_FD, config["seats"]), config["seat"]),
         kill=_die,
         process_id=config["process_id"],
     )

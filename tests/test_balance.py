@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from twisted.internet.task import Clock
 
 from taskserver.balance import STALE_AFTER_S, Scoreboard, Seat, accept_allowance
 
@@ -57,7 +56,7 @@ def test_stale_and_draining_seats_are_left_out(board: Scoreboard) -> None:
 
 
 def test_seat_counts_connections_and_retires(board: Scoreboard) -> None:
-    seat = Seat(board, 3, Clock())
+    seat = Seat(board, 3)
     seat.opened()
     seat.opened()
     seat.closed()
