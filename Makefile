@@ -4,9 +4,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SOURCES := taskserver tests twisted
+SOURCES := taskserver tests twisted bench
 
-.PHONY: run test lint venv clean
+.PHONY: run test lint venv clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,9 @@ test: lint
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The benchmark (issue 5): taskserver against a bare Klein + LPUSH floor, loopback only,
+# bounded (10 s of load per run). Needs wrk, from Debian's packages.
+bench: venv
+	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
+	$(BIN)/python bench/run.py

@@ -1,0 +1,329 @@
+"""``make bench``: taskserver against the floor, for 1 and for all workers, on loopback.
+
+For each worker count it runs the floor (bench/floor.py) and then taskserver
+(the real ``twistd -n taskserver``, embedded Redis, default settings) under
+the same wrk load: 64 connections, every request from a distinct user. It
+reports accepted requests/s, latency percentiles and non-2xx answers,
+end-to-end tasks/s (accepted tasks over the time until the last one is in
+the task log), the backlog when the load stops, CPU per accepted request
+(server processes and Redis apart), Redis commands per accepted task
+(INFO commandstats), and the connections each child held. Figures go to
+bench-results/ and to standard output; ratios to the floor of the same run
+are what to compare across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import valkey
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from taskserver.embedded import find_server_binary, server_arguments  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+WORKER_STARTED = re.compile(r"worker-\d+ started \(pid (\d+)\)")
+EMBEDDED_REDIS = re.compile(r"Redis: embedded \S+ \(pid (\d+)\) at [\d.]+:(\d+)")
+LISTENING = re.compile(r"listening on http://\S+:(\d+)")
+
+
+@dataclass
+class Result:
+    server: str
+    workers: int
+    requests_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    requests: int = 0
+    non_2xx: int = 0
+    socket_errors: str = ""
+    accepted: int = 0
+    connections_per_child: list[int] = field(default_factory=list)
+    server_cpu_ms_per_request: float = 0.0
+    redis_cpu_ms_per_request: float = 0.0
+    redis_calls_per_task: float = 0.0
+    redis_round_trips_per_task: float = 0.0
+    tasks_per_s_end_to_end: float = 0.0
+    completed_during_load_pct: float = 0.0
+    backlog_at_load_end: int = 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total
+
+
+def connections_per_pid(port: int) -> list[int]:
+    """Established server-side connections on ``port``, counted per owning process."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    counts: Counter[int] = Counter(int(pid) for pid in re.findall(r"pid=(\d+)", out))
+    return sorted(counts.values(), reverse=True)
+
+
+def wait_for(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {what} did not happen within {timeout} s")
+        time.sleep(0.05)
+
+
+def run_wrk(port: int, seconds: float, connections: int, on_midway: Any = None) -> dict[str, Any]:
+    command = [
+        "wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "--timeout", "5s",
+        "-s", str(ROOT / "bench" / "post.lua"), f"http://127.0.0.1:{port}",
+    ]  # fmt: skip
+    wrk = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    midway = None
+    if on_midway is not None:
+        time.sleep(seconds / 2)  # the benchmark's own schedule: sample halfway through
+        midway = on_midway()
+    out, _ = wrk.communicate(timeout=seconds + 30)
+    return {"text": out, "midway": midway, **parse_wrk(out)}
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
+        if not match:
+            return 0.0
+        value, unit = float(match[1]), match[2]
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    requests = int(re.search(r"(\d+) requests in", text)[1])  # type: ignore[index]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors = re.search(r"Socket errors: (.*)", text)
+    return {
+        "requests": requests,
+        "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", text)[1]),  # type: ignore[index]
+        "p50_ms": latency("50%"),
+        "p90_ms": latency("90%"),
+        "p99_ms": latency("99%"),
+        "non_2xx": int(non_2xx[1]) if non_2xx else 0,
+        "socket_errors": errors[1].strip() if errors else "",
+    }
+
+
+def commandstats(client: valkey.Valkey) -> dict[str, int]:
+    return {name: int(stats["calls"]) for name, stats in client.info("commandstats").items()}
+
+
+#: Commands a client sends itself; the others in commandstats run inside scripts.
+CLIENT_COMMANDS = {
+    "cmdstat_evalsha", "cmdstat_eval", "cmdstat_brpoplpush", "cmdstat_lrem", "cmdstat_hmget",
+    "cmdstat_smembers", "cmdstat_ping", "cmdstat_del", "cmdstat_select", "cmdstat_auth",
+}  # fmt: skip
+
+
+class Redis:
+    """A Redis-protocol server like the embedded one (AOF, noeviction), for the floor."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        (workdir / "redis").mkdir()
+        self.process = subprocess.Popen(
+            server_arguments(find_server_binary(None), self.port, workdir / "redis"),
+            stdout=subprocess.DEVNULL,
+        )
+        self.client = valkey.Valkey(port=self.port)
+        wait_for(self._ping, 10, "the floor's Redis")
+
+    def _ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except valkey.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(20)
+
+
+def bench_floor(workers: int, seconds: float, workdir: Path) -> Result:
+    redis = Redis(workdir)
+    port = free_port()
+    log = open(workdir / "floor.out", "w+")  # noqa: SIM115
+    floor = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "floor.py"), "--port", str(port),
+         "--workers", str(workers), "--redis-port", str(redis.port)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        wait_for(lambda: Path(log.name).read_text().count("ready") >= workers, 30, "floor ready")
+        pids = [floor.pid, *map(int, WORKER_STARTED.findall(Path(log.name).read_text()))]
+        run_wrk(port, 2, 64)  # warm-up
+        result = Result("floor", workers)
+        before = (cpu_ticks(pids), cpu_ticks([redis.process.pid]), redis.client.llen("floor:queue"))
+        out = run_wrk(port, seconds, 64, on_midway=lambda: connections_per_pid(port))
+        server_cpu = cpu_ticks(pids) - before[0]
+        redis_cpu = cpu_ticks([redis.process.pid]) - before[1]
+        result.accepted = redis.client.llen("floor:queue") - before[2]
+        fill(result, out, server_cpu, redis_cpu)
+        return result
+    finally:
+        floor.send_signal(signal.SIGTERM)
+        floor.wait(20)
+        redis.stop()
+
+
+def bench_taskserver(workers: int, seconds: float, workdir: Path) -> Result:
+    twistd = str(Path(sys.executable).parent / "twistd")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "TASK_"))}
+    env.update({"PORT": "0", "INTERFACE": "127.0.0.1", "WORKERS": str(workers)})
+    log = open(workdir / "twistd.out", "w+")  # noqa: SIM115
+    server = subprocess.Popen(
+        [twistd, "--pidfile=", "-n", "taskserver"], cwd=workdir, env=env,
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    tasks_log = workdir / "logs" / "tasks.log"
+
+    def lines() -> int:
+        return sum(1 for _ in tasks_log.open()) if tasks_log.exists() else 0
+
+    try:
+        output = lambda: Path(log.name).read_text()  # noqa: E731
+        wait_for(lambda: output().count(") ready") >= workers, 60, "taskserver ready")
+        port = int(LISTENING.search(output())[1])  # type: ignore[index]
+        redis_pid, redis_port = map(int, EMBEDDED_REDIS.search(output()).groups())  # type: ignore[union-attr]
+        client = valkey.Valkey(port=redis_port)
+        pids = [server.pid, *map(int, WORKER_STARTED.findall(output()))]
+        run_wrk(port, 2, 64)  # warm-up
+        wait_for(lambda: client.llen("taskserver:{q}:pending") == 0, 60, "warm-up drained")
+        result = Result("taskserver", workers)
+        before_lines, before_calls = lines(), commandstats(client)
+        before_cpu = (cpu_ticks(pids), cpu_ticks([redis_pid]))
+        started = time.monotonic()
+        out = run_wrk(port, seconds, 64, on_midway=lambda: connections_per_pid(port))
+        result.backlog_at_load_end = int(client.llen("taskserver:{q}:pending"))
+        done_during_load = lines() - before_lines
+        accepted = out["requests"] - out["non_2xx"]
+        wait_for(lambda: lines() - before_lines >= accepted, 120, "every task in the log")
+        drained = time.monotonic() - started
+        server_cpu = cpu_ticks(pids) - before_cpu[0]
+        redis_cpu = cpu_ticks([redis_pid]) - before_cpu[1]
+        calls = {k: v - before_calls.get(k, 0) for k, v in commandstats(client).items()}
+        result.accepted = accepted
+        fill(result, out, server_cpu, redis_cpu)
+        result.tasks_per_s_end_to_end = accepted / drained
+        result.completed_during_load_pct = 100 * done_during_load / max(1, accepted)
+        result.redis_calls_per_task = sum(calls.values()) / max(1, accepted)
+        result.redis_round_trips_per_task = sum(
+            v for k, v in calls.items() if k in CLIENT_COMMANDS
+        ) / max(1, accepted)
+        return result
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+
+
+def fill(result: Result, out: dict[str, Any], server_ticks: int, redis_ticks: int) -> None:
+    for name in (
+        "requests_per_s",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "requests",
+        "non_2xx",
+        "socket_errors",
+    ):
+        setattr(result, name, out[name])
+    result.connections_per_child = out["midway"] or []
+    per_request = 1000 / TICKS / max(1, result.accepted)
+    result.server_cpu_ms_per_request = server_ticks * per_request
+    result.redis_cpu_ms_per_request = redis_ticks * per_request
+
+
+def report(results: list[Result]) -> str:
+    lines = [
+        "| server | workers | accepted req/s | p50 / p90 / p99 ms | non-2xx | conns per child "
+        "| server CPU ms/req | Redis CPU ms/req | Redis calls/task (round trips) "
+        "| tasks/s end to end | done during load | backlog at end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    floors = {r.workers: r for r in results if r.server == "floor"}
+    for r in results:
+        ratio = ""
+        if r.server == "taskserver" and r.workers in floors:
+            ratio = f" ({r.requests_per_s / floors[r.workers].requests_per_s:.2f} x floor)"
+        e2e = f"{r.tasks_per_s_end_to_end:,.0f}" if r.server == "taskserver" else "-"
+        lines.append(
+            f"| {r.server} | {r.workers} | {r.requests_per_s:,.0f}{ratio} "
+            f"| {r.p50_ms:.1f} / {r.p90_ms:.1f} / {r.p99_ms:.1f} | {r.non_2xx} "
+            f"| {'/'.join(map(str, r.connections_per_child))} "
+            f"| {r.server_cpu_ms_per_request:.3f} | {r.redis_cpu_ms_per_request:.3f} "
+            f"| {r.redis_calls_per_task:.1f} ({r.redis_round_trips_per_task:.1f}) | {e2e} "
+            f"| {r.completed_during_load_pct:.0f} % | {r.backlog_at_load_end} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per run")
+    parser.add_argument("--workers", default=f"1,{os.cpu_count() or 1}")
+    arguments = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("bench: wrk is missing: apt-get install wrk (Debian's package)")
+    counts = sorted({int(n) for n in arguments.workers.split(",")})
+    results = []
+    for workers in counts:
+        for bench in (bench_floor, bench_taskserver):
+            with tempfile.TemporaryDirectory(prefix="taskserver-bench-") as workdir:
+                result = bench(workers, arguments.seconds, Path(workdir))
+                print(
+                    f"{result.server}, {workers} worker(s): {result.requests_per_s:,.0f} req/s",
+                    flush=True,
+                )
+                results.append(result)
+    table = report(results)
+    stamp = time.strftime("%Y-%m-%dT%H%M%S")
+    out_dir = ROOT / "bench-results"
+    out_dir.mkdir(exist_ok=True)
+    machine = f"{os.cpu_count()} cores, {os.uname().sysname} {os.uname().release}"
+    (out_dir / f"{stamp}.json").write_text(
+        json.dumps(
+            {"when": stamp, "machine": machine, "results": [asdict(r) for r in results]}, indent=2
+        )
+    )
+    (out_dir / f"{stamp}.md").write_text(f"{stamp}, {machine}\n\n{table}\n")
+    print(f"\n{stamp}, {machine}\n\n{table}\n\n(written to bench-results/{stamp}.md and .json)")
+
+
+if __name__ == "__main__":
+    main()
