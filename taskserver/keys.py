@@ -2,9 +2,10 @@
 """Redis key names: one prefix for everything, hash tags for Redis Cluster.
 
 The queue's keys (pending list, processing lists, status records, consumer
-registry, heartbeats) share the hash tag ``{q}`` because the queue's scripts
-touch several of them at once. A user's rate-limit counters share a tag made
-from a hash of the user id, so the user id itself never appears in a key.
+registry, heartbeats) and the users' rate-limit counters share the hash tag
+``{q}``, because one script checks the counters and enqueues, and others
+touch several queue keys at once. User ids appear in keys only as a hash.
+Per-address counters are checked in a call of their own, in their own slot.
 """
 
 from __future__ import annotations
@@ -72,8 +73,11 @@ class Keys:
         return f"{self.prefix}:idem:{{{user_hash(user_id)}}}:{digest}"
 
     def rate(self, user_id: str, tier_name: str) -> str:
-        """A user's counter for one rate-limit tier."""
-        return f"{self.prefix}:rl:{{{user_hash(user_id)}}}:{tier_name}"
+        """A user's counter for one rate-limit tier.
+
+        In the queue's slot: one script checks the counters and enqueues.
+        """
+        return f"{self._queue_tag}:rl:{user_hash(user_id)}:{tier_name}"
 
     def ip_rate(self, address: str, tier_name: str) -> str:
         """A client address's counter for one tier (apart from users: no collisions)."""

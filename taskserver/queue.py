@@ -18,18 +18,28 @@ from typing import Any, NamedTuple
 from twisted.internet.interfaces import IReactorTime
 
 from taskserver.keys import Keys
+from taskserver.ratelimit import LIMIT_LUA
 from taskserver.redisclient import within
 from taskserver.task import Task
 
-# KEYS: pending, status. ARGV: task json, ttl ms, user_id, queued_at.
-# The status record is written with the push, atomically: a fast consumer
-# could otherwise finish the task before a separate "queued" write lands.
-ENQUEUE = """
-redis.call('HSET', KEYS[2], 'status', 'queued', 'user_id', ARGV[3], 'queued_at', ARGV[4],
-           'attempts', '0')
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return redis.call('LPUSH', KEYS[1], ARGV[1])
+# The rate limit (ratelimit.LIMIT_LUA), then, if it admits the request, the
+# push and the status record: one round trip per request, atomically (a fast
+# consumer could otherwise finish the task before a separate "queued" write).
+# KEYS: counter_1..counter_n, pending, status.
+# ARGV: n, limit_1, window_ms_1, ..., task json, ttl ms, user_id, queued_at.
+ADMIT = (
+    LIMIT_LUA
+    + """
+if allowed == 1 then
+  local a = 2 * n + 2
+  redis.call('HSET', KEYS[n + 2], 'status', 'queued', 'user_id', ARGV[a + 2],
+             'queued_at', ARGV[a + 3], 'attempts', '0')
+  redis.call('PEXPIRE', KEYS[n + 2], ARGV[a + 1])
+  redis.call('LPUSH', KEYS[n + 1], ARGV[a])
+end
+return reply
 """
+)
 
 # KEYS: status. ARGV: started_at, ttl ms, user_id, queued_at. Returns attempts.
 MARK_STARTED = """
@@ -193,13 +203,19 @@ class TaskQueue:
             self._redis.eval(script, list(keys), list(args)), self._timeout_s, self._clock
         )
 
-    async def enqueue(self, task: Task) -> None:
-        """Push the task and write its "queued" status in one round trip."""
-        await self._eval(
-            ENQUEUE,
-            [self.keys.pending, self.keys.status(task.id)],
-            [task.to_json(), self._status_ttl_ms, task.user_id, task.queued_at],
+    async def admit(
+        self, task: Task, counters: Sequence[str], tier_arguments: Sequence[int]
+    ) -> Any:
+        """Rate-limit and, if admitted, enqueue: see ADMIT. Returns the limit's reply."""
+        return await self._eval(
+            ADMIT,
+            [*counters, self.keys.pending, self.keys.status(task.id)],
+            [*tier_arguments, task.to_json(), self._status_ttl_ms, task.user_id, task.queued_at],
         )
+
+    async def enqueue(self, task: Task) -> None:
+        """Push the task and write its "queued" status, with no rate limit."""
+        await self.admit(task, [], [0])
 
     async def status(self, task_id: str) -> dict[str, str] | None:
         """The status record, or None when unknown or expired."""

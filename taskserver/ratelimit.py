@@ -14,22 +14,29 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 
 from taskserver.config import RateTier
 from taskserver.keys import Keys
 from taskserver.redisclient import within
+from taskserver.task import Task
 
-# KEYS: one counter per tier. ARGV: limit_1, window_ms_1, limit_2, window_ms_2, ...
-# Returns {allowed, used_1, ttl_ms_1, used_2, ttl_ms_2, ...}; "used" is after
-# the charge when allowed, before it when not.
-CHECK_AND_CHARGE = """
+if TYPE_CHECKING:
+    from taskserver.queue import TaskQueue
+
+# KEYS: counter_1..counter_n, then whatever the script continues with.
+# ARGV: n, limit_1, window_ms_1, ..., limit_n, window_ms_n, then the rest.
+# Leaves `allowed` (1 or 0) and `reply` = {allowed, used_1, ttl_ms_1, ...};
+# "used" is after the charge when allowed, before it when not. Scripts that
+# need more (the enqueue of queue.ADMIT) append to this chunk.
+LIMIT_LUA = """
+local n = tonumber(ARGV[1])
 local allowed = 1
 local used, ttl = {}, {}
-for i = 1, #KEYS do
-  local limit, window = tonumber(ARGV[2*i-1]), tonumber(ARGV[2*i])
+for i = 1, n do
+  local limit, window = tonumber(ARGV[2*i]), tonumber(ARGV[2*i+1])
   local count = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
   local left = redis.call('PTTL', KEYS[i])
   if left <= 0 then count = 0; left = window end
@@ -37,10 +44,10 @@ for i = 1, #KEYS do
   used[i], ttl[i] = count, left
 end
 local reply = {allowed}
-for i = 1, #KEYS do
+for i = 1, n do
   if allowed == 1 then
     if used[i] == 0 then
-      redis.call('SET', KEYS[i], 1, 'PX', tonumber(ARGV[2*i]))
+      redis.call('SET', KEYS[i], 1, 'PX', tonumber(ARGV[2*i+1]))
     else
       redis.call('INCR', KEYS[i])
     end
@@ -49,8 +56,18 @@ for i = 1, #KEYS do
   reply[#reply+1] = used[i]
   reply[#reply+1] = ttl[i]
 end
-return reply
 """
+
+CHECK_AND_CHARGE = LIMIT_LUA + "return reply\n"
+
+
+def tier_arguments(tiers: Sequence[RateTier]) -> list[int]:
+    """LIMIT_LUA's leading ARGV: the tier count, then each tier's limit and window."""
+    arguments = [len(tiers)]
+    for tier in tiers:
+        arguments += [tier.limit, tier.window_ms]
+    return arguments
+
 
 QUOTA_EXCEEDED_TYPE = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
@@ -169,11 +186,23 @@ class RateLimiter:
         """Admit or reject one request by ``identity``; raises RedisUnavailable."""
         if not self._tiers:
             return Decision(allowed=True, tiers=())
-        keys = [self._key_of(self._keys, identity, tier.name) for tier in self._tiers]
-        args: list[int] = []
-        for tier in self._tiers:
-            args += [tier.limit, tier.window_ms]
         reply = await within(
-            self._redis.eval(CHECK_AND_CHARGE, keys, args), self._timeout_s, self._clock
+            self._redis.eval(
+                CHECK_AND_CHARGE, self._counters(identity), tier_arguments(self._tiers)
+            ),
+            self._timeout_s,
+            self._clock,
         )
         return decision_from_reply(self._tiers, reply)
+
+    async def admit(self, task: Task, queue: TaskQueue) -> Decision:
+        """Check and charge ``task.user_id``'s tiers and, if allowed, enqueue the task.
+
+        One round trip: the rate limit, the push and the status record run in
+        one script (queue.ADMIT), so "counted" and "enqueued" cannot disagree.
+        """
+        reply = await queue.admit(task, self._counters(task.user_id), tier_arguments(self._tiers))
+        return decision_from_reply(self._tiers, reply)
+
+    def _counters(self, identity: str) -> list[str]:
+        return [self._key_of(self._keys, identity, tier.name) for tier in self._tiers]

@@ -415,10 +415,8 @@ class TaskAPI:
             if earlier is not None:
                 return await self._replay(request, user_id, claim, earlier)
         try:
-            decision = await self._limiter.check(user_id)
+            decision = await self._limiter.admit(task, self._queue)
             headers = decision.headers(self._clock.seconds())
-            if decision.allowed:
-                await self._queue.enqueue(task)
         except Exception:
             if key is not None:
                 await self._release(user_id, key)

@@ -22,11 +22,13 @@ def test_queue_keys_share_one_hash_tag() -> None:
         assert "{q}" in name
 
 
-def test_rate_keys_of_a_user_share_a_tag_without_the_user_id() -> None:
+def test_rate_keys_share_the_queue_slot_without_the_user_id() -> None:
+    """One script checks a user's counters and enqueues: they must share the queue's tag."""
     keys = Keys("app")
     one, sixty = keys.rate("alice@example.com", "1s"), keys.rate("alice@example.com", "60s")
-    tag = "{" + user_hash("alice@example.com") + "}"
-    assert tag in one and tag in sixty
+    assert "{q}" in one and "{q}" in sixty
+    assert user_hash("alice@example.com") in one
     assert "alice" not in one
+    assert "{" + user_hash("10.0.0.1") + "}" in keys.ip_rate("10.0.0.1", "ip-60s")
     assert user_hash("a") != user_hash("b")
     assert len(user_hash("x" * 1000)) == 22
