@@ -2,7 +2,8 @@
 
 A handler receives the task as a dict (``id``, ``user_id``, ``payload``,
 ``queued_at``, ``attempts``) and returns a value, a Deferred or an
-awaitable. Raising marks the task failed.
+awaitable. Raising fails the attempt: the task is retried, up to MAX_ATTEMPTS,
+then dead-lettered.
 """
 
 from __future__ import annotations
