@@ -95,7 +95,7 @@ class ChildService(Service):
         super().startService()
         settings, reactor = self._settings, self._reactor
         api = connect(self._redis, API_POOL_SIZE, settings.redis_timeout_s)
-        blocking = connect(self._redis, settings.concurrency, settings.redis_timeout_s)
+        blocking = connect(self._redis, 1, settings.redis_timeout_s)  # the dispatcher's pop
         self._pools = [api, blocking]
         keys = Keys(settings.key_prefix)
         self.queue = TaskQueue(

@@ -285,7 +285,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "handler", "TASK_HANDLER", DEFAULT_HANDLER, "module:function run for each task", _handler
     ),
-    Option("concurrency", "CONCURRENCY", "4", "consumer loops per process", _int_in(1, 256)),
+    Option(
+        "concurrency", "CONCURRENCY", "4", "tasks run at the same time per child", _int_in(1, 256)
+    ),
     Option(
         "rate_limits",
         "RATE_LIMITS",

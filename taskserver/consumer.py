@@ -63,12 +63,17 @@ def new_process_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+def consumer_ids_of(process_id: str) -> list[str]:
+    """The processing lists of a process: one, ``<process id>#0``, for all its tasks in flight."""
+    return [f"{process_id}#0"]
+
+
 def backoff_s(failures: int) -> float:
     return float(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, failures - 1)))
 
 
 class ConsumerService(Service):
-    """``concurrency`` consumer loops, the heartbeat and the reaper of one process."""
+    """Up to ``concurrency`` tasks in flight, the heartbeat and the reaper of one process."""
 
     log = Logger()
 
@@ -97,9 +102,12 @@ class ConsumerService(Service):
         self._retry_backoff_s = retry_backoff_s
         self._clock = clock
         self.process_id = process_id or new_process_id()
-        self.consumer_ids = [f"{self.process_id}#{n}" for n in range(concurrency)]
+        self.consumer_ids = consumer_ids_of(self.process_id)
+        self._concurrency = concurrency
         self._stopping = False
-        self._loops: list[defer.Deferred[None]] = []
+        self._dispatcher: defer.Deferred[None] | None = None
+        self._running: dict[defer.Deferred[None], str] = {}
+        self._slot_freed: defer.Deferred[None] | None = None
         self._timers: list[tuple[task.LoopingCall, defer.Deferred[Any]]] = []
         self._failing: set[str] = set()
 
@@ -116,7 +124,7 @@ class ConsumerService(Service):
             timer = task.LoopingCall(function)
             timer.clock = self._clock
             self._timers.append((timer, timer.start(interval, now=True)))
-        self._loops = [defer.Deferred.fromCoroutine(self._run(c)) for c in self.consumer_ids]
+        self._dispatcher = defer.Deferred.fromCoroutine(self._run(self.consumer_ids[0]))
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -125,9 +133,11 @@ class ConsumerService(Service):
     async def _stop(self) -> None:
         """Stop fetching, let running tasks finish (bounded), give back the rest."""
         self._stopping = True
-        loops = defer.DeferredList(self._loops, consumeErrors=True)
+        self._wake_dispatcher()
         deadline = self._clock.callLater(self._shutdown_timeout_s + POP_WAIT_S, self._cancel_loops)
-        results = await loops
+        # The dispatcher first: its last fetch may still start tasks.
+        results = await defer.DeferredList([d for d in [self._dispatcher] if d], consumeErrors=True)
+        results += await defer.DeferredList(list(self._running), consumeErrors=True)
         if deadline.active():
             deadline.cancel()
         forced = any(not ok for ok, _ in results)
@@ -152,8 +162,9 @@ class ConsumerService(Service):
             self.log.info("gave {n} unfinished task(s) back to the queue", n=got.requeued)
 
     def _cancel_loops(self) -> None:
-        for loop in self._loops:
-            loop.cancel()
+        for running in [self._dispatcher, *self._running]:
+            if running is not None:
+                running.cancel()
 
     # ------------------------------------------------------------ timers
 
@@ -185,15 +196,32 @@ class ConsumerService(Service):
     # ------------------------------------------------------------ the loop
 
     async def _run(self, consumer_id: str) -> None:
+        """The dispatcher: keep up to ``concurrency`` tasks in flight.
+
+        While tasks wait, it takes as many as it has room for in one round trip
+        (fetched and marked started together); only when the queue is empty
+        does it block in BRPOPLPUSH, a second at a time.
+        """
         processing = self._queue.keys.processing(consumer_id)
         failures = 0
         while not self._stopping:
+            room = self._concurrency - len(self._running)
+            if room <= 0:
+                self._slot_freed = defer.Deferred()
+                await self._slot_freed
+                continue
             try:
                 if failures:
                     await self._give_back_lost_fetch(consumer_id)
-                raw = await self._queue.fetch(
-                    self._blocking, self._queue.keys.pending, processing, POP_WAIT_S
+                started_at = iso_utc(self._clock.seconds())
+                fetched: list[tuple[str, int | None]] = list(
+                    await self._queue.fetch_batch(consumer_id, room, started_at)
                 )
+                if not fetched:
+                    raw = await self._queue.fetch(
+                        self._blocking, self._queue.keys.pending, processing, POP_WAIT_S
+                    )
+                    fetched = [(raw, None)] if raw is not None else []
             except defer.CancelledError:
                 raise
             except Exception as e:
@@ -204,30 +232,47 @@ class ConsumerService(Service):
             if failures:
                 failures = 0
                 self._note_recovery(consumer_id)
-            if raw is None:
-                continue
-            try:
-                await self._process(consumer_id, raw)
-            except defer.CancelledError:
-                raise
-            except Exception:
-                self.log.failure("consumer {consumer} failed on a task", consumer=consumer_id)
+            for raw, attempts in fetched:
+                self._start(consumer_id, raw, attempts)
+
+    def _start(self, consumer_id: str, raw: str, attempts: int | None) -> None:
+        running = defer.Deferred.fromCoroutine(self._guarded(consumer_id, raw, attempts))
+        self._running[running] = raw
+        running.addBoth(self._finished, running)
+
+    def _finished(self, result: Any, running: defer.Deferred[None]) -> Any:
+        del self._running[running]
+        self._wake_dispatcher()
+        return result
+
+    def _wake_dispatcher(self) -> None:
+        waiting, self._slot_freed = self._slot_freed, None
+        if waiting is not None and not waiting.called:
+            waiting.callback(None)
+
+    async def _guarded(self, consumer_id: str, raw: str, attempts: int | None) -> None:
+        try:
+            await self._process(consumer_id, raw, attempts)
+        except defer.CancelledError:
+            raise
+        except Exception:
+            self.log.failure("consumer {consumer} failed on a task", consumer=consumer_id)
 
     async def _give_back_lost_fetch(self, consumer_id: str) -> None:
-        """After a failed fetch, return whatever landed in our list anyway.
+        """After a failed fetch, return what landed in our list without our knowing.
 
-        If the connection drops while BRPOPLPUSH completes, Redis may have
-        moved a task into our processing list and the reply is lost. We are
-        alive and keep our heartbeat, so no reaper would ever take it back:
-        we do, before fetching again (our list is empty between tasks).
+        If the connection drops while a fetch completes, Redis may have moved
+        tasks into our processing list and the reply is lost. We are alive and
+        keep our heartbeat, so no reaper would ever take them back: we do,
+        keeping the entries of the tasks we are running.
         """
-        got = await self._queue.reclaim(
-            self.process_id, [consumer_id], forget=False, force=True, died=False
-        )
-        if got.requeued:
+        moved = await self._queue.give_back_unknown(consumer_id, list(self._running.values()))
+        if moved:
             self.log.info(
-                "consumer {consumer}: a fetch whose answer was lost is back in the queue",
+                "consumer {consumer}: {n} task(s) of a fetch whose answer was lost are back "
+                "in the queue",
                 consumer=consumer_id,
+                n=moved,
             )
 
     def _note_failure(self, consumer_id: str, error: Exception) -> None:
@@ -241,7 +286,8 @@ class ConsumerService(Service):
         self._failing.discard(consumer_id)
         self.log.info("consumer {consumer} is fetching again", consumer=consumer_id)
 
-    async def _process(self, consumer_id: str, raw: str) -> None:
+    async def _process(self, consumer_id: str, raw: str, attempts: int | None) -> None:
+        """Run one task; ``attempts`` is None when it still has to be marked started."""
         try:
             task_ = Task.from_json(raw)
         except MalformedTask as e:
@@ -253,13 +299,14 @@ class ConsumerService(Service):
             await self._until_done(lambda: self._queue.drop(consumer_id, raw))
             return
         started = self._clock.seconds()
-        try:
-            attempts = await self._queue.mark_started(task_, iso_utc(started))
-        except RedisUnavailable as e:
-            self.log.warn(
-                "could not mark task {task_id} processing: {error}", task_id=task_.id, error=e
-            )
-            attempts = task_.attempts + 1
+        if attempts is None:
+            try:
+                attempts = await self._queue.mark_started(task_, iso_utc(started))
+            except RedisUnavailable as e:
+                self.log.warn(
+                    "could not mark task {task_id} processing: {error}", task_id=task_.id, error=e
+                )
+                attempts = task_.attempts + 1
         argument = task_.as_handler_argument()
         argument["attempts"] = attempts
         error = ""

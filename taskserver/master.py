@@ -29,6 +29,7 @@ from twisted.python.logfile import LogFile
 from taskserver.admin import write_embedded_address
 from taskserver.balance import Scoreboard
 from taskserver.config import RedisAddress, Settings, settings_to_json
+from taskserver.consumer import consumer_ids_of
 from taskserver.embedded import EmbeddedRedis
 from taskserver.keys import Keys
 from taskserver.listener import describe
@@ -126,7 +127,7 @@ class Master(Service):
         signal.signal(signal.SIGHUP, self._on_sighup)
         self.log.info(
             "taskserver listening on {url} (master pid {pid}, {n} workers, "
-            "{c} consumer loops each)",
+            "up to {c} tasks at a time each)",
             url=describe(self._listener),
             pid=os.getpid(),
             n=settings.workers,
@@ -205,7 +206,7 @@ class Master(Service):
         has expired.
         """
         assert self._queue is not None
-        consumer_ids = [f"{worker.process_id}#{n}" for n in range(self._settings.concurrency)]
+        consumer_ids = consumer_ids_of(worker.process_id)
         deadline = self._reactor.seconds() + RECLAIM_RETRY_FOR_S
         while True:
             try:

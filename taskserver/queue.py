@@ -41,6 +41,49 @@ return reply
 """
 )
 
+# KEYS: pending, processing. ARGV: most, started_at, ttl ms, status key prefix.
+# Moves up to `most` waiting tasks into the processing list (oldest first) and
+# marks each started; returns {raw_1, attempts_1, raw_2, attempts_2, ...}.
+# One round trip for a whole batch: what keeps consumers up with a busy web side.
+FETCH_BATCH = """
+local out = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('RPOPLPUSH', KEYS[1], KEYS[2])
+  if not raw then break end
+  local attempts = 1
+  local ok, task = pcall(cjson.decode, raw)
+  if ok and type(task) == 'table' and type(task.id) == 'string'
+     and type(task.user_id) == 'string' and type(task.queued_at) == 'string' then
+    local status = ARGV[4] .. task.id
+    redis.call('HSET', status, 'status', 'processing', 'started_at', ARGV[2],
+               'user_id', task.user_id, 'queued_at', task.queued_at)
+    attempts = redis.call('HINCRBY', status, 'attempts', 1)
+    redis.call('PEXPIRE', status, ARGV[3])
+  end
+  out[#out + 1] = raw
+  out[#out + 1] = attempts
+end
+return out
+"""
+
+# KEYS: processing, pending. ARGV: the entries the consumer knows it holds.
+# Gives back every other entry (a fetch whose reply was lost); returns how many.
+GIVE_BACK_UNKNOWN = """
+local known = {}
+for i = 1, #ARGV do known[ARGV[i]] = (known[ARGV[i]] or 0) + 1 end
+local moved = 0
+for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if (known[raw] or 0) > 0 then
+    known[raw] = known[raw] - 1
+  else
+    redis.call('LREM', KEYS[1], 1, raw)
+    redis.call('RPUSH', KEYS[2], raw)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
 # KEYS: status. ARGV: started_at, ttl ms, user_id, queued_at. Returns attempts.
 MARK_STARTED = """
 redis.call('HSET', KEYS[1], 'status', 'processing', 'started_at', ARGV[1],
@@ -245,6 +288,26 @@ class TaskQueue:
         """
         raw = await blocking_redis.brpoplpush(pending, processing, wait_s)
         return raw or None
+
+    async def fetch_batch(
+        self, consumer_id: str, most: int, started_at: str
+    ) -> list[tuple[str, int]]:
+        """Take up to ``most`` waiting tasks, marked started: ``[(raw, attempts), ...]``."""
+        flat = await self._eval(
+            FETCH_BATCH,
+            [self.keys.pending, self.keys.processing(consumer_id)],
+            [most, started_at, self._status_ttl_ms, self.keys.status_prefix],
+        )
+        return [(str(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def give_back_unknown(self, consumer_id: str, held: Sequence[str]) -> int:
+        """Return to the queue what is in our list but not in ``held`` (lost fetches)."""
+        moved = await self._eval(
+            GIVE_BACK_UNKNOWN,
+            [self.keys.processing(consumer_id), self.keys.pending],
+            list(held),
+        )
+        return int(moved)
 
     async def mark_started(self, task: Task, started_at: str) -> int:
         """Status "processing"; returns the attempt number (1 on the first run)."""

@@ -274,24 +274,23 @@ class LosesTheFirstReply:
         self._lost_one = False
 
     async def brpoplpush(self, source: str, destination: str, timeout: int) -> Any:
-        if not self._lost_one:
+        moved = await self._real.brpoplpush(source, destination, timeout)
+        if moved and not self._lost_one:
             self._lost_one = True
-            moved = await self._real.rpoplpush(source, destination)
-            assert moved, "the test enqueues a task first"
             raise txredisapi.ConnectionError("Lost connection")
-        return await self._real.brpoplpush(source, destination, timeout)
+        return moved
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_task_whose_fetch_reply_was_lost_is_not_stuck(
-    queue: TaskQueue, redis_server: RedisAddress, tmp_path: Path
+    queue: TaskQueue, redis_server: RedisAddress, tmp_path: Path, redis: Any
 ) -> None:
-    task = await enqueue(queue, "unlucky")
     real = connect_raw(redis_server, poolsize=1)
+    lossy = LosesTheFirstReply(real)
     log_file = TaskLogFile(tmp_path / "logs", 1_000_000)
     service = ConsumerService(
         queue=queue,
-        blocking_redis=LosesTheFirstReply(real),
+        blocking_redis=lossy,
         handler=lambda task: None,
         task_log=TaskLog(log_file.write_line, pid=1),
         concurrency=1,
@@ -301,7 +300,14 @@ async def test_a_task_whose_fetch_reply_was_lost_is_not_stuck(
     )
     service.startService()
     try:
+
+        async def pop_waiting() -> bool:
+            return "cmd=brpoplpush" in str(await redis.execute_command("CLIENT", "LIST"))
+
+        await eventually(pop_waiting)  # the queue is empty: the consumer blocks in the pop
+        task = await enqueue(queue, "unlucky")
         await eventually(status_is(queue, task, "completed"), timeout=5.0)
+        assert lossy._lost_one, "the reply of the pop that took the task was lost"
     finally:
         await service.stopService()
         await real.disconnect()

@@ -199,3 +199,32 @@ async def test_a_graceful_stop_never_dead_letters(queue: TaskQueue, redis: Any, 
     got = await queue.reclaim("me:1:z", ["me:1:z#0"], forget=True, force=True, died=False)
     assert got == (1, 0)
     assert await redis.llen(keys.pending) == 1 and await redis.llen(keys.dead) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_batch_takes_oldest_first_and_marks_them_started(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    tasks = [new_task(f"b{n}") for n in range(5)]
+    for task in tasks:
+        await queue.enqueue(task)
+    fetched = await queue.fetch_batch("p#0", 3, "2026-01-01T00:00:00.000Z")
+    assert [Task.from_json(raw).user_id for raw, _ in fetched] == ["b0", "b1", "b2"]
+    assert [attempts for _, attempts in fetched] == [1, 1, 1]
+    assert await redis.llen(keys.processing("p#0")) == 3
+    assert (await queue.status(tasks[0].id) or {})["status"] == "processing"
+    assert len(await queue.fetch_batch("p#0", 10, "t")) == 2
+    assert await queue.fetch_batch("p#0", 10, "t") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_give_back_unknown_keeps_what_the_consumer_holds(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    for n in range(3):
+        await queue.enqueue(new_task(f"g{n}"))
+    fetched = await queue.fetch_batch("p#0", 3, "t")
+    held = [fetched[0][0]]  # the consumer knows of one; the other two were "lost"
+    assert await queue.give_back_unknown("p#0", held) == 2
+    assert await redis.lrange(keys.processing("p#0"), 0, -1) == held
+    assert await redis.llen(keys.pending) == 2
