@@ -75,7 +75,6 @@ class Master(Service):
         self._scoreboard: Scoreboard | None = None
         self.redis: RedisAddress | None = None
         self.supervisor: Supervisor | None = None
-        self.started: defer.Deferred[None] = defer.Deferred()
 
     # ------------------------------------------------------------ start
 
@@ -133,7 +132,6 @@ class Master(Service):
             n=settings.workers,
             c=settings.concurrency,
         )
-        self.started.callback(None)
 
     async def _redis_address(self) -> RedisAddress:
         if self._embedded is None:
@@ -154,7 +152,6 @@ class Master(Service):
 
     def _start_failed(self, failure: Any) -> None:
         self.log.critical("taskserver could not start: {error}", error=failure.value)
-        self.started.errback(failure)
         self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
         self._reactor.stop()
 

@@ -277,9 +277,6 @@ class TaskQueue:
     async def ping(self) -> None:
         await within(self._redis.ping(), self._timeout_s, self._clock)
 
-    async def depth(self) -> int:
-        return int(await within(self._redis.llen(self.keys.pending), self._timeout_s, self._clock))
-
     @staticmethod
     async def fetch(blocking_redis: Any, pending: str, processing: str, wait_s: int) -> str | None:
         """Move the oldest task into ``processing``; None if none came within ``wait_s``.

@@ -50,12 +50,10 @@ class Worker:
     generation: int
     seat: int
     process_id: str
-    started_at: float
     transport: Any = None
     pid: int | None = None
     ready: bool = False
     retiring: bool = False
-    exit_reason: Failure | None = None
     became_ready: defer.Deferred[None] = field(default_factory=defer.Deferred)
     ended: defer.Deferred[None] = field(default_factory=defer.Deferred)
 
@@ -175,7 +173,6 @@ class Supervisor(Service):
             generation=generation,
             seat=slot + self.count * (generation % 2),
             process_id=self._process_id_for(slot, generation),
-            started_at=self._reactor.seconds(),
         )
         worker.became_ready.addErrback(lambda failure: None)  # nobody may be waiting
         self.workers[slot] = worker
@@ -227,7 +224,6 @@ class Supervisor(Service):
         worker.became_ready.callback(None)
 
     def _exited(self, worker: Worker, reason: Failure) -> None:
-        worker.exit_reason = reason
         how = describe_exit(reason)
         planned = worker.retiring
         self._retiring.discard(worker)

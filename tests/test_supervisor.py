@@ -196,4 +196,4 @@ def test_rolling_restart_replaces_one_child_at_a_time(
 
 
 def test_worker_names() -> None:
-    assert Worker(slot=3, generation=0, seat=3, process_id="p", started_at=0).name == "worker-3"
+    assert Worker(slot=3, generation=0, seat=3, process_id="p").name == "worker-3"
