@@ -165,6 +165,11 @@ class CountingChannel(http.HTTPChannel):
         self._bytes_since_answer = 0
         super().requestDone(request)
 
+    @property
+    def busy(self) -> bool:
+        """A whole request has arrived and its answer is not finished."""
+        return bool(self._handlingRequest)
+
     def close_when_idle(self) -> None:
         """Close now if idle, else right after the next answer.
 
@@ -172,9 +177,9 @@ class CountingChannel(http.HTTPChannel):
         a request that *arrives* on a non-persistent connection. Requests
         still arriving are marked by allHeadersReceived (the site drains).
         """
-        if self._served and not self._handlingRequest and not self._bytes_since_answer:
+        if self._served and not self.busy and not self._bytes_since_answer:
             self.loseConnection()
-        elif self._handlingRequest:
+        elif self.busy:
             self.persistent = False
             for request in self.requests:
                 if not request.startedWriting:

@@ -574,10 +574,15 @@ async def test_a_client_that_hangs_up_mid_request_leaves_no_error_behind(
             b"POST /api/v1/task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b'Content-Length: 17\r\n\r\n{"user_id": "hu"}'
         )
-        await sleep(0.1)  # the request is now waiting on the paused Redis
+        site = server.child.site
+        assert site is not None
+
+        def handled() -> defer.Deferred[bool]:  # the request now waits on the paused Redis
+            return defer.succeed(any(channel.busy for channel in site.channels))
+
+        await eventually(handled)
         client.protocol.transport.loseConnection()  # type: ignore[union-attr]
         await client.closed
-        assert (await treq.get(server.url + "/readyz")).code in (200, 503)
         await eventually(
             lambda: treq.get(server.url + "/readyz").addCallback(lambda r: r.code == 200)
         )
