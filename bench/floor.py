@@ -70,7 +70,7 @@ def child() -> None:
 def master(port: int, workers: int, redis_port: int) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     listener = bind_listener("127.0.0.1", port)
-    board = Scoreboard.create(2 * workers)
+    board = Scoreboard.create(Supervisor.seats_for(workers))
     supervisor = Supervisor(
         reactor,
         workers,
@@ -82,7 +82,7 @@ def master(port: int, workers: int, redis_port: int) -> None:
                 {
                     "redis_port": redis_port,
                     "seat": worker.seat,
-                    "seats": 2 * workers,
+                    "seats": Supervisor.seats_for(workers),
                     "family": int(listener.family),
                 }
             ).encode()

@@ -109,7 +109,7 @@ class Master(Service):
             settings.max_attempts,
             settings.dead_letter_max,
         )
-        self._scoreboard = Scoreboard.create(2 * settings.workers)
+        self._scoreboard = Scoreboard.create(Supervisor.seats_for(settings.workers))
         self.supervisor = Supervisor(
             self._reactor,
             settings.workers,

@@ -159,9 +159,14 @@ class Supervisor(Service):
             [defer.Deferred.fromCoroutine(self._retire(worker)) for worker in everyone]
         )
 
+    @staticmethod
+    def seats_for(count: int) -> int:
+        """Scoreboard seats for ``count`` slots: two each (see the class docstring)."""
+        return 2 * count
+
     @property
     def seats(self) -> int:
-        return 2 * self.count
+        return self.seats_for(self.count)
 
     # ------------------------------------------------------------ spawning
 
