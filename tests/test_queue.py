@@ -31,6 +31,16 @@ def new_task(user: str = "u1") -> Task:
     return Task.new(user, {"n": 1}, now=reactor.seconds())
 
 
+async def start(queue: TaskQueue, redis: Any, consumer: str = "p#0") -> tuple[Task, str]:
+    """Enqueue a task, fetch it into ``consumer``'s list and mark it started."""
+    task = new_task()
+    await queue.enqueue(task)
+    raw = await queue.fetch(redis, queue.keys.pending, queue.keys.processing(consumer), 1)
+    assert raw is not None
+    await queue.mark_started(task, "2026-01-01T00:00:00.000Z")
+    return task, raw
+
+
 @pytest_twisted.ensureDeferred
 async def test_enqueue_pushes_the_task_and_its_status_together(
     queue: TaskQueue, redis: Any, keys: Keys
@@ -83,10 +93,8 @@ async def test_unknown_task_has_no_status(queue: TaskQueue) -> None:
 async def test_reclaim_waits_while_the_heartbeat_lives(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
-    task = new_task()
-    await queue.enqueue(task)
     await queue.heartbeat("host:1:aa", ["host:1:aa#0"], ttl_s=30)
-    await queue.fetch(redis, keys.pending, keys.processing("host:1:aa#0"), 1)
+    await start(queue, redis, "host:1:aa#0")
     assert await queue.reap("someone-else") == (0, 0)
     assert await queue.reclaim("host:1:aa", ["host:1:aa#0"], forget=True) == (-1, 0)
     assert await redis.llen(keys.processing("host:1:aa#0")) == 1
@@ -120,21 +128,10 @@ async def test_reap_returns_a_dead_process_tasks_to_the_front_of_the_queue(
 @pytest_twisted.ensureDeferred
 async def test_a_process_never_reaps_itself(queue: TaskQueue, redis: Any, keys: Keys) -> None:
     me = "host:3:cc"
-    await queue.enqueue(new_task())
     await queue.heartbeat(me, [f"{me}#0"], ttl_s=30)
-    await queue.fetch(redis, keys.pending, keys.processing(f"{me}#0"), 1)
+    await start(queue, redis, f"{me}#0")
     await queue.forget_heartbeat(me)
     assert await queue.reap(me) == (0, 0)
-
-
-async def start(queue: TaskQueue, redis: Any, consumer: str = "p#0") -> tuple[Task, str]:
-    """Enqueue a task, fetch it into ``consumer``'s list and mark it started."""
-    task = new_task()
-    await queue.enqueue(task)
-    raw = await queue.fetch(redis, queue.keys.pending, queue.keys.processing(consumer), 1)
-    assert raw is not None
-    await queue.mark_started(task, "2026-01-01T00:00:00.000Z")
-    return task, raw
 
 
 @pytest_twisted.ensureDeferred
