@@ -1,11 +1,13 @@
 # -*- test-case-name: tests.test_consumer -*-
-"""Consumer loops: fetch a task, run the handler, log it, acknowledge it.
+"""The consumer of one process: fetch tasks, run the handler, log them, acknowledge them.
 
-Each loop owns a processing list (consumer id ``<process id>#<n>``). The
-service keeps the process's heartbeat alive and reaps the lists of dead
-processes. A loop survives every Redis error: it backs off and carries on,
-because a loop that died on the first ConnectionError would stop processing
-for good while the web side looked healthy.
+A dispatcher keeps up to ``concurrency`` tasks in flight, all in the
+process's one processing list (consumer id ``<process id>#0``). The service
+also keeps the process's heartbeat alive, moves due retries into the queue
+and reaps the lists of dead processes. The dispatcher survives every Redis
+error: it backs off and carries on, because one that died on the first
+ConnectionError would stop processing for good while the web side looked
+healthy.
 """
 
 from __future__ import annotations
