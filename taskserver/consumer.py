@@ -111,7 +111,6 @@ class ConsumerService(Service):
         self._running: dict[defer.Deferred[None], str] = {}
         self._slot_freed: defer.Deferred[None] | None = None
         self._timers: list[tuple[task.LoopingCall, defer.Deferred[Any]]] = []
-        self._failing: set[str] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -228,12 +227,15 @@ class ConsumerService(Service):
                 raise
             except Exception as e:
                 failures += 1
-                self._note_failure(consumer_id, e)
+                if failures == 1:
+                    self.log.warn(
+                        "consumer {consumer} cannot fetch: {error}", consumer=consumer_id, error=e
+                    )
                 await task.deferLater(self._clock, backoff_s(failures))
                 continue
             if failures:
                 failures = 0
-                self._note_recovery(consumer_id)
+                self.log.info("consumer {consumer} is fetching again", consumer=consumer_id)
             for raw, attempts in fetched:
                 self._start(consumer_id, raw, attempts)
 
@@ -276,17 +278,6 @@ class ConsumerService(Service):
                 consumer=consumer_id,
                 n=moved,
             )
-
-    def _note_failure(self, consumer_id: str, error: Exception) -> None:
-        if consumer_id not in self._failing:
-            self._failing.add(consumer_id)
-            self.log.warn(
-                "consumer {consumer} cannot fetch: {error}", consumer=consumer_id, error=error
-            )
-
-    def _note_recovery(self, consumer_id: str) -> None:
-        self._failing.discard(consumer_id)
-        self.log.info("consumer {consumer} is fetching again", consumer=consumer_id)
 
     async def _process(self, consumer_id: str, raw: str, attempts: int | None) -> None:
         """Run one task; ``attempts`` is None when it still has to be marked started."""

@@ -1,4 +1,4 @@
-"""Consumer loops against a real Redis: handlers, failures, stop, and dead consumers."""
+"""The consumer against a real Redis: handlers, failures, retries, stop, and dead consumers."""
 
 from __future__ import annotations
 
