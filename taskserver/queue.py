@@ -17,27 +17,41 @@ from typing import Any, NamedTuple
 
 from twisted.internet.interfaces import IReactorTime
 
+from taskserver.coalesce import Coalescer
 from taskserver.keys import Keys
 from taskserver.ratelimit import LIMIT_LUA
 from taskserver.redisclient import within
 from taskserver.task import Task
 
-# The rate limit (ratelimit.LIMIT_LUA), then, if it admits the request, the
-# push and the status record: one round trip per request, atomically (a fast
-# consumer could otherwise finish the task before a separate "queued" write).
-# KEYS: counter_1..counter_n, pending, status.
-# ARGV: n, limit_1, window_ms_1, ..., task json, ttl ms, user_id, queued_at.
+# For each task: the rate limit (ratelimit.LIMIT_LUA), then, if it admits
+# the task, its status record and the push. Atomic, so a fast consumer can
+# never finish a task before its "queued" record lands. Several tasks per
+# call (see coalesce.py): one script invocation and one LPUSH for all.
+# KEYS: pending, then per task: counter_1..counter_n, status.
+# ARGV: as read_tiers(), status ttl ms, then per task: json, user_id, queued_at.
+# Returns one rate-limit reply per task.
 ADMIT = (
     LIMIT_LUA
     + """
-if allowed == 1 then
-  local a = 2 * n + 2
-  redis.call('HSET', KEYS[n + 2], 'status', 'queued', 'user_id', ARGV[a + 2],
-             'queued_at', ARGV[a + 3], 'attempts', '0')
-  redis.call('PEXPIRE', KEYS[n + 2], ARGV[a + 1])
-  redis.call('LPUSH', KEYS[n + 1], ARGV[a])
+local tiers = read_tiers()
+local n = #tiers
+local ttl = ARGV[2 * n + 2]
+local replies, pushed = {}, {}
+local k = 2
+for a = 2 * n + 3, #ARGV, 3 do
+  local allowed, reply = charge(k, tiers)
+  if allowed == 1 then
+    local status = KEYS[k + n]
+    redis.call('HSET', status, 'status', 'queued', 'user_id', ARGV[a + 1],
+               'queued_at', ARGV[a + 2], 'attempts', '0')
+    redis.call('PEXPIRE', status, ttl)
+    pushed[#pushed + 1] = ARGV[a]
+  end
+  replies[#replies + 1] = reply
+  k = k + n + 1
 end
-return reply
+if #pushed > 0 then redis.call('LPUSH', KEYS[1], unpack(pushed)) end
+return replies
 """
 )
 
@@ -240,6 +254,7 @@ class TaskQueue:
         self._clock = clock
         self.max_attempts = max_attempts
         self._dead_letter_max = dead_letter_max
+        self._admissions: dict[tuple[int, ...], Coalescer[tuple[Task, Sequence[str]], Any]] = {}
 
     async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await within(
@@ -249,12 +264,27 @@ class TaskQueue:
     async def admit(
         self, task: Task, counters: Sequence[str], tier_arguments: Sequence[int]
     ) -> Any:
-        """Rate-limit and, if admitted, enqueue: see ADMIT. Returns the limit's reply."""
-        return await self._eval(
-            ADMIT,
-            [*counters, self.keys.pending, self.keys.status(task.id)],
-            [*tier_arguments, task.to_json(), self._status_ttl_ms, task.user_id, task.queued_at],
-        )
+        """Rate-limit and, if admitted, enqueue: see ADMIT. Returns the limit's reply.
+
+        Admissions made in the same reactor turn with the same tiers share one call.
+        """
+        tiers = tuple(tier_arguments)
+        batch = self._admissions.get(tiers)
+        if batch is None:
+            batch = self._admissions[tiers] = Coalescer(
+                lambda tasks: self._admit_many(tiers, tasks), self._clock
+            )
+        return await batch.submit((task, counters))
+
+    async def _admit_many(
+        self, tier_arguments: tuple[int, ...], tasks: list[tuple[Task, Sequence[str]]]
+    ) -> list[Any]:
+        keys = [self.keys.pending]
+        args: list[Any] = [*tier_arguments, self._status_ttl_ms]
+        for task, counters in tasks:
+            keys += [*counters, self.keys.status(task.id)]
+            args += [task.to_json(), task.user_id, task.queued_at]
+        return list(await self._eval(ADMIT, keys, args))
 
     async def enqueue(self, task: Task) -> None:
         """Push the task and write its "queued" status, with no rate limit."""

@@ -26,43 +26,60 @@ from taskserver.task import Task
 if TYPE_CHECKING:
     from taskserver.queue import TaskQueue
 
-# KEYS: counter_1..counter_n, then whatever the script continues with.
-# ARGV: n, limit_1, window_ms_1, ..., limit_n, window_ms_n, then the rest.
-# Leaves `allowed` (1 or 0) and `reply` = {allowed, used_1, ttl_ms_1, ...};
-# "used" is after the charge when allowed, before it when not. Scripts that
-# need more (the enqueue of queue.ADMIT) append to this chunk.
+# Lua functions for scripts that rate-limit. read_tiers() reads the leading
+# ARGV: n, limit_1, window_ms_1, ..., limit_n, window_ms_n.
+# charge(first, tiers) checks and charges the counters KEYS[first ..
+# first + n - 1]: it returns `allowed` (1 or 0) and `reply` = {allowed,
+# used_1, ttl_ms_1, ...}; "used" is after the charge when allowed, before it
+# when not. Scripts append what they do with the verdict (queue.ADMIT enqueues).
 LIMIT_LUA = """
-local n = tonumber(ARGV[1])
-local allowed = 1
-local used, ttl = {}, {}
-for i = 1, n do
-  local limit, window = tonumber(ARGV[2*i]), tonumber(ARGV[2*i+1])
-  local count = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
-  local left = redis.call('PTTL', KEYS[i])
-  if left <= 0 then count = 0; left = window end
-  if count + 1 > limit then allowed = 0 end
-  used[i], ttl[i] = count, left
-end
-local reply = {allowed}
-for i = 1, n do
-  if allowed == 1 then
-    if used[i] == 0 then
-      redis.call('SET', KEYS[i], 1, 'PX', tonumber(ARGV[2*i+1]))
-    else
-      redis.call('INCR', KEYS[i])
-    end
-    used[i] = used[i] + 1
+local function read_tiers()
+  local tiers = {}
+  for i = 1, tonumber(ARGV[1]) do
+    tiers[i] = {tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])}
   end
-  reply[#reply+1] = used[i]
-  reply[#reply+1] = ttl[i]
+  return tiers
+end
+
+local function charge(first, tiers)
+  local allowed, used, ttl = 1, {}, {}
+  for i, tier in ipairs(tiers) do
+    local key = KEYS[first + i - 1]
+    local count = tonumber(redis.call('GET', key) or '0') or 0
+    local left = redis.call('PTTL', key)
+    if left <= 0 then count = 0; left = tier[2] end
+    if count + 1 > tier[1] then allowed = 0 end
+    used[i], ttl[i] = count, left
+  end
+  local reply = {allowed}
+  for i, tier in ipairs(tiers) do
+    if allowed == 1 then
+      if used[i] == 0 then
+        redis.call('SET', KEYS[first + i - 1], 1, 'PX', tier[2])
+      else
+        redis.call('INCR', KEYS[first + i - 1])
+      end
+      used[i] = used[i] + 1
+    end
+    reply[#reply + 1] = used[i]
+    reply[#reply + 1] = ttl[i]
+  end
+  return allowed, reply
 end
 """
 
-CHECK_AND_CHARGE = LIMIT_LUA + "return reply\n"
+# KEYS: counter_1..counter_n. ARGV: as read_tiers(). Returns charge()'s reply.
+CHECK_AND_CHARGE = (
+    LIMIT_LUA
+    + """
+local _, reply = charge(1, read_tiers())
+return reply
+"""
+)
 
 
 def tier_arguments(tiers: Sequence[RateTier]) -> list[int]:
-    """LIMIT_LUA's leading ARGV: the tier count, then each tier's limit and window."""
+    """The leading ARGV of LIMIT_LUA's read_tiers(): the count, then each limit and window."""
     arguments = [len(tiers)]
     for tier in tiers:
         arguments += [tier.limit, tier.window_ms]
@@ -198,8 +215,9 @@ class RateLimiter:
     async def admit(self, task: Task, queue: TaskQueue) -> Decision:
         """Check and charge ``task.user_id``'s tiers and, if allowed, enqueue the task.
 
-        One round trip: the rate limit, the push and the status record run in
-        one script (queue.ADMIT), so "counted" and "enqueued" cannot disagree.
+        One script (queue.ADMIT) runs the rate limit, the push and the status
+        record, so "counted" and "enqueued" cannot disagree; the requests of
+        one reactor turn share one call.
         """
         reply = await queue.admit(task, self._counters(task.user_id), tier_arguments(self._tiers))
         return decision_from_reply(self._tiers, reply)

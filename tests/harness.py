@@ -102,13 +102,14 @@ class Twistd:
             what=f"{count} ready children",
         )
 
-    def post_task(self, user_id: str) -> str | None:
-        """POST a task; its id if accepted (202), None on any other answer or error."""
+    def post_task(self, user_id: str, idempotency_key: str | None = None) -> str | None:
+        """POST a task; its id if accepted (202, or 200 for a replay), None otherwise."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         try:
-            code, document = self.request("POST", "/api/v1/task", {"user_id": user_id})
+            code, document = self.request("POST", "/api/v1/task", {"user_id": user_id}, headers)
         except OSError:
             return None
-        return document["task_id"] if code == 202 else None
+        return document["task_id"] if code in (200, 202) else None
 
     def spread(self, connections: int) -> Counter[int]:
         """Open ``connections`` at once, ask each which child serves it; count per pid."""
@@ -132,10 +133,15 @@ class Twistd:
             for sock in sockets:
                 sock.close()
 
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
-            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json", **(headers or {})},
         )
         try:
             with urllib.request.urlopen(request, timeout=5) as response:

@@ -124,10 +124,18 @@ def test_a_dead_childs_task_is_back_at_once_not_after_its_heartbeat(
 def test_a_task_that_kills_its_child_ends_in_the_dead_letters(
     twistd: Callable[..., Twistd],
 ) -> None:
-    """A poison pill costs an attempt per crash, then stops crashing children."""
+    """A poison pill costs an attempt per crash, then stops crashing children.
+
+    The child that accepts the task may also be the one that runs it, and die
+    before its 202 is out: the client retries with its Idempotency-Key, as
+    the README tells clients to.
+    """
     server, _ = start_cluster(twistd, TASK_HANDLER="sample_handlers:suicide", MAX_ATTEMPTS="2")
-    task_id = server.post_task("poison")
-    assert task_id
+    task_id = wait_for(
+        lambda: server.post_task("poison", idempotency_key="poison-1"),
+        timeout=10,
+        what="the task accepted",
+    )
     wait_for(lambda: server.status_of(task_id) == "dead", timeout=20, what="the task dead-lettered")
     _, document = server.request("GET", f"/api/v1/task/{task_id}")
     assert document["attempts"] == 2

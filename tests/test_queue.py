@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
@@ -225,3 +226,28 @@ async def test_give_back_unknown_keeps_what_the_consumer_holds(
     assert await queue.give_back_unknown("p#0", held) == 2
     assert await redis.lrange(keys.processing("p#0"), 0, -1) == held
     assert await redis.llen(keys.pending) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_admissions_of_one_turn_share_a_call_and_keep_their_order(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """Ten users and a repeat of the first in one turn: the limit holds inside the batch."""
+    tiers = [1, 1, 1000]  # one tier: 1 per second
+    tasks = [new_task(f"user-{i}") for i in range(10)] + [new_task("user-0")]
+    calls_before = await script_calls(redis)
+    replies = await defer.gatherResults(
+        [defer.ensureDeferred(queue.admit(t, [keys.rate(t.user_id, "1s")], tiers)) for t in tasks]
+    )
+    assert await script_calls(redis) - calls_before == 1
+    assert [r[0] for r in replies] == [1] * 10 + [0]
+    assert replies[-1][1:] == [1, replies[-1][2]], "the repeat saw the first one's charge"
+    oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
+    assert oldest_first == [t.to_json() for t in tasks[:10]]
+    assert await queue.status(tasks[-1].id) is None, "a rejected task leaves no record"
+
+
+async def script_calls(redis: Any) -> int:
+    """EVAL and EVALSHA calls so far (INFO commandstats)."""
+    info = str(await redis.execute_command("INFO", "commandstats"))
+    return sum(int(n) for n in re.findall(r"cmdstat_eval(?:sha)?:calls=(\d+)", info))
