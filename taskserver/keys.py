@@ -11,12 +11,17 @@ Per-address counters are checked in a call of their own, in their own slot.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from dataclasses import dataclass
 
 
+@functools.lru_cache(maxsize=4096)
 def user_hash(user_id: str) -> str:
-    """22 URL-safe characters of SHA-256: stable, key-safe, not reversible."""
+    """22 URL-safe characters of SHA-256: stable, key-safe, not reversible.
+
+    Cached: every tier's counter and a user's next requests need the same hash.
+    """
     digest = hashlib.sha256(user_id.encode("utf-8")).digest()
     return base64.urlsafe_b64encode(digest).decode("ascii")[:22]
 

@@ -11,6 +11,7 @@ tier (a client retrying too fast does not burn its minute budget).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,15 @@ def tier_arguments(tiers: Sequence[RateTier]) -> list[int]:
     return arguments
 
 
+@functools.lru_cache(maxsize=16)
+def policy_header(tiers: tuple[RateTier, ...]) -> str:
+    """The RateLimit-Policy value: the same for every request of a limiter."""
+    return ", ".join(
+        f'"{tier.name}";q={tier.limit};w={max(1, math.ceil(tier.window_ms / 1000))}'
+        for tier in tiers
+    )
+
+
 QUOTA_EXCEEDED_TYPE = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
 
@@ -134,10 +144,7 @@ class Decision:
         """
         if not self.tiers:
             return []
-        policy = ", ".join(
-            f'"{s.tier.name}";q={s.tier.limit};w={max(1, math.ceil(s.tier.window_ms / 1000))}'
-            for s in self.tiers
-        )
+        policy = policy_header(tuple(s.tier for s in self.tiers))
         current = ", ".join(f'"{s.tier.name}";r={s.remaining};t={s.reset_s}' for s in self.tiers)
         binding = min(self.tiers, key=lambda s: (s.remaining, -s.reset_ms))
         headers = [

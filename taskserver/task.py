@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,7 +38,14 @@ class Task:
         return cls(id=uuid.uuid4().hex, user_id=user_id, payload=payload, queued_at=iso_utc(now))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
+        document = {
+            "id": self.id,
+            "user_id": self.user_id,
+            "payload": self.payload,
+            "queued_at": self.queued_at,
+            "attempts": self.attempts,
+        }
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, raw: str) -> Task:

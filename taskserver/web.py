@@ -250,6 +250,14 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+#: Built once: json.loads with options builds a new decoder for every call.
+_STRICT_JSON = json.JSONDecoder(
+    parse_constant=_reject_constant,
+    parse_float=_finite_float,
+    object_pairs_hook=_no_duplicate_keys,
+)
+
+
 def is_json_media_type(content_type: bytes | None) -> bool:
     """``application/json``, optionally with ``charset=utf-8``."""
     if not content_type:
@@ -284,12 +292,7 @@ def parse_task_body(content_type: bytes | None, body: bytes) -> tuple[str, Any]:
     if not is_json_media_type(content_type):
         raise ApiError(415, "unsupported_media_type", "send the task as application/json")
     try:
-        document = json.loads(
-            body.decode("utf-8"),
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-            object_pairs_hook=_no_duplicate_keys,
-        )
+        document = _STRICT_JSON.decode(body.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}"[:300]) from None
     if not isinstance(document, dict):
