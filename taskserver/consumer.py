@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from taskserver.queue import TaskQueue
@@ -110,6 +110,7 @@ class ConsumerService(Service):
         self._dispatcher: defer.Deferred[None] | None = None
         self._running: dict[defer.Deferred[None], str] = {}
         self._slot_freed: defer.Deferred[None] | None = None
+        self._wake: IDelayedCall | None = None
         self._timers: list[tuple[task.LoopingCall, defer.Deferred[Any]]] = []
 
     # ------------------------------------------------------------ lifecycle
@@ -147,6 +148,8 @@ class ConsumerService(Service):
                 timer.stop()
             await stopped
         self._timers = []
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
         try:
             await self._queue.forget_heartbeat(self.process_id)
             got = await self._queue.reclaim(
@@ -250,6 +253,11 @@ class ConsumerService(Service):
         return result
 
     def _wake_dispatcher(self) -> None:
+        """Let the dispatcher fetch, at the end of this turn: all slots freed in it at once."""
+        if self._wake is None or not self._wake.active():
+            self._wake = self._clock.callLater(0, self._wake_now)
+
+    def _wake_now(self) -> None:
         waiting, self._slot_freed = self._slot_freed, None
         if waiting is not None and not waiting.called:
             waiting.callback(None)

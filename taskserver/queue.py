@@ -107,13 +107,21 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return attempts
 """
 
-# KEYS: status, processing. ARGV: finished_at, ttl ms, raw task, duration ms,
-# user_id, queued_at. Records success and acknowledges (removes the entry).
+# KEYS: processing, then one status key per task.
+# ARGV: ttl ms, then per task: raw task, finished_at, duration ms, user_id, queued_at.
+# Records each success and acknowledges it (removes the entry, searching from
+# the oldest end, where tasks that finish in order are). Several tasks per
+# call (see coalesce.py). Returns what LREM removed, per task.
 COMPLETE = """
-redis.call('HSET', KEYS[1], 'status', 'completed', 'finished_at', ARGV[1], 'duration_ms', ARGV[4],
-           'user_id', ARGV[5], 'queued_at', ARGV[6])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return redis.call('LREM', KEYS[2], 1, ARGV[3])
+local removed = {}
+for i = 2, #KEYS do
+  local a = 5 * (i - 2) + 2
+  redis.call('HSET', KEYS[i], 'status', 'completed', 'finished_at', ARGV[a + 1],
+             'duration_ms', ARGV[a + 2], 'user_id', ARGV[a + 3], 'queued_at', ARGV[a + 4])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  removed[#removed + 1] = redis.call('LREM', KEYS[1], -1, ARGV[a])
+end
+return removed
 """
 
 # KEYS: status, processing, delayed, dead.
@@ -255,6 +263,7 @@ class TaskQueue:
         self.max_attempts = max_attempts
         self._dead_letter_max = dead_letter_max
         self._admissions: dict[tuple[int, ...], Coalescer[tuple[Task, Sequence[str]], Any]] = {}
+        self._completions: dict[str, Coalescer[tuple[str, Task, str, str], Any]] = {}
 
     async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await within(
@@ -348,19 +357,26 @@ class TaskQueue:
     async def complete(
         self, consumer_id: str, raw: str, task: Task, finished_at: str, duration_ms: float
     ) -> None:
-        """Record success and acknowledge: the entry leaves the processing list."""
-        await self._eval(
-            COMPLETE,
-            [self.keys.status(task.id), self.keys.processing(consumer_id)],
-            [
-                finished_at,
-                self._status_ttl_ms,
-                raw,
-                f"{duration_ms:.3f}",
-                task.user_id,
-                task.queued_at,
-            ],
-        )
+        """Record success and acknowledge: the entry leaves the processing list.
+
+        The completions of one consumer in the same reactor turn share one call.
+        """
+        batch = self._completions.get(consumer_id)
+        if batch is None:
+            batch = self._completions[consumer_id] = Coalescer(
+                lambda done: self._complete_many(consumer_id, done), self._clock
+            )
+        await batch.submit((raw, task, finished_at, f"{duration_ms:.3f}"))
+
+    async def _complete_many(
+        self, consumer_id: str, done: list[tuple[str, Task, str, str]]
+    ) -> list[Any]:
+        keys = [self.keys.processing(consumer_id)]
+        args: list[Any] = [self._status_ttl_ms]
+        for raw, task, finished_at, duration_ms in done:
+            keys.append(self.keys.status(task.id))
+            args += [raw, finished_at, duration_ms, task.user_id, task.queued_at]
+        return list(await self._eval(COMPLETE, keys, args))
 
     async def fail(
         self,

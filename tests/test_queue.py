@@ -251,3 +251,25 @@ async def script_calls(redis: Any) -> int:
     """EVAL and EVALSHA calls so far (INFO commandstats)."""
     info = str(await redis.execute_command("INFO", "commandstats"))
     return sum(int(n) for n in re.findall(r"cmdstat_eval(?:sha)?:calls=(\d+)", info))
+
+
+@pytest_twisted.ensureDeferred
+async def test_completions_of_one_turn_share_a_call(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    tasks = [new_task(f"user-{i}") for i in range(5)]
+    for t in tasks:
+        await queue.enqueue(t)
+    fetched = await queue.fetch_batch("p#0", 5, "2026-01-01T00:00:00.000Z")
+    assert len(fetched) == 5
+    calls_before = await script_calls(redis)
+    await defer.gatherResults(
+        [
+            defer.ensureDeferred(queue.complete("p#0", raw, t, "2026-01-01T00:00:01.000Z", 1.0))
+            for (raw, _), t in zip(fetched, tasks, strict=True)
+        ]
+    )
+    assert await script_calls(redis) - calls_before == 1
+    assert await redis.llen(keys.processing("p#0")) == 0
+    for t in tasks:
+        assert (await queue.status(t.id) or {})["status"] == "completed"
