@@ -206,6 +206,7 @@ def bench_taskserver(workers: int, seconds: float, workdir: Path) -> Result:
     twistd = str(Path(sys.executable).parent / "twistd")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "TASK_"))}
     env.update({"PORT": "0", "INTERFACE": "127.0.0.1", "WORKERS": str(workers)})
+    env["TASK_LOG_MAX_BYTES"] = str(10**10)  # one file to count lines in: no rotation mid-run
     log = open(workdir / "twistd.out", "w+")  # noqa: SIM115
     server = subprocess.Popen(
         [twistd, "--pidfile=", "-n", "taskserver"], cwd=workdir, env=env,
