@@ -70,7 +70,7 @@ class Settings:
     redis: RedisAddress | None = None
     redis_server_bin: str | None = None
     handler: str = DEFAULT_HANDLER
-    concurrency: int = 4
+    concurrency: int = 16
     rate_limits: tuple[RateTier, ...] = ()
     kill_token: str | None = field(default=None, repr=False)
     key_prefix: str = "taskserver"
@@ -286,7 +286,11 @@ OPTIONS: tuple[Option, ...] = (
         "handler", "TASK_HANDLER", DEFAULT_HANDLER, "module:function run for each task", _handler
     ),
     Option(
-        "concurrency", "CONCURRENCY", "4", "tasks run at the same time per child", _int_in(1, 256)
+        "concurrency",
+        "CONCURRENCY",
+        "16",
+        "tasks in flight at the same time per child",
+        _int_in(1, 256),
     ),
     Option(
         "rate_limits",

@@ -10,8 +10,8 @@ The user id is JSON-quoted with every non-ASCII and control character
 escaped, so nothing a client sends can split or forge a line.
 
 One process writes the file: in a cluster, children format their lines
-and send them to the master over a pipe (each line is one ``write`` on the
-child's own pipe, so lines never interleave), and the master appends them
+and send them to the master over a pipe of their own (whole lines only,
+so lines never interleave; see child.RecordPipe), and the master appends them
 through twisted.logger with a private observer that rotates by size.
 Several processes writing one ``LogFile`` would overwrite each other.
 """
