@@ -26,7 +26,7 @@ def test_defaults() -> None:
     assert settings.log_dir == Path("logs")
     assert settings.data_dir == Path("data")
     assert settings.redis is None  # embedded Redis
-    assert settings.concurrency == 4
+    assert settings.concurrency == 16
     assert settings.rate_limits == (RateTier("1s", 1, 1000), RateTier("60s", 20, 60_000))
     assert settings.status_ttl_s == 86_400
     assert settings.handler == "taskserver.handlers:complete"
