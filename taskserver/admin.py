@@ -89,6 +89,7 @@ async def stats(redis: Any, keys: Keys) -> dict[str, Any]:
         by_process[process]["processing"][consumer] = count
     return {
         "pending": int(await redis.llen(keys.pending)),
+        "suspects": int(await redis.llen(keys.suspects)),
         "delayed": int(await redis.zcard(keys.delayed)),
         "dead": int(await redis.llen(keys.dead)),
         "processing": sum(in_flight.values()),
@@ -114,6 +115,7 @@ async def purge(redis: Any, keys: Keys) -> int:
 
 def _print_stats(report: dict[str, Any]) -> None:
     print(f"pending     {report['pending']}")
+    print(f"suspects    {report['suspects']}   (running when their process died; run alone next)")
     print(f"delayed     {report['delayed']}   (retries waiting for their time)")
     print(f"dead        {report['dead']}")
     print(f"processing  {report['processing']}")

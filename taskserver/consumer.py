@@ -204,13 +204,18 @@ class ConsumerService(Service):
 
         While tasks wait, it takes as many as it has room for in one round trip
         (fetched and marked started together); only when the queue is empty
-        does it block in BRPOPLPUSH, a second at a time.
+        does it block in BRPOPLPUSH, a second at a time. Suspects (tasks whose
+        process died running them) run alone: while one waits, a busy
+        dispatcher lets its tasks finish first, and while one runs, it starts
+        nothing else. So a task that kills its process is caught alone, and
+        the tasks that happened to run beside it are not blamed.
         """
         processing = self._queue.keys.processing(consumer_id)
         failures = 0
+        alone = drain = False
         while not self._stopping:
             room = self._concurrency - len(self._running)
-            if room <= 0:
+            if room <= 0 or (self._running and (alone or drain)):
                 self._slot_freed = defer.Deferred()
                 await self._slot_freed
                 continue
@@ -218,10 +223,12 @@ class ConsumerService(Service):
                 if failures:
                     await self._give_back_lost_fetch(consumer_id)
                 started_at = iso_utc(self._clock.seconds())
-                fetched: list[tuple[str, int | None]] = list(
-                    await self._queue.fetch_batch(consumer_id, room, started_at)
+                batch = await self._queue.fetch_batch(
+                    consumer_id, room, started_at, idle=not self._running
                 )
-                if not fetched:
+                alone, drain = batch.alone, batch.wait
+                fetched: list[tuple[str, int | None]] = list(batch.tasks)
+                if not fetched and not drain:
                     raw = await self._queue.fetch(
                         self._blocking, self._queue.keys.pending, processing, POP_WAIT_S
                     )

@@ -42,6 +42,11 @@ class Keys:
         return f"{self._queue_tag}:pending"
 
     @property
+    def suspects(self) -> str:
+        """Tasks that were running when their process died: each runs alone next time."""
+        return f"{self._queue_tag}:suspects"
+
+    @property
     def delayed(self) -> str:
         """Sorted set of tasks waiting to be retried, scored by due time (ms, Redis clock)."""
         return f"{self._queue_tag}:delayed"

@@ -55,14 +55,25 @@ return replies
 """
 )
 
-# KEYS: pending, processing. ARGV: most, started_at, ttl ms, status key prefix.
+# KEYS: pending, processing, suspects.
+# ARGV: most, started_at, ttl ms, status key prefix, idle ('1': the consumer
+# runs nothing now).
 # Moves up to `most` waiting tasks into the processing list (oldest first) and
-# marks each started; returns {raw_1, attempts_1, raw_2, attempts_2, ...}.
+# marks each started; returns {mode, raw_1, attempts_1, raw_2, attempts_2, ...}.
+# While suspects (tasks whose process died running them) wait, they go first,
+# one at a time, to an idle consumer only: mode 'alone' (run it and nothing
+# else until it ends), or 'wait' and nothing for a busy consumer (let your
+# tasks finish, then ask again). Otherwise mode 'tasks'.
 # One round trip for a whole batch: what keeps consumers up with a busy web side.
 FETCH_BATCH = """
-local out = {}
-for _ = 1, tonumber(ARGV[1]) do
-  local raw = redis.call('RPOPLPUSH', KEYS[1], KEYS[2])
+local source, most, mode = KEYS[1], tonumber(ARGV[1]), 'tasks'
+if redis.call('LLEN', KEYS[3]) > 0 then
+  if ARGV[5] ~= '1' then return {'wait'} end
+  source, most, mode = KEYS[3], 1, 'alone'
+end
+local out = {mode}
+for _ = 1, most do
+  local raw = redis.call('RPOPLPUSH', source, KEYS[2])
   if not raw then break end
   local attempts = 1
   local ok, task = pcall(cjson.decode, raw)
@@ -162,22 +173,31 @@ end
 return #due
 """
 
-# KEYS: pending, consumers, heartbeat, dead, processing_1..n.
+# KEYS: pending, consumers, heartbeat, dead, suspects, processing_1..n.
 # ARGV: status key prefix, forget ('1': unregister the consumers),
 #       force ('1': even if the heartbeat exists), died ('1': the process
 #       died, so the task may have killed it), max attempts, dead-letter max,
 #       consumer_id_1..n.
 # Without force, does nothing ({-1, 0}) while the heartbeat exists.
-# Otherwise moves every entry of the processing lists back to the consuming
-# end of the queue. A task whose process died while it ran, and that has
-# used up its attempts (a poison pill), goes to the dead-letter list
-# instead. Returns {requeued, dead-lettered}. Being one script, two reapers can never both
-# move the same entry.
+# Otherwise moves every entry of the processing lists back: after a graceful
+# stop to the consuming end of the queue; after a death to the suspects,
+# which run one at a time (FETCH_BATCH). A death counts against a task (the
+# attempt its fetch charged stays) only if it was the only task its process
+# was running; otherwise the crash cannot be pinned on one task and every
+# task gets that attempt back. A task charged MAX_ATTEMPTS times this way
+# (a poison pill) goes to the dead-letter list instead. Returns {requeued,
+# dead-lettered}. Being one script, two reapers can never both move the
+# same entry.
 RECLAIM = """
 if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {-1, 0} end
 local requeued, dead = 0, 0
 local max_attempts, dead_max = tonumber(ARGV[5]), tonumber(ARGV[6])
-for i = 5, #KEYS do
+local died = ARGV[4] == '1'
+local running = 0
+for i = 6, #KEYS do running = running + redis.call('LLEN', KEYS[i]) end
+local target = KEYS[1]
+if died then target = KEYS[5] end
+for i = 6, #KEYS do
   while true do
     local raw = redis.call('LPOP', KEYS[i])
     if not raw then break end
@@ -186,8 +206,13 @@ for i = 5, #KEYS do
     local status = nil
     if ok and type(task) == 'table' and type(task.id) == 'string' then
       status = ARGV[1] .. task.id
-      local attempts = tonumber(redis.call('HGET', status, 'attempts') or '0') or 0
-      if ARGV[4] == '1' and attempts >= max_attempts then outcome = 'dead' end
+      local record = redis.call('HMGET', status, 'attempts', 'status')
+      local attempts = tonumber(record[1] or '0') or 0
+      if died and running > 1 and record[2] == 'processing' and attempts > 0 then
+        redis.call('HINCRBY', status, 'attempts', -1)
+      elseif died and attempts >= max_attempts then
+        outcome = 'dead'
+      end
       if outcome == 'dead' then
         local error = 'its process died while running it, ' .. attempts .. ' time(s)'
         local now = redis.call('TIME')
@@ -200,13 +225,13 @@ for i = 5, #KEYS do
       if redis.call('EXISTS', status) == 1 then redis.call('HSET', status, 'status', outcome) end
     end
     if outcome == 'queued' then
-      redis.call('RPUSH', KEYS[1], raw)
+      redis.call('RPUSH', target, raw)
       requeued = requeued + 1
     else
       dead = dead + 1
     end
   end
-  if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[i + 2]) end
+  if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[i + 1]) end
 end
 return {requeued, dead}
 """
@@ -235,6 +260,16 @@ class Reclaimed(NamedTuple):
 
     requeued: int
     dead: int
+
+
+class Batch(NamedTuple):
+    """What one fetch got: ``[(raw, attempts), ...]`` and how to run it."""
+
+    tasks: list[tuple[str, int]]
+    #: A suspect: run it and nothing else until it ends.
+    alone: bool = False
+    #: Suspects wait for an idle consumer: start nothing, ask again once idle.
+    wait: bool = False
 
 
 def process_of(consumer_id: str) -> str:
@@ -326,15 +361,19 @@ class TaskQueue:
         return raw or None
 
     async def fetch_batch(
-        self, consumer_id: str, most: int, started_at: str
-    ) -> list[tuple[str, int]]:
-        """Take up to ``most`` waiting tasks, marked started: ``[(raw, attempts), ...]``."""
-        flat = await self._eval(
+        self, consumer_id: str, most: int, started_at: str, idle: bool = True
+    ) -> Batch:
+        """Take up to ``most`` waiting tasks, marked started (see FETCH_BATCH).
+
+        ``idle``: the consumer runs nothing now, so it may take a suspect.
+        """
+        mode, *flat = await self._eval(
             FETCH_BATCH,
-            [self.keys.pending, self.keys.processing(consumer_id)],
-            [most, started_at, self._status_ttl_ms, self.keys.status_prefix],
+            [self.keys.pending, self.keys.processing(consumer_id), self.keys.suspects],
+            [most, started_at, self._status_ttl_ms, self.keys.status_prefix, "1" if idle else "0"],
         )
-        return [(str(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        tasks = [(str(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return Batch(tasks, alone=mode == "alone", wait=mode == "wait")
 
     async def give_back_unknown(self, consumer_id: str, held: Sequence[str]) -> int:
         """Return to the queue what is in our list but not in ``held`` (lost fetches)."""
@@ -464,6 +503,7 @@ class TaskQueue:
                 self.keys.consumers,
                 self.keys.heartbeat(process_id),
                 self.keys.dead,
+                self.keys.suspects,
                 *(self.keys.processing(c) for c in consumer_ids),
             ],
             [

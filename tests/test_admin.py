@@ -75,7 +75,7 @@ def test_the_installed_command_finds_the_embedded_redis(
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"pending", "delayed", "dead", "processing", "processes"}
+    assert set(report) == {"pending", "suspects", "delayed", "dead", "processing", "processes"}
     assert server.stop() == 0
     assert not (tmp_path / "data" / admin.EMBEDDED_ADDRESS_FILE).exists()
 

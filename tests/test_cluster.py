@@ -146,6 +146,52 @@ def test_a_task_that_kills_its_child_ends_in_the_dead_letters(
     assert server.stop() == 0
 
 
+def test_the_tasks_running_beside_a_poison_pill_are_not_blamed(
+    twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    """A pill kills its child while five slow tasks run beside it, twice (MAX_ATTEMPTS 2).
+
+    A death with several tasks running blames none of them; each then runs
+    alone. The five complete, each on its first counted attempt; the pill,
+    caught alone, ends in the dead letters.
+    """
+    server = twistd(
+        WORKERS="1",
+        TASK_HANDLER="sample_handlers:poison_or_slow",
+        SLOW_HANDLER_S="0.5",
+        MAX_ATTEMPTS="2",
+    )
+    server.wait_until_ready(1)
+    innocents = [server.post_task(f"innocent-{n}") for n in range(5)]
+    assert all(innocents)
+    wait_for(
+        lambda: all(server.status_of(t) == "processing" for t in innocents),  # type: ignore[arg-type]
+        what="the five running",
+    )
+    pill = wait_for(lambda: _post_pill(server), timeout=10, what="the pill accepted")
+    wait_for(lambda: server.status_of(pill) == "dead", timeout=40, what="the pill dead-lettered")
+    logged = wait_until_logged(tmp_path / "logs", set(innocents))  # type: ignore[arg-type]
+    for task_id in innocents:
+        _, document = server.request("GET", f"/api/v1/task/{task_id}")
+        assert (document["status"], document["attempts"]) == ("completed", 1), document
+        assert logged[task_id] == 1
+    assert server.stop() == 0
+
+
+def _post_pill(server: Twistd) -> str | None:
+    """POST the pill, retrying with its Idempotency-Key if the child dies before answering."""
+    try:
+        code, document = server.request(
+            "POST",
+            "/api/v1/task",
+            {"user_id": "pill", "payload": {"poison": True}},
+            {"Idempotency-Key": "pill-1"},
+        )
+    except OSError:
+        return None
+    return document["task_id"] if code in (200, 202) else None
+
+
 def test_sigterm_stops_everything_and_a_restart_runs_what_was_queued(
     twistd: Callable[..., Twistd], tmp_path: Path
 ) -> None:

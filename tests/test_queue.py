@@ -102,7 +102,7 @@ async def test_reclaim_waits_while_the_heartbeat_lives(
 
 
 @pytest_twisted.ensureDeferred
-async def test_reap_returns_a_dead_process_tasks_to_the_front_of_the_queue(
+async def test_reap_puts_a_dead_process_tasks_before_the_queue(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
     dead = "host:2:bb"
@@ -116,12 +116,14 @@ async def test_reap_returns_a_dead_process_tasks_to_the_front_of_the_queue(
     await queue.forget_heartbeat(dead)  # as if its TTL had run out
 
     assert await queue.reap("me") == (2, 0)
-    pending = await redis.lrange(keys.pending, 0, -1)
-    # consumers pop from the right: the reclaimed tasks come out before the one still waiting
-    out_order = [Task.from_json(raw).user_id for raw in reversed(pending)]
-    assert sorted(out_order[:2]) == ["user0", "user1"]
-    assert out_order[2] == "user2"
-    assert (await queue.status(tasks[0].id) or {})["status"] == "queued"
+    # the suspects run (alone) before anything in the queue
+    suspects = await redis.lrange(keys.suspects, 0, -1)
+    assert sorted(Task.from_json(raw).user_id for raw in suspects) == ["user0", "user1"]
+    assert [Task.from_json(raw).user_id for raw in await redis.lrange(keys.pending, 0, -1)] == [
+        "user2"
+    ]
+    record = await queue.status(tasks[0].id) or {}
+    assert (record["status"], record["attempts"]) == ("queued", "0"), "two ran: nobody blamed"
     assert await redis.smembers(keys.consumers) == set()
     assert await queue.reap("me") == (0, 0), "a list is reaped once"
 
@@ -178,12 +180,12 @@ async def test_a_task_that_keeps_killing_its_process_is_dead_lettered(
     task, _ = await start(queue, redis, "gone:1:x#0")
     assert await queue.reclaim("gone:1:x", ["gone:1:x#0"], forget=False, force=True) == (1, 0)
     assert (await queue.status(task.id) or {})["status"] == "queued", "1 of 2 attempts used"
+    assert await redis.lrange(keys.suspects, 0, -1) == [task.to_json()], "to run alone next"
 
-    raw = await queue.fetch(redis, keys.pending, keys.processing("gone:1:y#0"), 1)
-    assert raw is not None
-    await queue.mark_started(task, "2026-01-01T00:00:00.000Z")
+    batch = await queue.fetch_batch("gone:1:y#0", 10, "2026-01-01T00:00:00.000Z")
+    assert batch.alone and [attempts for _, attempts in batch.tasks] == [2]
     assert await queue.reclaim("gone:1:y", ["gone:1:y#0"], forget=False, force=True) == (0, 1)
-    assert await redis.llen(keys.pending) == 0
+    assert await redis.llen(keys.suspects) == 0
     [entry] = [json.loads(e) for e in await redis.lrange(keys.dead, 0, -1)]
     assert entry["task"]["id"] == task.id and entry["attempts"] == 2
     assert "process died" in entry["error"]
@@ -206,13 +208,13 @@ async def test_fetch_batch_takes_oldest_first_and_marks_them_started(
     tasks = [new_task(f"b{n}") for n in range(5)]
     for task in tasks:
         await queue.enqueue(task)
-    fetched = await queue.fetch_batch("p#0", 3, "2026-01-01T00:00:00.000Z")
+    fetched = (await queue.fetch_batch("p#0", 3, "2026-01-01T00:00:00.000Z")).tasks
     assert [Task.from_json(raw).user_id for raw, _ in fetched] == ["b0", "b1", "b2"]
     assert [attempts for _, attempts in fetched] == [1, 1, 1]
     assert await redis.llen(keys.processing("p#0")) == 3
     assert (await queue.status(tasks[0].id) or {})["status"] == "processing"
-    assert len(await queue.fetch_batch("p#0", 10, "t")) == 2
-    assert await queue.fetch_batch("p#0", 10, "t") == []
+    assert len((await queue.fetch_batch("p#0", 10, "t")).tasks) == 2
+    assert (await queue.fetch_batch("p#0", 10, "t")).tasks == []
 
 
 @pytest_twisted.ensureDeferred
@@ -221,7 +223,7 @@ async def test_give_back_unknown_keeps_what_the_consumer_holds(
 ) -> None:
     for n in range(3):
         await queue.enqueue(new_task(f"g{n}"))
-    fetched = await queue.fetch_batch("p#0", 3, "t")
+    fetched = (await queue.fetch_batch("p#0", 3, "t")).tasks
     held = [fetched[0][0]]  # the consumer knows of one; the other two were "lost"
     assert await queue.give_back_unknown("p#0", held) == 2
     assert await redis.lrange(keys.processing("p#0"), 0, -1) == held
@@ -260,7 +262,7 @@ async def test_completions_of_one_turn_share_a_call(
     tasks = [new_task(f"user-{i}") for i in range(5)]
     for t in tasks:
         await queue.enqueue(t)
-    fetched = await queue.fetch_batch("p#0", 5, "2026-01-01T00:00:00.000Z")
+    fetched = (await queue.fetch_batch("p#0", 5, "2026-01-01T00:00:00.000Z")).tasks
     assert len(fetched) == 5
     calls_before = await script_calls(redis)
     await defer.gatherResults(
@@ -273,3 +275,26 @@ async def test_completions_of_one_turn_share_a_call(
     assert await redis.llen(keys.processing("p#0")) == 0
     for t in tasks:
         assert (await queue.status(t.id) or {})["status"] == "completed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_death_with_several_tasks_running_blames_none_of_them(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """Which of them killed the process is unknown: each gets its attempt back and runs alone."""
+    tasks = [new_task(f"s{n}") for n in range(3)]
+    for task in tasks:
+        await queue.enqueue(task)
+    assert len((await queue.fetch_batch("gone:2:x#0", 3, "t")).tasks) == 3
+    assert await queue.reclaim("gone:2:x", ["gone:2:x#0"], forget=True, force=True) == (3, 0)
+    for task in tasks:
+        record = await queue.status(task.id) or {}
+        assert (record["status"], record["attempts"]) == ("queued", "0")
+    assert await redis.llen(keys.suspects) == 3 and await redis.llen(keys.pending) == 0
+
+    await queue.enqueue(new_task("ordinary"))
+    busy = await queue.fetch_batch("p#0", 10, "t", idle=False)
+    assert (busy.tasks, busy.wait) == ([], True), "a busy consumer lets its tasks finish first"
+    idle = await queue.fetch_batch("p#0", 10, "t", idle=True)
+    assert idle.alone and [Task.from_json(raw).id for raw, _ in idle.tasks] == [tasks[0].id]
+    assert await redis.llen(keys.pending) == 1, "ordinary tasks wait for the suspects"
