@@ -47,8 +47,11 @@ local function charge(first, tiers)
   for i, tier in ipairs(tiers) do
     local key = KEYS[first + i - 1]
     local count = tonumber(redis.call('GET', key) or '0') or 0
-    local left = redis.call('PTTL', key)
-    if left <= 0 then count = 0; left = tier[2] end
+    local left = tier[2]
+    if count > 0 then
+      left = redis.call('PTTL', key)
+      if left <= 0 then count, left = 0, tier[2] end
+    end
     if count + 1 > tier[1] then allowed = 0 end
     used[i], ttl[i] = count, left
   end
