@@ -366,7 +366,10 @@ def respond(
     request.setHeader(b"cache-control", b"no-store")
     for name, value in headers:
         request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+    body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+    # With a length, twisted.web sends the body as it is instead of in chunks.
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
 
 
 class TaskAPI:

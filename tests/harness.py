@@ -123,7 +123,7 @@ class Twistd:
             counts: Counter[int] = Counter()
             for sock in sockets:
                 data = b""
-                while not data.endswith(b"0\r\n\r\n"):
+                while not data.endswith(b"}\n"):
                     chunk = sock.recv(4096)
                     assert chunk, "connection closed before the answer"
                     data += chunk

@@ -109,6 +109,8 @@ async def test_accepted_task(server: RunningServer) -> None:
     assert headers.getRawHeaders("RateLimit-Policy") == ['"1s";q=1;w=1, "60s";q=20;w=60']
     assert headers.getRawHeaders("RateLimit") == ['"1s";r=0;t=1, "60s";r=19;t=60']
     assert headers.getRawHeaders("X-RateLimit-Remaining") == ["0"]
+    body = json.dumps(document, separators=(",", ":")).encode() + b"\n"
+    assert response.length == len(body), "sent with a Content-Length, not in chunks"
 
 
 @pytest_twisted.ensureDeferred
@@ -372,7 +374,7 @@ async def test_draining_answers_a_connection_whose_first_request_is_still_coming
     fresh = await RawClient().connect(server.port)
     idle = await RawClient().connect(server.port)
     idle.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    await eventually(lambda: defer.succeed(idle.received.endswith(b"0\r\n\r\n")))
+    await eventually(lambda: defer.succeed(idle.received.endswith(b"}\n")))
     await eventually(lambda: defer.succeed(len(server.child.site.channels) == 2))  # type: ignore[union-attr]
 
     server.child.site.drain()  # type: ignore[union-attr]
@@ -528,7 +530,7 @@ async def test_a_child_holds_at_most_max_connections_and_the_rest_wait(
         client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
 
     def answered() -> list[bool]:
-        return [client.received.endswith(b"0\r\n\r\n") for client in clients]
+        return [client.received.endswith(b"}\n") for client in clients]
 
     await eventually(lambda: defer.succeed(sum(answered()) == 3))
     assert len(server.child.site.channels) == 3  # type: ignore[union-attr]
@@ -536,7 +538,7 @@ async def test_a_child_holds_at_most_max_connections_and_the_rest_wait(
     served = [client for client, done in zip(clients, answered(), strict=True) if done]
     served[0].protocol.transport.loseConnection()  # type: ignore[union-attr]
     await eventually(lambda: defer.succeed(sum(answered()) == 4))
-    assert sum(client.received.endswith(b"0\r\n\r\n") for client in waiting) == 1
+    assert sum(client.received.endswith(b"}\n") for client in waiting) == 1
     for client in clients:
         client.protocol.transport.loseConnection()  # type: ignore[union-attr]
 
