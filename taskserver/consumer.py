@@ -325,8 +325,7 @@ class ConsumerService(Service):
                     "could not mark task {task_id} processing: {error}", task_id=task_.id, error=e
                 )
                 attempts = task_.attempts + 1
-        argument = task_.as_handler_argument()
-        argument["attempts"] = attempts
+        argument = Task.handler_argument(raw, attempts)
         error = ""
         try:
             await self._call_handler(argument)

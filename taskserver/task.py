@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -14,9 +15,19 @@ TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def iso_utc(seconds: float) -> str:
-    """ISO-8601 UTC with milliseconds, e.g. ``2026-11-27T21:00:18.123Z``."""
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO-8601 UTC with milliseconds, e.g. ``2026-11-27T21:00:18.123Z``.
+
+    Every task needs several of these; the date and time up to the second
+    are formatted once per second (what ``datetime.isoformat`` gives,
+    microseconds rounded as ``datetime.fromtimestamp`` rounds them).
+    """
+    whole, micros = divmod(round(seconds * 1_000_000), 1_000_000)
+    return f"{_second(whole)}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 class MalformedTask(ValueError):
@@ -66,6 +77,9 @@ class Task:
             raise MalformedTask("not a task: bad field types")
         return task
 
-    def as_handler_argument(self) -> dict[str, Any]:
-        """What TASK_HANDLER receives: a plain dict, a copy the handler may change."""
-        return json.loads(self.to_json())
+    @staticmethod
+    def handler_argument(raw: str, attempts: int) -> dict[str, Any]:
+        """What TASK_HANDLER receives: the task as a fresh dict (``raw`` is its JSON)."""
+        argument: dict[str, Any] = json.loads(raw)
+        argument["attempts"] = attempts
+        return argument
