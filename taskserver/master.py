@@ -23,6 +23,7 @@ from typing import IO, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, textFileLogObserver
 from twisted.python.logfile import LogFile
 
@@ -70,6 +71,8 @@ class Master(Service):
         self._log_observer: ILogObserver | None = None
         self._log_file: LogFile | None = None
         self._task_log: TaskLogFile | None = None
+        self._task_lines: list[str] = []
+        self._task_lines_due: IDelayedCall | None = None
         self._pool: Any = None
         self._queue: TaskQueue | None = None
         self._scoreboard: Scoreboard | None = None
@@ -182,12 +185,23 @@ class Master(Service):
 
     def _record(self, worker: Worker, record: str) -> None:
         kind, _, rest = record.partition(" ")
-        if kind == "task" and self._task_log is not None:
-            self._task_log.write_line(rest)
+        if kind == "task":
+            self._task_lines.append(rest)
+            if self._task_lines_due is None:
+                self._task_lines_due = self._reactor.callLater(0, self._write_task_lines)
         else:
             self.log.warn(
                 "{name} sent an unknown record: {record!r}", name=worker.name, record=record[:200]
             )
+
+    def _write_task_lines(self) -> None:
+        """The lines that arrived in one turn of the reactor, in one write."""
+        if self._task_lines_due is not None and self._task_lines_due.active():
+            self._task_lines_due.cancel()
+        self._task_lines_due = None
+        lines, self._task_lines = self._task_lines, []
+        if lines and self._task_log is not None:
+            self._task_log.write_lines(lines)
 
     def _child_exited(self, worker: Worker) -> None:
         if self._scoreboard is not None:
@@ -264,6 +278,7 @@ class Master(Service):
         self._listener.close()
         if self._scoreboard is not None:
             self._scoreboard.close()
+        self._write_task_lines()
         if self._task_log is not None:
             self._task_log.close()
         self.log.info("taskserver stopped")

@@ -70,7 +70,11 @@ class TaskLogFile:
 
     def write_line(self, line: str) -> None:
         """Append one line (no newline inside it; callers pass task_line() output)."""
-        self._log.info("{task_line}", task_line=line)
+        self.write_lines([line])
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Append several lines in one write (and one flush)."""
+        self._log.info("{task_line}", task_line="\n".join(lines))
 
     def close(self) -> None:
         self._file.close()

@@ -55,3 +55,11 @@ def test_rotates_by_size_without_losing_lines(tmp_path: Path) -> None:
     lines = [line for f in files for line in f.read_text().splitlines()]
     assert len(lines) == 100 and len(set(lines)) == 100
     assert all(LINE.match(line) for line in lines)
+
+
+def test_several_lines_in_one_write(tmp_path: Path) -> None:
+    log_file = TaskLogFile(tmp_path, 1_000_000)
+    log_file.write_lines(["first line", "second line"])
+    log_file.write_line("third line")
+    log_file.close()
+    assert (tmp_path / "tasks.log").read_text() == "first line\nsecond line\nthird line\n"
