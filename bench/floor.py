@@ -3,7 +3,9 @@
 It parses the JSON body and does one LPUSH, nothing else: no validation, no
 rate limit, no status record, no consumers. It runs on the same shared-socket
 cluster as taskserver (the same supervisor, scoreboard and balanced port), so
-the ratio taskserver/floor measures taskserver's own cost.
+the ratio taskserver/floor measures taskserver's own cost. It is a Klein app
+as Klein's documentation shows one: the router for every request and the
+default Site options; the shortcuts taskserver takes are taskserver's work.
 
     python bench/floor.py --port 8100 --workers 2 --redis-port 6390
 """
