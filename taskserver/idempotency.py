@@ -22,6 +22,9 @@ from taskserver.keys import Keys
 from taskserver.redisclient import within
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+#: A claim whose task never appeared is taken over once it is this old (or 5 x the
+#: Redis timeout, if longer): its request must have died between claim and enqueue.
+ABANDONED_AFTER_S = 10.0
 #: Printable ASCII, 1 to 255 characters (what Stripe and the IETF draft allow in practice).
 VALID_KEY = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,254}$")
 
@@ -29,6 +32,16 @@ VALID_KEY = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,254}$")
 CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
 return redis.call('GET', KEYS[1])
+"""
+
+# KEYS: claim. ARGV: the claim seen, the new claim, ttl ms, abandoned after ms.
+# Replaces the claim if it is still the one seen and old enough (by its TTL,
+# so by the Redis clock); returns 1 if it did.
+TAKE_OVER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('PTTL', KEYS[1]) > tonumber(ARGV[3]) - tonumber(ARGV[4]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
 """
 
 
@@ -68,6 +81,30 @@ class IdempotencyKeys:
             self._clock,
         )
         return Claim(**json.loads(existing)) if existing else None
+
+    async def take_over(self, user_id: str, key: str, abandoned: Claim, claim: Claim) -> bool:
+        """Replace ``abandoned`` (a claim whose task never appeared) if it is old enough.
+
+        The request that made it died between its claim and its enqueue (a
+        crash, a lost connection to Redis); without this, every retry with
+        its key would be told "in flight" until the key expired.
+        """
+        abandoned_after_ms = int(max(ABANDONED_AFTER_S, 5 * self._timeout_s) * 1000)
+        taken = await within(
+            self._redis.eval(
+                TAKE_OVER,
+                [self._keys.idempotency(user_id, key)],
+                [
+                    json.dumps(asdict(abandoned)),
+                    json.dumps(asdict(claim)),
+                    IDEMPOTENCY_TTL_S * 1000,
+                    abandoned_after_ms,
+                ],
+            ),
+            self._timeout_s,
+            self._clock,
+        )
+        return bool(taken)
 
     async def release(self, user_id: str, key: str) -> None:
         """Give the key up (the request it was claimed for did not create a task)."""

@@ -448,7 +448,10 @@ class TaskAPI:
             claim = Claim(task.id, fingerprint(user_id, payload), task.queued_at)
             earlier = await self._idempotency.claim(user_id, key, claim)
             if earlier is not None:
-                return await self._replay(request, user_id, claim, earlier)
+                replayed = await self._replay(request, user_id, key, claim, earlier)
+                if replayed is not None:
+                    return replayed
+                # The request that claimed the key died before its task existed: ours replaces it.
         try:
             decision = await self._limiter.admit(task, self._queue)
             headers = decision.headers(self._clock.seconds())
@@ -475,8 +478,11 @@ class TaskAPI:
             headers,
         )
 
-    async def _replay(self, request: IRequest, user_id: str, claim: Claim, earlier: Claim) -> bytes:
-        """A retried request: the task it created (200), or 422 if the body differs."""
+    async def _replay(
+        self, request: IRequest, user_id: str, key: str, claim: Claim, earlier: Claim
+    ) -> bytes | None:
+        """A retried request: the task it created (200), 422 if the body differs, 409 if
+        that task does not exist yet; None if it never will (the key is ours now)."""
         if earlier.fingerprint != claim.fingerprint:
             raise ApiError(
                 422,
@@ -485,6 +491,8 @@ class TaskAPI:
             )
         record = await self._queue.status(earlier.task_id)
         if record is None:
+            if await self._idempotency.take_over(user_id, key, earlier, claim):
+                return None
             raise ApiError(
                 409,
                 "idempotency_key_in_use",

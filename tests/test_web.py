@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from twisted.internet import defer, reactor
 
 from conftest import RunningServer, eventually, sleep, unused_port
 from taskserver.config import RateTier, RedisAddress, parse_rate_limits
+from taskserver.idempotency import ABANDONED_AFTER_S, IDEMPOTENCY_TTL_S, Claim, fingerprint
 from taskserver.web import (
     KILL_FLUSH_TIMEOUT_S,
     ApiError,
@@ -445,6 +447,27 @@ async def test_a_retried_post_returns_the_original_task(server: RunningServer, r
     pending = await redis.lrange(server.child.queue.keys.pending, 0, -1)  # type: ignore[union-attr]
     logged = server.task_log.read_text() if server.task_log.exists() else ""
     assert str(pending).count(created["task_id"]) + logged.count(created["task_id"]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_whose_request_died_before_its_task_is_409_then_taken_over(
+    server: RunningServer, redis: Any
+) -> None:
+    """A claim with no task: "in flight" while young; once abandoned, a retry creates the task."""
+    keys = server.child.queue.keys  # type: ignore[union-attr]
+    phantom = Claim("0" * 32, fingerprint("frank", None), "2026-01-01T00:00:00.000Z")
+    claim_key = keys.idempotency("frank", "order-7")
+    await redis.set(claim_key, json.dumps(asdict(phantom)))
+    await redis.execute_command("PEXPIRE", claim_key, IDEMPOTENCY_TTL_S * 1000)
+    young, document = await post_with_key(server, b'{"user_id": "frank"}', "order-7")
+    assert (young.code, document["error"]) == (409, "idempotency_key_in_use")
+
+    old_enough = (IDEMPOTENCY_TTL_S - ABANDONED_AFTER_S - 1) * 1000
+    await redis.execute_command("PEXPIRE", claim_key, int(old_enough))
+    taken, created = await post_with_key(server, b'{"user_id": "frank"}', "order-7")
+    assert taken.code == 202 and created["task_id"] != phantom.task_id
+    again, replayed = await post_with_key(server, b'{"user_id": "frank"}', "order-7")
+    assert (again.code, replayed["task_id"]) == (200, created["task_id"])
 
 
 @pytest_twisted.ensureDeferred
