@@ -5,8 +5,9 @@ Tasks wait in one list (LPUSH in, RPOPLPUSH out). A consumer moves a task
 atomically into its own processing list, so a task is always in exactly one
 list; it is removed only after it has finished. A process keeps a heartbeat
 key alive; when it dies, the processing lists of its consumers go back to
-the queue (:meth:`TaskQueue.reap`). Every status write carries the record's
-TTL, so status records never outlive ``STATUS_TTL``.
+the queue (:meth:`TaskQueue.reap`). Every write that creates a status record
+or records an outcome sets the record's TTL, so status records never outlive
+``STATUS_TTL``; marking a task started keeps the TTL of its enqueue.
 """
 
 from __future__ import annotations
@@ -80,10 +81,18 @@ for _ = 1, most do
   if ok and type(task) == 'table' and type(task.id) == 'string'
      and type(task.user_id) == 'string' and type(task.queued_at) == 'string' then
     local status = ARGV[4] .. task.id
-    redis.call('HSET', status, 'status', 'processing', 'started_at', ARGV[2],
-               'user_id', task.user_id, 'queued_at', task.queued_at)
-    attempts = redis.call('HINCRBY', status, 'attempts', 1)
-    redis.call('PEXPIRE', status, ARGV[3])
+    local before = redis.call('HGET', status, 'attempts')
+    if before then
+      -- the record of the enqueue (or of an earlier attempt), with its TTL
+      attempts = (tonumber(before) or 0) + 1
+      redis.call('HSET', status, 'status', 'processing', 'started_at', ARGV[2],
+                 'attempts', attempts)
+    else
+      -- the record expired while the task waited: write it whole
+      redis.call('HSET', status, 'status', 'processing', 'started_at', ARGV[2],
+                 'attempts', attempts, 'user_id', task.user_id, 'queued_at', task.queued_at)
+      redis.call('PEXPIRE', status, ARGV[3])
+    end
   end
   out[#out + 1] = raw
   out[#out + 1] = attempts

@@ -298,3 +298,22 @@ async def test_a_death_with_several_tasks_running_blames_none_of_them(
     idle = await queue.fetch_batch("p#0", 10, "t", idle=True)
     assert idle.alone and [Task.from_json(raw).id for raw, _ in idle.tasks] == [tasks[0].id]
     assert await redis.llen(keys.pending) == 1, "ordinary tasks wait for the suspects"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_whose_status_expired_while_waiting_gets_a_whole_record_again(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    task = new_task("patient")
+    await queue.enqueue(task)
+    await redis.delete(keys.status(task.id))
+    [(_, attempts)] = (await queue.fetch_batch("p#0", 1, "2026-01-01T00:00:00.000Z")).tasks
+    assert attempts == 1
+    assert await queue.status(task.id) == {
+        "status": "processing",
+        "user_id": "patient",
+        "attempts": "1",
+        "queued_at": task.queued_at,
+        "started_at": "2026-01-01T00:00:00.000Z",
+    }
+    assert 0 < int(await redis.execute_command("PTTL", keys.status(task.id))) <= 3_600_000
