@@ -116,6 +116,19 @@ async def test_accepted_task(server: RunningServer) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_route_through_klein_answers_like_the_shortcut(server: RunningServer) -> None:
+    """A spelling of the path that the Site shortcut does not match goes through Klein."""
+    response = await treq.post(
+        server.url + "/api/v1/%74ask", data=b'{"user_id": "klein"}', headers=JSON
+    )
+    document = json.loads(await response.content())
+    assert response.code == 202 and document["user_id"] == "klein"
+    assert response.headers.getRawHeaders("RateLimit") == ['"1s";r=0;t=1, "60s";r=19;t=60']
+    bad = await treq.post(server.url + "/api/v1/%74ask", data=b"[]", headers=JSON)
+    assert (bad.code, json.loads(await bad.content())["error"]) == (400, "not_an_object")
+
+
+@pytest_twisted.ensureDeferred
 async def test_status_follows_the_task_to_completion(server: RunningServer) -> None:
     _, created = await post(server, b'{"user_id": "user123"}')
 
