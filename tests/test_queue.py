@@ -32,6 +32,14 @@ def new_task(user: str = "u1") -> Task:
     return Task.new(user, {"n": 1}, now=reactor.seconds())
 
 
+async def enqueued(queue: TaskQueue, user_prefix: str, count: int) -> list[Task]:
+    """``count`` tasks of users ``<user_prefix>0``, ``<user_prefix>1``, ..., enqueued in order."""
+    tasks = [new_task(f"{user_prefix}{n}") for n in range(count)]
+    for task in tasks:
+        await queue.enqueue(task)
+    return tasks
+
+
 async def start(queue: TaskQueue, redis: Any, consumer: str = "p#0") -> tuple[Task, str]:
     """Enqueue a task, fetch it into ``consumer``'s list and mark it started."""
     task = new_task()
@@ -106,9 +114,7 @@ async def test_reap_puts_a_dead_process_tasks_before_the_queue(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
     dead = "host:2:bb"
-    tasks = [new_task(f"user{i}") for i in range(3)]
-    for task in tasks:
-        await queue.enqueue(task)
+    tasks = await enqueued(queue, "user", 3)
     await queue.heartbeat(dead, [f"{dead}#0", f"{dead}#1"], ttl_s=30)
     await queue.fetch(redis, keys.pending, keys.processing(f"{dead}#0"), 1)  # tasks[0]
     await queue.fetch(redis, keys.pending, keys.processing(f"{dead}#1"), 1)  # tasks[1]
@@ -205,9 +211,7 @@ async def test_a_graceful_stop_never_dead_letters(queue: TaskQueue, redis: Any, 
 async def test_fetch_batch_takes_oldest_first_and_marks_them_started(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
-    tasks = [new_task(f"b{n}") for n in range(5)]
-    for task in tasks:
-        await queue.enqueue(task)
+    tasks = await enqueued(queue, "b", 5)
     fetched = (await queue.fetch_batch("p#0", 3, "2026-01-01T00:00:00.000Z")).tasks
     assert [Task.from_json(raw).user_id for raw, _ in fetched] == ["b0", "b1", "b2"]
     assert [attempts for _, attempts in fetched] == [1, 1, 1]
@@ -221,8 +225,7 @@ async def test_fetch_batch_takes_oldest_first_and_marks_them_started(
 async def test_give_back_unknown_keeps_what_the_consumer_holds(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
-    for n in range(3):
-        await queue.enqueue(new_task(f"g{n}"))
+    await enqueued(queue, "g", 3)
     fetched = (await queue.fetch_batch("p#0", 3, "t")).tasks
     held = [fetched[0][0]]  # the consumer knows of one; the other two were "lost"
     assert await queue.give_back_unknown("p#0", held) == 2
@@ -259,9 +262,7 @@ async def script_calls(redis: Any) -> int:
 async def test_completions_of_one_turn_share_a_call(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
-    tasks = [new_task(f"user-{i}") for i in range(5)]
-    for t in tasks:
-        await queue.enqueue(t)
+    tasks = await enqueued(queue, "user-", 5)
     fetched = (await queue.fetch_batch("p#0", 5, "2026-01-01T00:00:00.000Z")).tasks
     assert len(fetched) == 5
     calls_before = await script_calls(redis)
@@ -282,9 +283,7 @@ async def test_a_death_with_several_tasks_running_blames_none_of_them(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
     """Which of them killed the process is unknown: each gets its attempt back and runs alone."""
-    tasks = [new_task(f"s{n}") for n in range(3)]
-    for task in tasks:
-        await queue.enqueue(task)
+    tasks = await enqueued(queue, "s", 3)
     assert len((await queue.fetch_batch("gone:2:x#0", 3, "t")).tasks) == 3
     assert await queue.reclaim("gone:2:x", ["gone:2:x#0"], forget=True, force=True) == (3, 0)
     for task in tasks:
