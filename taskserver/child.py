@@ -34,11 +34,12 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, task
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 
 from taskserver.balance import BEAT_EVERY_S, BalancedPort, Scoreboard, Seat
 from taskserver.clientip import parse_networks
+from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
 from taskserver.idempotency import IdempotencyKeys
@@ -203,7 +204,7 @@ def _read_config_line(fd: int) -> dict[str, Any]:
     return json.loads(data)
 
 
-class RecordPipe:
+def records_pipe(fd: int, clock: IReactorTime) -> TurnBuffer[str]:
     """Our pipe to the master: the records of one reactor turn go in one write.
 
     The master is the single writer of tasks.log; under load a child
@@ -215,25 +216,12 @@ class RecordPipe:
     lines arrive whatever the size of the write.
     """
 
-    def __init__(self, fd: int, clock: IReactorTime) -> None:
-        self._fd = fd
-        self._clock = clock
-        self._lines: list[str] = []
-        self._scheduled: IDelayedCall | None = None
-
-    def send(self, record: str) -> None:
-        self._lines.append(record)
-        if self._scheduled is None:
-            self._scheduled = self._clock.callLater(0, self.flush)
-
-    def flush(self) -> None:
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
-        self._scheduled = None
-        data = "".join(f"{line}\n" for line in self._lines).encode("utf-8")
-        self._lines = []
+    def write(records: list[str]) -> None:
+        data = "".join(f"{record}\n" for record in records).encode("utf-8")
         while data:
-            data = data[os.write(self._fd, data) :]
+            data = data[os.write(fd, data) :]
+
+    return TurnBuffer(write, clock)
 
 
 def _tune_garbage_collector() -> None:
@@ -273,7 +261,7 @@ def main() -> None:
         redirectStandardIO=False,
     )
     settings = settings_from_json(config["settings"])
-    records = RecordPipe(RECORDS_FD, reactor)
+    records = records_pipe(RECORDS_FD, reactor)
     service = ChildService(
         settings,
         RedisAddress(**config["redis"]),
@@ -281,7 +269,7 @@ def main() -> None:
         config["address_family"],
         resolve_handler(settings.handler),
         reactor,
-        lambda line: records.send(f"task {line}"),
+        lambda line: records.add(f"task {line}"),
         seat=Seat(Scoreboard(SCOREBOARD_FD, config["seats"]), config["seat"]),
         kill=_die,
         process_id=config["process_id"],
@@ -293,7 +281,7 @@ def main() -> None:
         service.startService()
         os.close(LISTENER_FD)  # the port holds its own duplicate
         watch.startReading()
-        records.send("ready")
+        records.add("ready")
         records.flush()
 
     reactor.callWhenRunning(start)

@@ -91,3 +91,31 @@ class Coalescer(Generic[Item, Reply]):
         for _, answer in batch:
             if not answer.called:
                 answer.errback(failure)
+
+
+class TurnBuffer(Generic[Item]):
+    """Items added during one reactor turn, handed to ``write`` together at its end.
+
+    The fire-and-forget sibling of :class:`Coalescer`: for writes nobody
+    waits on (task-log lines on their way to the file).
+    """
+
+    def __init__(self, write: Callable[[list[Item]], None], clock: IReactorTime) -> None:
+        self._write = write
+        self._clock = clock
+        self._items: list[Item] = []
+        self._scheduled: IDelayedCall | None = None
+
+    def add(self, item: Item) -> None:
+        self._items.append(item)
+        if self._scheduled is None:
+            self._scheduled = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write what was added now (also what stopping code calls last)."""
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        items, self._items = self._items, []
+        if items:
+            self._write(items)

@@ -23,12 +23,12 @@ from typing import IO, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, textFileLogObserver
 from twisted.python.logfile import LogFile
 
 from taskserver.admin import write_embedded_address
 from taskserver.balance import Scoreboard
+from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, settings_to_json
 from taskserver.consumer import consumer_ids_of
 from taskserver.embedded import EmbeddedRedis
@@ -71,8 +71,8 @@ class Master(Service):
         self._log_observer: ILogObserver | None = None
         self._log_file: LogFile | None = None
         self._task_log: TaskLogFile | None = None
-        self._task_lines: list[str] = []
-        self._task_lines_due: IDelayedCall | None = None
+        #: The task-log lines that arrive in one turn, written together.
+        self._task_lines: TurnBuffer[str] = TurnBuffer(self._write_task_lines, reactor)
         self._pool: Any = None
         self._queue: TaskQueue | None = None
         self._scoreboard: Scoreboard | None = None
@@ -186,21 +186,14 @@ class Master(Service):
     def _record(self, worker: Worker, record: str) -> None:
         kind, _, rest = record.partition(" ")
         if kind == "task":
-            self._task_lines.append(rest)
-            if self._task_lines_due is None:
-                self._task_lines_due = self._reactor.callLater(0, self._write_task_lines)
+            self._task_lines.add(rest)
         else:
             self.log.warn(
                 "{name} sent an unknown record: {record!r}", name=worker.name, record=record[:200]
             )
 
-    def _write_task_lines(self) -> None:
-        """The lines that arrived in one turn of the reactor, in one write."""
-        if self._task_lines_due is not None and self._task_lines_due.active():
-            self._task_lines_due.cancel()
-        self._task_lines_due = None
-        lines, self._task_lines = self._task_lines, []
-        if lines and self._task_log is not None:
+    def _write_task_lines(self, lines: list[str]) -> None:
+        if self._task_log is not None:
             self._task_log.write_lines(lines)
 
     def _child_exited(self, worker: Worker) -> None:
@@ -278,7 +271,7 @@ class Master(Service):
         self._listener.close()
         if self._scoreboard is not None:
             self._scoreboard.close()
-        self._write_task_lines()
+        self._task_lines.flush()
         if self._task_log is not None:
             self._task_log.close()
         self.log.info("taskserver stopped")

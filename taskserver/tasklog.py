@@ -11,7 +11,7 @@ escaped, so nothing a client sends can split or forge a line.
 
 One process writes the file: in a cluster, children format their lines
 and send them to the master over a pipe of their own (whole lines only,
-so lines never interleave; see child.RecordPipe), and the master appends them
+so lines never interleave; see child.records_pipe), and the master appends them
 through twisted.logger with a private observer that rotates by size.
 Several processes writing one ``LogFile`` would overwrite each other.
 """

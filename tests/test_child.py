@@ -6,21 +6,21 @@ import os
 
 from twisted.internet.task import Clock
 
-from taskserver.child import RecordPipe
+from taskserver.child import records_pipe
 
 
 def test_the_records_of_one_turn_go_in_one_write() -> None:
     read_end, write_end = os.pipe()
     try:
         clock = Clock()
-        pipe = RecordPipe(write_end, clock)
+        pipe = records_pipe(write_end, clock)
         for n in range(3):
-            pipe.send(f"task line {n}")
+            pipe.add(f"task line {n}")
         os.set_blocking(read_end, False)
         assert _available(read_end) == b"", "nothing before the turn ends"
         clock.advance(0)
         assert _available(read_end) == b"task line 0\ntask line 1\ntask line 2\n"
-        pipe.send("ready")
+        pipe.add("ready")
         pipe.flush()
         assert _available(read_end) == b"ready\n", "flush writes at once"
         clock.advance(0)

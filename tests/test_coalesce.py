@@ -8,7 +8,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from taskserver.coalesce import Coalescer
+from taskserver.coalesce import Coalescer, TurnBuffer
 
 
 class FakeSend:
@@ -116,3 +116,16 @@ def test_send_errors_raised_at_once_reach_the_callers(count: int) -> None:
     answers = results([batch.submit(str(i)) for i in range(count)])
     clock.advance(0)
     assert [type(f.value) for f in answers] == [RuntimeError] * count  # type: ignore[attr-defined]
+
+
+def test_a_turn_buffer_writes_a_turn_at_once_and_nothing_when_empty() -> None:
+    clock, written = Clock(), []
+    buffer: TurnBuffer[str] = TurnBuffer(written.append, clock)
+    buffer.add("a")
+    buffer.add("b")
+    assert written == []
+    clock.advance(0)
+    assert written == [["a", "b"]]
+    buffer.flush()
+    clock.advance(0)
+    assert written == [["a", "b"]], "nothing added, nothing written"
