@@ -56,6 +56,26 @@ return replies
 """
 )
 
+# A Lua function: mark_started(status key, started_at, ttl ms, user_id,
+# queued_at) records "processing" and returns the attempt number. One HSET
+# that keeps the TTL of the enqueue; the whole record, with a TTL, only if
+# it expired while the task waited.
+MARK_STARTED_LUA = """
+local function mark_started(status, started_at, ttl, user_id, queued_at)
+  local before = redis.call('HGET', status, 'attempts')
+  if before then
+    local attempts = (tonumber(before) or 0) + 1
+    redis.call('HSET', status, 'status', 'processing', 'started_at', started_at,
+               'attempts', attempts)
+    return attempts
+  end
+  redis.call('HSET', status, 'status', 'processing', 'started_at', started_at,
+             'attempts', 1, 'user_id', user_id, 'queued_at', queued_at)
+  redis.call('PEXPIRE', status, ttl)
+  return 1
+end
+"""
+
 # KEYS: pending, processing, suspects.
 # ARGV: most, started_at, ttl ms, status key prefix, idle ('1': the consumer
 # runs nothing now).
@@ -66,7 +86,9 @@ return replies
 # else until it ends), or 'wait' and nothing for a busy consumer (let your
 # tasks finish, then ask again). Otherwise mode 'tasks'.
 # One round trip for a whole batch: what keeps consumers up with a busy web side.
-FETCH_BATCH = """
+FETCH_BATCH = (
+    MARK_STARTED_LUA
+    + """
 local source, most, mode = KEYS[1], tonumber(ARGV[1]), 'tasks'
 if redis.call('LLEN', KEYS[3]) > 0 then
   if ARGV[5] ~= '1' then return {'wait'} end
@@ -80,25 +102,14 @@ for _ = 1, most do
   local ok, task = pcall(cjson.decode, raw)
   if ok and type(task) == 'table' and type(task.id) == 'string'
      and type(task.user_id) == 'string' and type(task.queued_at) == 'string' then
-    local status = ARGV[4] .. task.id
-    local before = redis.call('HGET', status, 'attempts')
-    if before then
-      -- the record of the enqueue (or of an earlier attempt), with its TTL
-      attempts = (tonumber(before) or 0) + 1
-      redis.call('HSET', status, 'status', 'processing', 'started_at', ARGV[2],
-                 'attempts', attempts)
-    else
-      -- the record expired while the task waited: write it whole
-      redis.call('HSET', status, 'status', 'processing', 'started_at', ARGV[2],
-                 'attempts', attempts, 'user_id', task.user_id, 'queued_at', task.queued_at)
-      redis.call('PEXPIRE', status, ARGV[3])
-    end
+    attempts = mark_started(ARGV[4] .. task.id, ARGV[2], ARGV[3], task.user_id, task.queued_at)
   end
   out[#out + 1] = raw
   out[#out + 1] = attempts
 end
 return out
 """
+)
 
 # KEYS: processing, pending. ARGV: the entries the consumer knows it holds.
 # Gives back every other entry (a fetch whose reply was lost); returns how many.
@@ -119,13 +130,9 @@ return moved
 """
 
 # KEYS: status. ARGV: started_at, ttl ms, user_id, queued_at. Returns attempts.
-MARK_STARTED = """
-redis.call('HSET', KEYS[1], 'status', 'processing', 'started_at', ARGV[1],
-           'user_id', ARGV[3], 'queued_at', ARGV[4])
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return attempts
-"""
+MARK_STARTED = (
+    MARK_STARTED_LUA + "return mark_started(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])\n"
+)
 
 # KEYS: processing, then one status key per task.
 # ARGV: ttl ms, then per task: raw task, finished_at, duration ms, user_id, queued_at.
