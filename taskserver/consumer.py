@@ -218,7 +218,12 @@ class ConsumerService(Service):
         failures = 0
         alone = drain = False
         while not self._stopping:
-            room = self._concurrency - len(self._running)
+            # Finished tasks awaiting their acknowledgement do not hold a slot, but
+            # they are still in the processing list: at most `concurrency` of them.
+            room = min(
+                self._concurrency - len(self._running),
+                2 * self._concurrency - len(self._running) - len(self._acking),
+            )
             if room <= 0 or (not self._idle and (alone or drain)):
                 self._slot_freed = defer.Deferred()
                 await self._slot_freed
@@ -379,8 +384,7 @@ class ConsumerService(Service):
         del self._acking[acking]
         if isinstance(result, Failure) and not result.check(defer.CancelledError):
             self.log.failure("could not acknowledge a finished task", result)
-        if not self._acking:
-            self._wake_dispatcher()  # a dispatcher waiting to be idle
+        self._wake_dispatcher()  # one waiting for room, or to be idle
 
     async def _call_handler(self, argument: dict[str, Any]) -> Any:
         """Run the handler; cancel it (TaskTimeout) if it outlives TASK_TIMEOUT."""

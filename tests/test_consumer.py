@@ -11,7 +11,7 @@ import pytest_twisted
 import txredisapi
 from twisted.internet import defer, reactor
 
-from conftest import connect_raw, eventually
+from conftest import connect_raw, eventually, sleep
 from taskserver.config import RedisAddress
 from taskserver.consumer import ConsumerService, backoff_s
 from taskserver.keys import Keys
@@ -312,3 +312,27 @@ async def test_a_task_whose_fetch_reply_was_lost_is_not_stuck(
         await service.stopService()
         await real.disconnect()
         log_file.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tasks_awaiting_their_acknowledgement_are_bounded(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, monkeypatch: Any
+) -> None:
+    """Acknowledgements that never come back: at most 2 x CONCURRENCY entries, then no fetch."""
+    unanswered: list[defer.Deferred[None]] = []
+
+    def complete(*args: Any) -> defer.Deferred[None]:
+        unanswered.append(defer.Deferred())
+        return unanswered[-1]
+
+    monkeypatch.setattr(queue, "complete", complete)
+    for n in range(10):
+        await enqueue(queue, f"unacked-{n}")
+    consumers(lambda task: None, concurrency=2)
+    await eventually(lambda: defer.succeed(len(unanswered) == 4))
+    # Nothing should happen now; a fetch would take well under a millisecond here.
+    await sleep(0.3)
+    assert len(unanswered) == 4
+    assert await redis.llen(keys.pending) == 6
+    for d in unanswered:
+        d.callback(None)
