@@ -28,6 +28,44 @@ Send = Coroutine[Any, Any, Reply] | defer.Deferred[Reply]
 MOST_PER_CALL = 256
 
 
+class TurnBuffer(Generic[Item]):
+    """Items added during one reactor turn, handed to ``write`` together at its end.
+
+    With ``most``, a buffer that reaches that many items is written at once.
+    Used as it is for writes nobody waits on (task-log lines on their way to
+    the file), and by :class:`Coalescer` for calls whose callers wait.
+    """
+
+    def __init__(
+        self, write: Callable[[list[Item]], None], clock: IReactorTime, most: int | None = None
+    ) -> None:
+        self._write = write
+        self._clock = clock
+        self._most = most
+        self._items: list[Item] = []
+        self._scheduled: IDelayedCall | None = None
+
+    def add(self, item: Item) -> None:
+        self._items.append(item)
+        if self._most is not None and len(self._items) >= self._most:
+            self.flush()
+        elif self._scheduled is None:
+            self._scheduled = self._clock.callLater(0, self.flush)
+
+    def discard(self, unwanted: Callable[[Item], bool]) -> None:
+        """Leave out the items not written yet for which ``unwanted`` is true."""
+        self._items = [item for item in self._items if not unwanted(item)]
+
+    def flush(self) -> None:
+        """Write what was added now (also what stopping code calls last)."""
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        items, self._items = self._items, []
+        if items:
+            self._write(items)
+
+
 class Coalescer(Generic[Item, Reply]):
     """Collects the items submitted during one reactor turn and sends them in one call.
 
@@ -43,39 +81,31 @@ class Coalescer(Generic[Item, Reply]):
         most: int = MOST_PER_CALL,
     ) -> None:
         self._send = send
-        self._clock = clock
-        self._most = most
-        self._waiting: list[tuple[Item, defer.Deferred[Reply]]] = []
-        self._scheduled: IDelayedCall | None = None
+        self._waiting: TurnBuffer[tuple[Item, defer.Deferred[Reply]]] = TurnBuffer(
+            self._send_batch, clock, most
+        )
 
     def submit(self, item: Item) -> defer.Deferred[Reply]:
         """The reply for ``item``, once the call that carries it has answered."""
         answer: defer.Deferred[Reply] = defer.Deferred(self._withdraw)
-        self._waiting.append((item, answer))
-        if len(self._waiting) >= self._most:
-            self.flush()
-        elif self._scheduled is None:
-            self._scheduled = self._clock.callLater(0, self.flush)
+        self._waiting.add((item, answer))
         return answer
 
     def flush(self) -> None:
         """Send what is waiting now."""
-        if self._scheduled is not None:
-            if self._scheduled.active():
-                self._scheduled.cancel()
-            self._scheduled = None
-        batch, self._waiting = self._waiting, []
-        if batch:
-            sent: defer.Deferred[Sequence[Reply]]
-            try:
-                sent = defer.ensureDeferred(self._send([item for item, _ in batch]))
-            except Exception:
-                sent = defer.fail()
-            sent.addCallback(self._answer, batch).addErrback(self._fail, batch)
+        self._waiting.flush()
+
+    def _send_batch(self, batch: list[tuple[Item, defer.Deferred[Reply]]]) -> None:
+        sent: defer.Deferred[Sequence[Reply]]
+        try:
+            sent = defer.ensureDeferred(self._send([item for item, _ in batch]))
+        except Exception:
+            sent = defer.fail()
+        sent.addCallback(self._answer, batch).addErrback(self._fail, batch)
 
     def _withdraw(self, answer: defer.Deferred[Reply]) -> None:
         """A cancelled caller: leave its item out if it has not been sent yet."""
-        self._waiting = [(item, d) for item, d in self._waiting if d is not answer]
+        self._waiting.discard(lambda waiting: waiting[1] is answer)
 
     @staticmethod
     def _answer(replies: Sequence[Reply], batch: list[tuple[Item, defer.Deferred[Reply]]]) -> None:
@@ -91,31 +121,3 @@ class Coalescer(Generic[Item, Reply]):
         for _, answer in batch:
             if not answer.called:
                 answer.errback(failure)
-
-
-class TurnBuffer(Generic[Item]):
-    """Items added during one reactor turn, handed to ``write`` together at its end.
-
-    The fire-and-forget sibling of :class:`Coalescer`: for writes nobody
-    waits on (task-log lines on their way to the file).
-    """
-
-    def __init__(self, write: Callable[[list[Item]], None], clock: IReactorTime) -> None:
-        self._write = write
-        self._clock = clock
-        self._items: list[Item] = []
-        self._scheduled: IDelayedCall | None = None
-
-    def add(self, item: Item) -> None:
-        self._items.append(item)
-        if self._scheduled is None:
-            self._scheduled = self._clock.callLater(0, self.flush)
-
-    def flush(self) -> None:
-        """Write what was added now (also what stopping code calls last)."""
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
-        self._scheduled = None
-        items, self._items = self._items, []
-        if items:
-            self._write(items)
