@@ -23,8 +23,9 @@ def test_the_records_of_one_turn_go_in_one_write() -> None:
         pipe.add("ready")
         pipe.flush()
         assert _available(read_end) == b"ready\n", "flush writes at once"
+        pipe.add("task after the flush")
         clock.advance(0)
-        assert _available(read_end) == b"", "and the scheduled write is gone"
+        assert _available(read_end) == b"task after the flush\n", "a new turn, a new write"
     finally:
         os.close(read_end)
         os.close(write_end)
