@@ -13,8 +13,9 @@ or records an outcome sets the record's TTL, so status records never outlive
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -278,6 +279,10 @@ class Reclaimed(NamedTuple):
     dead: int
 
 
+Key = TypeVar("Key")
+Item = TypeVar("Item")
+
+
 class Batch(NamedTuple):
     """What one fetch got: ``[(raw, attempts), ...]`` and how to run it."""
 
@@ -316,6 +321,17 @@ class TaskQueue:
         self._admissions: dict[tuple[int, ...], Coalescer[tuple[Task, Sequence[str]], Any]] = {}
         self._completions: dict[str, Coalescer[tuple[str, Task, str, str], Any]] = {}
 
+    def _coalescer(
+        self,
+        batches: dict[Key, Coalescer[Item, Any]],
+        key: Key,
+        send: Callable[[list[Item]], Coroutine[Any, Any, list[Any]]],
+    ) -> Coalescer[Item, Any]:
+        """The Coalescer for ``key`` in ``batches``, made on first use."""
+        if key not in batches:
+            batches[key] = Coalescer(send, self._clock)
+        return batches[key]
+
     async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await within(
             self._redis.eval(script, list(keys), list(args)), self._timeout_s, self._clock
@@ -329,11 +345,7 @@ class TaskQueue:
         Admissions made in the same reactor turn with the same tiers share one call.
         """
         tiers = tuple(tier_arguments)
-        batch = self._admissions.get(tiers)
-        if batch is None:
-            batch = self._admissions[tiers] = Coalescer(
-                lambda tasks: self._admit_many(tiers, tasks), self._clock
-            )
+        batch = self._coalescer(self._admissions, tiers, partial(self._admit_many, tiers))
         return await batch.submit((task, counters))
 
     async def _admit_many(
@@ -416,11 +428,9 @@ class TaskQueue:
 
         The completions of one consumer in the same reactor turn share one call.
         """
-        batch = self._completions.get(consumer_id)
-        if batch is None:
-            batch = self._completions[consumer_id] = Coalescer(
-                lambda done: self._complete_many(consumer_id, done), self._clock
-            )
+        batch = self._coalescer(
+            self._completions, consumer_id, partial(self._complete_many, consumer_id)
+        )
         await batch.submit((raw, task, finished_at, f"{duration_ms:.3f}"))
 
     async def _complete_many(
