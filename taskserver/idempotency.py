@@ -59,6 +59,10 @@ class Claim:
     fingerprint: str
     queued_at: str
 
+    def to_json(self) -> str:
+        """As stored in Redis (TAKE_OVER compares claims by this text)."""
+        return json.dumps(asdict(self))
+
 
 class IdempotencyKeys:
     """Claims and releases idempotency keys in Redis (one round trip each)."""
@@ -75,7 +79,7 @@ class IdempotencyKeys:
             self._redis.eval(
                 CLAIM,
                 [self._keys.idempotency(user_id, key)],
-                [json.dumps(asdict(claim)), IDEMPOTENCY_TTL_S * 1000],
+                [claim.to_json(), IDEMPOTENCY_TTL_S * 1000],
             ),
             self._timeout_s,
             self._clock,
@@ -95,8 +99,8 @@ class IdempotencyKeys:
                 TAKE_OVER,
                 [self._keys.idempotency(user_id, key)],
                 [
-                    json.dumps(asdict(abandoned)),
-                    json.dumps(asdict(claim)),
+                    abandoned.to_json(),
+                    claim.to_json(),
                     IDEMPOTENCY_TTL_S * 1000,
                     abandoned_after_ms,
                 ],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import pytest
@@ -470,7 +469,7 @@ async def test_a_key_whose_request_died_before_its_task_is_409_then_taken_over(
     keys = server.child.queue.keys  # type: ignore[union-attr]
     phantom = Claim("0" * 32, fingerprint("frank", None), "2026-01-01T00:00:00.000Z")
     claim_key = keys.idempotency("frank", "order-7")
-    await redis.set(claim_key, json.dumps(asdict(phantom)))
+    await redis.set(claim_key, phantom.to_json())
     await redis.execute_command("PEXPIRE", claim_key, IDEMPOTENCY_TTL_S * 1000)
     young, document = await post_with_key(server, b'{"user_id": "frank"}', "order-7")
     assert (young.code, document["error"]) == (409, "idempotency_key_in_use")
