@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_consumer -*-
 """The consumer of one process: fetch tasks, run the handler, log them, acknowledge them.
 
-A dispatcher keeps up to ``concurrency`` tasks in flight, all in the
-process's one processing list (consumer id ``<process id>#0``). The service
+A dispatcher keeps up to ``concurrency`` tasks running, all in the
+process's one processing list (consumer id ``<process id>#0``), where they
+stay until their acknowledgement lands (at most ``concurrency`` more of
+those). Tasks of dead processes (suspects) run one at a time. The service
 also keeps the process's heartbeat alive, moves due retries into the queue
 and reaps the lists of dead processes. The dispatcher survives every Redis
 error: it backs off and carries on, because one that died on the first
