@@ -14,10 +14,11 @@ import json
 import math
 import os
 import re
+import types
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args, get_origin, get_type_hints
 from urllib.parse import unquote, urlsplit
 
 from taskserver.clientip import parse_networks
@@ -57,39 +58,6 @@ class RateTier:
     name: str
     limit: int
     window_ms: int
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything a taskserver process needs to know, validated."""
-
-    port: int = 8000
-    interface: str = ""
-    log_dir: Path = Path("logs")
-    data_dir: Path = Path("data")
-    redis: RedisAddress | None = None
-    redis_server_bin: str | None = None
-    handler: str = DEFAULT_HANDLER
-    concurrency: int = 16
-    rate_limits: tuple[RateTier, ...] = ()
-    kill_token: str | None = field(default=None, repr=False)
-    key_prefix: str = "taskserver"
-    status_ttl_s: int = 86_400
-    redis_timeout_s: float = 1.0
-    heartbeat_ttl_s: float = 10.0
-    shutdown_timeout_s: float = 10.0
-    task_log_max_bytes: int = 10_000_000
-    workers: int = 1
-    disable_kill: bool = False
-    task_timeout_s: float = 30.0
-    max_attempts: int = 3
-    retry_backoff_s: float = 1.0
-    dead_letter_max: int = 10_000
-    max_connections: int = 1000
-    ip_rate_limits: tuple[RateTier, ...] = ()
-    trusted_proxies: tuple[str, ...] = ()
-    idle_timeout_s: float = 60.0
-    request_timeout_s: float = 10.0
 
 
 # ---------------------------------------------------------------- parsers
@@ -205,6 +173,13 @@ def parse_rate_limits(text: str) -> tuple[RateTier, ...]:
     return tuple(sorted(tiers, key=lambda tier: tier.window_ms))
 
 
+def _ip_rate_limits(text: str) -> tuple[RateTier, ...]:
+    """Per-address tiers are named ``ip-<window>`` so clients can tell them from their own."""
+    return tuple(
+        RateTier(f"ip-{tier.name}", tier.limit, tier.window_ms) for tier in parse_rate_limits(text)
+    )
+
+
 def parse_redis_url(text: str) -> RedisAddress:
     """Parse ``redis://[user[:password]@]host[:port][/db]`` (``rediss://`` for TLS)."""
     try:
@@ -242,10 +217,21 @@ class Option:
     doc: str
     parse: Callable[[str], Any]
     flag: bool = False  # a command-line switch (--disable-kill); "true"/"false" in the environment
+    #: The :class:`Settings` field it sets: ``name`` unless given. The options of
+    #: the Redis address all name ``redis``, which :func:`load_settings` combines.
+    field: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.field:
+            object.__setattr__(self, "field", self.name)
 
     @property
     def option(self) -> str:
         return self.name.replace("_", "-")
+
+    def parse_default(self) -> Any:
+        """The default, through the same parser as a given value: one truth for both."""
+        return self.parse(self.default)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -259,15 +245,57 @@ OPTIONS: tuple[Option, ...] = (
         "",
         "redis://[user[:password]@]host[:port][/db] or rediss:// (TLS); empty: embedded Redis",
         _optional_text,
+        field="redis",
     ),
-    Option("redis_host", "REDIS_HOST", "", "Redis host (instead of REDIS_URL)", _optional_text),
-    Option("redis_port", "REDIS_PORT", "6379", "Redis port, with REDIS_HOST", _int_in(1, 65535)),
-    Option("redis_username", "REDIS_USERNAME", "", "Redis ACL user, with REDIS_HOST", _text),
-    Option("redis_password", "REDIS_PASSWORD", "", "Redis password, with REDIS_HOST", _text),
     Option(
-        "redis_db", "REDIS_DB", "0", "Redis database number, with REDIS_HOST", _int_in(0, 1 << 16)
+        "redis_host",
+        "REDIS_HOST",
+        "",
+        "Redis host (instead of REDIS_URL)",
+        _optional_text,
+        field="redis",
     ),
-    Option("redis_tls", "REDIS_TLS", "false", "use TLS to REDIS_HOST (verified)", _flag, flag=True),
+    Option(
+        "redis_port",
+        "REDIS_PORT",
+        "6379",
+        "Redis port, with REDIS_HOST",
+        _int_in(1, 65535),
+        field="redis",
+    ),
+    Option(
+        "redis_username",
+        "REDIS_USERNAME",
+        "",
+        "Redis ACL user, with REDIS_HOST",
+        _text,
+        field="redis",
+    ),
+    Option(
+        "redis_password",
+        "REDIS_PASSWORD",
+        "",
+        "Redis password, with REDIS_HOST",
+        _text,
+        field="redis",
+    ),
+    Option(
+        "redis_db",
+        "REDIS_DB",
+        "0",
+        "Redis database number, with REDIS_HOST",
+        _int_in(0, 1 << 16),
+        field="redis",
+    ),
+    Option(
+        "redis_tls",
+        "REDIS_TLS",
+        "false",
+        "use TLS to REDIS_HOST (verified)",
+        _flag,
+        flag=True,
+        field="redis",
+    ),
     Option(
         "redis_server_bin",
         "REDIS_SERVER_BIN",
@@ -281,6 +309,7 @@ OPTIONS: tuple[Option, ...] = (
         "1.0",
         "seconds a request waits for Redis before answering 503",
         _seconds(0.05, 30),
+        field="redis_timeout_s",
     ),
     Option(
         "handler", "TASK_HANDLER", DEFAULT_HANDLER, "module:function run for each task", _handler
@@ -305,7 +334,7 @@ OPTIONS: tuple[Option, ...] = (
         "IP_RATE_LIMITS",
         "",
         "per-client-address tiers, like RATE_LIMITS (empty: off)",
-        parse_rate_limits,
+        _ip_rate_limits,
     ),
     Option(
         "trusted_proxy",
@@ -313,6 +342,7 @@ OPTIONS: tuple[Option, ...] = (
         "",
         "proxies (addresses or networks, comma-separated) whose X-Forwarded-For is believed",
         _networks,
+        field="trusted_proxies",
     ),
     Option("kill_token", "KILL_TOKEN", "", "bearer token required by GET /kill", _optional_text),
     Option("disable_kill", "DISABLE_KILL", "false", "turn GET /kill off (404)", _flag, flag=True),
@@ -323,6 +353,7 @@ OPTIONS: tuple[Option, ...] = (
         "86400",
         "seconds a task's status record is kept",
         _int_in(1, 365 * 86400),
+        field="status_ttl_s",
     ),
     Option(
         "heartbeat_ttl",
@@ -330,6 +361,7 @@ OPTIONS: tuple[Option, ...] = (
         "10",
         "seconds after which a silent consumer's tasks go back to the queue",
         _seconds(0.2, 3600),
+        field="heartbeat_ttl_s",
     ),
     Option(
         "shutdown_timeout",
@@ -337,6 +369,7 @@ OPTIONS: tuple[Option, ...] = (
         "10",
         "seconds running tasks get to finish on stop",
         _seconds(0, 3600),
+        field="shutdown_timeout_s",
     ),
     Option(
         "task_timeout",
@@ -344,6 +377,7 @@ OPTIONS: tuple[Option, ...] = (
         "30",
         "seconds a handler may run before it is cancelled (and the attempt fails)",
         _seconds(0.01, 86400),
+        field="task_timeout_s",
     ),
     Option(
         "max_attempts",
@@ -358,6 +392,7 @@ OPTIONS: tuple[Option, ...] = (
         "1",
         "seconds before the first retry; doubles each attempt, with jitter, up to 5 min",
         _seconds(0.01, 3600),
+        field="retry_backoff_s",
     ),
     Option(
         "dead_letter_max",
@@ -379,6 +414,7 @@ OPTIONS: tuple[Option, ...] = (
         "60",
         "seconds an idle keep-alive connection is kept open",
         _seconds(1, 3600),
+        field="idle_timeout_s",
     ),
     Option(
         "request_timeout",
@@ -386,6 +422,7 @@ OPTIONS: tuple[Option, ...] = (
         "10",
         "seconds a client gets to send a whole request, from its first byte",
         _seconds(0.1, 3600),
+        field="request_timeout_s",
     ),
     Option(
         "task_log_max_bytes",
@@ -395,6 +432,52 @@ OPTIONS: tuple[Option, ...] = (
         _int_in(1024, 1 << 40),
     ),
 )
+
+
+def _default(field_name: str) -> Any:
+    """A Settings field's default: its option's default text, parsed."""
+    (option,) = (o for o in OPTIONS if o.field == field_name)
+    return option.parse_default()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a taskserver process needs to know, validated.
+
+    Each field but ``redis`` is set by the option of :data:`OPTIONS` that names
+    it, and defaults to that option's parsed default, so ``Settings()`` is
+    what an empty command line and environment give (``tests/test_config.py``
+    checks both). ``redis`` is None (the embedded Redis) unless the Redis
+    options say otherwise.
+    """
+
+    port: int = _default("port")
+    interface: str = _default("interface")
+    log_dir: Path = _default("log_dir")  # noqa: RUF009 (a Path is immutable)
+    data_dir: Path = _default("data_dir")  # noqa: RUF009
+    redis: RedisAddress | None = None
+    redis_server_bin: str | None = _default("redis_server_bin")
+    handler: str = _default("handler")
+    concurrency: int = _default("concurrency")
+    rate_limits: tuple[RateTier, ...] = _default("rate_limits")
+    kill_token: str | None = field(default=_default("kill_token"), repr=False)
+    key_prefix: str = _default("key_prefix")
+    status_ttl_s: int = _default("status_ttl_s")
+    redis_timeout_s: float = _default("redis_timeout_s")
+    heartbeat_ttl_s: float = _default("heartbeat_ttl_s")
+    shutdown_timeout_s: float = _default("shutdown_timeout_s")
+    task_log_max_bytes: int = _default("task_log_max_bytes")
+    workers: int = _default("workers")
+    disable_kill: bool = _default("disable_kill")
+    task_timeout_s: float = _default("task_timeout_s")
+    max_attempts: int = _default("max_attempts")
+    retry_backoff_s: float = _default("retry_backoff_s")
+    dead_letter_max: int = _default("dead_letter_max")
+    max_connections: int = _default("max_connections")
+    ip_rate_limits: tuple[RateTier, ...] = _default("ip_rate_limits")
+    trusted_proxies: tuple[str, ...] = _default("trusted_proxies")
+    idle_timeout_s: float = _default("idle_timeout_s")
+    request_timeout_s: float = _default("request_timeout_s")
 
 
 def _raw_value(option: Option, cli: Mapping[str, str | None], environ: Mapping[str, str]) -> str:
@@ -408,7 +491,9 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> 
     """Build validated settings from command-line values and an environment.
 
     ``cli`` maps option names to strings or ``None`` (not given); ``environ``
-    already holds the ``.env`` values underneath the real environment.
+    already holds the ``.env`` values underneath the real environment. Each
+    option's value goes to the field it names; the Redis options are combined
+    into one address.
     """
     values: dict[str, Any] = {}
     given: dict[str, bool] = {}
@@ -419,39 +504,8 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> 
             values[option.name] = option.parse(raw)
         except ConfigError as e:
             raise ConfigError(f"{option.env} (--{option.option}): {e}") from None
-
-    return Settings(
-        port=values["port"],
-        interface=values["interface"],
-        log_dir=values["log_dir"],
-        data_dir=values["data_dir"],
-        redis=_redis_address(values, given),
-        redis_server_bin=values["redis_server_bin"],
-        handler=values["handler"],
-        concurrency=values["concurrency"],
-        rate_limits=values["rate_limits"],
-        kill_token=values["kill_token"],
-        key_prefix=values["key_prefix"],
-        status_ttl_s=values["status_ttl"],
-        redis_timeout_s=values["redis_timeout"],
-        heartbeat_ttl_s=values["heartbeat_ttl"],
-        shutdown_timeout_s=values["shutdown_timeout"],
-        task_log_max_bytes=values["task_log_max_bytes"],
-        workers=values["workers"],
-        disable_kill=values["disable_kill"],
-        task_timeout_s=values["task_timeout"],
-        max_attempts=values["max_attempts"],
-        retry_backoff_s=values["retry_backoff"],
-        dead_letter_max=values["dead_letter_max"],
-        max_connections=values["max_connections"],
-        ip_rate_limits=tuple(
-            RateTier(f"ip-{tier.name}", tier.limit, tier.window_ms)
-            for tier in values["ip_rate_limits"]
-        ),
-        trusted_proxies=values["trusted_proxy"],
-        idle_timeout_s=values["idle_timeout"],
-        request_timeout_s=values["request_timeout"],
-    )
+    fields = {o.field: values[o.name] for o in OPTIONS if o.field != "redis"}
+    return Settings(redis=_redis_address(values, given), **fields)
 
 
 def settings_to_json(settings: Settings) -> str:
@@ -462,15 +516,27 @@ def settings_to_json(settings: Settings) -> str:
     return json.dumps(document, separators=(",", ":"))
 
 
+def _from_json_value(kind: Any, value: Any) -> Any:
+    """Rebuild a value of type ``kind`` from its JSON form (the inverse of ``asdict``)."""
+    if value is None:
+        return None
+    if isinstance(kind, types.UnionType):
+        (kind,) = (k for k in get_args(kind) if k is not type(None))
+    if get_origin(kind) is tuple:
+        item_kind = get_args(kind)[0]
+        return tuple(_from_json_value(item_kind, item) for item in value)
+    if isinstance(kind, type) and is_dataclass(kind):
+        hints = get_type_hints(kind)
+        build: Callable[..., Any] = kind
+        return build(**{name: _from_json_value(hints[name], item) for name, item in value.items()})
+    if kind is Path:
+        return Path(value)
+    return value
+
+
 def settings_from_json(text: str) -> Settings:
-    document = json.loads(text)
-    document["log_dir"] = Path(document["log_dir"])
-    document["data_dir"] = Path(document["data_dir"])
-    document["redis"] = RedisAddress(**document["redis"]) if document["redis"] else None
-    document["rate_limits"] = tuple(RateTier(**tier) for tier in document["rate_limits"])
-    document["ip_rate_limits"] = tuple(RateTier(**tier) for tier in document["ip_rate_limits"])
-    document["trusted_proxies"] = tuple(document["trusted_proxies"])
-    return Settings(**document)
+    """The inverse of :func:`settings_to_json`, driven by the fields' types."""
+    return cast(Settings, _from_json_value(Settings, json.loads(text)))
 
 
 def _redis_address(values: Mapping[str, Any], given: Mapping[str, bool]) -> RedisAddress | None:

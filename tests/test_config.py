@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
 from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from taskserver.config import (
+    OPTIONS,
     ConfigError,
     RateTier,
     RedisAddress,
+    Settings,
     load_settings,
     parse_rate_limits,
     parse_redis_url,
     resolve_handler,
+    settings_from_json,
+    settings_to_json,
 )
 from taskserver.tap import Options
 
@@ -30,6 +39,77 @@ def test_defaults() -> None:
     assert settings.rate_limits == (RateTier("1s", 1, 1000), RateTier("60s", 20, 60_000))
     assert settings.status_ttl_s == 86_400
     assert settings.handler == "taskserver.handlers:complete"
+
+
+def test_every_option_sets_a_settings_field_and_every_field_has_an_option() -> None:
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert {o.field for o in OPTIONS} == fields
+    assert [o.name for o in OPTIONS if o.field == "redis"] == [
+        "redis_url",
+        "redis_host",
+        "redis_port",
+        "redis_username",
+        "redis_password",
+        "redis_db",
+        "redis_tls",
+    ], "only the Redis address combines several options"
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(Settings)])
+def test_settings_defaults_are_what_no_configuration_gives(field: str) -> None:
+    """Code that builds ``Settings(...)`` directly sees the same defaults as a user."""
+    assert getattr(Settings(), field) == getattr(load_settings({}, {}), field)
+
+
+def test_ip_tiers_are_named_apart_from_the_users() -> None:
+    assert load_settings({}, {"IP_RATE_LIMITS": "120/60s"}).ip_rate_limits == (
+        RateTier("ip-60s", 120, 60_000),
+    )
+
+
+def _strategy_for(kind: Any) -> st.SearchStrategy[Any]:
+    """Values of a Settings field's type; a type this does not know fails the test."""
+    if isinstance(kind, types.UnionType):
+        (inner,) = (k for k in get_args(kind) if k is not type(None))
+        return st.none() | _strategy_for(inner)
+    if get_origin(kind) is tuple:
+        return st.lists(_strategy_for(get_args(kind)[0]), max_size=3).map(tuple)
+    if dataclasses.is_dataclass(kind):
+        hints = get_type_hints(kind)
+        return st.builds(
+            kind, **{f.name: _strategy_for(hints[f.name]) for f in dataclasses.fields(kind)}
+        )
+    simple: dict[Any, st.SearchStrategy[Any]] = {
+        int: st.integers(),
+        float: st.floats(allow_nan=False),
+        bool: st.booleans(),
+        str: st.text(),
+        Path: st.text(min_size=1).map(Path),
+    }
+    return simple[kind]
+
+
+SETTINGS = _strategy_for(Settings)
+
+
+@given(SETTINGS)
+def test_settings_survive_the_trip_to_a_child(settings: Settings) -> None:
+    assert settings_from_json(settings_to_json(settings)) == settings
+
+
+def test_the_trip_to_a_child_keeps_the_types() -> None:
+    """Equality alone would let a tuple come back as a list or a Path as a str."""
+    settings = load_settings(
+        {},
+        {
+            "REDIS_URL": "rediss://u:p@h:1/2",
+            "TRUSTED_PROXY": "10.0.0.0/8",
+            "IP_RATE_LIMITS": "5/1s",
+        },
+    )
+    back = settings_from_json(settings_to_json(settings))
+    for f in dataclasses.fields(Settings):
+        assert type(getattr(back, f.name)) is type(getattr(settings, f.name)), f.name
 
 
 def test_command_line_beats_environment() -> None:
