@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from taskserver.config import OPTIONS
+
 TWISTD = str(Path(sys.executable).parent / "twistd")
 TESTS_DIR = str(Path(__file__).parent)
 LISTENING = re.compile(r"taskserver listening on (http://\S+?) ")
@@ -34,6 +36,7 @@ TASK_LINE = re.compile(
     r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z user_id="(?:[^"\\]|\\.)*" '
     r"task_id=([0-9a-f]{32}) status=(completed|retrying|dead) duration_ms=\d+\.\d{3} pid=\d+$"
 )
+OPTION_VARIABLES = frozenset(option.env for option in OPTIONS)
 T = TypeVar("T")
 
 
@@ -55,7 +58,12 @@ class Twistd:
     def __init__(self, workdir: Path, environ: dict[str, str]) -> None:
         self.workdir = workdir
         self.output_path = workdir / f"twistd-{time.monotonic_ns()}.out"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "TASK_"))}
+        # The caller's settings only: none leak in from the environment that runs the tests.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in OPTION_VARIABLES and not k.startswith(("REDIS_", "TASK_"))
+        }
         env.update({"PORT": "0", "INTERFACE": "127.0.0.1", "PYTHONPATH": TESTS_DIR, **environ})
         with open(self.output_path, "wb") as output:
             self.process = subprocess.Popen(
