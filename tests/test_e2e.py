@@ -92,9 +92,12 @@ def test_a_crashed_instances_task_is_run_by_another(
 
     survivor = twistd(**shared)
     survivor.wait_until_listening()
-    started = time.monotonic()
-    wait_for(lambda: survivor.status_of(task_id) == "completed", what="task rerun by survivor")
-    assert time.monotonic() - started < 5.0
+    # How soon (HEARTBEAT_TTL and a half) is tests/test_consumer_timers.py's business.
+    wait_for(
+        lambda: survivor.status_of(task_id) == "completed",
+        timeout=60,
+        what="task rerun by survivor",
+    )
     _, document = survivor.request("GET", f"/api/v1/task/{task_id}")
     assert document["attempts"] == 2
     assert survivor.stop() == 0
@@ -103,10 +106,15 @@ def test_a_crashed_instances_task_is_run_by_another(
 def test_simultaneous_requests_across_processes_admit_exactly_one(
     twistd: Callable[..., Twistd], redis_server: RedisAddress
 ) -> None:
-    """40 requests of a new user at once, spread over two server processes: one 202."""
+    """40 requests of a new user at once, spread over two server processes: one 202.
+
+    The window is a minute, not the default second, so a slow machine cannot spread
+    the 40 over two windows: what is tested is that the check-and-charge is atomic.
+    """
     shared = {
         "REDIS_URL": f"redis://{redis_server.host}:{redis_server.port}/0",
         "KEY_PREFIX": f"e2e{time.monotonic_ns()}",
+        "RATE_LIMITS": "1/60s",
     }
     servers = [twistd(**shared), twistd(**shared)]
     for server in servers:
