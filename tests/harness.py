@@ -36,6 +36,8 @@ TASK_LINE = re.compile(
     r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z user_id="(?:[^"\\]|\\.)*" '
     r"task_id=([0-9a-f]{32}) status=(completed|retrying|dead) duration_ms=\d+\.\d{3} pid=\d+$"
 )
+#: A deadline, not an expectation: start-up takes a second or two, longer on a loaded machine.
+START_TIMEOUT_S = 60.0
 OPTION_VARIABLES = frozenset(option.env for option in OPTIONS)
 T = TypeVar("T")
 
@@ -85,7 +87,7 @@ class Twistd:
             match = LISTENING.search(self.output)
             return match[1] if match else None
 
-        self.url = wait_for(url, what="twistd listening")
+        self.url = wait_for(url, timeout=START_TIMEOUT_S, what="twistd listening")
         return self.url
 
     def worker_pids(self) -> list[int]:
@@ -107,6 +109,7 @@ class Twistd:
         self.wait_until_listening()
         return wait_for(
             lambda: self.ready_pids() if len(self.ready_pids()) >= count else None,
+            timeout=START_TIMEOUT_S,
             what=f"{count} ready children",
         )
 
