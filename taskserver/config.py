@@ -510,10 +510,14 @@ def load_settings(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> 
 
 def settings_to_json(settings: Settings) -> str:
     """Settings as one line of JSON: how the master hands them to its children."""
-    document = asdict(settings)
-    document["log_dir"] = str(settings.log_dir)
-    document["data_dir"] = str(settings.data_dir)
-    return json.dumps(document, separators=(",", ":"))
+    return json.dumps(asdict(settings), separators=(",", ":"), default=_to_json_value)
+
+
+def _to_json_value(value: object) -> str:
+    """Paths as text; any other type is an error, not a silent ``str()``."""
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"a setting of type {type(value).__name__} has no JSON form")
 
 
 def _from_json_value(kind: Any, value: Any) -> Any:
