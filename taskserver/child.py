@@ -47,7 +47,7 @@ from taskserver.keys import Keys
 from taskserver.lifeline import ParentWatch, detach_from_parent_session
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter
-from taskserver.redisclient import connect
+from taskserver.redisclient import RedisLinkWatch, connect, without_reconnect_attempts
 from taskserver.tasklog import TaskLog
 from taskserver.web import TaskAPI, TaskSite
 
@@ -90,6 +90,7 @@ class ChildService(Service):
         self._pools: list[Any] = []
         self._port: BalancedPort | None = None
         self._beat: task.LoopingCall | None = None
+        self._link: RedisLinkWatch | None = None
         self.site: TaskSite | None = None
         self.consumers: ConsumerService | None = None
         self.queue: TaskQueue | None = None
@@ -100,6 +101,8 @@ class ChildService(Service):
         api = connect(self._redis, API_POOL_SIZE, settings.redis_timeout_s)
         blocking = connect(self._redis, 1, settings.redis_timeout_s)  # the dispatcher's pop
         self._pools = [api, blocking]
+        self._link = RedisLinkWatch(api, reactor, settings.redis_timeout_s)
+        self._link.startService()
         keys = Keys(settings.key_prefix)
         self.queue = TaskQueue(
             api,
@@ -177,6 +180,8 @@ class ChildService(Service):
             await self._connections_closed(DRAIN_TIMEOUT_S)
         if self.consumers is not None:
             await self.consumers.stopService()
+        if self._link is not None:
+            await self._link.stopService()
         for pool in self._pools:
             await pool.disconnect()
         self._pools = []
@@ -254,8 +259,10 @@ def main() -> None:
 
     globalLogBeginner.beginLoggingTo(
         [
-            FileLogObserver(
-                sys.stdout, lambda event: eventAsText(event, includeTimestamp=False) + "\n"
+            without_reconnect_attempts(
+                FileLogObserver(
+                    sys.stdout, lambda event: eventAsText(event, includeTimestamp=False) + "\n"
+                )
             )
         ],
         redirectStandardIO=False,

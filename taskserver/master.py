@@ -26,16 +26,15 @@ from twisted.internet import defer, task
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, textFileLogObserver
 from twisted.python.logfile import LogFile
 
-from taskserver.admin import write_embedded_address
 from taskserver.balance import Scoreboard
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, settings_to_json
 from taskserver.consumer import consumer_ids_of
-from taskserver.embedded import EmbeddedRedis
+from taskserver.embedded import EmbeddedRedis, write_embedded_address
 from taskserver.keys import Keys
 from taskserver.listener import describe
 from taskserver.queue import TaskQueue
-from taskserver.redisclient import connect
+from taskserver.redisclient import RedisUnavailable, connect, without_reconnect_attempts
 from taskserver.supervisor import Supervisor, Worker
 from taskserver.tasklog import TaskLogFile
 
@@ -63,7 +62,15 @@ class Master(Service):
         self._listener = listener
         self._reactor = reactor
         self._embedded = (
-            EmbeddedRedis(redis_binary, settings.data_dir, reactor) if redis_binary else None
+            EmbeddedRedis(
+                redis_binary,
+                settings.data_dir,
+                reactor,
+                on_down=self._redis_down,
+                on_back=self._connect_redis,
+            )
+            if redis_binary
+            else None
         )
         self._data_lock = data_lock
         self._address_file: Path | None = None
@@ -96,22 +103,15 @@ class Master(Service):
             rotateLength=SERVER_LOG_MAX_BYTES,
             maxRotatedFiles=SERVER_LOG_ROTATED_FILES,
         )
-        self._log_observer = textFileLogObserver(cast(IO[str], self._log_file))
+        self._log_observer = without_reconnect_attempts(
+            textFileLogObserver(cast(IO[str], self._log_file))
+        )
         globalLogPublisher.addObserver(self._log_observer)
 
     async def _start(self) -> None:
         settings = self._settings
         self.redis = await self._redis_address()
-        self._pool = connect(self.redis, 1, settings.redis_timeout_s)
-        self._queue = TaskQueue(
-            self._pool,
-            Keys(settings.key_prefix),
-            settings.status_ttl_s,
-            settings.redis_timeout_s,
-            self._reactor,
-            settings.max_attempts,
-            settings.dead_letter_max,
-        )
+        self._connect_redis()
         self._scoreboard = Scoreboard.create(Supervisor.seats_for(settings.workers))
         self.supervisor = Supervisor(
             self._reactor,
@@ -152,6 +152,29 @@ class Master(Service):
             data_dir=self._settings.data_dir.resolve(),
         )
         return address
+
+    def _connect_redis(self) -> None:
+        """The master's own pool (it gives dead children's tasks back)."""
+        assert self.redis is not None
+        settings = self._settings
+        self._pool = connect(self.redis, 1, settings.redis_timeout_s)
+        self._queue = TaskQueue(
+            self._pool,
+            Keys(settings.key_prefix),
+            settings.status_ttl_s,
+            settings.redis_timeout_s,
+            self._reactor,
+            settings.max_attempts,
+            settings.dead_letter_max,
+        )
+
+    def _redis_down(self) -> None:
+        """The embedded Redis died: close our pool until it is back, instead of retrying blindly."""
+        pool, self._pool, self._queue = self._pool, None, None
+        if pool is not None:
+            pool.disconnect().addErrback(
+                lambda failure: self.log.failure("closing the Redis pool", failure)
+            )
 
     def _start_failed(self, failure: Any) -> None:
         self.log.critical("taskserver could not start: {error}", error=failure.value)
@@ -209,11 +232,12 @@ class Master(Service):
         still land in its list, and the reaper looks again once the heartbeat
         has expired.
         """
-        assert self._queue is not None
         consumer_ids = consumer_ids_of(worker.process_id)
         deadline = self._reactor.seconds() + RECLAIM_RETRY_FOR_S
         while True:
             try:
+                if self._queue is None:
+                    raise RedisUnavailable("the embedded Redis is restarting")
                 got = await self._queue.reclaim(
                     worker.process_id, consumer_ids, forget=False, force=True
                 )

@@ -10,7 +10,7 @@ restarts.
 Restart policy: a child that exits after it said it was ready is replaced
 at once, whatever the cause (crash, SIGKILL, ``/kill``, OOM). A child that
 exits before it was ready is crash-looping (a broken deployment): it is
-restarted with exponential back-off, logged, so it cannot spin the CPU.
+restarted with exponential back-off (:mod:`taskserver.backoff`), logged, so it cannot spin the CPU.
 The supervisor itself never stops because children die.
 """
 
@@ -27,9 +27,8 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-#: Back-off for children that die before they are ready: doubles up to the cap.
-FIRST_BACKOFF_S = 0.5
-MAX_BACKOFF_S = 30.0
+from taskserver.backoff import backoff_delay
+
 #: How long a rolling restart waits for a new child to say it is ready.
 READY_TIMEOUT_S = 30.0
 #: A stopping child gets its shutdown timeout plus this much before SIGKILL.
@@ -195,7 +194,7 @@ class Supervisor(Service):
 
     def _restart_later(self, slot: int) -> None:
         failures = self._failures.get(slot, 0)
-        delay = 0.0 if failures == 0 else min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (failures - 1))
+        delay = backoff_delay(failures)
         if delay:
             self.log.warn(
                 "worker-{slot} died before it was ready ({n} time(s) in a row); "

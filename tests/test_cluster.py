@@ -75,12 +75,11 @@ def test_killed_children_are_replaced_and_no_accepted_task_is_lost(
             assert code == 200 and answer["status"] == "exiting"
             victim = answer["pid"]
         victims.append(victim)
-        killed_at = time.monotonic()
         wait_for(
             lambda: len(server.worker_pids()) > started_before,  # noqa: B023
-            what="a replacement child started",
+            timeout=30,
+            what="a replacement child started",  # at once: see test_supervisor
         )
-        assert time.monotonic() - killed_at < 1.0, "replaced within 1 s"
         wait_for(
             lambda: len(server.ready_pids()) > ready_before,  # noqa: B023
             what="the replacement ready",
@@ -273,3 +272,37 @@ def test_children_and_redis_exit_when_the_master_is_killed(
         timeout=10,
         what="children and Redis gone",
     )
+
+
+def test_a_killed_embedded_redis_is_restarted_and_keeps_the_queue(
+    twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    """SIGKILL the embedded Redis under load: it comes back on its port with its AOF.
+
+    POSTs answer 202 again, the tasks queued before the kill complete, and
+    no child is restarted. Deadlines are generous: the promptness is the
+    unit tests' business (tests/test_embedded.py).
+    """
+    server, pids = start_cluster(
+        twistd, TASK_HANDLER="sample_handlers:slow", SLOW_HANDLER_S="0.05", CONCURRENCY="1"
+    )
+    queued = [server.post_task(f"queued-{n}") for n in range(40)]
+    assert all(queued)
+    load = Load(server, threads=2, limit=2000, users="during")
+    wait_for(lambda: len(load.accepted) >= 20, timeout=30, what="load flowing")
+    redis = server.redis_pid()
+    os.kill(redis, signal.SIGKILL)
+    wait_for(lambda: "embedded Redis is back" in server.output, timeout=30, what="Redis restarted")
+    accepted_when_back = len(load.accepted)
+    wait_for(
+        lambda: len(load.accepted) > accepted_when_back + 10,
+        timeout=30,
+        what="202s again after the restart",
+    )
+    load.finish()
+    assert f"embedded Redis (pid {redis}) died: killed by signal 9" in server.output
+    logged = wait_until_logged(tmp_path / "logs", set(queued), timeout=60)  # type: ignore[arg-type]
+    assert all(logged[task_id] >= 1 for task_id in queued)
+    assert sorted(server.worker_pids()) == sorted(pids), "no child was restarted"
+    assert server.output.count("Scheduling retry") <= 3, "reconnect attempts are not logged"
+    assert server.stop() == 0
