@@ -41,6 +41,10 @@ class WorkerDied(Exception):
     """A child exited before it said it was ready."""
 
 
+class NotReadyInTime(Exception):
+    """A child did not say it was ready within the deadline."""
+
+
 @dataclass(eq=False)
 class Worker:
     """One child process in one slot."""
@@ -53,12 +57,41 @@ class Worker:
     pid: int | None = None
     ready: bool = False
     retiring: bool = False
-    became_ready: defer.Deferred[None] = field(default_factory=defer.Deferred)
     ended: defer.Deferred[None] = field(default_factory=defer.Deferred)
+    #: Why it will never be ready (it exited first), once that is known.
+    died_before_ready: WorkerDied | None = None
+    _ready_waiters: list[defer.Deferred[None]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return f"worker-{self.slot}"
+
+    def wait_ready(self) -> defer.Deferred[None]:
+        """A Deferred of this waiter's own: fires when the child is ready, fails if it died first.
+
+        Each waiter gets its own, so no waiter can handle a failure for another.
+        """
+        if self.ready:
+            return defer.succeed(None)
+        if self.died_before_ready is not None:
+            return defer.fail(self.died_before_ready)
+        waiter: defer.Deferred[None] = defer.Deferred(self._ready_waiters.remove)
+        self._ready_waiters.append(waiter)
+        return waiter
+
+    def mark_ready(self) -> None:
+        self.ready = True
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def mark_died(self, how: str) -> None:
+        if self.ready:
+            return
+        self.died_before_ready = WorkerDied(f"{self.name} {how} before it was ready")
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.errback(self.died_before_ready)
 
     def signal(self, name: str) -> None:
         with contextlib.suppress(error.ProcessExitedAlready, AttributeError):
@@ -178,7 +211,6 @@ class Supervisor(Service):
             seat=slot + self.count * (generation % 2),
             process_id=self._process_id_for(slot, generation),
         )
-        worker.became_ready.addErrback(lambda failure: None)  # nobody may be waiting
         self.workers[slot] = worker
         child_fds: dict[int, Any] = {0: "w", STDOUT: "r", STDERR: "r", RECORDS: "r"}
         child_fds.update(self._extra_fds)
@@ -223,16 +255,13 @@ class Supervisor(Service):
 
     def _became_ready(self, worker: Worker) -> None:
         self.log.info("{name} (pid {pid}) ready", name=worker.name, pid=worker.pid)
-        worker.ready = True
         self._failures[worker.slot] = 0
-        worker.became_ready.callback(None)
+        worker.mark_ready()
 
     def _exited(self, worker: Worker, reason: Failure) -> None:
         how = describe_exit(reason)
         planned = worker.retiring
         self._retiring.discard(worker)
-        if not worker.became_ready.called:
-            worker.became_ready.errback(WorkerDied(f"{worker.name} {how}"))
         if planned:
             self.log.info(
                 "{name} (pid {pid}) stopped: {how}", name=worker.name, pid=worker.pid, how=how
@@ -249,6 +278,8 @@ class Supervisor(Service):
                 if not worker.ready:
                     self._failures[worker.slot] = self._failures.get(worker.slot, 0) + 1
                 self._restart_later(worker.slot)
+        # Last, so that a waiter (a rolling restart) sees the slot as it now is.
+        worker.mark_died(how)
 
     # ------------------------------------------------------------ stopping and rolling
 
@@ -272,10 +303,39 @@ class Supervisor(Service):
         )
         worker.signal("KILL")
 
+    async def _ready_in_time(self, worker: Worker) -> None:
+        """Wait until ``worker`` is ready; WorkerDied, or NotReadyInTime after READY_TIMEOUT_S."""
+        try:
+            await worker.wait_ready().addTimeout(READY_TIMEOUT_S, self._reactor)
+        except defer.TimeoutError:
+            raise NotReadyInTime(
+                f"{worker.name} was not ready within {READY_TIMEOUT_S:g} s"
+            ) from None
+
+    async def _keep_old(self, slot: int, old: Worker | None, new: Worker, why: Exception) -> None:
+        """A roll that failed: the old child (if alive) keeps its slot; the new one goes."""
+        if old is None or old.ended.called:
+            self.log.error("rolling restart stopped: {why}", why=why)
+            return  # the slot's ordinary restart policy takes over
+        self.log.error(
+            "rolling restart stopped: {why}; the old {name} (pid {pid}) keeps serving",
+            why=why,
+            name=old.name,
+            pid=old.pid,
+        )
+        pending = self._restarts.pop(slot, None)
+        if pending is not None and pending.active():
+            pending.cancel()
+        self.workers[slot] = old
+        self._failures[slot] = 0  # the old one was ready: its next death restarts at once
+        await self._retire(new)
+
     async def rolling_restart(self) -> None:
         """Replace children one at a time: start the new one, wait until ready, retire the old.
 
         The listening socket stays open throughout, so no connection is refused.
+        A new child that dies or is not ready within READY_TIMEOUT_S stops the
+        roll (a broken build): the old child keeps serving, the rest are not touched.
         """
         if self._rolling:
             self.log.info("a rolling restart is already in progress")
@@ -288,19 +348,9 @@ class Supervisor(Service):
                 old = self.workers.get(slot)
                 new = self._spawn(slot)
                 try:
-                    await new.became_ready.addTimeout(READY_TIMEOUT_S, self._reactor)
-                except Exception as e:
-                    self.log.error(
-                        "rolling restart stopped: {name} did not start ({error})",
-                        name=new.name,
-                        error=e,
-                    )
-                    if old is not None and not old.ended.called:
-                        pending = self._restarts.pop(slot, None)
-                        if pending is not None and pending.active():
-                            pending.cancel()
-                        self.workers[slot] = old
-                        await self._retire(new)
+                    await self._ready_in_time(new)
+                except (WorkerDied, NotReadyInTime) as e:
+                    await self._keep_old(slot, old, new, e)
                     return
                 if old is not None:
                     await self._retire(old)

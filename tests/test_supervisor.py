@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from fake_process import FakeProcess, FakeProcessReactor
 from twisted.internet import defer
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from taskserver.backoff import FIRST_BACKOFF_S, MAX_BACKOFF_S
-from taskserver.supervisor import KILL_GRACE_S, Supervisor, Worker
+from taskserver.supervisor import KILL_GRACE_S, READY_TIMEOUT_S, Supervisor, Worker, WorkerDied
 
 
 class Recorder:
@@ -144,3 +145,68 @@ def test_rolling_restart_replaces_one_child_at_a_time(
 
 def test_worker_names() -> None:
     assert Worker(slot=3, generation=0, seat=3, process_id="p").name == "worker-3"
+
+
+def start_rolling(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> tuple[defer.Deferred[None], Worker]:
+    for n in (0, 1):
+        ready(reactor.process(n))
+    old = supervisor.workers[0]
+    done = defer.Deferred.fromCoroutine(supervisor.rolling_restart())
+    assert len(reactor.spawned) == 3, "the new worker-0 started"
+    return done, old
+
+
+def test_rolling_restart_stops_when_the_new_child_dies_before_ready(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    """A broken build: the old child keeps serving and worker-1 is not touched."""
+    done, old = start_rolling(supervisor, reactor)
+    with capturedLogs() as logged:
+        reactor.process(2).exit(code=1)
+    assert done.called, "the roll is over"
+    assert reactor.process(0).signals == [], "the old worker-0 was not retired"
+    assert supervisor.workers[0] is old
+    reactor.advance(MAX_BACKOFF_S * 4)
+    assert len(reactor.spawned) == 3, "worker-1 was not rolled and nothing replaces the old one"
+    assert reactor.process(1).signals == []
+    messages = [formatEvent(event) for event in logged if event["log_level"] == LogLevel.error]
+    assert messages == [
+        "rolling restart stopped: worker-0 exited with status 1 before it was ready; "
+        "the old worker-0 (pid 1000) keeps serving"
+    ]
+
+
+def test_rolling_restart_stops_when_the_new_child_never_becomes_ready(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    done, old = start_rolling(supervisor, reactor)
+    with capturedLogs() as logged:
+        reactor.advance(READY_TIMEOUT_S - 0.1)
+        assert not done.called and reactor.process(2).signals == []
+        reactor.advance(0.1)
+    assert reactor.process(2).signals == ["TERM"], "the new child is stopped"
+    assert reactor.process(0).signals == [], "the old worker-0 was not retired"
+    reactor.process(2).exit(0)
+    assert done.called
+    assert supervisor.workers[0] is old
+    reactor.advance(MAX_BACKOFF_S * 4)
+    assert len(reactor.spawned) == 3, "worker-1 was not rolled"
+    messages = [formatEvent(event) for event in logged if event["log_level"] == LogLevel.error]
+    assert messages == [
+        f"rolling restart stopped: worker-0 was not ready within {READY_TIMEOUT_S:g} s; "
+        "the old worker-0 (pid 1000) keeps serving"
+    ]
+
+
+def test_every_waiter_sees_a_child_die_before_ready(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    worker = supervisor.workers[0]
+    first, second = worker.wait_ready(), worker.wait_ready()
+    reactor.process(0).exit(code=1)
+    for waiter in (first, second, worker.wait_ready()):
+        failure = waiter.result
+        assert isinstance(failure.value, WorkerDied), failure
+        waiter.addErrback(lambda _: None)
