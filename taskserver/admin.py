@@ -27,7 +27,7 @@ from taskserver.config import ConfigError, RedisAddress, Settings, load_settings
 from taskserver.embedded import EMBEDDED_ADDRESS_FILE as EMBEDDED_ADDRESS_FILE  # tests read it here
 from taskserver.embedded import read_embedded_address
 from taskserver.keys import Keys
-from taskserver.queue import process_of
+from taskserver.protocol import process_of
 from taskserver.redisclient import connect
 
 TIMEOUT_S = 5.0

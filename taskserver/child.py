@@ -3,19 +3,8 @@
 
 :class:`ChildService` is the whole of a child's work; tests also run it in
 process. :func:`main` is the child program the master spawns
-(``python -m taskserver.child``), with these file descriptors:
-
-====  =====================================================================
-fd    what
-====  =====================================================================
-0     a pipe from the master: first line, this child's JSON configuration;
-      then end-of-file when the master exits
-1, 2  log output, relayed by the master into its log, tagged with the child
-3     the shared listening socket
-4     the connection-balancing scoreboard (see :mod:`taskserver.balance`)
-5     a pipe to the master: ``ready`` once serving, ``task <line>`` per
-      finished task (the master is the single writer of tasks.log)
-====  =====================================================================
+(``python -m taskserver.child``), with the file descriptors and records
+of :mod:`taskserver.protocol`.
 
 Stopping is ordered: stop accepting, drain HTTP connections, let the
 consumers finish and give back their tasks, then close Redis connections.
@@ -45,6 +34,14 @@ from taskserver.consumer import ConsumerService, Handler
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
 from taskserver.lifeline import ParentWatch, detach_from_parent_session
+from taskserver.protocol import (
+    CONFIG_FD,
+    LISTENER_FD,
+    READY,
+    RECORDS_FD,
+    SCOREBOARD_FD,
+    task_record,
+)
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter
 from taskserver.redisclient import RedisLinkWatch, connect, without_reconnect_attempts
@@ -53,7 +50,6 @@ from taskserver.web import TaskAPI, TaskSite
 
 #: Connections for request-path commands (pipelined; blocking pops have their own pool).
 API_POOL_SIZE = 4
-CONFIG_FD, LISTENER_FD, SCOREBOARD_FD, RECORDS_FD = 0, 3, 4, 5
 #: How long a stopping child waits for its open HTTP connections to finish.
 DRAIN_TIMEOUT_S = 5.0
 
@@ -276,7 +272,7 @@ def main() -> None:
         config["address_family"],
         resolve_handler(settings.handler),
         reactor,
-        lambda line: records.add(f"task {line}"),
+        lambda line: records.add(task_record(line)),
         seat=Seat(Scoreboard(SCOREBOARD_FD, config["seats"]), config["seat"]),
         kill=_die,
         process_id=config["process_id"],
@@ -288,7 +284,7 @@ def main() -> None:
         service.startService()
         os.close(LISTENER_FD)  # the port holds its own duplicate
         watch.startReading()
-        records.add("ready")
+        records.add(READY)
         records.flush()
 
     reactor.callWhenRunning(start)

@@ -29,10 +29,16 @@ from twisted.python.logfile import LogFile
 from taskserver.balance import Scoreboard
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, settings_to_json
-from taskserver.consumer import consumer_ids_of
 from taskserver.embedded import EmbeddedRedis, write_embedded_address
 from taskserver.keys import Keys
 from taskserver.listener import describe
+from taskserver.protocol import (
+    LISTENER_FD,
+    SCOREBOARD_FD,
+    TASK,
+    consumer_ids_of,
+    worker_process_id,
+)
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import RedisUnavailable, connect, without_reconnect_attempts
 from taskserver.supervisor import Supervisor, Worker
@@ -118,7 +124,7 @@ class Master(Service):
             settings.workers,
             argv=[sys.executable, "-m", "taskserver.child"],
             env=self._child_environment(),
-            extra_fds={3: self._listener.fileno(), 4: self._scoreboard.fd},
+            extra_fds={LISTENER_FD: self._listener.fileno(), SCOREBOARD_FD: self._scoreboard.fd},
             config_for=self._config_for,
             on_record=self._record,
             on_exit=self._child_exited,
@@ -191,7 +197,7 @@ class Master(Service):
         return env
 
     def _process_id_for(self, slot: int, generation: int) -> str:
-        return f"{socket.gethostname()}:{os.getpid()}:{self._token}-w{slot}.{generation}"
+        return worker_process_id(self._token, slot, generation)
 
     def _config_for(self, worker: Worker) -> bytes:
         assert self.redis is not None and self.supervisor is not None
@@ -206,13 +212,15 @@ class Master(Service):
         }
         return json.dumps(config).encode("utf-8") + b"\n"
 
-    def _record(self, worker: Worker, record: str) -> None:
-        kind, _, rest = record.partition(" ")
-        if kind == "task":
-            self._task_lines.add(rest)
+    def _record(self, worker: Worker, kind: str, body: str) -> None:
+        if kind == TASK:
+            self._task_lines.add(body)
         else:
             self.log.warn(
-                "{name} sent an unknown record: {record!r}", name=worker.name, record=record[:200]
+                "{name} sent an unknown record: {kind!r} {body!r}",
+                name=worker.name,
+                kind=kind[:50],
+                body=body[:200],
             )
 
     def _write_task_lines(self, lines: list[str]) -> None:

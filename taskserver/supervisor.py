@@ -28,12 +28,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskserver.backoff import backoff_delay
+from taskserver.protocol import (
+    CONFIG_FD,
+    READY,
+    RECORDS_FD,
+    STDERR_FD,
+    STDOUT_FD,
+    parse_record,
+)
 
 #: How long a rolling restart waits for a new child to say it is ready.
 READY_TIMEOUT_S = 30.0
 #: A stopping child gets its shutdown timeout plus this much before SIGKILL.
 KILL_GRACE_S = 5.0
-STDOUT, STDERR, RECORDS = 1, 2, 5
 MAX_LINE_BYTES = 64 * 1024
 
 
@@ -148,7 +155,7 @@ class Supervisor(Service):
         env: dict[str, str],
         extra_fds: dict[int, int],
         config_for: Callable[[Worker], bytes],
-        on_record: Callable[[Worker, str], None],
+        on_record: Callable[[Worker, str, str], None],
         on_exit: Callable[[Worker], None],
         process_id_for: Callable[[int, int], str],
         stop_timeout_s: float,
@@ -212,7 +219,12 @@ class Supervisor(Service):
             process_id=self._process_id_for(slot, generation),
         )
         self.workers[slot] = worker
-        child_fds: dict[int, Any] = {0: "w", STDOUT: "r", STDERR: "r", RECORDS: "r"}
+        child_fds: dict[int, Any] = {
+            CONFIG_FD: "w",
+            STDOUT_FD: "r",
+            STDERR_FD: "r",
+            RECORDS_FD: "r",
+        }
         child_fds.update(self._extra_fds)
         worker.transport = self._reactor.spawnProcess(
             _WorkerProtocol(self, worker, self._config_for(worker)),
@@ -245,11 +257,12 @@ class Supervisor(Service):
     # ------------------------------------------------------------ events from children
 
     def _line(self, worker: Worker, fd: int, line: str) -> None:
-        if fd == RECORDS:
-            if line == "ready":
+        if fd == RECORDS_FD:
+            kind, body = parse_record(line)
+            if kind == READY:
                 self._became_ready(worker)
             else:
-                self._on_record(worker, line)
+                self._on_record(worker, kind, body)
         else:
             self.log.info("[{name} {pid}] {line}", name=worker.name, pid=worker.pid, line=line)
 

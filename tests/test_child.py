@@ -7,6 +7,16 @@ import os
 from twisted.internet.task import Clock
 
 from taskserver.child import records_pipe
+from taskserver.protocol import (
+    READY,
+    TASK,
+    consumer_ids_of,
+    new_process_id,
+    parse_record,
+    process_of,
+    task_record,
+    worker_process_id,
+)
 
 
 def test_the_records_of_one_turn_go_in_one_write() -> None:
@@ -36,3 +46,13 @@ def _available(fd: int) -> bytes:
         return os.read(fd, 65536)
     except BlockingIOError:
         return b""
+
+
+def test_records_and_ids_read_back_as_written() -> None:
+    """Both ends of the pipe use taskserver.protocol: what one writes the other parses."""
+    assert parse_record(task_record('{"id": "a b"}')) == (TASK, '{"id": "a b"}')
+    assert parse_record(READY) == (READY, "")
+    process_id = worker_process_id("abc123", slot=1, generation=4)
+    assert process_id.endswith(":abc123-w1.4")
+    assert [process_of(c) for c in consumer_ids_of(process_id)] == [process_id]
+    assert process_of(consumer_ids_of(new_process_id())[0]).count(":") == 2

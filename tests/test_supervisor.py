@@ -13,7 +13,7 @@ from taskserver.supervisor import KILL_GRACE_S, READY_TIMEOUT_S, Supervisor, Wor
 
 class Recorder:
     def __init__(self) -> None:
-        self.records: list[tuple[int, str]] = []
+        self.records: list[tuple[int, str, str]] = []
         self.exits: list[str] = []
 
 
@@ -36,7 +36,7 @@ def supervisor(reactor: FakeProcessReactor, recorder: Recorder) -> Supervisor:
         env={},
         extra_fds={3: 33, 4: 44},
         config_for=lambda worker: f"config {worker.slot} {worker.seat}\n".encode(),
-        on_record=lambda worker, line: recorder.records.append((worker.slot, line)),
+        on_record=lambda worker, kind, body: recorder.records.append((worker.slot, kind, body)),
         on_exit=lambda worker: recorder.exits.append(worker.process_id),
         process_id_for=lambda slot, generation: f"p-w{slot}.{generation}",
         stop_timeout_s=10.0,
@@ -65,7 +65,7 @@ def test_records_are_split_into_lines_and_passed_on(
     process = reactor.process(0)
     process.say(5, b"ready\ntask first li")
     process.say(5, b"ne\ntask second\n")
-    assert recorder.records == [(0, "task first line"), (0, "task second")]
+    assert recorder.records == [(0, "task", "first line"), (0, "task", "second")]
     assert supervisor.workers[0].ready
 
 
