@@ -13,6 +13,7 @@ consumers finish and give back their tasks, then close Redis connections.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -185,9 +186,29 @@ class ChildService(Service):
             self._beat.stop()
 
     async def _connections_closed(self, timeout_s: float) -> None:
-        deadline = self._reactor.seconds() + timeout_s
-        while self.site is not None and self.site.channels and self._reactor.seconds() < deadline:
-            await task.deferLater(self._reactor, 0.01)
+        """Wait until every open HTTP connection has closed, or ``timeout_s`` has passed."""
+        site = self.site
+        if site is None or not site.channels:
+            return
+        still_open = set(site.channels)
+        everyone: defer.Deferred[None] = defer.Deferred()
+
+        def closed(channel: Any) -> None:
+            still_open.discard(channel)
+            if not still_open and not everyone.called:
+                everyone.callback(None)
+
+        for channel in list(still_open):
+            site.when_closed(channel, functools.partial(closed, channel))
+        everyone.addTimeout(timeout_s, self._reactor)
+        try:
+            await everyone
+        except defer.TimeoutError:
+            self.log.warn(
+                "{n} HTTP connection(s) still open after {s:g} s; closing them",
+                n=len(site.channels),
+                s=timeout_s,
+            )
 
 
 # ---------------------------------------------------------------------- the child program
