@@ -11,6 +11,7 @@ SIGINT): children drain and exit, then Redis stops, then the master exits
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, textFileLogObserver
 from twisted.python.logfile import LogFile
 
@@ -91,11 +92,15 @@ class Master(Service):
         self._scoreboard: Scoreboard | None = None
         self.redis: RedisAddress | None = None
         self.supervisor: Supervisor | None = None
+        #: The signal (SIGTERM, SIGINT) that asked us to stop, if one did.
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------ start
 
     def startService(self) -> None:
         super().startService()
+        # After the reactor's own handlers are installed ("during startup").
+        self._reactor.callWhenRunning(self._take_stop_signals)
         self._start_server_log()
         self._task_log = TaskLogFile(self._settings.log_dir, self._settings.task_log_max_bytes)
         defer.Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
@@ -284,11 +289,47 @@ class Master(Service):
 
     # ------------------------------------------------------------ stop
 
+    def _take_stop_signals(self) -> None:
+        """SIGTERM and SIGINT stop the reactor through us, not through Twisted's handlers.
+
+        Twisted's handlers record the signal and twistd re-raises it once the
+        reactor has stopped, so even a clean stop would exit with status -15.
+        Ours stop the reactor the same way without recording it: a stop that
+        completes cleanly exits 0, and one that fails re-raises the signal.
+        """
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._on_stop_signal)
+
+    def _on_stop_signal(self, number: int, frame: Any) -> None:
+        self._stop_signal = number
+        self._reactor.callFromThread(self._stop_reactor, number)
+
+    def _stop_reactor(self, number: int) -> None:
+        self.log.info("{name}: stopping", name=signal.Signals(number).name)
+        with contextlib.suppress(error.ReactorNotRunning):
+            self._reactor.stop()
+
+    def _exit_with_stop_signal(self) -> None:
+        """After an unclean stop: die of the signal that asked for it, as twistd would."""
+        assert self._stop_signal is not None
+        signal.signal(self._stop_signal, signal.SIG_DFL)
+        os.kill(os.getpid(), self._stop_signal)
+
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        try:
+            await self._stop_everything()
+        except BaseException:
+            if self._stop_signal is not None:
+                self._reactor.addSystemEventTrigger(
+                    "after", "shutdown", self._exit_with_stop_signal
+                )
+            raise
+
+    async def _stop_everything(self) -> None:
         try:
             if self.supervisor is not None:
                 await self.supervisor.stopService()
@@ -307,10 +348,6 @@ class Master(Service):
         if self._task_log is not None:
             self._task_log.close()
         self.log.info("taskserver stopped")
-        # twistd re-raises the signal that stopped it (exit status -15); a
-        # stop that completed cleanly is a success, so it exits 0 instead.
-        if getattr(self._reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
-            self._reactor._exitSignal = None
         if self._log_observer is not None:
             globalLogPublisher.removeObserver(self._log_observer)
         if self._log_file is not None:

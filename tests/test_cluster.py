@@ -53,7 +53,7 @@ def test_a_stalled_child_keeps_no_queued_connection(twistd: Callable[..., Twistd
         assert time.monotonic() - started < 3.0
     finally:
         os.kill(pids[0], signal.SIGCONT)
-    assert server.stop() == 0
+    assert server.stop(signal.SIGINT) == 0, "Ctrl-C is a clean stop too"
 
 
 def test_killed_children_are_replaced_and_no_accepted_task_is_lost(
