@@ -13,8 +13,14 @@ FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 
 
-def backoff_delay(failures: int) -> float:
-    """Seconds to wait before the next start after ``failures`` failed starts in a row."""
+def backoff_delay(
+    failures: int, first_s: float = FIRST_BACKOFF_S, max_s: float = MAX_BACKOFF_S
+) -> float:
+    """Seconds to wait after ``failures`` failures in a row: 0, then first_s doubling up to max_s.
+
+    The defaults are the master's (children, embedded Redis); other loops
+    that back off (a consumer's fetch) can pass their own bounds.
+    """
     if failures <= 0:
         return 0.0
-    return min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** min(failures - 1, 32))
+    return float(min(max_s, first_s * 2 ** min(failures - 1, 64)))

@@ -7,7 +7,7 @@ from fake_process import FakeProcess, FakeProcessReactor
 from twisted.internet import defer
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from taskserver.backoff import FIRST_BACKOFF_S, MAX_BACKOFF_S
+from taskserver.backoff import FIRST_BACKOFF_S, MAX_BACKOFF_S, backoff_delay
 from taskserver.supervisor import KILL_GRACE_S, READY_TIMEOUT_S, Supervisor, Worker, WorkerDied
 
 
@@ -210,3 +210,9 @@ def test_every_waiter_sees_a_child_die_before_ready(
         failure = waiter.result
         assert isinstance(failure.value, WorkerDied), failure
         waiter.addErrback(lambda _: None)
+
+
+def test_the_back_off_doubles_from_nothing_to_its_cap() -> None:
+    assert [backoff_delay(n) for n in range(5)] == [0.0, 0.5, 1.0, 2.0, 4.0]
+    assert backoff_delay(10_000) == MAX_BACKOFF_S
+    assert backoff_delay(3, first_s=0.05, max_s=0.1) == 0.1
