@@ -55,6 +55,10 @@ class PortTaken(EmbeddedRedisError):
     """Another process listens on the port the embedded Redis needs."""
 
 
+class StartTimedOut(EmbeddedRedisError):
+    """The server did not say it was ready in time (it has been stopped)."""
+
+
 def find_server_binary(explicit: str | None) -> str:
     """The redis-server to run; ConfigError with one line if there is none."""
     if explicit:
@@ -230,6 +234,8 @@ class EmbeddedRedis(Service):
         for _ in range(START_ATTEMPTS if port is None else 1):
             try:
                 self.address = await self._start_once(port or free_loopback_port())
+            except StartTimedOut:
+                raise
             except PortTaken as e:
                 last = e
                 continue
@@ -253,7 +259,7 @@ class EmbeddedRedis(Service):
             await process.ready
         except defer.TimeoutError:
             await self._stop_process()
-            raise EmbeddedRedisError(
+            raise StartTimedOut(
                 f"{self.binary} did not become ready in {self._start_timeout_s:g} s"
             ) from None
         process.ended.addCallback(self._ended, process)

@@ -21,6 +21,7 @@ from conftest import RunningServer, connect_raw, eventually
 from taskserver.backoff import MAX_BACKOFF_S, backoff_delay
 from taskserver.config import ConfigError, RedisAddress
 from taskserver.embedded import (
+    START_TIMEOUT_S,
     EmbeddedRedis,
     bundled_binary,
     find_server_binary,
@@ -313,3 +314,16 @@ async def test_link_watch_logs_changes_of_state_only() -> None:
         "Redis unreachable (no answer within 1 s); waiting for it to come back",
         "Redis reachable again",
     ]
+
+
+def test_a_restart_that_hangs_is_stopped_and_tried_again(tmp_path: Path) -> None:
+    reactor, events = FakeProcessReactor(), Events()
+    fake_redis(tmp_path, reactor, events)
+    reactor.process(0).exit(signal=9)
+    reactor.advance(START_TIMEOUT_S)
+    assert reactor.process(1).signals == ["TERM"], "the hung server is stopped"
+    reactor.process(1).exit(0)
+    reactor.advance(backoff_delay(1))
+    assert len(reactor.spawned) == 3 and port_of(reactor, 2) == "7777"
+    server_ready(reactor.process(2))
+    assert events.happened == ["down", "back"]
