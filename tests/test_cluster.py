@@ -138,7 +138,11 @@ def test_a_task_that_kills_its_child_ends_in_the_dead_letters(
     assert document["attempts"] == 2
     assert "process died" in document["error"]
     assert server.output.count("killed by signal 9") == 2
-    assert "1 task(s) worker-" in server.output and "dead-lettered" in server.output
+    wait_for(  # the master logs it once Redis has answered, maybe after the status is read
+        lambda: "1 task(s) worker-" in server.output and "dead-lettered" in server.output,
+        timeout=20,
+        what="the master's dead-letter line",
+    )
     assert server.request("GET", "/healthz")[0] == 200
     assert server.stop() == 0
 
