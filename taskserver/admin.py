@@ -18,19 +18,18 @@ import json
 import os
 import sys
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from dotenv import find_dotenv, load_dotenv
 from twisted.internet import defer, task
 
 from taskserver.config import ConfigError, RedisAddress, Settings, load_settings
+from taskserver.embedded import EMBEDDED_ADDRESS_FILE as EMBEDDED_ADDRESS_FILE  # tests read it here
+from taskserver.embedded import read_embedded_address
 from taskserver.keys import Keys
-from taskserver.queue import process_of
+from taskserver.protocol import process_of
 from taskserver.redisclient import connect
 
-#: Where the master records the embedded Redis's address while it runs.
-EMBEDDED_ADDRESS_FILE = "embedded-redis.json"
 TIMEOUT_S = 5.0
 #: The whole command gives up after this long (Redis unreachable, say).
 RUN_TIMEOUT_S = 30.0
@@ -66,13 +65,12 @@ def redis_address(settings: Settings) -> RedisAddress:
     """The configured Redis, or the embedded one a master in DATA_DIR is running."""
     if settings.redis is not None:
         return settings.redis
-    path = settings.data_dir / EMBEDDED_ADDRESS_FILE
-    try:
-        return RedisAddress(**json.loads(path.read_text()))
-    except FileNotFoundError:
+    address = read_embedded_address(settings.data_dir)
+    if address is None:
         raise ConfigError(
             f"no Redis configured and no running taskserver in DATA_DIR {str(settings.data_dir)!r}"
-        ) from None
+        )
+    return address
 
 
 async def stats(redis: Any, keys: Keys) -> dict[str, Any]:
@@ -183,10 +181,3 @@ def main(argv: list[str] | None = None) -> None:
         return running.addTimeout(RUN_TIMEOUT_S, reactor)
 
     task.react(start)
-
-
-def write_embedded_address(data_dir: Path, address: RedisAddress) -> Path:
-    """Called by the master: tell taskserver-admin where the embedded Redis listens."""
-    path = data_dir / EMBEDDED_ADDRESS_FILE
-    path.write_text(json.dumps({"host": address.host, "port": address.port}))
-    return path

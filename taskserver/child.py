@@ -3,19 +3,8 @@
 
 :class:`ChildService` is the whole of a child's work; tests also run it in
 process. :func:`main` is the child program the master spawns
-(``python -m taskserver.child``), with these file descriptors:
-
-====  =====================================================================
-fd    what
-====  =====================================================================
-0     a pipe from the master: first line, this child's JSON configuration;
-      then end-of-file when the master exits
-1, 2  log output, relayed by the master into its log, tagged with the child
-3     the shared listening socket
-4     the connection-balancing scoreboard (see :mod:`taskserver.balance`)
-5     a pipe to the master: ``ready`` once serving, ``task <line>`` per
-      finished task (the master is the single writer of tasks.log)
-====  =====================================================================
+(``python -m taskserver.child``), with the file descriptors and records
+of :mod:`taskserver.protocol`.
 
 Stopping is ordered: stop accepting, drain HTTP connections, let the
 consumers finish and give back their tasks, then close Redis connections.
@@ -24,6 +13,7 @@ consumers finish and give back their tasks, then close Redis connections.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -45,15 +35,22 @@ from taskserver.consumer import ConsumerService, Handler
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
 from taskserver.lifeline import ParentWatch, detach_from_parent_session
+from taskserver.protocol import (
+    CONFIG_FD,
+    LISTENER_FD,
+    READY,
+    RECORDS_FD,
+    SCOREBOARD_FD,
+    task_record,
+)
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter
-from taskserver.redisclient import connect
+from taskserver.redisclient import RedisLinkWatch, connect, without_reconnect_attempts
 from taskserver.tasklog import TaskLog
 from taskserver.web import TaskAPI, TaskSite
 
 #: Connections for request-path commands (pipelined; blocking pops have their own pool).
 API_POOL_SIZE = 4
-CONFIG_FD, LISTENER_FD, SCOREBOARD_FD, RECORDS_FD = 0, 3, 4, 5
 #: How long a stopping child waits for its open HTTP connections to finish.
 DRAIN_TIMEOUT_S = 5.0
 
@@ -90,6 +87,7 @@ class ChildService(Service):
         self._pools: list[Any] = []
         self._port: BalancedPort | None = None
         self._beat: task.LoopingCall | None = None
+        self._link: RedisLinkWatch | None = None
         self.site: TaskSite | None = None
         self.consumers: ConsumerService | None = None
         self.queue: TaskQueue | None = None
@@ -100,6 +98,8 @@ class ChildService(Service):
         api = connect(self._redis, API_POOL_SIZE, settings.redis_timeout_s)
         blocking = connect(self._redis, 1, settings.redis_timeout_s)  # the dispatcher's pop
         self._pools = [api, blocking]
+        self._link = RedisLinkWatch(api, reactor, settings.redis_timeout_s)
+        self._link.startService()
         keys = Keys(settings.key_prefix)
         self.queue = TaskQueue(
             api,
@@ -177,6 +177,8 @@ class ChildService(Service):
             await self._connections_closed(DRAIN_TIMEOUT_S)
         if self.consumers is not None:
             await self.consumers.stopService()
+        if self._link is not None:
+            await self._link.stopService()
         for pool in self._pools:
             await pool.disconnect()
         self._pools = []
@@ -184,9 +186,29 @@ class ChildService(Service):
             self._beat.stop()
 
     async def _connections_closed(self, timeout_s: float) -> None:
-        deadline = self._reactor.seconds() + timeout_s
-        while self.site is not None and self.site.channels and self._reactor.seconds() < deadline:
-            await task.deferLater(self._reactor, 0.01)
+        """Wait until every open HTTP connection has closed, or ``timeout_s`` has passed."""
+        site = self.site
+        if site is None or not site.channels:
+            return
+        still_open = set(site.channels)
+        everyone: defer.Deferred[None] = defer.Deferred()
+
+        def closed(channel: Any) -> None:
+            still_open.discard(channel)
+            if not still_open and not everyone.called:
+                everyone.callback(None)
+
+        for channel in list(still_open):
+            site.when_closed(channel, functools.partial(closed, channel))
+        everyone.addTimeout(timeout_s, self._reactor)
+        try:
+            await everyone
+        except defer.TimeoutError:
+            self.log.warn(
+                "{n} HTTP connection(s) still open after {s:g} s; closing them",
+                n=len(site.channels),
+                s=timeout_s,
+            )
 
 
 # ---------------------------------------------------------------------- the child program
@@ -254,8 +276,10 @@ def main() -> None:
 
     globalLogBeginner.beginLoggingTo(
         [
-            FileLogObserver(
-                sys.stdout, lambda event: eventAsText(event, includeTimestamp=False) + "\n"
+            without_reconnect_attempts(
+                FileLogObserver(
+                    sys.stdout, lambda event: eventAsText(event, includeTimestamp=False) + "\n"
+                )
             )
         ],
         redirectStandardIO=False,
@@ -269,7 +293,7 @@ def main() -> None:
         config["address_family"],
         resolve_handler(settings.handler),
         reactor,
-        lambda line: records.add(f"task {line}"),
+        lambda line: records.add(task_record(line)),
         seat=Seat(Scoreboard(SCOREBOARD_FD, config["seats"]), config["seat"]),
         kill=_die,
         process_id=config["process_id"],
@@ -281,7 +305,7 @@ def main() -> None:
         service.startService()
         os.close(LISTENER_FD)  # the port holds its own duplicate
         watch.startReading()
-        records.add("ready")
+        records.add(READY)
         records.flush()
 
     reactor.callWhenRunning(start)

@@ -15,10 +15,7 @@ healthy.
 from __future__ import annotations
 
 import inspect
-import os
 import random
-import secrets
-import socket
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -28,6 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from taskserver.protocol import consumer_ids_of, new_process_id
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import RedisUnavailable
 from taskserver.task import MalformedTask, Task, iso_utc
@@ -61,16 +59,6 @@ def retry_delay_s(attempts: int, base_s: float, rng: Callable[[], float] = rando
 
 
 Handler = Callable[[dict[str, Any]], Any]
-
-
-def new_process_id() -> str:
-    """Unique across hosts and pid reuse: host, pid and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def consumer_ids_of(process_id: str) -> list[str]:
-    """The processing lists of a process: one, ``<process id>#0``, for all its tasks in flight."""
-    return [f"{process_id}#0"]
 
 
 def backoff_s(failures: int) -> float:

@@ -11,6 +11,7 @@ SIGINT): children drain and exit, then Redis stops, then the master exits
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -22,20 +23,25 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, textFileLogObserver
 from twisted.python.logfile import LogFile
 
-from taskserver.admin import write_embedded_address
 from taskserver.balance import Scoreboard
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, settings_to_json
-from taskserver.consumer import consumer_ids_of
-from taskserver.embedded import EmbeddedRedis
+from taskserver.embedded import EmbeddedRedis, write_embedded_address
 from taskserver.keys import Keys
 from taskserver.listener import describe
+from taskserver.protocol import (
+    LISTENER_FD,
+    SCOREBOARD_FD,
+    TASK,
+    consumer_ids_of,
+    worker_process_id,
+)
 from taskserver.queue import TaskQueue
-from taskserver.redisclient import connect
+from taskserver.redisclient import RedisUnavailable, connect, without_reconnect_attempts
 from taskserver.supervisor import Supervisor, Worker
 from taskserver.tasklog import TaskLogFile
 
@@ -63,7 +69,15 @@ class Master(Service):
         self._listener = listener
         self._reactor = reactor
         self._embedded = (
-            EmbeddedRedis(redis_binary, settings.data_dir, reactor) if redis_binary else None
+            EmbeddedRedis(
+                redis_binary,
+                settings.data_dir,
+                reactor,
+                on_down=self._redis_down,
+                on_back=self._connect_redis,
+            )
+            if redis_binary
+            else None
         )
         self._data_lock = data_lock
         self._address_file: Path | None = None
@@ -78,11 +92,15 @@ class Master(Service):
         self._scoreboard: Scoreboard | None = None
         self.redis: RedisAddress | None = None
         self.supervisor: Supervisor | None = None
+        #: The signal (SIGTERM, SIGINT) that asked us to stop, if one did.
+        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------ start
 
     def startService(self) -> None:
         super().startService()
+        # After the reactor's own handlers are installed ("during startup").
+        self._reactor.callWhenRunning(self._take_stop_signals)
         self._start_server_log()
         self._task_log = TaskLogFile(self._settings.log_dir, self._settings.task_log_max_bytes)
         defer.Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
@@ -96,29 +114,22 @@ class Master(Service):
             rotateLength=SERVER_LOG_MAX_BYTES,
             maxRotatedFiles=SERVER_LOG_ROTATED_FILES,
         )
-        self._log_observer = textFileLogObserver(cast(IO[str], self._log_file))
+        self._log_observer = without_reconnect_attempts(
+            textFileLogObserver(cast(IO[str], self._log_file))
+        )
         globalLogPublisher.addObserver(self._log_observer)
 
     async def _start(self) -> None:
         settings = self._settings
         self.redis = await self._redis_address()
-        self._pool = connect(self.redis, 1, settings.redis_timeout_s)
-        self._queue = TaskQueue(
-            self._pool,
-            Keys(settings.key_prefix),
-            settings.status_ttl_s,
-            settings.redis_timeout_s,
-            self._reactor,
-            settings.max_attempts,
-            settings.dead_letter_max,
-        )
+        self._connect_redis()
         self._scoreboard = Scoreboard.create(Supervisor.seats_for(settings.workers))
         self.supervisor = Supervisor(
             self._reactor,
             settings.workers,
             argv=[sys.executable, "-m", "taskserver.child"],
             env=self._child_environment(),
-            extra_fds={3: self._listener.fileno(), 4: self._scoreboard.fd},
+            extra_fds={LISTENER_FD: self._listener.fileno(), SCOREBOARD_FD: self._scoreboard.fd},
             config_for=self._config_for,
             on_record=self._record,
             on_exit=self._child_exited,
@@ -153,6 +164,29 @@ class Master(Service):
         )
         return address
 
+    def _connect_redis(self) -> None:
+        """The master's own pool (it gives dead children's tasks back)."""
+        assert self.redis is not None
+        settings = self._settings
+        self._pool = connect(self.redis, 1, settings.redis_timeout_s)
+        self._queue = TaskQueue(
+            self._pool,
+            Keys(settings.key_prefix),
+            settings.status_ttl_s,
+            settings.redis_timeout_s,
+            self._reactor,
+            settings.max_attempts,
+            settings.dead_letter_max,
+        )
+
+    def _redis_down(self) -> None:
+        """The embedded Redis died: close our pool until it is back, instead of retrying blindly."""
+        pool, self._pool, self._queue = self._pool, None, None
+        if pool is not None:
+            pool.disconnect().addErrback(
+                lambda failure: self.log.failure("closing the Redis pool", failure)
+            )
+
     def _start_failed(self, failure: Any) -> None:
         self.log.critical("taskserver could not start: {error}", error=failure.value)
         self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
@@ -168,7 +202,7 @@ class Master(Service):
         return env
 
     def _process_id_for(self, slot: int, generation: int) -> str:
-        return f"{socket.gethostname()}:{os.getpid()}:{self._token}-w{slot}.{generation}"
+        return worker_process_id(self._token, slot, generation)
 
     def _config_for(self, worker: Worker) -> bytes:
         assert self.redis is not None and self.supervisor is not None
@@ -183,13 +217,15 @@ class Master(Service):
         }
         return json.dumps(config).encode("utf-8") + b"\n"
 
-    def _record(self, worker: Worker, record: str) -> None:
-        kind, _, rest = record.partition(" ")
-        if kind == "task":
-            self._task_lines.add(rest)
+    def _record(self, worker: Worker, kind: str, body: str) -> None:
+        if kind == TASK:
+            self._task_lines.add(body)
         else:
             self.log.warn(
-                "{name} sent an unknown record: {record!r}", name=worker.name, record=record[:200]
+                "{name} sent an unknown record: {kind!r} {body!r}",
+                name=worker.name,
+                kind=kind[:50],
+                body=body[:200],
             )
 
     def _write_task_lines(self, lines: list[str]) -> None:
@@ -209,11 +245,12 @@ class Master(Service):
         still land in its list, and the reaper looks again once the heartbeat
         has expired.
         """
-        assert self._queue is not None
         consumer_ids = consumer_ids_of(worker.process_id)
         deadline = self._reactor.seconds() + RECLAIM_RETRY_FOR_S
         while True:
             try:
+                if self._queue is None:
+                    raise RedisUnavailable("the embedded Redis is restarting")
                 got = await self._queue.reclaim(
                     worker.process_id, consumer_ids, forget=False, force=True
                 )
@@ -252,11 +289,47 @@ class Master(Service):
 
     # ------------------------------------------------------------ stop
 
+    def _take_stop_signals(self) -> None:
+        """SIGTERM and SIGINT stop the reactor through us, not through Twisted's handlers.
+
+        Twisted's handlers record the signal and twistd re-raises it once the
+        reactor has stopped, so even a clean stop would exit with status -15.
+        Ours stop the reactor the same way without recording it: a stop that
+        completes cleanly exits 0, and one that fails re-raises the signal.
+        """
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._on_stop_signal)
+
+    def _on_stop_signal(self, number: int, frame: Any) -> None:
+        self._stop_signal = number
+        self._reactor.callFromThread(self._stop_reactor, number)
+
+    def _stop_reactor(self, number: int) -> None:
+        self.log.info("{name}: stopping", name=signal.Signals(number).name)
+        with contextlib.suppress(error.ReactorNotRunning):
+            self._reactor.stop()
+
+    def _exit_with_stop_signal(self) -> None:
+        """After an unclean stop: die of the signal that asked for it, as twistd would."""
+        assert self._stop_signal is not None
+        signal.signal(self._stop_signal, signal.SIG_DFL)
+        os.kill(os.getpid(), self._stop_signal)
+
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        try:
+            await self._stop_everything()
+        except BaseException:
+            if self._stop_signal is not None:
+                self._reactor.addSystemEventTrigger(
+                    "after", "shutdown", self._exit_with_stop_signal
+                )
+            raise
+
+    async def _stop_everything(self) -> None:
         try:
             if self.supervisor is not None:
                 await self.supervisor.stopService()
@@ -275,10 +348,6 @@ class Master(Service):
         if self._task_log is not None:
             self._task_log.close()
         self.log.info("taskserver stopped")
-        # twistd re-raises the signal that stopped it (exit status -15); a
-        # stop that completed cleanly is a success, so it exits 0 instead.
-        if getattr(self._reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
-            self._reactor._exitSignal = None
         if self._log_observer is not None:
             globalLogPublisher.removeObserver(self._log_observer)
         if self._log_file is not None:

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from taskserver.coalesce import Coalescer
 from taskserver.keys import Keys
+from taskserver.protocol import process_of
 from taskserver.ratelimit import LIMIT_LUA
 from taskserver.redisclient import within
 from taskserver.task import Task
@@ -291,11 +292,6 @@ class Batch(NamedTuple):
     alone: bool = False
     #: Suspects wait for an idle consumer: start nothing, ask again once idle.
     wait: bool = False
-
-
-def process_of(consumer_id: str) -> str:
-    """Consumer ids are ``<process id>#<n>``; the heartbeat belongs to the process."""
-    return consumer_id.rpartition("#")[0]
 
 
 class TaskQueue:

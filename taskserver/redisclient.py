@@ -12,9 +12,19 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import txredisapi
-from twisted.internet import defer
+from twisted.application.service import Service
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    ILogObserver,
+    LogEvent,
+    Logger,
+    PredicateResult,
+)
+from zope.interface import implementer
 
 from taskserver.config import RedisAddress
 
@@ -25,6 +35,12 @@ T = TypeVar("T")
 RECONNECT_INITIAL_DELAY_S = 0.1
 RECONNECT_MAX_DELAY_S = 0.5
 CONNECT_TIMEOUT_S = 2
+#: How often :class:`RedisLinkWatch` asks Redis whether it is there.
+LINK_CHECK_EVERY_S = 0.5
+#: Twisted's ClientService (txredisapi's reconnecting slots) logs each retry as this.
+RECONNECT_LOG_FORMAT = "Scheduling retry"
+#: txredisapi logs this once per pooled connection it drops after an outage.
+DEAD_CONNECTION_MESSAGE = ("Discarding dead connection.",)
 
 #: Redis error replies that mean "cannot serve now", not "your command is wrong".
 _UNAVAILABLE_REPLIES = (
@@ -64,10 +80,87 @@ def connect(address: RedisAddress, poolsize: int, reply_timeout_s: float | None)
         replyTimeout=reply_timeout_s,
         convertNumbers=False,
     )
+    # txredisapi has no argument for its back-off: its documented class
+    # attributes are set on the pool's factory, which the handler only holds
+    # privately. This is the one place; tests/test_embedded.py breaks if it moves.
     factory = handler._factory
     factory.initialDelay = RECONNECT_INITIAL_DELAY_S
     factory.maxDelay = RECONNECT_MAX_DELAY_S
     return handler
+
+
+@implementer(ILogFilterPredicate)
+class _NotAReconnectAttempt:
+    """Says no to the per-attempt lines, maybe to everything else."""
+
+    def __call__(self, event: LogEvent) -> PredicateResult:
+        namespace, format = str(event.get("log_namespace", "")), str(event.get("log_format", ""))
+        if namespace.endswith(".ClientService") and format.startswith(RECONNECT_LOG_FORMAT):
+            return PredicateResult.no
+        if event.get("message") == DEAD_CONNECTION_MESSAGE:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
+def without_reconnect_attempts(observer: ILogObserver) -> ILogObserver:
+    """``observer`` minus the lines logged per reconnect attempt (2 a second) and per connection.
+
+    :class:`RedisLinkWatch` logs the changes of state instead.
+    """
+    return FilteringLogObserver(observer, [_NotAReconnectAttempt()])
+
+
+class RedisLinkWatch(Service):
+    """One log line when Redis stops answering, one when it answers again; nothing in between."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        redis: Any,
+        clock: IReactorTime,
+        timeout_s: float,
+        every_s: float = LINK_CHECK_EVERY_S,
+    ) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._every_s = every_s
+        self._loop: task.LoopingCall | None = None
+        self.up = True
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(lambda: defer.Deferred.fromCoroutine(self.check()))
+        self._loop.clock = self._clock
+        self._loop.start(self._every_s, now=False)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+        return defer.succeed(None)
+
+    async def check(self) -> None:
+        """Ping once; log if the answer changes the state."""
+        try:
+            await within(self._redis.ping(), self._timeout_s, self._clock)
+        except RedisUnavailable as e:
+            if self.up:
+                self.up = False
+                why = (
+                    f"no answer within {self._timeout_s:g} s"
+                    if isinstance(e.__cause__, defer.TimeoutError)
+                    else str(e)
+                )
+                self.log.warn("Redis unreachable ({why}); waiting for it to come back", why=why)
+        except Exception:
+            self.log.failure("checking Redis")
+        else:
+            if not self.up:
+                self.up = True
+                self.log.info("Redis reachable again")
 
 
 def is_unavailable(error: BaseException) -> bool:

@@ -10,7 +10,7 @@ restarts.
 Restart policy: a child that exits after it said it was ready is replaced
 at once, whatever the cause (crash, SIGKILL, ``/kill``, OOM). A child that
 exits before it was ready is crash-looping (a broken deployment): it is
-restarted with exponential back-off, logged, so it cannot spin the CPU.
+restarted with exponential back-off (:mod:`taskserver.backoff`), logged, so it cannot spin the CPU.
 The supervisor itself never stops because children die.
 """
 
@@ -27,19 +27,29 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-#: Back-off for children that die before they are ready: doubles up to the cap.
-FIRST_BACKOFF_S = 0.5
-MAX_BACKOFF_S = 30.0
+from taskserver.backoff import backoff_delay
+from taskserver.protocol import (
+    CONFIG_FD,
+    READY,
+    RECORDS_FD,
+    STDERR_FD,
+    STDOUT_FD,
+    parse_record,
+)
+
 #: How long a rolling restart waits for a new child to say it is ready.
 READY_TIMEOUT_S = 30.0
 #: A stopping child gets its shutdown timeout plus this much before SIGKILL.
 KILL_GRACE_S = 5.0
-STDOUT, STDERR, RECORDS = 1, 2, 5
 MAX_LINE_BYTES = 64 * 1024
 
 
 class WorkerDied(Exception):
     """A child exited before it said it was ready."""
+
+
+class NotReadyInTime(Exception):
+    """A child did not say it was ready within the deadline."""
 
 
 @dataclass(eq=False)
@@ -54,12 +64,41 @@ class Worker:
     pid: int | None = None
     ready: bool = False
     retiring: bool = False
-    became_ready: defer.Deferred[None] = field(default_factory=defer.Deferred)
     ended: defer.Deferred[None] = field(default_factory=defer.Deferred)
+    #: Why it will never be ready (it exited first), once that is known.
+    died_before_ready: WorkerDied | None = None
+    _ready_waiters: list[defer.Deferred[None]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return f"worker-{self.slot}"
+
+    def wait_ready(self) -> defer.Deferred[None]:
+        """A Deferred of this waiter's own: fires when the child is ready, fails if it died first.
+
+        Each waiter gets its own, so no waiter can handle a failure for another.
+        """
+        if self.ready:
+            return defer.succeed(None)
+        if self.died_before_ready is not None:
+            return defer.fail(self.died_before_ready)
+        waiter: defer.Deferred[None] = defer.Deferred(self._ready_waiters.remove)
+        self._ready_waiters.append(waiter)
+        return waiter
+
+    def mark_ready(self) -> None:
+        self.ready = True
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def mark_died(self, how: str) -> None:
+        if self.ready:
+            return
+        self.died_before_ready = WorkerDied(f"{self.name} {how} before it was ready")
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.errback(self.died_before_ready)
 
     def signal(self, name: str) -> None:
         with contextlib.suppress(error.ProcessExitedAlready, AttributeError):
@@ -116,7 +155,7 @@ class Supervisor(Service):
         env: dict[str, str],
         extra_fds: dict[int, int],
         config_for: Callable[[Worker], bytes],
-        on_record: Callable[[Worker, str], None],
+        on_record: Callable[[Worker, str, str], None],
         on_exit: Callable[[Worker], None],
         process_id_for: Callable[[int, int], str],
         stop_timeout_s: float,
@@ -179,9 +218,13 @@ class Supervisor(Service):
             seat=slot + self.count * (generation % 2),
             process_id=self._process_id_for(slot, generation),
         )
-        worker.became_ready.addErrback(lambda failure: None)  # nobody may be waiting
         self.workers[slot] = worker
-        child_fds: dict[int, Any] = {0: "w", STDOUT: "r", STDERR: "r", RECORDS: "r"}
+        child_fds: dict[int, Any] = {
+            CONFIG_FD: "w",
+            STDOUT_FD: "r",
+            STDERR_FD: "r",
+            RECORDS_FD: "r",
+        }
         child_fds.update(self._extra_fds)
         worker.transport = self._reactor.spawnProcess(
             _WorkerProtocol(self, worker, self._config_for(worker)),
@@ -195,7 +238,7 @@ class Supervisor(Service):
 
     def _restart_later(self, slot: int) -> None:
         failures = self._failures.get(slot, 0)
-        delay = 0.0 if failures == 0 else min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (failures - 1))
+        delay = backoff_delay(failures)
         if delay:
             self.log.warn(
                 "worker-{slot} died before it was ready ({n} time(s) in a row); "
@@ -214,26 +257,24 @@ class Supervisor(Service):
     # ------------------------------------------------------------ events from children
 
     def _line(self, worker: Worker, fd: int, line: str) -> None:
-        if fd == RECORDS:
-            if line == "ready":
+        if fd == RECORDS_FD:
+            kind, body = parse_record(line)
+            if kind == READY:
                 self._became_ready(worker)
             else:
-                self._on_record(worker, line)
+                self._on_record(worker, kind, body)
         else:
             self.log.info("[{name} {pid}] {line}", name=worker.name, pid=worker.pid, line=line)
 
     def _became_ready(self, worker: Worker) -> None:
         self.log.info("{name} (pid {pid}) ready", name=worker.name, pid=worker.pid)
-        worker.ready = True
         self._failures[worker.slot] = 0
-        worker.became_ready.callback(None)
+        worker.mark_ready()
 
     def _exited(self, worker: Worker, reason: Failure) -> None:
         how = describe_exit(reason)
         planned = worker.retiring
         self._retiring.discard(worker)
-        if not worker.became_ready.called:
-            worker.became_ready.errback(WorkerDied(f"{worker.name} {how}"))
         if planned:
             self.log.info(
                 "{name} (pid {pid}) stopped: {how}", name=worker.name, pid=worker.pid, how=how
@@ -250,6 +291,8 @@ class Supervisor(Service):
                 if not worker.ready:
                     self._failures[worker.slot] = self._failures.get(worker.slot, 0) + 1
                 self._restart_later(worker.slot)
+        # Last, so that a waiter (a rolling restart) sees the slot as it now is.
+        worker.mark_died(how)
 
     # ------------------------------------------------------------ stopping and rolling
 
@@ -273,10 +316,39 @@ class Supervisor(Service):
         )
         worker.signal("KILL")
 
+    async def _ready_in_time(self, worker: Worker) -> None:
+        """Wait until ``worker`` is ready; WorkerDied, or NotReadyInTime after READY_TIMEOUT_S."""
+        try:
+            await worker.wait_ready().addTimeout(READY_TIMEOUT_S, self._reactor)
+        except defer.TimeoutError:
+            raise NotReadyInTime(
+                f"{worker.name} was not ready within {READY_TIMEOUT_S:g} s"
+            ) from None
+
+    async def _keep_old(self, slot: int, old: Worker | None, new: Worker, why: Exception) -> None:
+        """A roll that failed: the old child (if alive) keeps its slot; the new one goes."""
+        if old is None or old.ended.called:
+            self.log.error("rolling restart stopped: {why}", why=why)
+            return  # the slot's ordinary restart policy takes over
+        self.log.error(
+            "rolling restart stopped: {why}; the old {name} (pid {pid}) keeps serving",
+            why=why,
+            name=old.name,
+            pid=old.pid,
+        )
+        pending = self._restarts.pop(slot, None)
+        if pending is not None and pending.active():
+            pending.cancel()
+        self.workers[slot] = old
+        self._failures[slot] = 0  # the old one was ready: its next death restarts at once
+        await self._retire(new)
+
     async def rolling_restart(self) -> None:
         """Replace children one at a time: start the new one, wait until ready, retire the old.
 
         The listening socket stays open throughout, so no connection is refused.
+        A new child that dies or is not ready within READY_TIMEOUT_S stops the
+        roll (a broken build): the old child keeps serving, the rest are not touched.
         """
         if self._rolling:
             self.log.info("a rolling restart is already in progress")
@@ -289,19 +361,9 @@ class Supervisor(Service):
                 old = self.workers.get(slot)
                 new = self._spawn(slot)
                 try:
-                    await new.became_ready.addTimeout(READY_TIMEOUT_S, self._reactor)
-                except Exception as e:
-                    self.log.error(
-                        "rolling restart stopped: {name} did not start ({error})",
-                        name=new.name,
-                        error=e,
-                    )
-                    if old is not None and not old.ended.called:
-                        pending = self._restarts.pop(slot, None)
-                        if pending is not None and pending.active():
-                            pending.cancel()
-                        self.workers[slot] = old
-                        await self._retire(new)
+                    await self._ready_in_time(new)
+                except (WorkerDied, NotReadyInTime) as e:
+                    await self._keep_old(slot, old, new, e)
                     return
                 if old is not None:
                     await self._retire(old)

@@ -1,12 +1,24 @@
-"""The child's record pipe to the master (a real pipe, a fake clock)."""
+"""The child: its record pipe to the master (a real pipe, a fake clock), the protocol, its stop."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from taskserver.child import records_pipe
+from taskserver.child import DRAIN_TIMEOUT_S, ChildService, records_pipe
+from taskserver.protocol import (
+    READY,
+    TASK,
+    consumer_ids_of,
+    new_process_id,
+    parse_record,
+    process_of,
+    task_record,
+    worker_process_id,
+)
 
 
 def test_the_records_of_one_turn_go_in_one_write() -> None:
@@ -36,3 +48,67 @@ def _available(fd: int) -> bytes:
         return os.read(fd, 65536)
     except BlockingIOError:
         return b""
+
+
+def test_records_and_ids_read_back_as_written() -> None:
+    """Both ends of the pipe use taskserver.protocol: what one writes the other parses."""
+    assert parse_record(task_record('{"id": "a b"}')) == (TASK, '{"id": "a b"}')
+    assert parse_record(READY) == (READY, "")
+    process_id = worker_process_id("abc123", slot=1, generation=4)
+    assert process_id.endswith(":abc123-w1.4")
+    assert [process_of(c) for c in consumer_ids_of(process_id)] == [process_id]
+    assert process_of(consumer_ids_of(new_process_id())[0]).count(":") == 2
+
+
+class FakeSite:
+    """The part of TaskSite a stopping child uses: open channels and when_closed."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = set(range(channels))
+        self._waiters: dict[int, list[Callable[[], None]]] = {}
+
+    def when_closed(self, channel: int, callback: Callable[[], None]) -> None:
+        self._waiters.setdefault(channel, []).append(callback)
+
+    def close(self, channel: int) -> None:
+        self.channels.discard(channel)
+        for callback in self._waiters.pop(channel, []):
+            callback()
+
+
+def stopping_child(site: FakeSite, clock: Clock) -> ChildService:
+    child = ChildService(
+        settings=None,  # type: ignore[arg-type]
+        redis=None,  # type: ignore[arg-type]
+        listener_fd=-1,
+        address_family=0,
+        handler=lambda task: None,
+        reactor=clock,
+        task_sink=lambda line: None,
+    )
+    child.site = site  # type: ignore[assignment]
+    return child
+
+
+def test_shutdown_waits_for_the_last_connection_without_polling() -> None:
+    clock, site = Clock(), FakeSite(2)
+    waited = defer.Deferred.fromCoroutine(
+        stopping_child(site, clock)._connections_closed(DRAIN_TIMEOUT_S)
+    )
+    site.close(0)
+    assert not waited.called
+    assert clock.getDelayedCalls() and len(clock.getDelayedCalls()) == 1, "only the deadline"
+    site.close(1)
+    assert waited.called and not clock.getDelayedCalls()
+
+
+def test_shutdown_stops_waiting_at_the_drain_deadline() -> None:
+    clock, site = Clock(), FakeSite(1)
+    waited = defer.Deferred.fromCoroutine(
+        stopping_child(site, clock)._connections_closed(DRAIN_TIMEOUT_S)
+    )
+    clock.advance(DRAIN_TIMEOUT_S - 0.01)
+    assert not waited.called
+    clock.advance(0.01)
+    assert waited.called and waited.result is None
+    site.close(0)  # late: harmless

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,11 +12,32 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor
+from fake_process import FakeProcess, FakeProcessReactor
+from twisted.application.internet import ClientService
+from twisted.internet import defer, reactor, task
+from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
 
 from conftest import RunningServer, connect_raw, eventually
-from taskserver.config import ConfigError
-from taskserver.embedded import EmbeddedRedis, find_server_binary, lock_data_dir
+from taskserver.backoff import MAX_BACKOFF_S, backoff_delay
+from taskserver.config import ConfigError, RedisAddress
+from taskserver.embedded import (
+    START_TIMEOUT_S,
+    EmbeddedRedis,
+    bundled_binary,
+    find_server_binary,
+    free_loopback_port,
+    lock_data_dir,
+    read_embedded_address,
+    write_embedded_address,
+)
+from taskserver.redisclient import (
+    RECONNECT_INITIAL_DELAY_S,
+    RECONNECT_LOG_FORMAT,
+    RECONNECT_MAX_DELAY_S,
+    RedisLinkWatch,
+    connect,
+    without_reconnect_attempts,
+)
 
 
 def test_explicit_binary_must_exist() -> None:
@@ -67,7 +91,11 @@ async def test_data_survives_a_restart(tmp_path: Path) -> None:
 async def test_server_recovers_when_redis_comes_back(
     start_server: Callable[..., RunningServer], tmp_path: Path
 ) -> None:
-    """Redis stops and restarts on the same port: 503 meanwhile, then back to work by itself."""
+    """Redis stops and restarts on the same port: 503 meanwhile, then back to work by itself.
+
+    The deadlines are generous (a loaded machine); how soon a child
+    reconnects is the reconnect delay, checked above.
+    """
     redis = await start_redis(tmp_path / "redis")
     address = redis.address
     assert address is not None
@@ -85,7 +113,6 @@ async def test_server_recovers_when_redis_comes_back(
     assert (await post("during")).code == 503
     assert (await treq.get(server.url + "/readyz")).code == 503
 
-    back_at = reactor.seconds()
     redis = await start_redis(tmp_path / "redis", port=address.port)
     try:
 
@@ -93,8 +120,7 @@ async def test_server_recovers_when_redis_comes_back(
             response = await post(f"after-{reactor.seconds()}")
             return response if response.code == 202 else None
 
-        response = await eventually(accepted, timeout=5.0)
-        assert reactor.seconds() - back_at < 2.0, "enqueueing did not resume within 2 s"
+        response = await eventually(accepted, timeout=30.0)
 
         watcher = connect_raw(redis.address)  # type: ignore[arg-type]
 
@@ -102,8 +128,7 @@ async def test_server_recovers_when_redis_comes_back(
             clients = await watcher.execute_command("CLIENT", "LIST")
             return str(clients).count("cmd=brpoplpush") == 1  # the dispatcher of the process
 
-        await eventually(every_consumer_waiting, timeout=5.0)
-        assert reactor.seconds() - back_at < 2.0, "blocking pops did not resume within 2 s"
+        await eventually(every_consumer_waiting, timeout=30.0)
         await watcher.disconnect()
         task_id = (await response.json())["task_id"]
 
@@ -111,7 +136,194 @@ async def test_server_recovers_when_redis_comes_back(
             answer = await treq.get(f"{server.url}/api/v1/task/{task_id}")
             return (await answer.json()).get("status") == "completed"
 
-        await eventually(completed, timeout=5.0)
+        await eventually(completed, timeout=30.0)
     finally:
         await server.stop()
         await redis.stopService()
+
+
+# ------------------------------------------------------------ supervision, on a fake reactor
+
+
+class Events:
+    def __init__(self) -> None:
+        self.happened: list[str] = []
+
+
+def fake_redis(
+    tmp_path: Path, reactor: FakeProcessReactor, events: Events
+) -> tuple[EmbeddedRedis, RedisAddress]:
+    """An EmbeddedRedis on a fake process reactor, started on port 7777 and ready."""
+    redis = EmbeddedRedis(
+        "valkey-server",
+        tmp_path,
+        reactor,
+        on_down=lambda: events.happened.append("down"),
+        on_back=lambda: events.happened.append("back"),
+    )
+    started = defer.Deferred.fromCoroutine(redis.start(port=7777))
+    server_ready(reactor.process(0))
+    address = started.result
+    return redis, address
+
+
+def server_ready(process: FakeProcess) -> None:
+    process.say(1, b"1:M * Ready to accept connections tcp\n")
+
+
+def port_of(reactor: FakeProcessReactor, n: int) -> str:
+    args = reactor.spawned[n][1]
+    return args[args.index("--port") + 1]
+
+
+def test_a_killed_server_is_restarted_at_once_on_its_port(tmp_path: Path) -> None:
+    reactor, events = FakeProcessReactor(), Events()
+    redis, address = fake_redis(tmp_path, reactor, events)
+    with capturedLogs() as logged:
+        reactor.process(0).exit(signal=9)
+        assert len(reactor.spawned) == 2, "restarted at once, without waiting"
+        assert port_of(reactor, 1) == "7777" and redis.address == address
+        server_ready(reactor.process(1))
+    assert events.happened == ["down", "back"]
+    lines = [formatEvent(event) for event in logged if event["log_namespace"].endswith("Redis")]
+    assert lines == [
+        "embedded Redis (pid 1000) died: killed by signal 9; restarting it on port 7777",
+        "embedded Redis is back (pid 1001) at 127.0.0.1:7777",
+    ]
+
+
+def test_a_taken_port_is_retried_with_the_childrens_back_off(tmp_path: Path) -> None:
+    reactor, events = FakeProcessReactor(), Events()
+    redis, _ = fake_redis(tmp_path, reactor, events)
+    reactor.process(0).exit(signal=9)
+    with capturedLogs() as logged:
+        for failure in range(1, 5):
+            spawned = len(reactor.spawned)
+            process = reactor.process(spawned - 1)
+            process.say(1, b"1:M # Warning: Could not create server TCP listening socket "
+                           b"127.0.0.1:7777: bind: Address already in use\n")  # fmt: skip
+            process.exit(code=1)
+            reactor.advance(backoff_delay(failure) - 0.01)
+            assert len(reactor.spawned) == spawned, "not before the back-off has passed"
+            reactor.advance(0.01)
+            assert len(reactor.spawned) == spawned + 1
+            assert port_of(reactor, spawned) == "7777"
+    messages = [formatEvent(event) for event in logged if event["log_level"] == LogLevel.error]
+    assert len(messages) == 4, "one line per attempt, not per reconnect"
+    assert messages[0] == (
+        "embedded Redis could not restart: port 7777 is in use by another process; "
+        f"trying again in {backoff_delay(1):g} s (1 failure(s) in a row)"
+    )
+    server_ready(reactor.process(len(reactor.spawned) - 1))
+    assert events.happened == ["down", "back"] and redis.failures == 0
+
+
+def test_stopping_during_the_back_off_starts_nothing_more(tmp_path: Path) -> None:
+    reactor, events = FakeProcessReactor(), Events()
+    redis, _ = fake_redis(tmp_path, reactor, events)
+    reactor.process(0).exit(signal=9)
+    reactor.process(1).exit(code=1)
+    stopped = redis.stopService()
+    assert stopped.called
+    reactor.advance(MAX_BACKOFF_S * 2)
+    assert len(reactor.spawned) == 2 and events.happened == ["down"]
+
+
+def test_a_server_we_stop_is_not_restarted(tmp_path: Path) -> None:
+    reactor, events = FakeProcessReactor(), Events()
+    redis, _ = fake_redis(tmp_path, reactor, events)
+    stopped = redis.stopService()
+    assert reactor.process(0).signals == ["TERM"]
+    reactor.process(0).exit(0)
+    assert stopped.called
+    reactor.advance(60)
+    assert len(reactor.spawned) == 1 and events.happened == []
+
+
+def test_the_address_file_is_written_and_read_in_one_place(tmp_path: Path) -> None:
+    assert read_embedded_address(tmp_path) is None
+    write_embedded_address(tmp_path, RedisAddress(host="127.0.0.1", port=7777))
+    assert read_embedded_address(tmp_path) == RedisAddress(host="127.0.0.1", port=7777)
+
+
+def test_the_bundled_binary_is_found_in_valkeylites_installed_files() -> None:
+    path = bundled_binary()
+    assert path.name == "valkey-server" and os.access(path, os.X_OK)
+
+
+def test_reconnect_attempts_are_not_logged_but_other_lines_are() -> None:
+    seen: list[LogEvent] = []
+    observer = without_reconnect_attempts(seen.append)
+    retry = {
+        "log_namespace": "twisted.application._client_service.ClientService",
+        "log_format": "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds.",
+        "log_level": LogLevel.info,
+    }
+    dead = {"log_namespace": "log_legacy", "message": ("Discarding dead connection.",)}
+    kept = {"log_namespace": "taskserver.x", "log_format": "Redis reachable again"}
+    for event in (retry, dead, kept):
+        observer(event)
+    assert seen == [kept]
+
+
+def test_client_service_still_logs_its_retries_where_the_filter_looks() -> None:
+    """Breaks if Twisted renames the retry line or its logger: the filter would let it through."""
+    source = inspect.getsource(sys.modules[ClientService.__module__])
+    source += inspect.getsource(sys.modules["twisted.application._client_service"])
+    assert f'"{RECONNECT_LOG_FORMAT} {{attempt}}' in source
+    assert ClientService._log.namespace.endswith(".ClientService")
+
+
+def test_txredisapi_honours_our_reconnect_delays() -> None:
+    """The one private attribute of txredisapi we set: breaks if it stops meaning anything."""
+    handler = connect(RedisAddress(host="127.0.0.1", port=free_loopback_port()), 1, 1.0)
+    try:
+        factory = handler._factory
+        assert factory.initialDelay == RECONNECT_INITIAL_DELAY_S
+        assert all(factory.retryDelay(n) <= RECONNECT_MAX_DELAY_S * 1.6 for n in range(1, 50))
+    finally:
+        handler.disconnect()
+    assert RECONNECT_MAX_DELAY_S < 2.0, "children reconnect within 2 s of a restart"
+
+
+@pytest_twisted.ensureDeferred
+async def test_link_watch_logs_changes_of_state_only() -> None:
+    clock = task.Clock()
+
+    class Redis:
+        answering = True
+
+        def ping(self) -> defer.Deferred[str]:
+            return defer.succeed("PONG") if self.answering else defer.Deferred()
+
+    redis = Redis()
+    watch = RedisLinkWatch(redis, clock, timeout_s=1.0, every_s=0.5)
+    with capturedLogs() as logged:
+        watch.startService()
+        clock.advance(0.5)
+        redis.answering = False
+        for _ in range(10):
+            clock.advance(0.5)
+        assert not watch.up
+        redis.answering = True
+        for _ in range(10):
+            clock.advance(0.5)
+        await watch.stopService()
+    lines = [formatEvent(event) for event in logged]
+    assert lines == [
+        "Redis unreachable (no answer within 1 s); waiting for it to come back",
+        "Redis reachable again",
+    ]
+
+
+def test_a_restart_that_hangs_is_stopped_and_tried_again(tmp_path: Path) -> None:
+    reactor, events = FakeProcessReactor(), Events()
+    fake_redis(tmp_path, reactor, events)
+    reactor.process(0).exit(signal=9)
+    reactor.advance(START_TIMEOUT_S)
+    assert reactor.process(1).signals == ["TERM"], "the hung server is stopped"
+    reactor.process(1).exit(0)
+    reactor.advance(backoff_delay(1))
+    assert len(reactor.spawned) == 3 and port_of(reactor, 2) == "7777"
+    server_ready(reactor.process(2))
+    assert events.happened == ["down", "back"]

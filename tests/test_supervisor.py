@@ -2,70 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from twisted.internet import defer, error
-from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
+from fake_process import FakeProcess, FakeProcessReactor
+from twisted.internet import defer
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from taskserver.supervisor import FIRST_BACKOFF_S, KILL_GRACE_S, MAX_BACKOFF_S, Supervisor, Worker
-
-
-class FakeProcess:
-    """What spawnProcess returns: records signals and what is written to stdin."""
-
-    def __init__(self, protocol: Any, pid: int) -> None:
-        self.protocol = protocol
-        self.pid = pid
-        self.signals: list[str] = []
-        self.stdin = b""
-
-    def write(self, data: bytes) -> None:
-        self.stdin += data
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
-
-    def say(self, fd: int, data: bytes) -> None:
-        self.protocol.childDataReceived(fd, data)
-
-    def exit(self, code: int | None = 0, signal: int | None = None) -> None:
-        if signal is not None:
-            reason = error.ProcessTerminated(signal=signal)
-        elif code:
-            reason = error.ProcessTerminated(exitCode=code)
-        else:
-            reason = error.ProcessDone(0)
-        self.protocol.processEnded(Failure(reason))
-
-
-class FakeProcessReactor(MemoryReactorClock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list[tuple[FakeProcess, list[str], dict[int, Any]]] = []
-
-    def spawnProcess(
-        self,
-        protocol: Any,
-        executable: str,
-        args: list[str],
-        env: Any = None,
-        childFDs: Any = None,
-        **kwargs: Any,
-    ) -> FakeProcess:
-        process = FakeProcess(protocol, pid=1000 + len(self.spawned))
-        self.spawned.append((process, args, childFDs))
-        protocol.makeConnection(process)
-        return process
-
-    def process(self, n: int) -> FakeProcess:
-        return self.spawned[n][0]
+from taskserver.backoff import FIRST_BACKOFF_S, MAX_BACKOFF_S, backoff_delay
+from taskserver.supervisor import KILL_GRACE_S, READY_TIMEOUT_S, Supervisor, Worker, WorkerDied
 
 
 class Recorder:
     def __init__(self) -> None:
-        self.records: list[tuple[int, str]] = []
+        self.records: list[tuple[int, str, str]] = []
         self.exits: list[str] = []
 
 
@@ -88,7 +36,7 @@ def supervisor(reactor: FakeProcessReactor, recorder: Recorder) -> Supervisor:
         env={},
         extra_fds={3: 33, 4: 44},
         config_for=lambda worker: f"config {worker.slot} {worker.seat}\n".encode(),
-        on_record=lambda worker, line: recorder.records.append((worker.slot, line)),
+        on_record=lambda worker, kind, body: recorder.records.append((worker.slot, kind, body)),
         on_exit=lambda worker: recorder.exits.append(worker.process_id),
         process_id_for=lambda slot, generation: f"p-w{slot}.{generation}",
         stop_timeout_s=10.0,
@@ -117,7 +65,7 @@ def test_records_are_split_into_lines_and_passed_on(
     process = reactor.process(0)
     process.say(5, b"ready\ntask first li")
     process.say(5, b"ne\ntask second\n")
-    assert recorder.records == [(0, "task first line"), (0, "task second")]
+    assert recorder.records == [(0, "task", "first line"), (0, "task", "second")]
     assert supervisor.workers[0].ready
 
 
@@ -197,3 +145,74 @@ def test_rolling_restart_replaces_one_child_at_a_time(
 
 def test_worker_names() -> None:
     assert Worker(slot=3, generation=0, seat=3, process_id="p").name == "worker-3"
+
+
+def start_rolling(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> tuple[defer.Deferred[None], Worker]:
+    for n in (0, 1):
+        ready(reactor.process(n))
+    old = supervisor.workers[0]
+    done = defer.Deferred.fromCoroutine(supervisor.rolling_restart())
+    assert len(reactor.spawned) == 3, "the new worker-0 started"
+    return done, old
+
+
+def test_rolling_restart_stops_when_the_new_child_dies_before_ready(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    """A broken build: the old child keeps serving and worker-1 is not touched."""
+    done, old = start_rolling(supervisor, reactor)
+    with capturedLogs() as logged:
+        reactor.process(2).exit(code=1)
+    assert done.called, "the roll is over"
+    assert reactor.process(0).signals == [], "the old worker-0 was not retired"
+    assert supervisor.workers[0] is old
+    reactor.advance(MAX_BACKOFF_S * 4)
+    assert len(reactor.spawned) == 3, "worker-1 was not rolled and nothing replaces the old one"
+    assert reactor.process(1).signals == []
+    messages = [formatEvent(event) for event in logged if event["log_level"] == LogLevel.error]
+    assert messages == [
+        "rolling restart stopped: worker-0 exited with status 1 before it was ready; "
+        "the old worker-0 (pid 1000) keeps serving"
+    ]
+
+
+def test_rolling_restart_stops_when_the_new_child_never_becomes_ready(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    done, old = start_rolling(supervisor, reactor)
+    with capturedLogs() as logged:
+        reactor.advance(READY_TIMEOUT_S - 0.1)
+        assert not done.called and reactor.process(2).signals == []
+        reactor.advance(0.1)
+    assert reactor.process(2).signals == ["TERM"], "the new child is stopped"
+    assert reactor.process(0).signals == [], "the old worker-0 was not retired"
+    reactor.process(2).exit(0)
+    assert done.called
+    assert supervisor.workers[0] is old
+    reactor.advance(MAX_BACKOFF_S * 4)
+    assert len(reactor.spawned) == 3, "worker-1 was not rolled"
+    messages = [formatEvent(event) for event in logged if event["log_level"] == LogLevel.error]
+    assert messages == [
+        f"rolling restart stopped: worker-0 was not ready within {READY_TIMEOUT_S:g} s; "
+        "the old worker-0 (pid 1000) keeps serving"
+    ]
+
+
+def test_every_waiter_sees_a_child_die_before_ready(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    worker = supervisor.workers[0]
+    first, second = worker.wait_ready(), worker.wait_ready()
+    reactor.process(0).exit(code=1)
+    for waiter in (first, second, worker.wait_ready()):
+        failure = waiter.result
+        assert isinstance(failure.value, WorkerDied), failure
+        waiter.addErrback(lambda _: None)
+
+
+def test_the_back_off_doubles_from_nothing_to_its_cap() -> None:
+    assert [backoff_delay(n) for n in range(5)] == [0.0, 0.5, 1.0, 2.0, 4.0]
+    assert backoff_delay(10_000) == MAX_BACKOFF_S
+    assert backoff_delay(3, first_s=0.05, max_s=0.1) == 0.1
