@@ -37,19 +37,25 @@ RUN_TIMEOUT_S = 30.0
 
 # KEYS: dead, pending. ARGV: status key prefix, task ids (none: all).
 # Moves dead tasks back to the queue (oldest first) with a fresh set of
-# attempts; returns how many moved.
+# attempts; returns how many moved. A dead-letter entry ends with the task's
+# own text, verbatim (`,"task":` + raw + `}`, see queue.FAIL and RECLAIM), and
+# that text is what goes back: decoding and re-encoding it with cjson would
+# change it ([] becomes {}, integers above 2^53 become floats). The first
+# `,"task":` is the field: the only earlier string, the error, escapes its quotes.
 REQUEUE_DEAD = """
 local wanted = {}
 for i = 2, #ARGV do wanted[ARGV[i]] = true end
 local entries = redis.call('LRANGE', KEYS[1], 0, -1)
 local moved = 0
 for i = #entries, 1, -1 do
-  local ok, entry = pcall(cjson.decode, entries[i])
-  if ok and type(entry) == 'table' and type(entry.task) == 'table' then
-    local id = entry.task.id
+  local at = string.find(entries[i], ',"task":', 1, true)
+  local raw = at and string.sub(entries[i], at + 8, -2) or ''
+  local ok, task = pcall(cjson.decode, raw)
+  if ok and type(task) == 'table' and type(task.id) == 'string' then
+    local id = task.id
     if #ARGV == 1 or wanted[id] then
       redis.call('LREM', KEYS[1], 1, entries[i])
-      redis.call('LPUSH', KEYS[2], cjson.encode(entry.task))
+      redis.call('LPUSH', KEYS[2], raw)
       local status = ARGV[1] .. id
       if redis.call('EXISTS', status) == 1 then
         redis.call('HSET', status, 'status', 'queued', 'attempts', '0')

@@ -64,6 +64,37 @@ async def test_stats_dead_requeue_purge(queue: TaskQueue, redis: Any, keys: Keys
     assert await redis.llen(keys.dead) == 0
 
 
+PAYLOADS = [
+    [],
+    {},
+    12345678901234567890,
+    {"ключ": ["ü", {"😀": [[[]], {}], "big": -98765432109876543210, "x": 1.5e300}]},
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=["list", "object", "big-int", "unicode"])
+@pytest.mark.parametrize("death", ["failed", "killed-its-process"])
+@pytest_twisted.ensureDeferred
+async def test_a_requeued_task_is_exactly_the_task_that_died(
+    queue: TaskQueue, redis: Any, keys: Keys, payload: Any, death: str
+) -> None:
+    """Requeue takes the task's own text: no re-encoding ([] stays [], big integers stay exact)."""
+    task = Task.new("ü-user", payload, reactor.seconds())
+    await queue.enqueue(task)
+    consumer = "h:2:b#0"
+    raw = await queue.fetch(redis, keys.pending, keys.processing(consumer), 1)
+    assert raw == task.to_json()
+    await queue.mark_started(task, "t")
+    if death == "failed":
+        assert await queue.fail(consumer, raw, task, 1, "boom", 1, "t", 1) == "dead"
+    else:
+        assert await queue.reclaim("h:2:b", [consumer], forget=True, force=True) == (0, 1)
+    assert await admin.requeue(redis, keys, []) == 1
+    [pending] = await redis.lrange(keys.pending, 0, -1)
+    assert pending.encode("utf-8") == task.to_json().encode("utf-8")
+    assert Task.handler_argument(pending, 1)["payload"] == payload
+
+
 def test_the_installed_command_finds_the_embedded_redis(
     twistd: Callable[..., Twistd], tmp_path: Path
 ) -> None:
