@@ -153,8 +153,9 @@ return removed
 """
 
 # KEYS: status, processing, delayed, dead.
-# ARGV: raw task, attempts, max attempts, retry delay ms, error, finished_at, ttl ms,
-#       dead-letter max, duration ms, user_id, queued_at.
+# ARGV: raw task, attempts, outcome ('retrying' or 'dead', TaskQueue.failure_outcome),
+#       retry delay ms, error, finished_at, ttl ms, dead-letter max, duration ms,
+#       user_id, queued_at.
 # A failed attempt: acknowledge, then either schedule a retry (due time from
 # the Redis clock, so hosts' clocks do not matter) or dead-letter the task.
 FAIL = """
@@ -162,10 +163,9 @@ redis.call('LREM', KEYS[2], 1, ARGV[1])
 local attempts = tonumber(ARGV[2])
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-local outcome = 'dead'
-if attempts < tonumber(ARGV[3]) then
+local outcome = ARGV[3]
+if outcome == 'retrying' then
   redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[4]), ARGV[1])
-  outcome = 'retrying'
 else
   redis.call('LPUSH', KEYS[4], '{"error":' .. cjson.encode(ARGV[5]) .. ',"attempts":' .. attempts ..
              ',"failed_at_ms":' .. now_ms .. ',"task":' .. ARGV[1] .. '}')
@@ -454,8 +454,9 @@ class TaskQueue:
         finished_at: str,
         duration_ms: float,
     ) -> str:
-        """Record a failed attempt and acknowledge it; returns "retrying" or "dead"."""
-        outcome = await self._eval(
+        """Record a failed attempt and acknowledge it; returns its failure_outcome()."""
+        outcome = self.failure_outcome(attempts)
+        await self._eval(
             FAIL,
             [
                 self.keys.status(task.id),
@@ -466,7 +467,7 @@ class TaskQueue:
             [
                 raw,
                 attempts,
-                self.max_attempts,
+                outcome,
                 max(0, int(retry_in_s * 1000)),
                 error,
                 finished_at,
@@ -477,7 +478,14 @@ class TaskQueue:
                 task.queued_at,
             ],
         )
-        return str(outcome)
+        return outcome
+
+    def failure_outcome(self, attempts: int) -> str:
+        """What a failed ``attempts``-th attempt becomes: "retrying", or "dead" at the last.
+
+        Known before the outcome is recorded, so the task-log line can be written first.
+        """
+        return "retrying" if attempts < self.max_attempts else "dead"
 
     async def promote(self, limit: int = 1000) -> int:
         """Move retries that are due into the queue; returns how many."""

@@ -42,7 +42,7 @@ async def consumers(
             queue=queue,
             blocking_redis=blocking,
             handler=handler,
-            task_log=TaskLog(log_file.write_line, pid=4242),
+            task_log=options.pop("task_log", None) or TaskLog(log_file.write_line, pid=4242),
             concurrency=concurrency,
             heartbeat_ttl_s=options.pop("heartbeat_ttl_s", 1.0),
             shutdown_timeout_s=options.pop("shutdown_timeout_s", 2.0),
@@ -336,3 +336,37 @@ async def test_tasks_awaiting_their_acknowledgement_are_bounded(
     assert await redis.llen(keys.pending) == 6
     for d in unanswered:
         d.callback(None)
+
+
+@pytest.mark.parametrize("outcome", ["completed", "retrying"])
+@pytest_twisted.ensureDeferred
+async def test_the_line_is_written_before_the_outcome_removes_the_entry(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, monkeypatch: Any, outcome: str
+) -> None:
+    """A crash between the two steps runs the task again; it never loses the task's line."""
+    events: list[tuple[str, Any]] = []
+
+    def sink(line: str) -> None:
+        events.append(("line", line.split(" status=")[1].split()[0]))
+
+    def watched(name: str) -> Callable[..., Any]:
+        real = getattr(queue, name)
+
+        async def call(consumer_id: str, *args: Any) -> Any:
+            events.append((name, await redis.llen(keys.processing(consumer_id))))
+            return await real(consumer_id, *args)
+
+        return call
+
+    monkeypatch.setattr(queue, "complete", watched("complete"))
+    monkeypatch.setattr(queue, "fail", watched("fail"))
+
+    def handler(task: dict[str, Any]) -> None:
+        if outcome == "retrying":
+            raise ValueError("once")
+
+    consumers(handler, task_log=TaskLog(sink, pid=1), retry_backoff_s=60.0)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, outcome))
+    step = "complete" if outcome == "completed" else "fail"
+    assert events == [("line", outcome), (step, 1)], "line first, while the entry is still held"
