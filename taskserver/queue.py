@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from taskserver.coalesce import Coalescer
 from taskserver.keys import Keys
-from taskserver.ratelimit import LIMIT_LUA
+from taskserver.ratelimit import LIMIT_LUA, Decision, RatePolicy
 from taskserver.redisclient import within
 from taskserver.task import Task
 
@@ -272,6 +272,10 @@ STATUS_FIELDS = (
 )
 
 
+#: No tiers, so no counters: what enqueue() admits under.
+_UNLIMITED = RatePolicy(Keys(""), ())
+
+
 class Reclaimed(NamedTuple):
     """What giving a process's in-flight tasks back did."""
 
@@ -337,16 +341,17 @@ class TaskQueue:
             self._redis.eval(script, list(keys), list(args)), self._timeout_s, self._clock
         )
 
-    async def admit(
-        self, task: Task, counters: Sequence[str], tier_arguments: Sequence[int]
-    ) -> Any:
-        """Rate-limit and, if admitted, enqueue: see ADMIT. Returns the limit's reply.
+    async def admit(self, task: Task, policy: RatePolicy) -> Decision:
+        """Check and charge ``task.user_id``'s tiers and, if allowed, enqueue the task.
 
-        Admissions made in the same reactor turn with the same tiers share one call.
+        One script (ADMIT) runs the rate limit, the push and the status record,
+        so "counted" and "enqueued" cannot disagree. Admissions made in the
+        same reactor turn under the same tiers share one call.
         """
-        tiers = tuple(tier_arguments)
-        batch = self._coalescer(self._admissions, tiers, partial(self._admit_many, tiers))
-        return await batch.submit((task, counters))
+        batch = self._coalescer(
+            self._admissions, policy.arguments, partial(self._admit_many, policy.arguments)
+        )
+        return policy.decide(await batch.submit((task, policy.counters(task.user_id))))
 
     async def _admit_many(
         self, tier_arguments: tuple[int, ...], tasks: list[tuple[Task, Sequence[str]]]
@@ -360,7 +365,7 @@ class TaskQueue:
 
     async def enqueue(self, task: Task) -> None:
         """Push the task and write its "queued" status, with no rate limit."""
-        await self.admit(task, [], [0])
+        await self.admit(task, _UNLIMITED)
 
     async def status(self, task_id: str) -> dict[str, str] | None:
         """The status record, or None when unknown or expired."""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 from typing import Any
 
 import pytest_twisted
 from twisted.internet import defer, reactor
 
 from conftest import connect_raw, sleep
+from taskserver import ratelimit
 from taskserver.config import RateTier, RedisAddress, parse_rate_limits
 from taskserver.keys import Keys
-from taskserver.ratelimit import Decision, RateLimiter, TierState
+from taskserver.ratelimit import Decision, RateLimiter, RatePolicy, TierState
 
 SECOND, MINUTE = RateTier("1s", 1, 1000), RateTier("60s", 20, 60_000)
 
@@ -53,6 +56,28 @@ def test_retry_after_is_at_least_one_second() -> None:
 
 def test_no_tiers_means_no_headers() -> None:
     assert Decision(True, ()).headers(now=0) == []
+
+
+def test_a_policy_names_its_counters_and_reads_a_reply() -> None:
+    keys = Keys("p")
+    policy = RatePolicy(keys, (SECOND, MINUTE))
+    assert policy.arguments == (2, 1, 1000, 20, 60_000)
+    assert policy.counters("alice") == [keys.rate("alice", "1s"), keys.rate("alice", "60s")]
+    assert policy.decide([0, 1, 400, 7, 30_000]) == Decision(
+        False, (TierState(SECOND, 1, 400), TierState(MINUTE, 7, 30_000))
+    )
+
+
+def test_the_limiter_does_not_depend_on_the_queue() -> None:
+    """Admission flows one way: the queue applies a policy; the policy knows no queue."""
+    tree = ast.parse(inspect.getsource(ratelimit))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    assert "taskserver.queue" not in imported and "taskserver.coalesce" not in imported
 
 
 # ------------------------------------------------------------------ real Redis
