@@ -28,6 +28,7 @@ from taskserver.config import ConfigError, RedisAddress, Settings, load_settings
 from taskserver.keys import Keys
 from taskserver.queue import process_of
 from taskserver.redisclient import connect
+from taskserver.scripts import load
 
 #: Where the master records the embedded Redis's address while it runs.
 EMBEDDED_ADDRESS_FILE = "embedded-redis.json"
@@ -35,37 +36,8 @@ TIMEOUT_S = 5.0
 #: The whole command gives up after this long (Redis unreachable, say).
 RUN_TIMEOUT_S = 30.0
 
-# KEYS: dead, pending. ARGV: status key prefix, task ids (none: all).
-# Moves dead tasks back to the queue (oldest first) with a fresh set of
-# attempts; returns how many moved. A dead-letter entry ends with the task's
-# own text, verbatim (`,"task":` + raw + `}`, see queue.FAIL and RECLAIM), and
-# that text is what goes back: decoding and re-encoding it with cjson would
-# change it ([] becomes {}, integers above 2^53 become floats). The first
-# `,"task":` is the field: the only earlier string, the error, escapes its quotes.
-REQUEUE_DEAD = """
-local wanted = {}
-for i = 2, #ARGV do wanted[ARGV[i]] = true end
-local entries = redis.call('LRANGE', KEYS[1], 0, -1)
-local moved = 0
-for i = #entries, 1, -1 do
-  local at = string.find(entries[i], ',"task":', 1, true)
-  local raw = at and string.sub(entries[i], at + 8, -2) or ''
-  local ok, task = pcall(cjson.decode, raw)
-  if ok and type(task) == 'table' and type(task.id) == 'string' then
-    local id = task.id
-    if #ARGV == 1 or wanted[id] then
-      redis.call('LREM', KEYS[1], 1, entries[i])
-      redis.call('LPUSH', KEYS[2], raw)
-      local status = ARGV[1] .. id
-      if redis.call('EXISTS', status) == 1 then
-        redis.call('HSET', status, 'status', 'queued', 'attempts', '0')
-      end
-      moved = moved + 1
-    end
-  end
-end
-return moved
-"""
+#: Dead tasks back to the queue, each exactly the text that died (lua/requeue_dead.lua).
+REQUEUE_DEAD = load("requeue_dead")
 
 
 def redis_address(settings: Settings) -> RedisAddress:
@@ -109,7 +81,7 @@ async def dead_letters(redis: Any, keys: Keys, limit: int) -> list[Any]:
 
 async def requeue(redis: Any, keys: Keys, task_ids: list[str]) -> int:
     return int(
-        await redis.eval(REQUEUE_DEAD, [keys.dead, keys.pending], [keys.status_prefix, *task_ids])
+        await REQUEUE_DEAD(redis, [keys.dead, keys.pending], [keys.status_prefix, *task_ids])
     )
 
 

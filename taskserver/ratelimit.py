@@ -28,64 +28,14 @@ from twisted.internet.interfaces import IReactorTime
 from taskserver.config import RateTier
 from taskserver.keys import Keys
 from taskserver.redisclient import within
+from taskserver.scripts import load
 
-# Lua functions for scripts that rate-limit. read_tiers() reads the leading
-# ARGV: n, limit_1, window_ms_1, ..., limit_n, window_ms_n.
-# charge(first, tiers) checks and charges the counters KEYS[first ..
-# first + n - 1]: it returns `allowed` (1 or 0) and `reply` = {allowed,
-# used_1, ttl_ms_1, ...}; "used" is after the charge when allowed, before it
-# when not. Scripts append what they do with the verdict (queue.ADMIT enqueues).
-LIMIT_LUA = """
-local function read_tiers()
-  local tiers = {}
-  for i = 1, tonumber(ARGV[1]) do
-    tiers[i] = {tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])}
-  end
-  return tiers
-end
-
-local function charge(first, tiers)
-  local allowed, used, ttl = 1, {}, {}
-  for i, tier in ipairs(tiers) do
-    local key = KEYS[first + i - 1]
-    local count = tonumber(redis.call('GET', key) or '0') or 0
-    local left = tier[2]
-    if count > 0 then
-      left = redis.call('PTTL', key)
-      if left <= 0 then count, left = 0, tier[2] end
-    end
-    if count + 1 > tier[1] then allowed = 0 end
-    used[i], ttl[i] = count, left
-  end
-  local reply = {allowed}
-  for i, tier in ipairs(tiers) do
-    if allowed == 1 then
-      if used[i] == 0 then
-        redis.call('SET', KEYS[first + i - 1], 1, 'PX', tier[2])
-      else
-        redis.call('INCR', KEYS[first + i - 1])
-      end
-      used[i] = used[i] + 1
-    end
-    reply[#reply + 1] = used[i]
-    reply[#reply + 1] = ttl[i]
-  end
-  return allowed, reply
-end
-"""
-
-# KEYS: counter_1..counter_n. ARGV: as read_tiers(). Returns charge()'s reply.
-CHECK_AND_CHARGE = (
-    LIMIT_LUA
-    + """
-local _, reply = charge(1, read_tiers())
-return reply
-"""
-)
+#: KEYS: counter_1..counter_n. ARGV: as lib/limit.lua's read_tiers().
+CHECK_AND_CHARGE = load("check_and_charge")
 
 
 def tier_arguments(tiers: Sequence[RateTier]) -> list[int]:
-    """The leading ARGV of LIMIT_LUA's read_tiers(): the count, then each limit and window."""
+    """The leading ARGV of lib/limit.lua's read_tiers(): the count, then each limit and window."""
     arguments = [len(tiers)]
     for tier in tiers:
         arguments += [tier.limit, tier.window_ms]
@@ -237,7 +187,7 @@ class RateLimiter(RatePolicy):
         if not self.tiers:
             return Decision(allowed=True, tiers=())
         reply = await within(
-            self._redis.eval(CHECK_AND_CHARGE, self.counters(identity), list(self.arguments)),
+            CHECK_AND_CHARGE(self._redis, self.counters(identity), self.arguments),
             self._timeout_s,
             self._clock,
         )
