@@ -332,7 +332,7 @@ class ConsumerService(Service):
                     "could not mark task {task_id} processing: {error}", task_id=task_.id, error=e
                 )
                 attempts = task_.attempts + 1
-        argument = Task.handler_argument(raw, attempts)
+        argument = task_.handler_argument(attempts)
         error = ""
         try:
             await self._call_handler(argument)

@@ -92,7 +92,7 @@ async def test_a_requeued_task_is_exactly_the_task_that_died(
     assert await admin.requeue(redis, keys, []) == 1
     [pending] = await redis.lrange(keys.pending, 0, -1)
     assert pending.encode("utf-8") == task.to_json().encode("utf-8")
-    assert Task.handler_argument(pending, 1)["payload"] == payload
+    assert Task.from_json(pending).handler_argument(1)["payload"] == payload
 
 
 def test_the_installed_command_finds_the_embedded_redis(
