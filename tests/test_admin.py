@@ -95,6 +95,18 @@ async def test_a_requeued_task_is_exactly_the_task_that_died(
     assert Task.from_json(pending).handler_argument(1)["payload"] == payload
 
 
+@pytest_twisted.ensureDeferred
+async def test_requeue_reads_entries_written_before_it_knew_better(redis: Any, keys: Keys) -> None:
+    """An entry as FAIL has always written it, with an error that mimics the task field."""
+    task = Task.new("old", [], reactor.seconds())
+    error = json.dumps('x","task":{"id":"' + "f" * 32 + '"}')
+    entry = f'{{"error":{error},"attempts":3,"failed_at_ms":1,"task":{task.to_json()}}}'
+    await redis.lpush(keys.dead, entry)
+    assert await admin.requeue(redis, keys, ["f" * 32]) == 0, "the error is not a task"
+    assert await admin.requeue(redis, keys, [task.id]) == 1
+    assert await redis.lrange(keys.pending, 0, -1) == [task.to_json()]
+
+
 def test_the_installed_command_finds_the_embedded_redis(
     twistd: Callable[..., Twistd], tmp_path: Path
 ) -> None:
