@@ -12,6 +12,7 @@ import txredisapi
 from twisted.internet import defer, reactor
 
 from conftest import connect_raw, eventually
+from taskserver import admin
 from taskserver.config import RedisAddress
 from taskserver.consumer import ConsumerService, backoff_s
 from taskserver.keys import Keys
@@ -383,3 +384,26 @@ async def test_the_line_is_written_before_the_outcome_removes_the_entry(
     await eventually(status_is(queue, task, outcome))
     step = "complete" if outcome == "completed" else "fail"
     assert events == [("line", outcome), (step, 1)], "line first, while the entry is still held"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_requeued_dead_task_reaches_the_handler_unchanged(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """Dead, requeued with taskserver-admin, run again: the handler sees the payload it was sent."""
+    payload = {"empty": [], "none": {}, "big": 12345678901234567890, "ключ": ["ü", [[]]]}
+    seen: list[Any] = []
+    broken = [True]
+
+    def handler(task: dict[str, Any]) -> None:
+        seen.append(task["payload"])
+        if broken[0]:
+            raise ValueError("not yet")
+
+    consumers(handler, retry_backoff_s=0.01)
+    task = await enqueue(queue, "requeued", payload)
+    await eventually(status_is(queue, task, "dead"))
+    broken[0] = False
+    assert await admin.requeue(redis, keys, [task.id]) == 1
+    await eventually(status_is(queue, task, "completed"))
+    assert seen == [payload] * 4
