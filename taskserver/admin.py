@@ -29,36 +29,14 @@ from taskserver.embedded import read_embedded_address
 from taskserver.keys import Keys
 from taskserver.protocol import process_of
 from taskserver.redisclient import connect
+from taskserver.scripts import load
 
 TIMEOUT_S = 5.0
 #: The whole command gives up after this long (Redis unreachable, say).
 RUN_TIMEOUT_S = 30.0
 
-# KEYS: dead, pending. ARGV: status key prefix, task ids (none: all).
-# Moves dead tasks back to the queue (oldest first) with a fresh set of
-# attempts; returns how many moved.
-REQUEUE_DEAD = """
-local wanted = {}
-for i = 2, #ARGV do wanted[ARGV[i]] = true end
-local entries = redis.call('LRANGE', KEYS[1], 0, -1)
-local moved = 0
-for i = #entries, 1, -1 do
-  local ok, entry = pcall(cjson.decode, entries[i])
-  if ok and type(entry) == 'table' and type(entry.task) == 'table' then
-    local id = entry.task.id
-    if #ARGV == 1 or wanted[id] then
-      redis.call('LREM', KEYS[1], 1, entries[i])
-      redis.call('LPUSH', KEYS[2], cjson.encode(entry.task))
-      local status = ARGV[1] .. id
-      if redis.call('EXISTS', status) == 1 then
-        redis.call('HSET', status, 'status', 'queued', 'attempts', '0')
-      end
-      moved = moved + 1
-    end
-  end
-end
-return moved
-"""
+#: Dead tasks back to the queue, each exactly the text that died (lua/requeue_dead.lua).
+REQUEUE_DEAD = load("requeue_dead")
 
 
 def redis_address(settings: Settings) -> RedisAddress:
@@ -101,7 +79,7 @@ async def dead_letters(redis: Any, keys: Keys, limit: int) -> list[Any]:
 
 async def requeue(redis: Any, keys: Keys, task_ids: list[str]) -> int:
     return int(
-        await redis.eval(REQUEUE_DEAD, [keys.dead, keys.pending], [keys.status_prefix, *task_ids])
+        await REQUEUE_DEAD(redis, [keys.dead, keys.pending], [keys.status_prefix, *task_ids])
     )
 
 

@@ -320,7 +320,7 @@ class ConsumerService(Service):
                     "could not mark task {task_id} processing: {error}", task_id=task_.id, error=e
                 )
                 attempts = task_.attempts + 1
-        argument = Task.handler_argument(raw, attempts)
+        argument = task_.handler_argument(attempts)
         error = ""
         try:
             await self._call_handler(argument)
@@ -334,23 +334,23 @@ class ConsumerService(Service):
             self.log.failure("task {task_id} failed (attempt {n})", task_id=task_.id, n=attempts)
         finished = self._clock.seconds()
         duration_ms = (finished - started) * 1000
+        # The line first, then the outcome that removes the entry: a crash between
+        # them runs the task again (its line may appear twice), never loses its line.
+        self._task_log.record(
+            finished=finished,
+            user_id=task_.user_id,
+            task_id=task_.id,
+            status=self._queue.failure_outcome(attempts) if error else "completed",
+            duration_ms=duration_ms,
+        )
         if error:
             delay = retry_delay_s(attempts, self._retry_backoff_s)
-            status = await self._until_done(
+            await self._until_done(
                 lambda: self._queue.fail(
                     consumer_id, raw, task_, attempts, error, delay, iso_utc(finished), duration_ms
                 )
             )
         else:
-            status = "completed"
-        self._task_log.record(
-            finished=finished,
-            user_id=task_.user_id,
-            task_id=task_.id,
-            status=status,
-            duration_ms=duration_ms,
-        )
-        if not error:
             self._acknowledge(consumer_id, raw, task_, iso_utc(finished), duration_ms)
 
     def _acknowledge(

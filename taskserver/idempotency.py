@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from taskserver.keys import Keys
 from taskserver.redisclient import within
+from taskserver.scripts import load
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 #: A claim whose task never appeared is taken over once it is this old (or 5 x the
@@ -28,21 +29,8 @@ ABANDONED_AFTER_S = 10.0
 #: Printable ASCII, 1 to 255 characters (what Stripe and the IETF draft allow in practice).
 VALID_KEY = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,254}$")
 
-# KEYS: claim. ARGV: record, ttl ms. Returns nil if claimed now, else the existing record.
-CLAIM = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
-return redis.call('GET', KEYS[1])
-"""
-
-# KEYS: claim. ARGV: the claim seen, the new claim, ttl ms, abandoned after ms.
-# Replaces the claim if it is still the one seen and old enough (by its TTL,
-# so by the Redis clock); returns 1 if it did.
-TAKE_OVER = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('PTTL', KEYS[1]) > tonumber(ARGV[3]) - tonumber(ARGV[4]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
-"""
+CLAIM = load("claim")
+TAKE_OVER = load("take_over")
 
 
 def fingerprint(user_id: str, payload: Any) -> str:
@@ -76,8 +64,8 @@ class IdempotencyKeys:
     async def claim(self, user_id: str, key: str, claim: Claim) -> Claim | None:
         """Claim ``key`` for ``claim``; returns the earlier claim if there is one."""
         existing = await within(
-            self._redis.eval(
-                CLAIM,
+            CLAIM(
+                self._redis,
                 [self._keys.idempotency(user_id, key)],
                 [claim.to_json(), IDEMPOTENCY_TTL_S * 1000],
             ),
@@ -95,8 +83,8 @@ class IdempotencyKeys:
         """
         abandoned_after_ms = int(max(ABANDONED_AFTER_S, 5 * self._timeout_s) * 1000)
         taken = await within(
-            self._redis.eval(
-                TAKE_OVER,
+            TAKE_OVER(
+                self._redis,
                 [self._keys.idempotency(user_id, key)],
                 [
                     abandoned.to_json(),

@@ -1,11 +1,18 @@
 # -*- test-case-name: tests.test_keys -*-
-"""Redis key names: one prefix for everything, hash tags for Redis Cluster.
+"""Redis key names: one prefix for everything, a hash tag per script's keys.
 
 The queue's keys (pending list, processing lists, status records, consumer
 registry, heartbeats) and the users' rate-limit counters share the hash tag
 ``{q}``, because one script checks the counters and enqueues, and others
 touch several queue keys at once. User ids appear in keys only as a hash.
-Per-address counters are checked in a call of their own, in their own slot.
+Per-address counters and idempotency claims are checked in calls of their
+own, with a slot per address or user.
+
+What is true on Redis Cluster: every script touches one slot, so it runs;
+but the whole queue is in the one slot of ``{q}``, on one node (no sharding).
+FETCH_BATCH and RECLAIM build status keys (:attr:`Keys.status_prefix`) from
+the ids of the tasks they pop, which cannot be declared in KEYS beforehand;
+that works only because those keys are in the slot of the declared ones.
 """
 
 from __future__ import annotations

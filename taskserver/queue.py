@@ -22,244 +22,21 @@ from twisted.internet.interfaces import IReactorTime
 from taskserver.coalesce import Coalescer
 from taskserver.keys import Keys
 from taskserver.protocol import process_of
-from taskserver.ratelimit import LIMIT_LUA
+from taskserver.ratelimit import Decision, RatePolicy
 from taskserver.redisclient import within
+from taskserver.scripts import Script, load
 from taskserver.task import Task
 
-# For each task: the rate limit (ratelimit.LIMIT_LUA), then, if it admits
-# the task, its status record and the push. Atomic, so a fast consumer can
-# never finish a task before its "queued" record lands. Several tasks per
-# call (see coalesce.py): one script invocation and one LPUSH for all.
-# KEYS: pending, then per task: counter_1..counter_n, status.
-# ARGV: as read_tiers(), status ttl ms, then per task: json, user_id, queued_at.
-# Returns one rate-limit reply per task.
-ADMIT = (
-    LIMIT_LUA
-    + """
-local tiers = read_tiers()
-local n = #tiers
-local ttl = ARGV[2 * n + 2]
-local replies, pushed = {}, {}
-local k = 2
-for a = 2 * n + 3, #ARGV, 3 do
-  local allowed, reply = charge(k, tiers)
-  if allowed == 1 then
-    local status = KEYS[k + n]
-    redis.call('HSET', status, 'status', 'queued', 'user_id', ARGV[a + 1],
-               'queued_at', ARGV[a + 2], 'attempts', '0')
-    redis.call('PEXPIRE', status, ttl)
-    pushed[#pushed + 1] = ARGV[a]
-  end
-  replies[#replies + 1] = reply
-  k = k + n + 1
-end
-if #pushed > 0 then redis.call('LPUSH', KEYS[1], unpack(pushed)) end
-return replies
-"""
-)
-
-# A Lua function: mark_started(status key, started_at, ttl ms, user_id,
-# queued_at) records "processing" and returns the attempt number. One HSET
-# that keeps the TTL of the enqueue; the whole record, with a TTL, only if
-# it expired while the task waited.
-MARK_STARTED_LUA = """
-local function mark_started(status, started_at, ttl, user_id, queued_at)
-  local before = redis.call('HGET', status, 'attempts')
-  if before then
-    local attempts = (tonumber(before) or 0) + 1
-    redis.call('HSET', status, 'status', 'processing', 'started_at', started_at,
-               'attempts', attempts)
-    return attempts
-  end
-  redis.call('HSET', status, 'status', 'processing', 'started_at', started_at,
-             'attempts', 1, 'user_id', user_id, 'queued_at', queued_at)
-  redis.call('PEXPIRE', status, ttl)
-  return 1
-end
-"""
-
-# KEYS: pending, processing, suspects.
-# ARGV: most, started_at, ttl ms, status key prefix, idle ('1': the consumer
-# runs nothing now).
-# Moves up to `most` waiting tasks into the processing list (oldest first) and
-# marks each started; returns {mode, raw_1, attempts_1, raw_2, attempts_2, ...}.
-# While suspects (tasks whose process died running them) wait, they go first,
-# one at a time, to an idle consumer only: mode 'alone' (run it and nothing
-# else until it ends), or 'wait' and nothing for a busy consumer (let your
-# tasks finish, then ask again). Otherwise mode 'tasks'.
-# One round trip for a whole batch: what keeps consumers up with a busy web side.
-FETCH_BATCH = (
-    MARK_STARTED_LUA
-    + """
-local source, most, mode = KEYS[1], tonumber(ARGV[1]), 'tasks'
-if redis.call('LLEN', KEYS[3]) > 0 then
-  if ARGV[5] ~= '1' then return {'wait'} end
-  source, most, mode = KEYS[3], 1, 'alone'
-end
-local out = {mode}
-for _ = 1, most do
-  local raw = redis.call('RPOPLPUSH', source, KEYS[2])
-  if not raw then break end
-  local attempts = 1
-  local ok, task = pcall(cjson.decode, raw)
-  if ok and type(task) == 'table' and type(task.id) == 'string'
-     and type(task.user_id) == 'string' and type(task.queued_at) == 'string' then
-    attempts = mark_started(ARGV[4] .. task.id, ARGV[2], ARGV[3], task.user_id, task.queued_at)
-  end
-  out[#out + 1] = raw
-  out[#out + 1] = attempts
-end
-return out
-"""
-)
-
-# KEYS: processing, pending. ARGV: the entries the consumer knows it holds.
-# Gives back every other entry (a fetch whose reply was lost); returns how many.
-GIVE_BACK_UNKNOWN = """
-local known = {}
-for i = 1, #ARGV do known[ARGV[i]] = (known[ARGV[i]] or 0) + 1 end
-local moved = 0
-for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
-  if (known[raw] or 0) > 0 then
-    known[raw] = known[raw] - 1
-  else
-    redis.call('LREM', KEYS[1], 1, raw)
-    redis.call('RPUSH', KEYS[2], raw)
-    moved = moved + 1
-  end
-end
-return moved
-"""
-
-# KEYS: status. ARGV: started_at, ttl ms, user_id, queued_at. Returns attempts.
-MARK_STARTED = (
-    MARK_STARTED_LUA + "return mark_started(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])\n"
-)
-
-# KEYS: processing, then one status key per task.
-# ARGV: ttl ms, then per task: raw task, finished_at, duration ms, user_id, queued_at.
-# Records each success and acknowledges it (removes the entry, searching from
-# the oldest end, where tasks that finish in order are). Several tasks per
-# call (see coalesce.py). Returns what LREM removed, per task.
-COMPLETE = """
-local removed = {}
-for i = 2, #KEYS do
-  local a = 5 * (i - 2) + 2
-  redis.call('HSET', KEYS[i], 'status', 'completed', 'finished_at', ARGV[a + 1],
-             'duration_ms', ARGV[a + 2], 'user_id', ARGV[a + 3], 'queued_at', ARGV[a + 4])
-  redis.call('PEXPIRE', KEYS[i], ARGV[1])
-  removed[#removed + 1] = redis.call('LREM', KEYS[1], -1, ARGV[a])
-end
-return removed
-"""
-
-# KEYS: status, processing, delayed, dead.
-# ARGV: raw task, attempts, max attempts, retry delay ms, error, finished_at, ttl ms,
-#       dead-letter max, duration ms, user_id, queued_at.
-# A failed attempt: acknowledge, then either schedule a retry (due time from
-# the Redis clock, so hosts' clocks do not matter) or dead-letter the task.
-FAIL = """
-redis.call('LREM', KEYS[2], 1, ARGV[1])
-local attempts = tonumber(ARGV[2])
-local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-local outcome = 'dead'
-if attempts < tonumber(ARGV[3]) then
-  redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[4]), ARGV[1])
-  outcome = 'retrying'
-else
-  redis.call('LPUSH', KEYS[4], '{"error":' .. cjson.encode(ARGV[5]) .. ',"attempts":' .. attempts ..
-             ',"failed_at_ms":' .. now_ms .. ',"task":' .. ARGV[1] .. '}')
-  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[8]) - 1)
-end
-redis.call('HSET', KEYS[1], 'status', outcome, 'error', ARGV[5], 'finished_at', ARGV[6],
-           'duration_ms', ARGV[9], 'user_id', ARGV[10], 'queued_at', ARGV[11])
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-return outcome
-"""
-
-# KEYS: delayed, pending. ARGV: most to move. Moves retries that are due
-# (by the Redis clock) to the queue. Any process may run it, at any time.
-PROMOTE = """
-local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
-for _, raw in ipairs(due) do
-  redis.call('ZREM', KEYS[1], raw)
-  redis.call('LPUSH', KEYS[2], raw)
-end
-return #due
-"""
-
-# KEYS: pending, consumers, heartbeat, dead, suspects, processing_1..n.
-# ARGV: status key prefix, forget ('1': unregister the consumers),
-#       force ('1': even if the heartbeat exists), died ('1': the process
-#       died, so the task may have killed it), max attempts, dead-letter max,
-#       consumer_id_1..n.
-# Without force, does nothing ({-1, 0}) while the heartbeat exists.
-# Otherwise moves every entry of the processing lists back: after a graceful
-# stop to the consuming end of the queue; after a death to the suspects,
-# which run one at a time (FETCH_BATCH). A death counts against a task (the
-# attempt its fetch charged stays) only if it was the only task its process
-# was running; otherwise the crash cannot be pinned on one task and every
-# task gets that attempt back. A task charged MAX_ATTEMPTS times this way
-# (a poison pill) goes to the dead-letter list instead. Returns {requeued,
-# dead-lettered}. Being one script, two reapers can never both move the
-# same entry.
-RECLAIM = """
-if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {-1, 0} end
-local requeued, dead = 0, 0
-local max_attempts, dead_max = tonumber(ARGV[5]), tonumber(ARGV[6])
-local died = ARGV[4] == '1'
-local running = 0
-for i = 6, #KEYS do running = running + redis.call('LLEN', KEYS[i]) end
-local target = KEYS[1]
-if died then target = KEYS[5] end
-for i = 6, #KEYS do
-  while true do
-    local raw = redis.call('LPOP', KEYS[i])
-    if not raw then break end
-    local outcome = 'queued'
-    local ok, task = pcall(cjson.decode, raw)
-    local status = nil
-    if ok and type(task) == 'table' and type(task.id) == 'string' then
-      status = ARGV[1] .. task.id
-      local record = redis.call('HMGET', status, 'attempts', 'status')
-      local attempts = tonumber(record[1] or '0') or 0
-      if died and running > 1 and record[2] == 'processing' and attempts > 0 then
-        redis.call('HINCRBY', status, 'attempts', -1)
-      elseif died and attempts >= max_attempts then
-        outcome = 'dead'
-      end
-      if outcome == 'dead' then
-        local error = 'its process died while running it, ' .. attempts .. ' time(s)'
-        local now = redis.call('TIME')
-        redis.call('LPUSH', KEYS[4], '{"error":' .. cjson.encode(error) .. ',"attempts":' ..
-                   attempts .. ',"failed_at_ms":' .. (now[1] * 1000 + math.floor(now[2] / 1000)) ..
-                   ',"task":' .. raw .. '}')
-        redis.call('LTRIM', KEYS[4], 0, dead_max - 1)
-        if redis.call('EXISTS', status) == 1 then redis.call('HSET', status, 'error', error) end
-      end
-      if redis.call('EXISTS', status) == 1 then redis.call('HSET', status, 'status', outcome) end
-    end
-    if outcome == 'queued' then
-      redis.call('RPUSH', target, raw)
-      requeued = requeued + 1
-    else
-      dead = dead + 1
-    end
-  end
-  if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[i + 1]) end
-end
-return {requeued, dead}
-"""
-
-# KEYS: heartbeat, consumers. ARGV: ttl ms, consumer ids...
-HEARTBEAT = """
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-for i = 2, #ARGV do redis.call('SADD', KEYS[2], ARGV[i]) end
-return 1
-"""
+# The scripts (lua/*.lua; each file says what its KEYS and ARGV are).
+ADMIT = load("admit")
+FETCH_BATCH = load("fetch_batch")
+GIVE_BACK_UNKNOWN = load("give_back_unknown")
+MARK_STARTED = load("mark_started")
+COMPLETE = load("complete")
+FAIL = load("fail")
+PROMOTE = load("promote")
+RECLAIM = load("reclaim")
+HEARTBEAT = load("heartbeat")
 
 STATUS_FIELDS = (
     "status",
@@ -271,6 +48,10 @@ STATUS_FIELDS = (
     "duration_ms",
     "error",
 )
+
+
+#: No tiers, so no counters: what enqueue() admits under.
+_UNLIMITED = RatePolicy(Keys(""), ())
 
 
 class Reclaimed(NamedTuple):
@@ -328,21 +109,20 @@ class TaskQueue:
             batches[key] = Coalescer(send, self._clock)
         return batches[key]
 
-    async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await within(
-            self._redis.eval(script, list(keys), list(args)), self._timeout_s, self._clock
-        )
+    async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await within(script(self._redis, keys, args), self._timeout_s, self._clock)
 
-    async def admit(
-        self, task: Task, counters: Sequence[str], tier_arguments: Sequence[int]
-    ) -> Any:
-        """Rate-limit and, if admitted, enqueue: see ADMIT. Returns the limit's reply.
+    async def admit(self, task: Task, policy: RatePolicy) -> Decision:
+        """Check and charge ``task.user_id``'s tiers and, if allowed, enqueue the task.
 
-        Admissions made in the same reactor turn with the same tiers share one call.
+        One script (ADMIT) runs the rate limit, the push and the status record,
+        so "counted" and "enqueued" cannot disagree. Admissions made in the
+        same reactor turn under the same tiers share one call.
         """
-        tiers = tuple(tier_arguments)
-        batch = self._coalescer(self._admissions, tiers, partial(self._admit_many, tiers))
-        return await batch.submit((task, counters))
+        batch = self._coalescer(
+            self._admissions, policy.arguments, partial(self._admit_many, policy.arguments)
+        )
+        return policy.decide(await batch.submit((task, policy.counters(task.user_id))))
 
     async def _admit_many(
         self, tier_arguments: tuple[int, ...], tasks: list[tuple[Task, Sequence[str]]]
@@ -356,7 +136,7 @@ class TaskQueue:
 
     async def enqueue(self, task: Task) -> None:
         """Push the task and write its "queued" status, with no rate limit."""
-        await self.admit(task, [], [0])
+        await self.admit(task, _UNLIMITED)
 
     async def status(self, task_id: str) -> dict[str, str] | None:
         """The status record, or None when unknown or expired."""
@@ -450,8 +230,9 @@ class TaskQueue:
         finished_at: str,
         duration_ms: float,
     ) -> str:
-        """Record a failed attempt and acknowledge it; returns "retrying" or "dead"."""
-        outcome = await self._eval(
+        """Record a failed attempt and acknowledge it; returns its failure_outcome()."""
+        outcome = self.failure_outcome(attempts)
+        await self._eval(
             FAIL,
             [
                 self.keys.status(task.id),
@@ -462,7 +243,7 @@ class TaskQueue:
             [
                 raw,
                 attempts,
-                self.max_attempts,
+                outcome,
                 max(0, int(retry_in_s * 1000)),
                 error,
                 finished_at,
@@ -473,7 +254,14 @@ class TaskQueue:
                 task.queued_at,
             ],
         )
-        return str(outcome)
+        return outcome
+
+    def failure_outcome(self, attempts: int) -> str:
+        """What a failed ``attempts``-th attempt becomes: "retrying", or "dead" at the last.
+
+        Known before the outcome is recorded, so the task-log line can be written first.
+        """
+        return "retrying" if attempts < self.max_attempts else "dead"
 
     async def promote(self, limit: int = 1000) -> int:
         """Move retries that are due into the queue; returns how many."""

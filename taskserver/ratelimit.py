@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_ratelimit -*-
-"""Per-user fixed-window rate limits, all tiers checked and charged in one Lua call.
+"""Fixed-window rate limits, all tiers checked and charged in one Lua call.
 
 Each tier is a counter whose window starts at the user's first counted
 request: the key is created with its TTL in the same ``SET ... PX`` command,
@@ -7,6 +7,12 @@ so no key ever lives without one, and a key at PTTL <= 0 counts as a new
 window. The script reads every tier first and commits only if every tier
 admits the request, so a request rejected by one tier costs nothing in any
 tier (a client retrying too fast does not burn its minute budget).
+
+A :class:`RatePolicy` is pure: which counters an identity has, the script's
+tier arguments, and what the script's reply means. The per-user policy is
+applied by the queue's one admission script (``TaskQueue.admit``); a
+:class:`RateLimiter` also checks its policy on its own, in a script call of
+its own (the per-address backstop, before a request is anything else).
 """
 
 from __future__ import annotations
@@ -15,75 +21,21 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
 from taskserver.config import RateTier
 from taskserver.keys import Keys
 from taskserver.redisclient import within
-from taskserver.task import Task
+from taskserver.scripts import load
 
-if TYPE_CHECKING:
-    from taskserver.queue import TaskQueue
-
-# Lua functions for scripts that rate-limit. read_tiers() reads the leading
-# ARGV: n, limit_1, window_ms_1, ..., limit_n, window_ms_n.
-# charge(first, tiers) checks and charges the counters KEYS[first ..
-# first + n - 1]: it returns `allowed` (1 or 0) and `reply` = {allowed,
-# used_1, ttl_ms_1, ...}; "used" is after the charge when allowed, before it
-# when not. Scripts append what they do with the verdict (queue.ADMIT enqueues).
-LIMIT_LUA = """
-local function read_tiers()
-  local tiers = {}
-  for i = 1, tonumber(ARGV[1]) do
-    tiers[i] = {tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])}
-  end
-  return tiers
-end
-
-local function charge(first, tiers)
-  local allowed, used, ttl = 1, {}, {}
-  for i, tier in ipairs(tiers) do
-    local key = KEYS[first + i - 1]
-    local count = tonumber(redis.call('GET', key) or '0') or 0
-    local left = tier[2]
-    if count > 0 then
-      left = redis.call('PTTL', key)
-      if left <= 0 then count, left = 0, tier[2] end
-    end
-    if count + 1 > tier[1] then allowed = 0 end
-    used[i], ttl[i] = count, left
-  end
-  local reply = {allowed}
-  for i, tier in ipairs(tiers) do
-    if allowed == 1 then
-      if used[i] == 0 then
-        redis.call('SET', KEYS[first + i - 1], 1, 'PX', tier[2])
-      else
-        redis.call('INCR', KEYS[first + i - 1])
-      end
-      used[i] = used[i] + 1
-    end
-    reply[#reply + 1] = used[i]
-    reply[#reply + 1] = ttl[i]
-  end
-  return allowed, reply
-end
-"""
-
-# KEYS: counter_1..counter_n. ARGV: as read_tiers(). Returns charge()'s reply.
-CHECK_AND_CHARGE = (
-    LIMIT_LUA
-    + """
-local _, reply = charge(1, read_tiers())
-return reply
-"""
-)
+#: KEYS: counter_1..counter_n. ARGV: as lib/limit.lua's read_tiers().
+CHECK_AND_CHARGE = load("check_and_charge")
 
 
 def tier_arguments(tiers: Sequence[RateTier]) -> list[int]:
-    """The leading ARGV of LIMIT_LUA's read_tiers(): the count, then each limit and window."""
+    """The leading ARGV of lib/limit.lua's read_tiers(): the count, then each limit and window."""
     arguments = [len(tiers)]
     for tier in tiers:
         arguments += [tier.limit, tier.window_ms]
@@ -176,17 +128,45 @@ class Decision:
         }
 
 
-def decision_from_reply(tiers: Sequence[RateTier], reply: Sequence[Any]) -> Decision:
-    """Turn the script's flat reply into a Decision."""
-    states = tuple(
-        TierState(tier, int(reply[1 + 2 * i]), int(reply[2 + 2 * i]))
-        for i, tier in enumerate(tiers)
-    )
-    return Decision(allowed=int(reply[0]) == 1, tiers=states)
+class RatePolicy:
+    """Tiers applied to one kind of identity. Never talks to Redis.
+
+    Everything a request needs that does not depend on the request (the
+    script's tier arguments, the policy header) is computed once.
+    """
+
+    def __init__(
+        self,
+        keys: Keys,
+        tiers: Sequence[RateTier],
+        key_of: Callable[[Keys, str, str], str] = Keys.rate,
+    ) -> None:
+        """``key_of(keys, identity, tier name)``: the counter's key (per user by default)."""
+        self._keys = keys
+        self._key_of = key_of
+        self.tiers = tuple(tiers)
+        #: The leading ARGV of the limit's read_tiers(): the same for every request.
+        self.arguments = tuple(tier_arguments(self.tiers))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.tiers)
+
+    def counters(self, identity: str) -> list[str]:
+        """The keys of ``identity``'s counters, one per tier, in the order of the tiers."""
+        return [self._key_of(self._keys, identity, tier.name) for tier in self.tiers]
+
+    def decide(self, reply: Sequence[Any]) -> Decision:
+        """Turn the script's flat reply ({allowed, used_1, ttl_ms_1, ...}) into a Decision."""
+        states = tuple(
+            TierState(tier, int(reply[1 + 2 * i]), int(reply[2 + 2 * i]))
+            for i, tier in enumerate(self.tiers)
+        )
+        return Decision(allowed=int(reply[0]) == 1, tiers=states)
 
 
-class RateLimiter:
-    """Checks and charges a user's tiers in one round trip to Redis."""
+class RateLimiter(RatePolicy):
+    """A policy that is also checked on its own: one script call, one round trip."""
 
     def __init__(
         self,
@@ -197,40 +177,18 @@ class RateLimiter:
         clock: IReactorTime,
         key_of: Callable[[Keys, str, str], str] = Keys.rate,
     ) -> None:
-        """``key_of(keys, identity, tier name)``: the counter's key (per user by default)."""
+        super().__init__(keys, tiers, key_of)
         self._redis = redis
-        self._keys = keys
-        self._key_of = key_of
-        self._tiers = tuple(tiers)
         self._timeout_s = timeout_s
         self._clock = clock
 
-    @property
-    def active(self) -> bool:
-        return bool(self._tiers)
-
     async def check(self, identity: str) -> Decision:
         """Admit or reject one request by ``identity``; raises RedisUnavailable."""
-        if not self._tiers:
+        if not self.tiers:
             return Decision(allowed=True, tiers=())
         reply = await within(
-            self._redis.eval(
-                CHECK_AND_CHARGE, self._counters(identity), tier_arguments(self._tiers)
-            ),
+            CHECK_AND_CHARGE(self._redis, self.counters(identity), self.arguments),
             self._timeout_s,
             self._clock,
         )
-        return decision_from_reply(self._tiers, reply)
-
-    async def admit(self, task: Task, queue: TaskQueue) -> Decision:
-        """Check and charge ``task.user_id``'s tiers and, if allowed, enqueue the task.
-
-        One script (queue.ADMIT) runs the rate limit, the push and the status
-        record, so "counted" and "enqueued" cannot disagree; the requests of
-        one reactor turn share one call.
-        """
-        reply = await queue.admit(task, self._counters(task.user_id), tier_arguments(self._tiers))
-        return decision_from_reply(self._tiers, reply)
-
-    def _counters(self, identity: str) -> list[str]:
-        return [self._key_of(self._keys, identity, tier.name) for tier in self._tiers]
+        return self.decide(reply)

@@ -77,9 +77,17 @@ class Task:
             raise MalformedTask("not a task: bad field types")
         return task
 
-    @staticmethod
-    def handler_argument(raw: str, attempts: int) -> dict[str, Any]:
-        """What TASK_HANDLER receives: the task as a fresh dict (``raw`` is its JSON)."""
-        argument: dict[str, Any] = json.loads(raw)
-        argument["attempts"] = attempts
-        return argument
+    def handler_argument(self, attempts: int) -> dict[str, Any]:
+        """What TASK_HANDLER receives: the task as a dict, with this attempt's number.
+
+        Built from the fields, not parsed again: the consumer parses each
+        queue entry once (:meth:`from_json`), afresh for every attempt, so a
+        handler that changes its payload changes nothing anyone else reads.
+        """
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "payload": self.payload,
+            "queued_at": self.queued_at,
+            "attempts": attempts,
+        }

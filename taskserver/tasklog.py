@@ -12,8 +12,8 @@ escaped, so nothing a client sends can split or forge a line.
 One process writes the file: in a cluster, children format their lines
 and send them to the master over a pipe of their own (whole lines only,
 so lines never interleave; see child.records_pipe), and the master appends them
-through twisted.logger with a private observer that rotates by size.
-Several processes writing one ``LogFile`` would overwrite each other.
+to a ``twisted.python.logfile.LogFile``, which rotates by size. Several
+processes writing one ``LogFile`` would overwrite each other.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, cast
 
-from twisted.logger import FileLogObserver, LogEvent, Logger
 from twisted.python.logfile import LogFile
 
 from taskserver.task import iso_utc
@@ -46,11 +44,6 @@ def task_line(
     )
 
 
-def _line_of(event: LogEvent) -> str | None:
-    line = event.get("task_line")
-    return f"{line}\n" if isinstance(line, str) else None
-
-
 class TaskLogFile:
     """The single writer of ``tasks.log``, rotating at ``max_bytes`` (``tasks.log.1``, ...)."""
 
@@ -63,18 +56,17 @@ class TaskLogFile:
             rotateLength=max_bytes,
             maxRotatedFiles=TASK_LOG_ROTATED_FILES,
         )
-        self._log = Logger(
-            namespace="taskserver.tasks",
-            observer=FileLogObserver(cast(IO[str], self._file), _line_of),
-        )
 
     def write_line(self, line: str) -> None:
         """Append one line (no newline inside it; callers pass task_line() output)."""
         self.write_lines([line])
 
     def write_lines(self, lines: list[str]) -> None:
-        """Append several lines in one write (and one flush)."""
-        self._log.info("{task_line}", task_line="\n".join(lines))
+        """Append several lines in one write (the file is unbuffered: one system call).
+
+        Bytes, so that the LogFile counts the size it rotates by in bytes.
+        """
+        self._file.write("".join(f"{line}\n" for line in lines).encode("utf-8"))
 
     def close(self) -> None:
         self._file.close()

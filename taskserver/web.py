@@ -456,7 +456,7 @@ class TaskAPI:
                     return replayed
                 # The request that claimed the key died before its task existed: ours replaces it.
         try:
-            decision = await self._limiter.admit(task, self._queue)
+            decision = await self._queue.admit(task, self._limiter)
             headers = decision.headers(self._clock.seconds())
         except Exception:
             if key is not None:

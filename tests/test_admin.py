@@ -64,6 +64,49 @@ async def test_stats_dead_requeue_purge(queue: TaskQueue, redis: Any, keys: Keys
     assert await redis.llen(keys.dead) == 0
 
 
+PAYLOADS = [
+    [],
+    {},
+    12345678901234567890,
+    {"ключ": ["ü", {"😀": [[[]], {}], "big": -98765432109876543210, "x": 1.5e300}]},
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=["list", "object", "big-int", "unicode"])
+@pytest.mark.parametrize("death", ["failed", "killed-its-process"])
+@pytest_twisted.ensureDeferred
+async def test_a_requeued_task_is_exactly_the_task_that_died(
+    queue: TaskQueue, redis: Any, keys: Keys, payload: Any, death: str
+) -> None:
+    """Requeue takes the task's own text: no re-encoding ([] stays [], big integers stay exact)."""
+    task = Task.new("ü-user", payload, reactor.seconds())
+    await queue.enqueue(task)
+    consumer = "h:2:b#0"
+    raw = await queue.fetch(redis, keys.pending, keys.processing(consumer), 1)
+    assert raw == task.to_json()
+    await queue.mark_started(task, "t")
+    if death == "failed":
+        assert await queue.fail(consumer, raw, task, 1, "boom", 1, "t", 1) == "dead"
+    else:
+        assert await queue.reclaim("h:2:b", [consumer], forget=True, force=True) == (0, 1)
+    assert await admin.requeue(redis, keys, []) == 1
+    [pending] = await redis.lrange(keys.pending, 0, -1)
+    assert pending.encode("utf-8") == task.to_json().encode("utf-8")
+    assert Task.from_json(pending).handler_argument(1)["payload"] == payload
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeue_reads_entries_written_before_it_knew_better(redis: Any, keys: Keys) -> None:
+    """An entry as FAIL has always written it, with an error that mimics the task field."""
+    task = Task.new("old", [], reactor.seconds())
+    error = json.dumps('x","task":{"id":"' + "f" * 32 + '"}')
+    entry = f'{{"error":{error},"attempts":3,"failed_at_ms":1,"task":{task.to_json()}}}'
+    await redis.lpush(keys.dead, entry)
+    assert await admin.requeue(redis, keys, ["f" * 32]) == 0, "the error is not a task"
+    assert await admin.requeue(redis, keys, [task.id]) == 1
+    assert await redis.lrange(keys.pending, 0, -1) == [task.to_json()]
+
+
 def test_the_installed_command_finds_the_embedded_redis(
     twistd: Callable[..., Twistd], tmp_path: Path
 ) -> None:

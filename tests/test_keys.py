@@ -32,3 +32,31 @@ def test_rate_keys_share_the_queue_slot_without_the_user_id() -> None:
     assert "{" + user_hash("10.0.0.1") + "}" in keys.ip_rate("10.0.0.1", "ip-60s")
     assert user_hash("a") != user_hash("b")
     assert len(user_hash("x" * 1000)) == 22
+
+
+def hash_tag(key: str) -> str:
+    """What Redis Cluster hashes: the text inside the first non-empty ``{...}``, else the key."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if start >= 0 and end > start + 1 else key
+
+
+def test_every_script_touches_one_slot() -> None:
+    """The queue's scripts (rate counters, status records included) and the others' keys."""
+    keys = Keys("app")
+    queue_keys = [
+        keys.pending,
+        keys.suspects,
+        keys.delayed,
+        keys.dead,
+        keys.consumers,
+        keys.processing("h:1:a#0"),
+        keys.heartbeat("h:1:a"),
+        keys.status("f" * 32),
+        keys.status_prefix + "f" * 32,
+        keys.rate("alice", "1s"),
+        keys.rate("bob", "60s"),
+    ]
+    assert {hash_tag(name) for name in queue_keys} == {"q"}
+    assert hash_tag(keys.idempotency("alice", "k")) == user_hash("alice")
+    assert hash_tag(keys.ip_rate("10.0.0.1", "ip-60s")) == user_hash("10.0.0.1")

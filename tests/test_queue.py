@@ -10,8 +10,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
+from taskserver.config import parse_rate_limits
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
+from taskserver.ratelimit import RatePolicy
 from taskserver.task import Task
 
 
@@ -238,16 +240,16 @@ async def test_admissions_of_one_turn_share_a_call_and_keep_their_order(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
     """Ten users and a repeat of the first in one turn: the limit holds inside the batch."""
-    tiers = [1, 1, 1000]  # one tier: 1 per second
+    policy = RatePolicy(keys, parse_rate_limits("1/1s"))
     tasks = [new_task(f"user-{i}") for i in range(10)] + [new_task("user-0")]
     calls_before = await script_calls(redis)
-    replies = await defer.gatherResults(
-        [defer.ensureDeferred(queue.admit(t, [keys.rate(t.user_id, "1s")], tiers)) for t in tasks]
+    decisions = await defer.gatherResults(
+        [defer.ensureDeferred(queue.admit(t, policy)) for t in tasks]
     )
     assert await script_calls(redis) - calls_before == 1
-    assert [r[0] for r in replies] == [1] * 10 + [0]
-    used, reset_ms = replies[-1][1:]
-    assert used == 1 and 0 < reset_ms <= 1000, "the repeat saw the first one's charge"
+    assert [d.allowed for d in decisions] == [True] * 10 + [False]
+    [repeat] = decisions[-1].tiers
+    assert repeat.used == 1 and 0 < repeat.reset_ms <= 1000, "it saw the first one's charge"
     oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
     assert oldest_first == [t.to_json() for t in tasks[:10]]
     assert await queue.status(tasks[-1].id) is None, "a rejected task leaves no record"

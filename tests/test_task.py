@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,7 +32,7 @@ def test_iso_utc_is_what_datetime_says(seconds: float) -> None:
 def test_the_handler_gets_a_fresh_dict_with_the_attempt() -> None:
     task = Task.new("alice", {"n": [1, 2]}, now=0)
     raw = task.to_json()
-    argument = Task.handler_argument(raw, 2)
+    argument = Task.from_json(raw).handler_argument(2)
     assert argument == {
         "id": task.id,
         "user_id": "alice",
@@ -38,5 +41,20 @@ def test_the_handler_gets_a_fresh_dict_with_the_attempt() -> None:
         "attempts": 2,
     }
     argument["payload"]["n"].append(3)
-    assert Task.handler_argument(raw, 2)["payload"] == {"n": [1, 2]}
+    assert Task.from_json(raw).handler_argument(2)["payload"] == {"n": [1, 2]}
     assert Task.from_json(raw) == task
+
+
+def test_a_queue_entry_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The consumer's path: from_json, then handler_argument, one JSON parse in all."""
+    raw = Task.new("bob", [1, {"deep": []}], now=0).to_json()
+    parses: list[str] = []
+    real_loads = json.loads
+
+    def counting_loads(text: str, **options: Any) -> Any:
+        parses.append(text)
+        return real_loads(text, **options)
+
+    monkeypatch.setattr(json, "loads", counting_loads)
+    assert Task.from_json(raw).handler_argument(1)["payload"] == [1, {"deep": []}]
+    assert parses == [raw]

@@ -6,6 +6,9 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+from twisted.python.logfile import LogFile
+
 from taskserver.tasklog import TaskLog, TaskLogFile, task_line
 
 LINE = re.compile(
@@ -57,9 +60,18 @@ def test_rotates_by_size_without_losing_lines(tmp_path: Path) -> None:
     assert all(LINE.match(line) for line in lines)
 
 
-def test_several_lines_in_one_write(tmp_path: Path) -> None:
+def test_several_lines_in_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[bytes] = []
+    real_write = LogFile.write
+
+    def counting_write(self: LogFile, data: bytes) -> None:
+        writes.append(data)
+        real_write(self, data)
+
+    monkeypatch.setattr(LogFile, "write", counting_write)
     log_file = TaskLogFile(tmp_path, 1_000_000)
     log_file.write_lines(["first line", "second line"])
     log_file.write_line("third line")
     log_file.close()
+    assert writes == [b"first line\nsecond line\n", b"third line\n"], "one write per call"
     assert (tmp_path / "tasks.log").read_text() == "first line\nsecond line\nthird line\n"

@@ -1,0 +1,16 @@
+-- uses: now_ms, status, dead_letter
+-- KEYS: status, processing, delayed, dead.
+-- ARGV: raw task, attempts, outcome ('retrying' or 'dead', TaskQueue.failure_outcome),
+--       retry delay ms, error, finished_at, ttl ms, dead-letter max, duration ms,
+--       user_id, queued_at.
+-- A failed attempt, whose task-log line is already written: acknowledge, then either
+-- schedule a retry (due time from the Redis clock) or dead-letter the task.
+redis.call('LREM', KEYS[2], 1, ARGV[1])
+local outcome = ARGV[3]
+if outcome == 'retrying' then
+  redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[4]), ARGV[1])
+else
+  dead_letter(KEYS[4], tonumber(ARGV[8]), ARGV[1], ARGV[5], tonumber(ARGV[2]), now_ms())
+end
+record_outcome(KEYS[1], outcome, ARGV[5], ARGV[6], ARGV[9], ARGV[10], ARGV[11], ARGV[7])
+return outcome

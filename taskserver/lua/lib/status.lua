@@ -1,0 +1,36 @@
+-- A task's status record, a hash (queue.STATUS_FIELDS). Every write that creates
+-- a record or records an outcome sets its TTL, so no record outlives STATUS_TTL;
+-- marking a task started keeps the TTL of its enqueue.
+
+local function record_queued(status, user_id, queued_at, ttl_ms)
+  redis.call('HSET', status, 'status', 'queued', 'user_id', user_id,
+             'queued_at', queued_at, 'attempts', '0')
+  redis.call('PEXPIRE', status, ttl_ms)
+end
+
+-- Records "processing" and returns the attempt number. One HSET that keeps the
+-- TTL of the enqueue; the whole record, with a TTL, only if it expired while the
+-- task waited.
+local function mark_started(status, started_at, ttl_ms, user_id, queued_at)
+  local before = redis.call('HGET', status, 'attempts')
+  if before then
+    local attempts = (tonumber(before) or 0) + 1
+    redis.call('HSET', status, 'status', 'processing', 'started_at', started_at,
+               'attempts', attempts)
+    return attempts
+  end
+  redis.call('HSET', status, 'status', 'processing', 'started_at', started_at,
+             'attempts', 1, 'user_id', user_id, 'queued_at', queued_at)
+  redis.call('PEXPIRE', status, ttl_ms)
+  return 1
+end
+
+-- How an attempt ended: 'completed', 'retrying' or 'dead'; `error` is nil for a
+-- success (a success keeps the error of an earlier attempt).
+local function record_outcome(status, outcome, error, finished_at, duration_ms,
+                              user_id, queued_at, ttl_ms)
+  redis.call('HSET', status, 'status', outcome, 'finished_at', finished_at,
+             'duration_ms', duration_ms, 'user_id', user_id, 'queued_at', queued_at)
+  if error then redis.call('HSET', status, 'error', error) end
+  redis.call('PEXPIRE', status, ttl_ms)
+end
