@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_supervisor -*-
-"""The one crash-loop back-off of the master: for children and for the embedded Redis.
+"""The one exponential back-off: crash loops in the master, Redis errors and task retries.
 
 A process that dies after it was serving is restarted at once; one that
 dies before it was ready (a broken build, a port taken by someone else)
@@ -18,8 +18,8 @@ def backoff_delay(
 ) -> float:
     """Seconds to wait after ``failures`` failures in a row: 0, then first_s doubling up to max_s.
 
-    The defaults are the master's (children, embedded Redis); other loops
-    that back off (a consumer's fetch) can pass their own bounds.
+    The defaults are the master's (children, embedded Redis); the consumer
+    passes its own bounds for Redis errors and for task retries (with jitter).
     """
     if failures <= 0:
         return 0.0

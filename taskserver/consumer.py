@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from taskserver.backoff import backoff_delay
 from taskserver.protocol import consumer_ids_of, new_process_id
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import RedisUnavailable
@@ -54,7 +55,7 @@ def retry_delay_s(attempts: int, base_s: float, rng: Callable[[], float] = rando
     The jitter spreads retries of tasks that failed together (say, while a
     downstream service was down) so they do not all come back at once.
     """
-    ceiling = min(RETRY_BACKOFF_MAX_S, base_s * 2 ** max(0, attempts - 1))
+    ceiling = backoff_delay(max(1, attempts), base_s, RETRY_BACKOFF_MAX_S)
     return ceiling * (0.5 + 0.5 * rng())
 
 
@@ -62,7 +63,8 @@ Handler = Callable[[dict[str, Any]], Any]
 
 
 def backoff_s(failures: int) -> float:
-    return float(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, failures - 1)))
+    """The pause after ``failures`` Redis errors in a row (the master's formula, shorter bounds)."""
+    return backoff_delay(max(1, failures), BACKOFF_FIRST_S, BACKOFF_MAX_S)
 
 
 class ConsumerService(Service):
