@@ -455,13 +455,9 @@ class TaskAPI:
                 if replayed is not None:
                     return replayed
                 # The request that claimed the key died before its task existed: ours replaces it.
-        try:
-            decision = await self._limiter.admit(task, self._queue)
-            headers = decision.headers(self._clock.seconds())
-        except Exception:
-            if key is not None:
-                await self._release(user_id, key)
-            raise
+        # No release on failure: the script may have run (see _release).
+        decision = await self._limiter.admit(task, self._queue)
+        headers = decision.headers(self._clock.seconds())
         if not decision.allowed:
             if key is not None:
                 await self._release(user_id, key)
@@ -515,6 +511,16 @@ class TaskAPI:
         )
 
     async def _release(self, user_id: str, key: str) -> None:
+        """Give up the key of a request whose admission surely did not happen: a 429.
+
+        Nothing else is sure. A deadline (RedisUnavailable) fires both while
+        txredisapi waits for a connection (never written) and after it wrote
+        the script (which may have run); a lost connection fails replies in
+        flight; a client that hangs up (CancelledError) may do so after the
+        turn's batch went out (the Coalescer withdraws only items not yet
+        sent). Such a claim stays: a retry finds the task if it exists, and
+        takes the key over once the claim is abandoned (ABANDONED_AFTER_S).
+        """
         try:
             await self._idempotency.release(user_id, key)
         except RedisUnavailable as e:

@@ -626,3 +626,97 @@ async def test_a_client_that_hangs_up_mid_request_leaves_no_error_behind(
     finally:
         globalLogPublisher.removeObserver(observe)
     assert failures == []
+
+
+# ------------------------------------------------------------------ a reply that never comes
+
+
+class ReplyHoldingProxy:
+    """A TCP proxy to Redis that withholds the replies of the first connection carrying ``marker``.
+
+    Commands still reach Redis (the script runs); what Redis answers on that
+    connection never comes back, as when a reply is lost or late. The
+    deterministic way to make the server's deadline fire after the script ran.
+    ``held`` fires when the marked command has gone to Redis, ``released``
+    when the server gave up on that connection (closed it).
+    """
+
+    def __init__(self, redis: RedisAddress, marker: bytes) -> None:
+        from twisted.protocols import portforward
+
+        proxy = self
+        self.held: defer.Deferred[None] = defer.Deferred()
+        self.released: defer.Deferred[None] = defer.Deferred()
+        self._armed = True
+
+        class Client(portforward.ProxyClient):
+            def dataReceived(self, data: bytes) -> None:
+                if not getattr(self.peer, "holding", False):
+                    super().dataReceived(data)
+
+        class ClientFactory(portforward.ProxyClientFactory):
+            protocol = Client
+
+        class Server(portforward.ProxyServer):
+            clientProtocolFactory = ClientFactory
+            holding = False
+            _tail = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                seen, self._tail = self._tail + data, data[-len(marker) :]
+                super().dataReceived(data)
+                if proxy._armed and marker in seen:
+                    proxy._armed, self.holding = False, True
+                    proxy.held.callback(None)
+
+            def connectionLost(self, reason: object) -> None:
+                super().connectionLost(reason)
+                if self.holding:
+                    proxy.released.callback(None)
+
+        factory = portforward.ProxyFactory(redis.host, redis.port)
+        factory.protocol = Server
+        factory.noisy = False
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.address = RedisAddress("127.0.0.1", self.port.getHost().port)
+
+
+@pytest.fixture
+def holding_proxy(redis_server: RedisAddress) -> Any:
+    proxy = ReplyHoldingProxy(redis_server, b"reply-lost")
+    yield proxy
+    pytest_twisted.blockon(defer.maybeDeferred(proxy.port.stopListening))
+
+
+@pytest.mark.parametrize("failure", ["deadline", "hang-up"])
+@pytest_twisted.ensureDeferred
+async def test_a_key_is_kept_when_the_script_may_have_run(
+    start_server: Callable[..., RunningServer],
+    holding_proxy: ReplyHoldingProxy,
+    redis: Any,
+    keys: Any,
+    failure: str,
+) -> None:
+    """The admission's reply is lost (503, or the client hung up): a retry finds that task."""
+    server = start_server(redis=holding_proxy.address, redis_timeout_s=0.5, rate_limits=())
+    body = b'{"user_id": "unlucky", "payload": "reply-lost"}'
+    if failure == "deadline":
+        response, document = await post_with_key(server, body, "order-9")
+        assert (response.code, document["error"]) == (503, "redis_unavailable")
+    else:
+        client = await RawClient().connect(server.port)
+        client.send(
+            b"POST /api/v1/task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Idempotency-Key: order-9\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await holding_proxy.held  # the script is on its way to Redis, its reply will not come
+        client.protocol.transport.loseConnection()  # type: ignore[union-attr]
+        await client.closed
+    await holding_proxy.released  # the server gave up on that reply
+    created = await redis.keys(keys.status_prefix + "*")
+    assert len(created) == 1, "the script ran: the task exists"
+    task_id = created[0].removeprefix(keys.status_prefix)
+
+    retried, replayed = await post_with_key(server, body, "order-9")
+    assert (retried.code, replayed["task_id"]) == (200, task_id), "the same task, not a second"
+    assert len(await redis.keys(keys.status_prefix + "*")) == 1
