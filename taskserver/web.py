@@ -9,7 +9,6 @@ the mapping from failures to status codes lives in
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from taskserver.clientip import Network, client_address
+from taskserver.clientip import Network, client_address, is_loopback_request
 from taskserver.idempotency import VALID_KEY, Claim, IdempotencyKeys, fingerprint
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter
@@ -50,12 +49,9 @@ Headers = Iterable[tuple[str, str]]
 KILL_FLUSH_TIMEOUT_S = 1.0
 
 
-def is_loopback(address: Any) -> bool:
-    host = getattr(address, "host", "")
-    try:
-        return ipaddress.ip_address(host.removeprefix("::ffff:")).is_loopback
-    except ValueError:
-        return False
+def _peer_host(request: IRequest) -> str:
+    """The socket peer's address ("" for a peer without one, such as a UNIX socket)."""
+    return str(getattr(request.getClientAddress(), "host", ""))
 
 
 class ApiError(Exception):
@@ -433,9 +429,7 @@ class TaskAPI:
         key = idempotency_key(request.getHeader(b"idempotency-key"))
         if self._ip_limiter is not None and self._ip_limiter.active:
             address = client_address(
-                request.getClientAddress().host,
-                request.requestHeaders.getRawHeaders(b"x-forwarded-for"),
-                self._trusted_proxies,
+                _peer_host(request), request.requestHeaders.getRawHeaders, self._trusted_proxies
             )
             by_address = await self._ip_limiter.check(address)
             if not by_address.allowed:
@@ -551,15 +545,7 @@ class TaskAPI:
         """
         if self._kill is None:
             raise ApiError(404, "not_found", "no such resource")
-        if self._kill_token is not None:
-            given = request.getHeader(b"authorization") or b""
-            expected = f"Bearer {self._kill_token}".encode()
-            if not hmac.compare_digest(given, expected):
-                raise ApiError(
-                    403, "forbidden", "GET /kill needs Authorization: Bearer <KILL_TOKEN>"
-                )
-        elif not is_loopback(request.getClientAddress()):
-            raise ApiError(403, "forbidden", "GET /kill is only open to loopback clients")
+        self._authorise(request, "GET /kill")
         self.log.warn("GET /kill: this process (pid {pid}) exits now", pid=os.getpid())
         channel = cast(CountingChannel, request.channel)
         channel.persistent = False  # close after this answer; the kill follows the close
@@ -568,6 +554,25 @@ class TaskAPI:
         channel.site.when_closed(channel, kill)
         self._clock.callLater(KILL_FLUSH_TIMEOUT_S, kill)
         return respond(request, 200, {"pid": os.getpid(), "status": "exiting"})
+
+    def _authorise(self, request: IRequest, route: str) -> None:
+        """The guard of every operator route: the token if one is set, else loopback only.
+
+        Loopback is :func:`clientip.is_loopback_request`: a request forwarded
+        by a proxy on this host is not a loopback request, unless that proxy
+        is trusted and forwards for a loopback client.
+        """
+        if self._kill_token is not None:
+            given = request.getHeader(b"authorization") or b""
+            expected = f"Bearer {self._kill_token}".encode()
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(
+                    403, "forbidden", f"{route} needs Authorization: Bearer <KILL_TOKEN>"
+                )
+        elif not is_loopback_request(
+            _peer_host(request), request.requestHeaders.getRawHeaders, self._trusted_proxies
+        ):
+            raise ApiError(403, "forbidden", f"{route} is only open to loopback clients")
 
     # -------------------------------------------------------------- errors
 

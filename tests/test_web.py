@@ -19,7 +19,6 @@ from taskserver.web import (
     KILL_FLUSH_TIMEOUT_S,
     ApiError,
     is_json_media_type,
-    is_loopback,
     parse_task_body,
 )
 
@@ -268,14 +267,33 @@ async def test_redis_that_never_answers_gives_503_within_two_seconds(
 
 
 @pytest.mark.parametrize(
-    ("host", "loopback"),
-    [("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("::ffff:127.0.0.1", True),
-     ("10.0.0.1", False), ("192.168.1.5", False), ("::ffff:10.0.0.1", False), ("", False)],
-)  # fmt: skip
-def test_loopback_detection(host: str, loopback: bool) -> None:
-    from twisted.internet.address import IPv4Address
-
-    assert is_loopback(IPv4Address("TCP", host, 1234)) is loopback
+    ("forwarded", "trusted", "status"),
+    [
+        ({"X-Forwarded-For": "203.0.113.9"}, (), 403),
+        ({"Forwarded": "for=203.0.113.9"}, (), 403),
+        ({"X-Real-IP": "203.0.113.9"}, (), 403),
+        ({"X-Forwarded-For": "127.0.0.1"}, (), 403),  # an untrusted proxy says nothing
+        ({"X-Forwarded-For": "127.0.0.1"}, ("127.0.0.1",), 200),
+        ({"Forwarded": "for=203.0.113.9"}, ("127.0.0.1",), 403),
+        ({"X-Forwarded-For": "203.0.113.9"}, ("127.0.0.1",), 403),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_kill_through_a_proxy_on_this_host(
+    start_server: Callable[..., RunningServer],
+    forwarded: dict[str, str],
+    trusted: tuple[str, ...],
+    status: int,
+) -> None:
+    """Behind a proxy on this host every peer is loopback: the forwarded client decides."""
+    killed: list[bool] = []
+    server = start_server(kill=lambda: killed.append(True), trusted_proxies=trusted)
+    response = await treq.get(server.url + "/kill", headers=forwarded)
+    document = json.loads(await response.content())
+    assert response.code == status, document
+    if status == 403:
+        assert document["error"] == "forbidden"
+        assert killed == []
 
 
 @pytest_twisted.ensureDeferred
