@@ -31,6 +31,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from taskserver.clientip import Network, client_address, is_loopback_request
 from taskserver.idempotency import VALID_KEY, Claim, IdempotencyKeys, fingerprint
+from taskserver.logthrottle import WarningThrottle
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter
 from taskserver.redisclient import RedisUnavailable
@@ -402,6 +403,7 @@ class TaskAPI:
         self._clock = clock
         self._kill = kill
         self._kill_token = kill_token
+        self._warnings = WarningThrottle(self.log, clock)
 
     def site(self, idle_timeout_s: float = 60.0, request_timeout_s: float = 10.0) -> TaskSite:
         """The Site serving these routes; idle connections close after ``idle_timeout_s``."""
@@ -518,7 +520,7 @@ class TaskAPI:
         try:
             await self._idempotency.release(user_id, key)
         except RedisUnavailable as e:
-            self.log.warn("could not release an idempotency key: {error}", error=e)
+            self._warnings.warn(f"could not release an idempotency key: {e}")
 
     @app.route("/api/v1/task/<task_id>", methods=["GET"])
     async def get_task(self, request: IRequest, task_id: str) -> bytes:
@@ -591,7 +593,7 @@ class TaskAPI:
                 error.headers,
             )
         if isinstance(error, RedisUnavailable):
-            self.log.warn("Redis unavailable: {error}", error=error)
+            self._warnings.warn(f"answered 503: {error}")
             return respond(
                 request,
                 503,
