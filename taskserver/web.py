@@ -12,6 +12,7 @@ import hmac
 import json
 import math
 import os
+import sys
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from http import HTTPStatus
@@ -33,7 +34,7 @@ from taskserver.clientip import Network, client_address, is_loopback_request
 from taskserver.idempotency import VALID_KEY, Claim, IdempotencyKeys, fingerprint
 from taskserver.logthrottle import WarningThrottle
 from taskserver.queue import TaskQueue
-from taskserver.ratelimit import RateLimiter
+from taskserver.ratelimit import Decision, RateLimiter
 from taskserver.redisclient import RedisUnavailable
 from taskserver.task import TASK_ID, Task
 
@@ -257,6 +258,24 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: The largest magnitude a double holds (about 1.8e308): what any JSON reader can represent.
+_LARGEST_DOUBLE_INT = int(sys.float_info.max)
+#: Integers with fewer digits than this are below it, and need no comparison.
+_SAFE_DIGITS = len(str(_LARGEST_DOUBLE_INT))
+
+
+def _bounded_int(text: str) -> int:
+    """Integers are kept exactly (12345678901234567890 stays itself), up to what a double holds.
+
+    Beyond that no reader that parses numbers as doubles can represent the
+    value at all; such a task could never be handled as it was sent.
+    """
+    value = int(text)
+    if len(text) >= _SAFE_DIGITS and abs(value) > _LARGEST_DOUBLE_INT:
+        raise ValueError(f"number {text[:20]}... is too large (beyond what a double holds)")
+    return value
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -270,6 +289,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _STRICT_JSON = json.JSONDecoder(
     parse_constant=_reject_constant,
     parse_float=_finite_float,
+    parse_int=_bounded_int,
     object_pairs_hook=_no_duplicate_keys,
 )
 
@@ -429,19 +449,6 @@ class TaskAPI:
             )
         user_id, payload = parse_task_body(request.getHeader(b"content-type"), request.body())
         key = idempotency_key(request.getHeader(b"idempotency-key"))
-        if self._ip_limiter is not None and self._ip_limiter.active:
-            address = client_address(
-                _peer_host(request), request.requestHeaders.getRawHeaders, self._trusted_proxies
-            )
-            by_address = await self._ip_limiter.check(address)
-            if not by_address.allowed:
-                return respond(
-                    request,
-                    429,
-                    by_address.problem(),
-                    by_address.headers(self._clock.seconds()),
-                    content_type="application/problem+json",
-                )
         task = Task.new(user_id, payload, self._clock.seconds())
         if key is not None:
             claim = Claim(task.id, fingerprint(user_id, payload), task.queued_at)
@@ -449,10 +456,14 @@ class TaskAPI:
             if earlier is not None:
                 replayed = await self._replay(request, user_id, key, claim, earlier)
                 if replayed is not None:
-                    return replayed
+                    return replayed  # charged to no tier
                 # The request that claimed the key died before its task existed: ours replaces it.
-        # No release on failure: the script may have run (see _release).
-        decision = await self._limiter.admit(task, self._queue)
+        by_address = await self._check_address(request)
+        if by_address is not None and not by_address.allowed:
+            decision = by_address
+        else:
+            # No release on failure: the script may have run (see _release).
+            decision = await self._limiter.admit(task, self._queue)
         headers = decision.headers(self._clock.seconds())
         if not decision.allowed:
             if key is not None:
@@ -472,6 +483,15 @@ class TaskAPI:
             },
             headers,
         )
+
+    async def _check_address(self, request: IRequest) -> Decision | None:
+        """The per-address tier's decision (charged if it admits); None when there is none."""
+        if self._ip_limiter is None or not self._ip_limiter.active:
+            return None
+        address = client_address(
+            _peer_host(request), request.requestHeaders.getRawHeaders, self._trusted_proxies
+        )
+        return await self._ip_limiter.check(address)
 
     async def _replay(
         self, request: IRequest, user_id: str, key: str, claim: Claim, earlier: Claim

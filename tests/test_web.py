@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,9 @@ JSON = {"Content-Type": "application/json"}
         (b'{"user_id": "a", "payload": 1e999}', "invalid_json"),
         (b'{"user_id": "a", "user_id": "b"}', "invalid_json"),
         (b"[" * 50_000, "invalid_json"),
+        (b'{"user_id": "a", "payload": ' + b"1" * 401 + b"}", "invalid_json"),
+        (b'{"user_id": "a", "payload": %d}' % (int(sys.float_info.max) + 1), "invalid_json"),
+        (b'{"user_id": "a", "payload": [%d]}' % -(int(sys.float_info.max) + 1), "invalid_json"),
         (b"[]", "not_an_object"),
         (b'"user123"', "not_an_object"),
         (b"{}", "missing_user_id"),
@@ -67,6 +71,14 @@ def test_good_bodies() -> None:
         '{"user_id": "ünïcode ✓", "payload": {"a": [1, null]}}'.encode(),
     ) == ("ünïcode ✓", {"a": [1, None]})
     assert parse_task_body(b"application/json", b'{"user_id": "' + b"x" * 128 + b'"}')[0]
+
+
+@pytest.mark.parametrize(
+    "number", [12345678901234567890, -(2**64), int(sys.float_info.max), -int(sys.float_info.max)]
+)
+def test_integers_a_double_holds_are_kept_exactly(number: int) -> None:
+    body = b'{"user_id": "a", "payload": {"n": %d}}' % number
+    assert parse_task_body(b"application/json", body) == ("a", {"n": number})
 
 
 @pytest.mark.parametrize(
@@ -844,3 +856,19 @@ async def test_an_outage_writes_one_readable_warning_not_one_per_request(
         await redis.execute_command("CLIENT", "UNPAUSE")
     assert [response.code for response, _ in answers] == [503] * 20
     assert lines == ["answered 503: Redis did not answer within 0.5 s"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_replays_are_not_charged_to_the_per_address_tier(
+    start_server: Callable[..., RunningServer], redis: Any, keys: Any
+) -> None:
+    server = start_server(rate_limits=(), ip_rate_limits=(RateTier("ip-60s", 2, 60_000),))
+    first, created = await post_with_key(server, b'{"user_id": "replayer"}', "once")
+    assert first.code == 202
+    for _ in range(3):
+        again, replayed = await post_with_key(server, b'{"user_id": "replayer"}', "once")
+        assert (again.code, replayed["task_id"]) == (200, created["task_id"])
+    assert (await post(server, b'{"user_id": "second"}'))[0].code == 202, "1 of 2 was used"
+    limited, problem = await post_with_key(server, b'{"user_id": "third"}', "third-key")
+    assert (limited.code, problem["violated-policies"]) == (429, ["ip-60s"])
+    assert await redis.get(keys.idempotency("third", "third-key")) is None, "a 429 keeps no key"
