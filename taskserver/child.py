@@ -37,11 +37,13 @@ from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 
+from taskserver.api import TaskAPI
 from taskserver.balance import BEAT_EVERY_S, BalancedPort, Scoreboard, Seat
 from taskserver.clientip import parse_networks
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
+from taskserver.httpserver import TaskSite
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
 from taskserver.lifeline import ParentWatch, detach_from_parent_session
@@ -49,7 +51,6 @@ from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter
 from taskserver.redisclient import connect
 from taskserver.tasklog import TaskLog
-from taskserver.web import TaskAPI, TaskSite
 
 #: Connections for request-path commands (pipelined; blocking pops have their own pool).
 API_POOL_SIZE = 4

@@ -1,9 +1,12 @@
 # -*- test-case-name: tests.test_web -*-
-"""The HTTP API (Klein): enqueue tasks, read their status, health checks.
+"""The HTTP API: its routes, what a valid request is, and the answer to every failure.
 
 Every answer is JSON, errors included (``{"error": code, "message": text}``);
 the mapping from failures to status codes lives in
-:meth:`TaskAPI.answer_error`, nowhere else.
+:meth:`TaskAPI.answer_error`, nowhere else. ``POST /api/v1/task``, the route
+every task comes through, is answered by :class:`TaskResource` itself;
+Klein routes the rest. The transport (site, connections, bounded bodies)
+is :mod:`taskserver.httpserver`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,7 @@ import math
 import os
 import sys
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from http import HTTPStatus
-from io import BytesIO
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from klein import Klein
@@ -24,13 +25,21 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from taskserver.clientip import Network, client_address, is_loopback_request
+from taskserver.httpserver import (
+    ApiError,
+    BoundedRequest,
+    CountingChannel,
+    TaskSite,
+    read_body,
+    respond,
+)
 from taskserver.idempotency import VALID_KEY, Claim, IdempotencyKeys, fingerprint
 from taskserver.logthrottle import WarningThrottle
 from taskserver.queue import TaskQueue
@@ -38,7 +47,6 @@ from taskserver.ratelimit import Decision, RateLimiter
 from taskserver.redisclient import RedisUnavailable
 from taskserver.task import TASK_ID, Task
 
-MAX_BODY_BYTES = 64 * 1024
 USER_ID_MAX_CHARS = 128
 #: Retry-After sent with 503 while Redis is unreachable.
 UNAVAILABLE_RETRY_AFTER_S = 2
@@ -46,7 +54,6 @@ UNAVAILABLE_RETRY_AFTER_S = 2
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 _ALLOWED_FIELDS = frozenset({"user_id", "payload"})
 
-Headers = Iterable[tuple[str, str]]
 #: /kill waits for its answer to be sent, but not longer than this.
 KILL_FLUSH_TIMEOUT_S = 1.0
 
@@ -54,194 +61,6 @@ KILL_FLUSH_TIMEOUT_S = 1.0
 def _peer_host(request: IRequest) -> str:
     """The socket peer's address ("" for a peer without one, such as a UNIX socket)."""
     return str(getattr(request.getClientAddress(), "host", ""))
-
-
-class ApiError(Exception):
-    """An error answer: status, machine-readable code, human-readable message."""
-
-    def __init__(self, status: int, code: str, message: str, headers: Headers = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = list(headers)
-
-
-class BoundedRequest(server.Request):
-    """A request that stops buffering its body past MAX_BODY_BYTES.
-
-    twisted.web reads the whole body before the resource runs; this keeps
-    the bytes it stores bounded and lets the handler answer 413.
-    """
-
-    body_too_large = False
-    _body_bytes = 0
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > MAX_BODY_BYTES:
-            self.body_too_large = True
-            length = 0
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
-            return
-        self._body_bytes += len(data)
-        if self._body_bytes > MAX_BODY_BYTES:
-            self.body_too_large = True
-            self.content = BytesIO()  # type: ignore[assignment]  # drop what was kept
-            return
-        super().handleContentChunk(data)
-
-    def body(self) -> bytes:
-        """The request body (empty once it was found too large)."""
-        return self.content.read()  # type: ignore[attr-defined]
-
-
-class CountingChannel(http.HTTPChannel):
-    """An HTTP/1.1 connection that tells its site when it opens and closes, and can drain.
-
-    A connection is idle only between requests: it has answered at least one
-    and received nothing since. A brand-new connection is not idle (its first
-    request may be on the way); while draining, it gets that request answered
-    with ``Connection: close``.
-    """
-
-    site: TaskSite
-    _served = 0
-    _bytes_since_answer = 0
-    _read_deadline: Any = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.site.connection_opened(self)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._cancel_read_deadline()
-        super().connectionLost(reason)
-        self.site.connection_closed(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self._bytes_since_answer += len(data)
-        if self._read_deadline is None and not self._handlingRequest:
-            self._read_deadline = self.callLater(self.site.request_timeout_s, self._too_slow)
-        super().dataReceived(data)
-
-    def allContentReceived(self) -> None:
-        self._cancel_read_deadline()
-        super().allContentReceived()
-
-    def _cancel_read_deadline(self) -> None:
-        if self._read_deadline is not None and self._read_deadline.active():
-            self._read_deadline.cancel()
-        self._read_deadline = None
-
-    def _too_slow(self) -> None:
-        """The request did not arrive in time (a slow or stuck client): 408, then close."""
-        self._read_deadline = None
-        self._answer_and_close(408, "request_timeout", "the request took too long to arrive")
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        """Not HTTP we can parse (twisted.web answers a bare 400): a JSON 400, then close."""
-        self._answer_and_close(400, "bad_request", "malformed HTTP request")
-
-    def _answer_and_close(self, status: int, code: str, message: str) -> None:
-        """An error answer written directly: there is no Request to answer through."""
-        body = json.dumps({"error": code, "message": message}).encode()
-        phrase = HTTPStatus(status).phrase.encode("ascii")
-        self.transport.write(  # type: ignore[union-attr]
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body)
-        )
-        self.loseConnection()
-
-    def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()
-        if self.site.draining:
-            self.persistent = False
-            self.requests[-1].setHeader(b"connection", b"close")
-
-    def requestDone(self, request: http.Request) -> None:
-        self._served += 1
-        self._bytes_since_answer = 0
-        super().requestDone(request)
-
-    @property
-    def busy(self) -> bool:
-        """A whole request has arrived and its answer is not finished."""
-        return bool(self._handlingRequest)
-
-    def close_when_idle(self) -> None:
-        """Close now if idle, else right after the next answer.
-
-        Only a request being handled may be marked here: twisted.web drops
-        a request that *arrives* on a non-persistent connection. Requests
-        still arriving are marked by allHeadersReceived (the site drains).
-        """
-        if self._served and not self.busy and not self._bytes_since_answer:
-            self.loseConnection()
-        elif self.busy:
-            self.persistent = False
-            for request in self.requests:
-                if not request.startedWriting:
-                    request.setHeader(b"connection", b"close")
-
-
-class TaskSite(server.Site):
-    """The Site of one process: tracks its connections, so it can drain and be balanced.
-
-    No per-request access-log lines: they would cost more than the request.
-    """
-
-    protocol = CountingChannel  # type: ignore[assignment]  # HTTP/1.1 only, no wrapper
-
-    def __init__(
-        self,
-        resource: Any,
-        shortcuts: Mapping[tuple[bytes, bytes], Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """``shortcuts``: resources for exact ``(method, path)`` pairs, found without traversal."""
-        super().__init__(resource, **kwargs)
-        self.shortcuts = dict(shortcuts or {})
-        self.channels: set[CountingChannel] = set()
-        self.draining = False
-        self.request_timeout_s = 10.0
-        self.on_open: Callable[[], None] = lambda: None
-        self.on_close: Callable[[], None] = lambda: None
-        self._closed_waiters: dict[CountingChannel, list[Callable[[], None]]] = {}
-
-    def log(self, request: http.Request) -> None:
-        pass
-
-    def getResourceFor(self, request: server.Request) -> Any:
-        shortcut = self.shortcuts.get((request.method, request.path))
-        if shortcut is None:
-            return super().getResourceFor(request)
-        # What Site.getResourceFor sets before traversing (prepath is still empty here).
-        request.site = self
-        request.sitepath = []  # type: ignore[attr-defined]
-        return shortcut
-
-    def connection_opened(self, channel: CountingChannel) -> None:
-        self.channels.add(channel)
-        self.on_open()
-
-    def connection_closed(self, channel: CountingChannel) -> None:
-        self.channels.discard(channel)
-        for waiter in self._closed_waiters.pop(channel, []):
-            waiter()
-        self.on_close()
-
-    def when_closed(self, channel: CountingChannel, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once ``channel`` has closed (its last bytes are sent)."""
-        self._closed_waiters.setdefault(channel, []).append(callback)
-
-    def drain(self) -> None:
-        """Close idle connections now and the others after their next answer."""
-        self.draining = True
-        for channel in list(self.channels):
-            channel.close_when_idle()
 
 
 # ------------------------------------------------------------------ input
@@ -371,27 +190,6 @@ def status_document(task_id: str, record: dict[str, str]) -> dict[str, Any]:
     return document
 
 
-# ------------------------------------------------------------------ output
-
-
-def respond(
-    request: IRequest,
-    status: int,
-    document: dict[str, Any],
-    headers: Headers = (),
-    content_type: str = "application/json",
-) -> bytes:
-    request.setResponseCode(status, HTTPStatus(status).phrase.encode("ascii"))
-    request.setHeader(b"content-type", content_type.encode("ascii"))
-    request.setHeader(b"cache-control", b"no-store")
-    for name, value in headers:
-        request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
-    # With a length, twisted.web sends the body as it is instead of in chunks.
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body
-
-
 class TaskAPI:
     """Routes of one taskserver process. Dependencies are passed in."""
 
@@ -425,11 +223,14 @@ class TaskAPI:
         self._kill_token = kill_token
         self._warnings = WarningThrottle(self.log, clock)
 
+    def resource(self) -> TaskResource:
+        """The root resource of these routes (what a Site, or treq's StubTreq, serves)."""
+        return TaskResource(self)
+
     def site(self, idle_timeout_s: float = 60.0, request_timeout_s: float = 10.0) -> TaskSite:
         """The Site serving these routes; idle connections close after ``idle_timeout_s``."""
         site = TaskSite(
-            self.app.resource(),
-            shortcuts={(b"POST", b"/api/v1/task"): EnqueueResource(self)},
+            self.resource(),
             requestFactory=BoundedRequest,
             timeout=idle_timeout_s,
             # Bodies are JSON, read by the handler: twisted.web's form parsing (which
@@ -441,13 +242,10 @@ class TaskAPI:
         site.noisy = False
         return site
 
-    @app.route("/api/v1/task", methods=["POST"])
-    async def create_task(self, request: BoundedRequest) -> bytes:
-        if request.body_too_large:
-            raise ApiError(
-                413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes"
-            )
-        user_id, payload = parse_task_body(request.getHeader(b"content-type"), request.body())
+    async def create_task(self, request: IRequest) -> bytes:
+        """``POST /api/v1/task`` (answered by TaskResource, not routed by Klein)."""
+        body = read_body(request)
+        user_id, payload = parse_task_body(request.getHeader(b"content-type"), body)
         key = idempotency_key(request.getHeader(b"idempotency-key"))
         task = Task.new(user_id, payload, self._clock.seconds())
         if key is not None:
@@ -606,12 +404,7 @@ class TaskAPI:
         """The answer to a failed request: every failure's status code is chosen here."""
         error = failure.value
         if isinstance(error, ApiError):
-            return respond(
-                request,
-                error.status,
-                {"error": error.code, "message": error.message},
-                error.headers,
-            )
+            return respond(request, error.status, error.document(), error.headers)
         if isinstance(error, RedisUnavailable):
             self._warnings.warn(f"answered 503: {error}")
             return respond(
@@ -641,15 +434,20 @@ class TaskAPI:
         )
 
 
-class EnqueueResource(Resource):
-    """``POST /api/v1/task`` without Klein's router: the route every task comes through.
+#: The path of the route every task comes through.
+ENQUEUE_PATH = b"/api/v1/task"
+
+
+class TaskResource(Resource):
+    """The root resource: ``POST /api/v1/task`` answered here, everything else by Klein.
 
     Klein binds a werkzeug map, matches the path and wraps the handler in
     several Deferreds for every request; skipping that for this route took
-    the benchmark from 0.86 to 1.11 x its floor and p99 from 39 to 13 ms. The same
-    handler and the same error answers as through Klein
-    (:meth:`TaskAPI.create_task`, :meth:`TaskAPI.answer_error`); TaskSite
-    sends only POSTs to exactly this path here, everything else to Klein.
+    the benchmark from 0.86 to 1.11 x its floor and p99 from 39 to 13 ms. A
+    leaf, so twisted.web hands it every request untraversed, which is also
+    what Klein's resource expects of a root; one route, one handler
+    (:meth:`TaskAPI.create_task`), the same error answers
+    (:meth:`TaskAPI.answer_error`).
     """
 
     isLeaf = True
@@ -657,15 +455,21 @@ class EnqueueResource(Resource):
     def __init__(self, api: TaskAPI) -> None:
         super().__init__()
         self._api = api
+        self._klein = api.app.resource()
 
-    def render_POST(self, request: BoundedRequest) -> int:
+    def render(self, request: server.Request) -> Any:
+        if request.path != ENQUEUE_PATH:
+            return self._klein.render(request)
+        if request.method != b"POST":
+            error = MethodNotAllowed(valid_methods=["POST"])
+            return self._api.answer_error(request, Failure(error))
         answer = defer.ensureDeferred(self._api.create_task(request))
         gone = request.notifyFinish()  # fails first if the client goes away
         gone.addErrback(lambda _: answer.cancel())
         answer.addBoth(self._write, request, gone)
         return NOT_DONE_YET
 
-    def _write(self, result: bytes | Failure, request: BoundedRequest, gone: Any) -> None:
+    def _write(self, result: bytes | Failure, request: server.Request, gone: Any) -> None:
         if gone.called:  # the client went away: nobody to answer
             if isinstance(result, Failure) and not result.check(defer.CancelledError):
                 self._api.log.failure("error after the client went away", result)
