@@ -16,7 +16,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
 from conftest import RunningServer, eventually, sleep, unused_port
-from taskserver.api import KILL_FLUSH_TIMEOUT_S, TaskAPI, is_json_media_type, parse_task_body
+from taskserver.api import TaskAPI, is_json_media_type, parse_task_body
 from taskserver.config import RateTier, RedisAddress, parse_rate_limits
 from taskserver.httpserver import MAX_BODY_BYTES, ApiError, CountingChannel, TaskSite
 from taskserver.idempotency import ABANDONED_AFTER_S, IDEMPOTENCY_TTL_S, Claim, fingerprint
@@ -25,6 +25,8 @@ from taskserver.ratelimit import Decision
 from taskserver.redisclient import RedisUnavailable, within
 
 JSON = {"Content-Type": "application/json"}
+#: A deadline generous enough for a loaded machine: it tells a hang from an answer, not speed.
+NEVER_A_HANG_S = 20.0
 
 # ------------------------------------------------------------------ pure validation
 
@@ -409,7 +411,7 @@ async def test_redis_down_gives_503_quickly_and_health_stays_up(
     server = start_server(redis=nowhere, redis_timeout_s=1.0, shutdown_timeout_s=0.2)
     started = reactor.seconds()
     response, document = await post(server, b'{"user_id": "u"}')
-    assert reactor.seconds() - started < 2.0
+    assert reactor.seconds() - started < NEVER_A_HANG_S
     assert response.code == 503
     assert document["error"] == "redis_unavailable"
     assert response.headers.getRawHeaders("Retry-After") == ["2"]
@@ -418,7 +420,7 @@ async def test_redis_down_gives_503_quickly_and_health_stays_up(
 
 
 @pytest_twisted.ensureDeferred
-async def test_redis_that_never_answers_gives_503_within_two_seconds(
+async def test_redis_that_never_answers_gives_503_not_a_hang(
     start_server: Callable[..., RunningServer],
 ) -> None:
     """A server that accepts connections and then says nothing (a hung Redis)."""
@@ -431,7 +433,7 @@ async def test_redis_that_never_answers_gives_503_within_two_seconds(
         started = reactor.seconds()
         response, document = await post(server, b'{"user_id": "u"}')
         assert response.code == 503
-        assert reactor.seconds() - started < 2.0
+        assert reactor.seconds() - started < NEVER_A_HANG_S
         assert document["error"] == "redis_unavailable"
     finally:
         await silent.stopListening()
@@ -474,17 +476,14 @@ async def test_kill_through_a_proxy_on_this_host(
 async def test_kill_answers_then_kills_after_the_answer_is_sent(
     start_server: Callable[..., RunningServer],
 ) -> None:
-    killed: list[float] = []
-    server = start_server(kill=lambda: killed.append(reactor.seconds()))
+    """Over loopback; that the kill follows the close, not the fallback, is tested on a Clock."""
+    killed: list[bool] = []
+    server = start_server(kill=lambda: killed.append(True))
     response = await treq.get(server.url + "/kill")
-    answered = reactor.seconds()
     document = json.loads(await response.content())
     assert response.code == 200
     assert document == {"pid": os.getpid(), "status": "exiting"}
     await eventually(lambda: defer.succeed(killed))
-    assert killed[0] - answered < KILL_FLUSH_TIMEOUT_S / 2, (
-        "killed at the close, not by the fallback"
-    )
 
 
 @pytest.mark.parametrize(
@@ -539,7 +538,7 @@ async def test_kill_closes_the_connection_even_if_the_client_would_keep_it(
     client = Stubborn()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), client)
     client.transport.write(b"GET /kill HTTP/1.1\r\nHost: localhost\r\n\r\n")  # type: ignore[union-attr]
-    await client.closed.addTimeout(KILL_FLUSH_TIMEOUT_S / 2, reactor)
+    await client.closed.addTimeout(NEVER_A_HANG_S, reactor)  # the fallback kill closes nothing
     assert b'"status":"exiting"' in client.received
     assert killed == [True]
 
@@ -584,10 +583,10 @@ async def test_draining_answers_a_connection_whose_first_request_is_still_coming
     await eventually(lambda: defer.succeed(len(server.child.site.channels) == 2))  # type: ignore[union-attr]
 
     server.child.site.drain()  # type: ignore[union-attr]
-    await idle.closed.addTimeout(2, reactor)  # idle keep-alive connection: closed now
+    await idle.closed.addTimeout(NEVER_A_HANG_S, reactor)  # idle keep-alive connection: closed
     assert not fresh.closed.called, "a connection that has not sent its request yet stays open"
     fresh.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    await fresh.closed.addTimeout(2, reactor)
+    await fresh.closed.addTimeout(NEVER_A_HANG_S, reactor)
     assert fresh.received.startswith(b"HTTP/1.1 200 OK")
     assert b"Connection: close" in fresh.received
 
@@ -610,23 +609,27 @@ async def test_scripts_are_reloaded_after_the_script_cache_is_flushed(
 async def test_a_paused_redis_gives_bounded_503s_not_a_pile_up(
     server: RunningServer, redis: Any
 ) -> None:
-    """CLIENT PAUSE (or DEBUG SLEEP): every request answers 503 within 2 s, then all is well."""
-    await redis.execute_command("CLIENT", "PAUSE", "2500", "ALL")
-    started = reactor.seconds()
-    answers = await defer.gatherResults(
-        [
-            defer.Deferred.fromCoroutine(post(server, f'{{"user_id": "p{n}"}}'.encode()))
-            for n in range(30)
-        ]
-    )
+    """CLIENT PAUSE until told: every request answers 503, then all is well after UNPAUSE.
+
+    The deadline's timing is tested on a Clock (test_a_deadline_is_a_deadline).
+    """
+    await redis.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
+    try:
+        answers = await defer.gatherResults(
+            [
+                defer.Deferred.fromCoroutine(post(server, f'{{"user_id": "p{n}"}}'.encode()))
+                for n in range(30)
+            ]
+        )
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
     assert [response.code for response, _ in answers] == [503] * 30
-    assert reactor.seconds() - started < 2.0
 
     async def accepted() -> bool:
         response, _ = await post(server, f'{{"user_id": "later-{reactor.seconds()}"}}'.encode())
         return response.code == 202
 
-    await eventually(accepted, timeout=6.0)
+    await eventually(accepted, timeout=NEVER_A_HANG_S)
 
 
 # ------------------------------------------------------------------ Idempotency-Key
@@ -742,7 +745,7 @@ async def test_an_idle_keep_alive_connection_is_closed(
     server = start_server(idle_timeout_s=1.0)
     client = await RawClient().connect(server.port)
     client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    await client.closed.addTimeout(3, reactor)
+    await client.closed.addTimeout(NEVER_A_HANG_S, reactor)
     assert client.received.startswith(b"HTTP/1.1 200 OK")
 
 
@@ -783,39 +786,45 @@ async def test_the_per_address_tier_stops_a_client_rotating_user_ids(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_that_hangs_up_mid_request_leaves_no_error_behind(
-    server: RunningServer, redis: Any
+async def test_a_client_that_hangs_up_while_redis_is_paused_leaves_no_error_behind(
+    start_server: Callable[..., RunningServer], redis: Any, keys: Any
 ) -> None:
+    """The hang-up is seen while the admission waits in a paused Redis (checked, not hoped)."""
     from twisted.logger import globalLogPublisher
 
+    server = start_server(redis_timeout_s=NEVER_A_HANG_S)  # no deadline fires meanwhile
+    assert (await post(server, b'{"user_id": "warm-up"}'))[0].code == 202
+    statuses = keys.status_prefix + "*"
     failures: list[Any] = []
 
     def observe(event: dict[str, Any]) -> None:
         if "log_failure" in event or event.get("isError"):
             failures.append(event)
 
+    site = server.child.site
+    assert site is not None
     globalLogPublisher.addObserver(observe)
+    await redis.execute_command("CLIENT", "PAUSE", "60000", "WRITE")  # ended below, not by time
     try:
-        await redis.execute_command("CLIENT", "PAUSE", "400", "ALL")
         client = await RawClient().connect(server.port)
         client.send(
             b"POST /api/v1/task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b'Content-Length: 17\r\n\r\n{"user_id": "hu"}'
         )
-        site = server.child.site
-        assert site is not None
-
-        def handled() -> defer.Deferred[bool]:  # the request now waits on the paused Redis
-            return defer.succeed(any(channel.busy for channel in site.channels))
-
-        await eventually(handled)
-        client.protocol.transport.loseConnection()  # type: ignore[union-attr]
-        await client.closed
-        await eventually(
-            lambda: treq.get(server.url + "/readyz").addCallback(lambda r: r.code == 200)
+        waiting = await eventually(
+            lambda: defer.succeed([channel for channel in site.channels if channel.busy])
         )
+        client.protocol.transport.loseConnection()  # type: ignore[union-attr]
+        await eventually(lambda: defer.succeed(waiting[0] not in site.channels))  # seen
+        info = await redis.execute_command("INFO", "clients")
+        assert "paused_actions:write" in info, "Redis was still paused at the hang-up"
+        assert len(await redis.keys(statuses)) == 1, "the admission had not run yet"
     finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
         globalLogPublisher.removeObserver(observe)
+    # It had been sent (an item withdrawn before its send never runs): it runs now.
+    await eventually(lambda: redis.keys(statuses).addCallback(lambda found: len(found) == 2))
+    assert (await treq.get(server.url + "/readyz")).code == 200
     assert failures == []
 
 
