@@ -211,7 +211,8 @@ class TaskAPI:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
         ``ip_limiter`` is the optional per-client-address backstop tier; the
-        address comes from X-Forwarded-For only when the peer is a trusted proxy.
+        address comes from a forwarding header only when the peer is a trusted proxy
+        (:mod:`taskserver.clientip`, which also decides what a loopback request is).
         """
         self._ip_limiter = ip_limiter
         self._trusted_proxies = tuple(trusted_proxies)

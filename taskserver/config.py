@@ -311,7 +311,7 @@ OPTIONS: tuple[Option, ...] = (
         "trusted_proxy",
         "TRUSTED_PROXY",
         "",
-        "proxies (addresses or networks, comma-separated) whose X-Forwarded-For is believed",
+        "proxies (addresses or networks, comma-separated) whose forwarding headers are believed",
         _networks,
     ),
     Option("kill_token", "KILL_TOKEN", "", "bearer token required by GET /kill", _optional_text),
