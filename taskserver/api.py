@@ -335,6 +335,10 @@ class TaskAPI:
         turn's batch went out (the Coalescer withdraws only items not yet
         sent). Such a claim stays: a retry finds the task if it exists, and
         takes the key over once the claim is abandoned (ABANDONED_AFTER_S).
+        A failed per-address check comes before the admission and is sure
+        too, but it means Redis is failing: a release would most likely fail
+        as well and hold the 503 up by another deadline, so the take-over
+        frees that key too.
         """
         try:
             await self._idempotency.release(user_id, key)
