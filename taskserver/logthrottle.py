@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_web -*-
+# -*- test-case-name: tests.test_logthrottle -*-
 """Identical warnings, written once per window instead of once per request.
 
 During a Redis outage every request fails the same way; a line per request

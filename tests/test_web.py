@@ -11,7 +11,6 @@ from typing import Any, cast
 import pytest
 import pytest_twisted
 import treq
-import txredisapi
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
@@ -20,9 +19,8 @@ from taskserver.api import TaskAPI, is_json_media_type, parse_task_body
 from taskserver.config import RateTier, RedisAddress, parse_rate_limits
 from taskserver.httpserver import MAX_BODY_BYTES, ApiError, CountingChannel, TaskSite
 from taskserver.idempotency import ABANDONED_AFTER_S, IDEMPOTENCY_TTL_S, Claim, fingerprint
-from taskserver.logthrottle import WarningThrottle
 from taskserver.ratelimit import Decision
-from taskserver.redisclient import RedisUnavailable, within
+from taskserver.redisclient import RedisUnavailable
 
 JSON = {"Content-Type": "application/json"}
 #: A deadline generous enough for a loaded machine: it tells a hang from an answer, not speed.
@@ -923,75 +921,6 @@ async def test_a_key_is_kept_when_the_script_may_have_run(
 
 
 # ------------------------------------------------------------------ logs a person can read
-
-
-def throttle_on_a_clock() -> tuple[WarningThrottle, Clock, list[str]]:
-    from twisted.logger import Logger, formatEvent
-
-    clock, lines = Clock(), []
-    log = Logger(observer=lambda event: lines.append(formatEvent(event)))
-    return WarningThrottle(log, clock, window_s=10.0), clock, lines
-
-
-def test_repeated_warnings_are_summarised_once_per_window() -> None:
-    throttle, clock, lines = throttle_on_a_clock()
-    for _ in range(500):
-        throttle.warn("Redis did not answer within 1.0 s")
-    throttle.warn("something else")
-    assert lines == ["Redis did not answer within 1.0 s", "something else"]
-    clock.advance(9.9)
-    throttle.warn("Redis did not answer within 1.0 s")
-    assert len(lines) == 2, "still counting"
-    clock.advance(0.1)
-    assert lines[2:] == ["Redis did not answer within 1.0 s (500 more in the last 10 s)"]
-    throttle.warn("Redis did not answer within 1.0 s")
-    clock.advance(10)
-    assert lines[3:] == ["Redis did not answer within 1.0 s (1 more in the last 10 s)"]
-    clock.advance(10)  # a quiet window: the warning is forgotten
-    assert len(lines) == 4 and not clock.getDelayedCalls()
-    throttle.warn("Redis did not answer within 1.0 s")
-    assert lines[4:] == ["Redis did not answer within 1.0 s"], "new again: written at once"
-
-
-@pytest.mark.parametrize(
-    ("error", "text"),
-    [
-        (defer.TimeoutError(1.0, "Deferred"), "Redis did not answer within 1.0 s"),
-        (
-            txredisapi.TimeoutError("Not received Redis response in 1.0 seconds"),
-            "Redis did not answer within 1.0 s",
-        ),
-        (
-            txredisapi.ConnectionError("Lost connection"),
-            "no working connection to Redis (Lost connection)",
-        ),
-        (
-            txredisapi.ResponseError("OOM command not allowed"),
-            "Redis cannot serve now: OOM command not allowed",
-        ),
-    ],
-)
-def test_redis_failures_are_said_in_words(error: Exception, text: str) -> None:
-    clock = Clock()
-    d: defer.Deferred[None] = defer.Deferred()
-    waiting = defer.ensureDeferred(within(d, 1.0, clock))
-    d.errback(error)
-    failure = waiting.result
-    waiting.addErrback(lambda _: None)
-    assert isinstance(failure.value, RedisUnavailable)
-    assert str(failure.value) == text
-
-
-def test_a_deadline_is_a_deadline() -> None:
-    """No answer within the time: RedisUnavailable at that time, not later (Clock, not a wall)."""
-    clock = Clock()
-    waiting = defer.ensureDeferred(within(defer.Deferred(), 1.0, clock))
-    clock.advance(0.999)
-    assert not waiting.called
-    clock.advance(0.001)
-    failure = waiting.result
-    waiting.addErrback(lambda _: None)
-    assert str(failure.value) == "Redis did not answer within 1.0 s"
 
 
 @pytest_twisted.ensureDeferred
