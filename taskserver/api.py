@@ -214,7 +214,8 @@ class TaskAPI:
         address comes from a forwarding header only when the peer is a trusted proxy
         (:mod:`taskserver.clientip`, which also decides what a loopback request is).
         """
-        self._ip_limiter = ip_limiter
+        #: None unless it has tiers: the request path then does not even call it.
+        self._ip_limiter = ip_limiter if ip_limiter is not None and ip_limiter.active else None
         self._trusted_proxies = tuple(trusted_proxies)
         self._limiter = limiter
         self._queue = queue
@@ -257,10 +258,10 @@ class TaskAPI:
                 if replayed is not None:
                     return replayed  # charged to no tier
                 # The request that claimed the key died before its task existed: ours replaces it.
-        by_address = await self._check_address(request)
-        if by_address is not None and not by_address.allowed:
-            decision = by_address
-        else:
+        decision: Decision | None = None
+        if self._ip_limiter is not None:  # the per-address tier first (charged if it admits)
+            decision = await self._ip_limiter.check(self._client_address(request))
+        if decision is None or decision.allowed:
             # No release on failure: the script may have run (see _release).
             decision = await self._limiter.admit(task, self._queue)
         headers = decision.headers(self._clock.seconds())
@@ -283,14 +284,11 @@ class TaskAPI:
             headers,
         )
 
-    async def _check_address(self, request: IRequest) -> Decision | None:
-        """The per-address tier's decision (charged if it admits); None when there is none."""
-        if self._ip_limiter is None or not self._ip_limiter.active:
-            return None
-        address = client_address(
+    def _client_address(self, request: IRequest) -> str:
+        """The address the per-address tier counts (forwarding headers from trusted proxies)."""
+        return client_address(
             _peer_host(request), request.requestHeaders.getRawHeaders, self._trusted_proxies
         )
-        return await self._ip_limiter.check(address)
 
     async def _replay(
         self, request: IRequest, user_id: str, key: str, claim: Claim, earlier: Claim
