@@ -24,9 +24,9 @@ from twisted.internet import reactor
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from taskserver.balance import BalancedPort, Scoreboard, Seat
+from taskserver.httpserver import TaskSite
 from taskserver.listener import bind_listener
 from taskserver.supervisor import Supervisor
-from taskserver.web import TaskSite
 
 QUEUE = "floor:queue"
 

@@ -27,11 +27,13 @@ from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 
+from taskserver.api import TaskAPI
 from taskserver.balance import BEAT_EVERY_S, BalancedPort, Scoreboard, Seat
 from taskserver.clientip import parse_networks
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
+from taskserver.httpserver import TaskSite
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
 from taskserver.lifeline import ParentWatch, detach_from_parent_session
@@ -44,10 +46,9 @@ from taskserver.protocol import (
     task_record,
 )
 from taskserver.queue import TaskQueue
-from taskserver.ratelimit import RateLimiter
+from taskserver.ratelimit import RateLimiter, RatePolicy
 from taskserver.redisclient import RedisLinkWatch, connect, without_reconnect_attempts
 from taskserver.tasklog import TaskLog
-from taskserver.web import TaskAPI, TaskSite
 
 #: Connections for request-path commands (pipelined; blocking pops have their own pool).
 API_POOL_SIZE = 4
@@ -110,7 +111,7 @@ class ChildService(Service):
             settings.max_attempts,
             settings.dead_letter_max,
         )
-        limiter = RateLimiter(api, keys, settings.rate_limits, settings.redis_timeout_s, reactor)
+        limiter = RatePolicy(keys, settings.rate_limits)  # admitted by the queue's one call
         kill = None if settings.disable_kill else self._kill
         idempotency = IdempotencyKeys(api, keys, settings.redis_timeout_s, reactor)
         ip_limiter = RateLimiter(

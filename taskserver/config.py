@@ -340,7 +340,7 @@ OPTIONS: tuple[Option, ...] = (
         "trusted_proxy",
         "TRUSTED_PROXY",
         "",
-        "proxies (addresses or networks, comma-separated) whose X-Forwarded-For is believed",
+        "proxies (addresses or networks, comma-separated) whose forwarding headers are believed",
         _networks,
         field="trusted_proxies",
     ),

@@ -177,6 +177,15 @@ def is_unavailable(error: BaseException) -> bool:
     return False
 
 
+def describe(error: BaseException, seconds: float) -> str:
+    """What went wrong, in words an operator reads in a log (not ``(1.0, 'Deferred')``)."""
+    if isinstance(error, defer.TimeoutError | txredisapi.TimeoutError):
+        return f"Redis did not answer within {float(seconds)} s"
+    if isinstance(error, txredisapi.ConnectionError):
+        return f"no working connection to Redis ({str(error) or type(error).__name__})"
+    return f"Redis cannot serve now: {error}"
+
+
 async def within(d: defer.Deferred[T], seconds: float, clock: IReactorTime) -> T:
     """Await ``d`` for at most ``seconds``; unavailability becomes RedisUnavailable."""
     d.addTimeout(seconds, clock)
@@ -184,5 +193,5 @@ async def within(d: defer.Deferred[T], seconds: float, clock: IReactorTime) -> T
         return await d
     except Exception as e:
         if is_unavailable(e):
-            raise RedisUnavailable(str(e) or type(e).__name__) from e
+            raise RedisUnavailable(describe(e, seconds)) from e
         raise

@@ -1,12 +1,27 @@
-"""Client addresses: X-Forwarded-For is believed only from trusted proxies."""
+"""Client addresses and loopback requests: forwarding headers count only from trusted proxies."""
 
 from __future__ import annotations
 
 import pytest
 
-from taskserver.clientip import client_address, parse_networks
+from taskserver.clientip import (
+    HeaderLookup,
+    client_address,
+    hops,
+    is_loopback,
+    is_loopback_request,
+    parse_address,
+    parse_networks,
+)
 
 PROXIES = parse_networks("10.0.0.1, 192.168.0.0/16")
+LOCAL_PROXY = parse_networks("127.0.0.1")
+
+
+def headers(**values: str) -> HeaderLookup:
+    """A header lookup like ``Headers.getRawHeaders``: ``x_real_ip="1.2.3.4"``."""
+    raw = {name.replace("_", "-").encode(): [value.encode()] for name, value in values.items()}
+    return raw.get
 
 
 @pytest.mark.parametrize(
@@ -22,10 +37,93 @@ PROXIES = parse_networks("10.0.0.1, 192.168.0.0/16")
         ("::ffff:10.0.0.1", [b"1.2.3.4"], "1.2.3.4"),
         ("10.0.0.1", [b"garbage, 1.2.3.4"], "1.2.3.4"),
         ("10.0.0.1", [b"1.2.3.4, garbage"], "garbage"),  # an untrusted hop, even if odd
+        ("10.0.0.1", [b"1.2.3.4:5678, [2001:db8::1]:80"], "2001:db8::1"),  # with ports
     ],
 )
-def test_client_address(peer: str, forwarded: list[bytes] | None, client: str) -> None:
-    assert client_address(peer, forwarded, PROXIES) == client
+def test_client_address_from_x_forwarded_for(
+    peer: str, forwarded: list[bytes] | None, client: str
+) -> None:
+    raw = {} if forwarded is None else {b"x-forwarded-for": forwarded}
+    assert client_address(peer, raw.get, PROXIES) == client
+
+
+@pytest.mark.parametrize(
+    ("value", "chain"),
+    [
+        ("for=192.0.2.60;proto=http;by=203.0.113.43", ["192.0.2.60"]),
+        ('for="[2001:db8:cafe::17]:4711"', ["2001:db8:cafe::17"]),
+        ('For="192.0.2.43:47011", for=198.51.100.17', ["192.0.2.43", "198.51.100.17"]),
+        ("for=unknown, for=_hidden", ["unknown", "_hidden"]),
+        ('proto=https;host="a,b", for=1.2.3.4', ["unknown", "1.2.3.4"]),  # no for=; quoted comma
+    ],
+)
+def test_forwarded_header_hops(value: str, chain: list[str]) -> None:
+    assert hops(b"forwarded", [value.encode()]) == chain
+
+
+@pytest.mark.parametrize(
+    ("request_headers", "client"),
+    [
+        (headers(forwarded="for=1.2.3.4"), "1.2.3.4"),
+        (headers(x_real_ip="1.2.3.4"), "1.2.3.4"),
+        (headers(x_forwarded_for="5.5.5.5", forwarded="for=6.6.6.6"), "5.5.5.5"),  # XFF first
+        (headers(forwarded="for=6.6.6.6", x_real_ip="7.7.7.7"), "6.6.6.6"),
+    ],
+)
+def test_client_address_from_the_other_headers(request_headers: HeaderLookup, client: str) -> None:
+    assert client_address("10.0.0.1", request_headers, PROXIES) == client
+    assert client_address("203.0.113.9", request_headers, PROXIES) == "203.0.113.9"
+
+
+@pytest.mark.parametrize(
+    ("text", "loopback"),
+    [("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("::ffff:127.0.0.1", True),
+     ("::FFFF:127.0.0.1", True), ("[::1]:8000", True), ("10.0.0.1", False),
+     ("192.168.1.5", False), ("::ffff:10.0.0.1", False), ("", False), ("localhost", False)],
+)  # fmt: skip
+def test_loopback_detection(text: str, loopback: bool) -> None:
+    assert is_loopback(text) is loopback
+
+
+def test_ipv4_mapped_addresses_are_one_client() -> None:
+    assert parse_address("::ffff:192.0.2.1") == parse_address("192.0.2.1")
+    assert client_address("::ffff:203.0.113.9", headers(), PROXIES) == "203.0.113.9"
+
+
+@pytest.mark.parametrize(
+    ("peer", "request_headers", "proxies", "loopback"),
+    [
+        ("127.0.0.1", headers(), (), True),
+        ("::ffff:127.0.0.1", headers(), (), True),
+        ("203.0.113.9", headers(), (), False),
+        # A proxy on this host, not trusted: whatever it forwards, not a loopback request.
+        ("127.0.0.1", headers(x_forwarded_for="203.0.113.9"), (), False),
+        ("127.0.0.1", headers(forwarded="for=203.0.113.9"), (), False),
+        ("127.0.0.1", headers(x_real_ip="203.0.113.9"), (), False),
+        ("127.0.0.1", headers(x_forwarded_for="127.0.0.1"), (), False),
+        ("127.0.0.1", headers(x_forwarded_for=""), (), False),
+        # A trusted proxy on this host: loopback only if it forwards for a loopback client.
+        ("127.0.0.1", headers(x_forwarded_for="127.0.0.1"), LOCAL_PROXY, True),
+        ("127.0.0.1", headers(forwarded='for="[::1]:5000"'), LOCAL_PROXY, True),
+        ("127.0.0.1", headers(x_forwarded_for="203.0.113.9"), LOCAL_PROXY, False),
+        ("127.0.0.1", headers(x_forwarded_for="127.0.0.1, 203.0.113.9"), LOCAL_PROXY, False),
+        ("127.0.0.1", headers(forwarded="for=203.0.113.9"), LOCAL_PROXY, False),
+        ("127.0.0.1", headers(x_real_ip="203.0.113.9"), LOCAL_PROXY, False),
+        ("127.0.0.1", headers(forwarded="for=unknown"), LOCAL_PROXY, False),
+        # Every header must name a loopback client, not only the one believed first.
+        (
+            "127.0.0.1",
+            headers(x_forwarded_for="127.0.0.1", forwarded="for=203.0.113.9"),
+            LOCAL_PROXY,
+            False,
+        ),
+        ("10.0.0.1", headers(x_forwarded_for="127.0.0.1"), PROXIES, False),  # peer not local
+    ],
+)
+def test_loopback_requests(
+    peer: str, request_headers: HeaderLookup, proxies: tuple, loopback: bool
+) -> None:
+    assert is_loopback_request(peer, request_headers, proxies) is loopback
 
 
 def test_bad_proxy_setting() -> None:

@@ -1,22 +1,23 @@
 # -*- test-case-name: tests.test_web -*-
-"""The HTTP API (Klein): enqueue tasks, read their status, health checks.
+"""The HTTP API: its routes, what a valid request is, and the answer to every failure.
 
 Every answer is JSON, errors included (``{"error": code, "message": text}``);
 the mapping from failures to status codes lives in
-:meth:`TaskAPI.answer_error`, nowhere else.
+:meth:`TaskAPI.answer_error`, nowhere else. ``POST /api/v1/task``, the route
+every task comes through, is answered by :class:`TaskResource` itself;
+Klein routes the rest. The transport (site, connections, bounded bodies)
+is :mod:`taskserver.httpserver`.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import math
 import os
+import sys
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from http import HTTPStatus
-from io import BytesIO
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from klein import Klein
@@ -24,20 +25,28 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from taskserver.clientip import Network, client_address
+from taskserver.clientip import Network, client_address, is_loopback_request
+from taskserver.httpserver import (
+    ApiError,
+    BoundedRequest,
+    CountingChannel,
+    TaskSite,
+    read_body,
+    respond,
+)
 from taskserver.idempotency import VALID_KEY, Claim, IdempotencyKeys, fingerprint
+from taskserver.logthrottle import WarningThrottle
 from taskserver.queue import TaskQueue
-from taskserver.ratelimit import RateLimiter
+from taskserver.ratelimit import Decision, RateLimiter, RatePolicy
 from taskserver.redisclient import RedisUnavailable
 from taskserver.task import TASK_ID, Task
 
-MAX_BODY_BYTES = 64 * 1024
 USER_ID_MAX_CHARS = 128
 #: Retry-After sent with 503 while Redis is unreachable.
 UNAVAILABLE_RETRY_AFTER_S = 2
@@ -45,205 +54,13 @@ UNAVAILABLE_RETRY_AFTER_S = 2
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 _ALLOWED_FIELDS = frozenset({"user_id", "payload"})
 
-Headers = Iterable[tuple[str, str]]
 #: /kill waits for its answer to be sent, but not longer than this.
 KILL_FLUSH_TIMEOUT_S = 1.0
 
 
-def is_loopback(address: Any) -> bool:
-    host = getattr(address, "host", "")
-    try:
-        return ipaddress.ip_address(host.removeprefix("::ffff:")).is_loopback
-    except ValueError:
-        return False
-
-
-class ApiError(Exception):
-    """An error answer: status, machine-readable code, human-readable message."""
-
-    def __init__(self, status: int, code: str, message: str, headers: Headers = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = list(headers)
-
-
-class BoundedRequest(server.Request):
-    """A request that stops buffering its body past MAX_BODY_BYTES.
-
-    twisted.web reads the whole body before the resource runs; this keeps
-    the bytes it stores bounded and lets the handler answer 413.
-    """
-
-    body_too_large = False
-    _body_bytes = 0
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > MAX_BODY_BYTES:
-            self.body_too_large = True
-            length = 0
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
-            return
-        self._body_bytes += len(data)
-        if self._body_bytes > MAX_BODY_BYTES:
-            self.body_too_large = True
-            self.content = BytesIO()  # type: ignore[assignment]  # drop what was kept
-            return
-        super().handleContentChunk(data)
-
-    def body(self) -> bytes:
-        """The request body (empty once it was found too large)."""
-        return self.content.read()  # type: ignore[attr-defined]
-
-
-class CountingChannel(http.HTTPChannel):
-    """An HTTP/1.1 connection that tells its site when it opens and closes, and can drain.
-
-    A connection is idle only between requests: it has answered at least one
-    and received nothing since. A brand-new connection is not idle (its first
-    request may be on the way); while draining, it gets that request answered
-    with ``Connection: close``.
-    """
-
-    site: TaskSite
-    _served = 0
-    _bytes_since_answer = 0
-    _read_deadline: Any = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.site.connection_opened(self)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._cancel_read_deadline()
-        super().connectionLost(reason)
-        self.site.connection_closed(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self._bytes_since_answer += len(data)
-        if self._read_deadline is None and not self._handlingRequest:
-            self._read_deadline = self.callLater(self.site.request_timeout_s, self._too_slow)
-        super().dataReceived(data)
-
-    def allContentReceived(self) -> None:
-        self._cancel_read_deadline()
-        super().allContentReceived()
-
-    def _cancel_read_deadline(self) -> None:
-        if self._read_deadline is not None and self._read_deadline.active():
-            self._read_deadline.cancel()
-        self._read_deadline = None
-
-    def _too_slow(self) -> None:
-        """The request did not arrive in time (a slow or stuck client): 408, then close."""
-        self._read_deadline = None
-        self._answer_and_close(408, "request_timeout", "the request took too long to arrive")
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        """Not HTTP we can parse (twisted.web answers a bare 400): a JSON 400, then close."""
-        self._answer_and_close(400, "bad_request", "malformed HTTP request")
-
-    def _answer_and_close(self, status: int, code: str, message: str) -> None:
-        """An error answer written directly: there is no Request to answer through."""
-        body = json.dumps({"error": code, "message": message}).encode()
-        phrase = HTTPStatus(status).phrase.encode("ascii")
-        self.transport.write(  # type: ignore[union-attr]
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body)
-        )
-        self.loseConnection()
-
-    def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()
-        if self.site.draining:
-            self.persistent = False
-            self.requests[-1].setHeader(b"connection", b"close")
-
-    def requestDone(self, request: http.Request) -> None:
-        self._served += 1
-        self._bytes_since_answer = 0
-        super().requestDone(request)
-
-    @property
-    def busy(self) -> bool:
-        """A whole request has arrived and its answer is not finished."""
-        return bool(self._handlingRequest)
-
-    def close_when_idle(self) -> None:
-        """Close now if idle, else right after the next answer.
-
-        Only a request being handled may be marked here: twisted.web drops
-        a request that *arrives* on a non-persistent connection. Requests
-        still arriving are marked by allHeadersReceived (the site drains).
-        """
-        if self._served and not self.busy and not self._bytes_since_answer:
-            self.loseConnection()
-        elif self.busy:
-            self.persistent = False
-            for request in self.requests:
-                if not request.startedWriting:
-                    request.setHeader(b"connection", b"close")
-
-
-class TaskSite(server.Site):
-    """The Site of one process: tracks its connections, so it can drain and be balanced.
-
-    No per-request access-log lines: they would cost more than the request.
-    """
-
-    protocol = CountingChannel  # type: ignore[assignment]  # HTTP/1.1 only, no wrapper
-
-    def __init__(
-        self,
-        resource: Any,
-        shortcuts: Mapping[tuple[bytes, bytes], Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """``shortcuts``: resources for exact ``(method, path)`` pairs, found without traversal."""
-        super().__init__(resource, **kwargs)
-        self.shortcuts = dict(shortcuts or {})
-        self.channels: set[CountingChannel] = set()
-        self.draining = False
-        self.request_timeout_s = 10.0
-        self.on_open: Callable[[], None] = lambda: None
-        self.on_close: Callable[[], None] = lambda: None
-        self._closed_waiters: dict[CountingChannel, list[Callable[[], None]]] = {}
-
-    def log(self, request: http.Request) -> None:
-        pass
-
-    def getResourceFor(self, request: server.Request) -> Any:
-        shortcut = self.shortcuts.get((request.method, request.path))
-        if shortcut is None:
-            return super().getResourceFor(request)
-        # What Site.getResourceFor sets before traversing (prepath is still empty here).
-        request.site = self
-        request.sitepath = []  # type: ignore[attr-defined]
-        return shortcut
-
-    def connection_opened(self, channel: CountingChannel) -> None:
-        self.channels.add(channel)
-        self.on_open()
-
-    def connection_closed(self, channel: CountingChannel) -> None:
-        self.channels.discard(channel)
-        for waiter in self._closed_waiters.pop(channel, []):
-            waiter()
-        self.on_close()
-
-    def when_closed(self, channel: CountingChannel, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once ``channel`` has closed (its last bytes are sent)."""
-        self._closed_waiters.setdefault(channel, []).append(callback)
-
-    def drain(self) -> None:
-        """Close idle connections now and the others after their next answer."""
-        self.draining = True
-        for channel in list(self.channels):
-            channel.close_when_idle()
+def _peer_host(request: IRequest) -> str:
+    """The socket peer's address ("" for a peer without one, such as a UNIX socket)."""
+    return str(getattr(request.getClientAddress(), "host", ""))
 
 
 # ------------------------------------------------------------------ input
@@ -260,6 +77,24 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: The largest magnitude a double holds (about 1.8e308): what any JSON reader can represent.
+_LARGEST_DOUBLE_INT = int(sys.float_info.max)
+#: Integers with fewer digits than this are below it, and need no comparison.
+_SAFE_DIGITS = len(str(_LARGEST_DOUBLE_INT))
+
+
+def _bounded_int(text: str) -> int:
+    """Integers are kept exactly (12345678901234567890 stays itself), up to what a double holds.
+
+    Beyond that no reader that parses numbers as doubles can represent the
+    value at all; such a task could never be handled as it was sent.
+    """
+    value = int(text)
+    if len(text) >= _SAFE_DIGITS and abs(value) > _LARGEST_DOUBLE_INT:
+        raise ValueError(f"number {text[:20]}... is too large (beyond what a double holds)")
+    return value
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -273,6 +108,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _STRICT_JSON = json.JSONDecoder(
     parse_constant=_reject_constant,
     parse_float=_finite_float,
+    parse_int=_bounded_int,
     object_pairs_hook=_no_duplicate_keys,
 )
 
@@ -354,27 +190,6 @@ def status_document(task_id: str, record: dict[str, str]) -> dict[str, Any]:
     return document
 
 
-# ------------------------------------------------------------------ output
-
-
-def respond(
-    request: IRequest,
-    status: int,
-    document: dict[str, Any],
-    headers: Headers = (),
-    content_type: str = "application/json",
-) -> bytes:
-    request.setResponseCode(status, HTTPStatus(status).phrase.encode("ascii"))
-    request.setHeader(b"content-type", content_type.encode("ascii"))
-    request.setHeader(b"cache-control", b"no-store")
-    for name, value in headers:
-        request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
-    # With a length, twisted.web sends the body as it is instead of in chunks.
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body
-
-
 class TaskAPI:
     """Routes of one taskserver process. Dependencies are passed in."""
 
@@ -383,7 +198,7 @@ class TaskAPI:
 
     def __init__(
         self,
-        limiter: RateLimiter,
+        limiter: RatePolicy,
         queue: TaskQueue,
         idempotency: IdempotencyKeys,
         clock: IReactorTime,
@@ -396,9 +211,11 @@ class TaskAPI:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
         ``ip_limiter`` is the optional per-client-address backstop tier; the
-        address comes from X-Forwarded-For only when the peer is a trusted proxy.
+        address comes from a forwarding header only when the peer is a trusted proxy
+        (:mod:`taskserver.clientip`, which also decides what a loopback request is).
         """
-        self._ip_limiter = ip_limiter
+        #: None unless it has tiers: the request path then does not even call it.
+        self._ip_limiter = ip_limiter if ip_limiter is not None and ip_limiter.active else None
         self._trusted_proxies = tuple(trusted_proxies)
         self._limiter = limiter
         self._queue = queue
@@ -406,12 +223,16 @@ class TaskAPI:
         self._clock = clock
         self._kill = kill
         self._kill_token = kill_token
+        self._warnings = WarningThrottle(self.log, clock)
+
+    def resource(self) -> TaskResource:
+        """The root resource of these routes (what a Site, or treq's StubTreq, serves)."""
+        return TaskResource(self)
 
     def site(self, idle_timeout_s: float = 60.0, request_timeout_s: float = 10.0) -> TaskSite:
         """The Site serving these routes; idle connections close after ``idle_timeout_s``."""
         site = TaskSite(
-            self.app.resource(),
-            shortcuts={(b"POST", b"/api/v1/task"): EnqueueResource(self)},
+            self.resource(),
             requestFactory=BoundedRequest,
             timeout=idle_timeout_s,
             # Bodies are JSON, read by the handler: twisted.web's form parsing (which
@@ -423,29 +244,11 @@ class TaskAPI:
         site.noisy = False
         return site
 
-    @app.route("/api/v1/task", methods=["POST"])
-    async def create_task(self, request: BoundedRequest) -> bytes:
-        if request.body_too_large:
-            raise ApiError(
-                413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes"
-            )
-        user_id, payload = parse_task_body(request.getHeader(b"content-type"), request.body())
+    async def create_task(self, request: IRequest) -> bytes:
+        """``POST /api/v1/task`` (answered by TaskResource, not routed by Klein)."""
+        body = read_body(request)
+        user_id, payload = parse_task_body(request.getHeader(b"content-type"), body)
         key = idempotency_key(request.getHeader(b"idempotency-key"))
-        if self._ip_limiter is not None and self._ip_limiter.active:
-            address = client_address(
-                request.getClientAddress().host,
-                request.requestHeaders.getRawHeaders(b"x-forwarded-for"),
-                self._trusted_proxies,
-            )
-            by_address = await self._ip_limiter.check(address)
-            if not by_address.allowed:
-                return respond(
-                    request,
-                    429,
-                    by_address.problem(),
-                    by_address.headers(self._clock.seconds()),
-                    content_type="application/problem+json",
-                )
         task = Task.new(user_id, payload, self._clock.seconds())
         if key is not None:
             claim = Claim(task.id, fingerprint(user_id, payload), task.queued_at)
@@ -453,15 +256,15 @@ class TaskAPI:
             if earlier is not None:
                 replayed = await self._replay(request, user_id, key, claim, earlier)
                 if replayed is not None:
-                    return replayed
+                    return replayed  # charged to no tier
                 # The request that claimed the key died before its task existed: ours replaces it.
-        try:
+        decision: Decision | None = None
+        if self._ip_limiter is not None:  # the per-address tier first (charged if it admits)
+            decision = await self._ip_limiter.check(self._client_address(request))
+        if decision is None or decision.allowed:
+            # No release on failure: the script may have run (see _release).
             decision = await self._queue.admit(task, self._limiter)
-            headers = decision.headers(self._clock.seconds())
-        except Exception:
-            if key is not None:
-                await self._release(user_id, key)
-            raise
+        headers = decision.headers(self._clock.seconds())
         if not decision.allowed:
             if key is not None:
                 await self._release(user_id, key)
@@ -479,6 +282,12 @@ class TaskAPI:
                 "queued_at": task.queued_at,
             },
             headers,
+        )
+
+    def _client_address(self, request: IRequest) -> str:
+        """The address the per-address tier counts (forwarding headers from trusted proxies)."""
+        return client_address(
+            _peer_host(request), request.requestHeaders.getRawHeaders, self._trusted_proxies
         )
 
     async def _replay(
@@ -515,10 +324,24 @@ class TaskAPI:
         )
 
     async def _release(self, user_id: str, key: str) -> None:
+        """Give up the key of a request whose admission surely did not happen: a 429.
+
+        Nothing else is sure. A deadline (RedisUnavailable) fires both while
+        txredisapi waits for a connection (never written) and after it wrote
+        the script (which may have run); a lost connection fails replies in
+        flight; a client that hangs up (CancelledError) may do so after the
+        turn's batch went out (the Coalescer withdraws only items not yet
+        sent). Such a claim stays: a retry finds the task if it exists, and
+        takes the key over once the claim is abandoned (ABANDONED_AFTER_S).
+        A failed per-address check comes before the admission and is sure
+        too, but it means Redis is failing: a release would most likely fail
+        as well and hold the 503 up by another deadline, so the take-over
+        frees that key too.
+        """
         try:
             await self._idempotency.release(user_id, key)
         except RedisUnavailable as e:
-            self.log.warn("could not release an idempotency key: {error}", error=e)
+            self._warnings.warn(f"could not release an idempotency key: {e}")
 
     @app.route("/api/v1/task/<task_id>", methods=["GET"])
     async def get_task(self, request: IRequest, task_id: str) -> bytes:
@@ -545,15 +368,7 @@ class TaskAPI:
         """
         if self._kill is None:
             raise ApiError(404, "not_found", "no such resource")
-        if self._kill_token is not None:
-            given = request.getHeader(b"authorization") or b""
-            expected = f"Bearer {self._kill_token}".encode()
-            if not hmac.compare_digest(given, expected):
-                raise ApiError(
-                    403, "forbidden", "GET /kill needs Authorization: Bearer <KILL_TOKEN>"
-                )
-        elif not is_loopback(request.getClientAddress()):
-            raise ApiError(403, "forbidden", "GET /kill is only open to loopback clients")
+        self._authorise(request, "GET /kill")
         self.log.warn("GET /kill: this process (pid {pid}) exits now", pid=os.getpid())
         channel = cast(CountingChannel, request.channel)
         channel.persistent = False  # close after this answer; the kill follows the close
@@ -562,6 +377,25 @@ class TaskAPI:
         channel.site.when_closed(channel, kill)
         self._clock.callLater(KILL_FLUSH_TIMEOUT_S, kill)
         return respond(request, 200, {"pid": os.getpid(), "status": "exiting"})
+
+    def _authorise(self, request: IRequest, route: str) -> None:
+        """The guard of every operator route: the token if one is set, else loopback only.
+
+        Loopback is :func:`clientip.is_loopback_request`: a request forwarded
+        by a proxy on this host is not a loopback request, unless that proxy
+        is trusted and forwards for a loopback client.
+        """
+        if self._kill_token is not None:
+            given = request.getHeader(b"authorization") or b""
+            expected = f"Bearer {self._kill_token}".encode()
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(
+                    403, "forbidden", f"{route} needs Authorization: Bearer <KILL_TOKEN>"
+                )
+        elif not is_loopback_request(
+            _peer_host(request), request.requestHeaders.getRawHeaders, self._trusted_proxies
+        ):
+            raise ApiError(403, "forbidden", f"{route} is only open to loopback clients")
 
     # -------------------------------------------------------------- errors
 
@@ -573,14 +407,9 @@ class TaskAPI:
         """The answer to a failed request: every failure's status code is chosen here."""
         error = failure.value
         if isinstance(error, ApiError):
-            return respond(
-                request,
-                error.status,
-                {"error": error.code, "message": error.message},
-                error.headers,
-            )
+            return respond(request, error.status, error.document(), error.headers)
         if isinstance(error, RedisUnavailable):
-            self.log.warn("Redis unavailable: {error}", error=error)
+            self._warnings.warn(f"answered 503: {error}")
             return respond(
                 request,
                 503,
@@ -608,15 +437,20 @@ class TaskAPI:
         )
 
 
-class EnqueueResource(Resource):
-    """``POST /api/v1/task`` without Klein's router: the route every task comes through.
+#: The path of the route every task comes through.
+ENQUEUE_PATH = b"/api/v1/task"
+
+
+class TaskResource(Resource):
+    """The root resource: ``POST /api/v1/task`` answered here, everything else by Klein.
 
     Klein binds a werkzeug map, matches the path and wraps the handler in
     several Deferreds for every request; skipping that for this route took
-    the benchmark from 0.86 to 1.11 x its floor and p99 from 39 to 13 ms. The same
-    handler and the same error answers as through Klein
-    (:meth:`TaskAPI.create_task`, :meth:`TaskAPI.answer_error`); TaskSite
-    sends only POSTs to exactly this path here, everything else to Klein.
+    the benchmark from 0.86 to 1.11 x its floor and p99 from 39 to 13 ms. A
+    leaf, so twisted.web hands it every request untraversed, which is also
+    what Klein's resource expects of a root; one route, one handler
+    (:meth:`TaskAPI.create_task`), the same error answers
+    (:meth:`TaskAPI.answer_error`).
     """
 
     isLeaf = True
@@ -624,15 +458,21 @@ class EnqueueResource(Resource):
     def __init__(self, api: TaskAPI) -> None:
         super().__init__()
         self._api = api
+        self._klein = api.app.resource()
 
-    def render_POST(self, request: BoundedRequest) -> int:
+    def render(self, request: server.Request) -> Any:
+        if request.path != ENQUEUE_PATH:
+            return self._klein.render(request)
+        if request.method != b"POST":
+            error = MethodNotAllowed(valid_methods=["POST"])
+            return self._api.answer_error(request, Failure(error))
         answer = defer.ensureDeferred(self._api.create_task(request))
         gone = request.notifyFinish()  # fails first if the client goes away
         gone.addErrback(lambda _: answer.cancel())
         answer.addBoth(self._write, request, gone)
         return NOT_DONE_YET
 
-    def _write(self, result: bytes | Failure, request: BoundedRequest, gone: Any) -> None:
+    def _write(self, result: bytes | Failure, request: server.Request, gone: Any) -> None:
         if gone.called:  # the client went away: nobody to answer
             if isinstance(result, Failure) and not result.check(defer.CancelledError):
                 self._api.log.failure("error after the client went away", result)
