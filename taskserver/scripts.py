@@ -55,7 +55,11 @@ class Script:
         self, failure: Failure, redis: Any, keys: list[str], args: list[Any]
     ) -> defer.Deferred[Any]:
         failure.trap(txredisapi.ScriptDoesNotExist)
-        loaded: defer.Deferred[Any] = redis.eval(self.source, keys, args)
+        # A plain EVAL, not txredisapi's eval(): that one tries EVALSHA first on a
+        # pooled connection that still believes Redis has the script (a second NOSCRIPT).
+        loaded: defer.Deferred[Any] = redis.execute_command(
+            "EVAL", self.source, len(keys), *keys, *args
+        )
         return loaded
 
 
