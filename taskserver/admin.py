@@ -26,8 +26,8 @@ from twisted.internet import defer, task
 from taskserver.config import ConfigError, RedisAddress, Settings, load_settings
 from taskserver.embedded import EMBEDDED_ADDRESS_FILE as EMBEDDED_ADDRESS_FILE  # tests read it here
 from taskserver.embedded import read_embedded_address
+from taskserver.ids import process_of
 from taskserver.keys import Keys
-from taskserver.protocol import process_of
 from taskserver.redisclient import connect
 from taskserver.scripts import load
 

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskserver.backoff import backoff_delay
-from taskserver.protocol import consumer_ids_of, new_process_id
+from taskserver.ids import consumer_ids_of, new_process_id
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import RedisUnavailable
 from taskserver.task import MalformedTask, Task, iso_utc

@@ -31,15 +31,10 @@ from taskserver.balance import Scoreboard
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, settings_to_json
 from taskserver.embedded import EmbeddedRedis, write_embedded_address
+from taskserver.ids import consumer_ids_of
 from taskserver.keys import Keys
 from taskserver.listener import describe
-from taskserver.protocol import (
-    LISTENER_FD,
-    SCOREBOARD_FD,
-    TASK,
-    consumer_ids_of,
-    worker_process_id,
-)
+from taskserver.protocol import LISTENER_FD, SCOREBOARD_FD, TASK, worker_process_id
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import RedisUnavailable, connect, without_reconnect_attempts
 from taskserver.supervisor import Supervisor, Worker

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_child -*-
-"""What the master and its children agree on: file descriptors, records, process ids.
+"""What the master and its children agree on: file descriptors, records, worker ids.
 
 One place for both sides, so the master (:mod:`taskserver.master`,
 :mod:`taskserver.supervisor`) and a child (:mod:`taskserver.child`) cannot
@@ -18,17 +18,13 @@ fd    what
       tasks.log)
 ====  =====================================================================
 
-Ids: a process is ``<host>:<pid>:<token>`` (a child of the master:
-``<host>:<master pid>:<token>-w<slot>.<generation>``), and each of its
-processing lists is a consumer ``<process id>#<n>``. The heartbeat belongs
-to the process.
+Process ids are built by :func:`worker_process_id` in the format of
+:mod:`taskserver.ids`.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import socket
+from taskserver.ids import process_id
 
 CONFIG_FD = 0
 STDOUT_FD = 1
@@ -53,21 +49,6 @@ def parse_record(record: str) -> tuple[str, str]:
     return kind, body
 
 
-def new_process_id() -> str:
-    """A process id unique across hosts and restarts (a process outside the master's cluster)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
 def worker_process_id(master_token: str, slot: int, generation: int) -> str:
     """The id of the master's child in ``slot``, ``generation`` times restarted."""
-    return f"{socket.gethostname()}:{os.getpid()}:{master_token}-w{slot}.{generation}"
-
-
-def consumer_ids_of(process_id: str) -> list[str]:
-    """The processing lists of a process: one, ``<process id>#0``, for all its tasks in flight."""
-    return [f"{process_id}#0"]
-
-
-def process_of(consumer_id: str) -> str:
-    """The process a consumer id belongs to (whose heartbeat covers it)."""
-    return consumer_id.rpartition("#")[0]
+    return process_id(f"{master_token}-w{slot}.{generation}")

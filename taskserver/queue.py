@@ -20,8 +20,8 @@ from typing import Any, NamedTuple, TypeVar
 from twisted.internet.interfaces import IReactorTime
 
 from taskserver.coalesce import Coalescer
+from taskserver.ids import process_of
 from taskserver.keys import Keys
-from taskserver.protocol import process_of
 from taskserver.ratelimit import Decision, RatePolicy
 from taskserver.redisclient import within
 from taskserver.scripts import Script, load

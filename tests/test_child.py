@@ -9,16 +9,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from taskserver.child import DRAIN_TIMEOUT_S, ChildService, records_pipe
-from taskserver.protocol import (
-    READY,
-    TASK,
-    consumer_ids_of,
-    new_process_id,
-    parse_record,
-    process_of,
-    task_record,
-    worker_process_id,
-)
+from taskserver.ids import consumer_ids_of, new_process_id, process_of
+from taskserver.protocol import READY, TASK, parse_record, task_record, worker_process_id
 
 
 def test_the_records_of_one_turn_go_in_one_write() -> None:
