@@ -23,10 +23,10 @@ from klein import Klein
 from twisted.internet import reactor
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from taskserver.balance import BalancedPort, Scoreboard, Seat
+from taskserver.cluster.balance import BalancedPort, Scoreboard, Seat
+from taskserver.cluster.listener import bind_listener
+from taskserver.cluster.supervisor import Supervisor
 from taskserver.httpserver import TaskSite
-from taskserver.listener import bind_listener
-from taskserver.supervisor import Supervisor
 
 QUEUE = "floor:queue"
 

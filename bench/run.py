@@ -35,7 +35,7 @@ import valkey
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from taskserver.embedded import find_server_binary, server_arguments  # noqa: E402
+from taskserver.cluster.embedded import find_server_binary, server_arguments  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 WORKER_STARTED = re.compile(r"worker-\d+ started \(pid (\d+)\)")

@@ -15,10 +15,10 @@ from dotenv import find_dotenv, load_dotenv
 from twisted.application.service import IService
 from twisted.python import usage
 
+from taskserver.cluster.embedded import find_server_binary, lock_data_dir
+from taskserver.cluster.listener import bind_listener
+from taskserver.cluster.master import Master
 from taskserver.config import OPTIONS, ConfigError, Settings, load_settings, resolve_handler
-from taskserver.embedded import find_server_binary, lock_data_dir
-from taskserver.listener import bind_listener
-from taskserver.master import Master
 
 
 class Options(usage.Options):

@@ -20,11 +20,11 @@ import txredisapi
 from twisted.internet import defer, reactor, task
 
 from harness import Twistd
-from taskserver.child import ChildService
+from taskserver.cluster.child import ChildService
+from taskserver.cluster.embedded import EmbeddedRedis, find_server_binary
+from taskserver.cluster.listener import bind_listener
 from taskserver.config import RedisAddress, Settings, parse_rate_limits
-from taskserver.embedded import EmbeddedRedis, find_server_binary
 from taskserver.keys import Keys
-from taskserver.listener import bind_listener
 from taskserver.tasklog import TaskLogFile
 
 T = TypeVar("T")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from taskserver.balance import STALE_AFTER_S, Scoreboard, Seat, accept_allowance
+from taskserver.cluster.balance import STALE_AFTER_S, Scoreboard, Seat, accept_allowance
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from taskserver.child import DRAIN_TIMEOUT_S, ChildService, records_pipe
+from taskserver.cluster.child import DRAIN_TIMEOUT_S, ChildService, records_pipe
+from taskserver.cluster.protocol import READY, TASK, parse_record, task_record, worker_process_id
 from taskserver.ids import consumer_ids_of, new_process_id, process_of
-from taskserver.protocol import READY, TASK, parse_record, task_record, worker_process_id
 
 
 def test_the_records_of_one_turn_go_in_one_write() -> None:
@@ -43,7 +43,7 @@ def _available(fd: int) -> bytes:
 
 
 def test_records_and_ids_read_back_as_written() -> None:
-    """Both ends of the pipe use taskserver.protocol: what one writes the other parses."""
+    """Both ends of the pipe use taskserver.cluster.protocol: what one writes the other parses."""
     assert parse_record(task_record('{"id": "a b"}')) == (TASK, '{"id": "a b"}')
     assert parse_record(READY) == (READY, "")
     process_id = worker_process_id("abc123", slot=1, generation=4)

@@ -19,8 +19,7 @@ from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
 
 from conftest import RunningServer, connect_raw, eventually
 from taskserver.backoff import MAX_BACKOFF_S, backoff_delay
-from taskserver.config import ConfigError, RedisAddress
-from taskserver.embedded import (
+from taskserver.cluster.embedded import (
     START_TIMEOUT_S,
     EmbeddedRedis,
     bundled_binary,
@@ -30,6 +29,7 @@ from taskserver.embedded import (
     read_embedded_address,
     write_embedded_address,
 )
+from taskserver.config import ConfigError, RedisAddress
 from taskserver.redisclient import (
     RECONNECT_INITIAL_DELAY_S,
     RECONNECT_LOG_FORMAT,

@@ -26,7 +26,7 @@ import valkey
 
 from conftest import unused_port
 from harness import Load, Twistd, alive, logged_task_ids, wait_for
-from taskserver.embedded import find_server_binary, server_arguments
+from taskserver.cluster.embedded import find_server_binary, server_arguments
 
 TASKS = 8000
 CONCURRENCY = 16

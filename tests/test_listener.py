@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
+from taskserver.cluster.listener import BACKLOG, bind_listener, describe
 from taskserver.config import ConfigError
-from taskserver.listener import BACKLOG, bind_listener, describe
 
 
 def test_binds_a_listening_non_blocking_socket() -> None:

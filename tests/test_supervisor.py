@@ -8,7 +8,13 @@ from twisted.internet import defer
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from taskserver.backoff import FIRST_BACKOFF_S, MAX_BACKOFF_S, backoff_delay
-from taskserver.supervisor import KILL_GRACE_S, READY_TIMEOUT_S, Supervisor, Worker, WorkerDied
+from taskserver.cluster.supervisor import (
+    KILL_GRACE_S,
+    READY_TIMEOUT_S,
+    Supervisor,
+    Worker,
+    WorkerDied,
+)
 
 
 class Recorder:
@@ -32,7 +38,7 @@ def supervisor(reactor: FakeProcessReactor, recorder: Recorder) -> Supervisor:
     supervisor = Supervisor(
         reactor,
         2,
-        argv=["python", "-m", "taskserver.child"],
+        argv=["python", "-m", "taskserver.cluster.child"],
         env={},
         extra_fds={3: 33, 4: 44},
         config_for=lambda worker: f"config {worker.slot} {worker.seat}\n".encode(),
@@ -54,7 +60,7 @@ def test_spawns_every_child_with_its_fds_and_configuration(
 ) -> None:
     assert len(reactor.spawned) == 2
     process, args, fds = reactor.spawned[1]
-    assert args == ["python", "-m", "taskserver.child"]
+    assert args == ["python", "-m", "taskserver.cluster.child"]
     assert fds == {0: "w", 1: "r", 2: "r", 5: "r", 3: 33, 4: 44}
     assert process.stdin == b"config 1 1\n"
 

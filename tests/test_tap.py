@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from taskserver.master import Master
+from taskserver.cluster.master import Master
 from taskserver.tap import Options, makeService
 
 

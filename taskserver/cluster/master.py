@@ -27,17 +27,17 @@ from twisted.internet import defer, error, task
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, textFileLogObserver
 from twisted.python.logfile import LogFile
 
-from taskserver.balance import Scoreboard
+from taskserver.cluster.balance import Scoreboard
+from taskserver.cluster.embedded import EmbeddedRedis, write_embedded_address
+from taskserver.cluster.listener import describe
+from taskserver.cluster.protocol import LISTENER_FD, SCOREBOARD_FD, TASK, worker_process_id
+from taskserver.cluster.supervisor import Supervisor, Worker
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, settings_to_json
-from taskserver.embedded import EmbeddedRedis, write_embedded_address
 from taskserver.ids import consumer_ids_of
 from taskserver.keys import Keys
-from taskserver.listener import describe
-from taskserver.protocol import LISTENER_FD, SCOREBOARD_FD, TASK, worker_process_id
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import RedisUnavailable, connect, without_reconnect_attempts
-from taskserver.supervisor import Supervisor, Worker
 from taskserver.tasklog import TaskLogFile
 
 SERVER_LOG_NAME = "twistd.log"
@@ -122,7 +122,7 @@ class Master(Service):
         self.supervisor = Supervisor(
             self._reactor,
             settings.workers,
-            argv=[sys.executable, "-m", "taskserver.child"],
+            argv=[sys.executable, "-m", "taskserver.cluster.child"],
             env=self._child_environment(),
             extra_fds={LISTENER_FD: self._listener.fileno(), SCOREBOARD_FD: self._scoreboard.fd},
             config_for=self._config_for,

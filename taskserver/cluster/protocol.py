@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_child -*-
 """What the master and its children agree on: file descriptors, records, worker ids.
 
-One place for both sides, so the master (:mod:`taskserver.master`,
-:mod:`taskserver.supervisor`) and a child (:mod:`taskserver.child`) cannot
+One place for both sides, so the master (:mod:`taskserver.cluster.master`,
+:mod:`taskserver.cluster.supervisor`) and a child (:mod:`taskserver.cluster.child`) cannot
 drift apart. A child is spawned with these file descriptors:
 
 ====  =====================================================================
@@ -12,7 +12,7 @@ fd    what
       then end-of-file when the master exits
 1, 2  log output, relayed by the master into its log, tagged with the child
 3     the shared listening socket
-4     the connection-balancing scoreboard (see :mod:`taskserver.balance`)
+4     the connection-balancing scoreboard (see :mod:`taskserver.cluster.balance`)
 5     a pipe to the master: one record per line, ``ready`` once serving,
       ``task <line>`` per finished task (the master is the single writer of
       tasks.log)

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskserver.backoff import backoff_delay
-from taskserver.protocol import (
+from taskserver.cluster.protocol import (
     CONFIG_FD,
     READY,
     RECORDS_FD,

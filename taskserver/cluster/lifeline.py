@@ -8,7 +8,7 @@ SIGKILLed master would leave orphans: on Linux the kernel signals them
 (``PR_SET_PDEATHSIG``), and everywhere they watch a pipe from the master
 for end-of-file (:class:`ParentWatch`).
 
-``python -m taskserver.lifeline <parent pid> <program> [args...]`` does the
+``python -m taskserver.cluster.lifeline <parent pid> <program> [args...]`` does the
 same for a program that is not ours (the embedded Redis), then execs it.
 """
 
@@ -39,7 +39,7 @@ def detach_from_parent_session(expected_parent: int) -> None:
 
 def tied_command(arguments: list[str]) -> list[str]:
     """``arguments`` run detached from our session and tied to our lifetime."""
-    return [sys.executable, "-m", "taskserver.lifeline", str(os.getpid()), *arguments]
+    return [sys.executable, "-m", "taskserver.cluster.lifeline", str(os.getpid()), *arguments]
 
 
 class ParentWatch(abstract.FileDescriptor):

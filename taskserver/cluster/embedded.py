@@ -33,9 +33,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskserver.backoff import backoff_delay
+from taskserver.cluster.lifeline import tied_command
+from taskserver.cluster.supervisor import describe_exit
 from taskserver.config import ConfigError, RedisAddress
-from taskserver.lifeline import tied_command
-from taskserver.supervisor import describe_exit
 
 READY_MARKER = b"Ready to accept connections"
 START_TIMEOUT_S = 15.0

@@ -3,8 +3,8 @@
 
 :class:`ChildService` is the whole of a child's work; tests also run it in
 process. :func:`main` is the child program the master spawns
-(``python -m taskserver.child``), with the file descriptors and records
-of :mod:`taskserver.protocol`.
+(``python -m taskserver.cluster.child``), with the file descriptors and records
+of :mod:`taskserver.cluster.protocol`.
 
 Stopping is ordered: stop accepting, drain HTTP connections, let the
 consumers finish and give back their tasks, then close Redis connections.
@@ -28,16 +28,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 
 from taskserver.api import TaskAPI
-from taskserver.balance import BEAT_EVERY_S, BalancedPort, Scoreboard, Seat
 from taskserver.clientip import parse_networks
-from taskserver.coalesce import TurnBuffer
-from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
-from taskserver.consumer import ConsumerService, Handler
-from taskserver.httpserver import TaskSite
-from taskserver.idempotency import IdempotencyKeys
-from taskserver.keys import Keys
-from taskserver.lifeline import ParentWatch, detach_from_parent_session
-from taskserver.protocol import (
+from taskserver.cluster.balance import BEAT_EVERY_S, BalancedPort, Scoreboard, Seat
+from taskserver.cluster.lifeline import ParentWatch, detach_from_parent_session
+from taskserver.cluster.protocol import (
     CONFIG_FD,
     LISTENER_FD,
     READY,
@@ -45,6 +39,12 @@ from taskserver.protocol import (
     SCOREBOARD_FD,
     task_record,
 )
+from taskserver.coalesce import TurnBuffer
+from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
+from taskserver.consumer import ConsumerService, Handler
+from taskserver.httpserver import TaskSite
+from taskserver.idempotency import IdempotencyKeys
+from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter, RatePolicy
 from taskserver.redisclient import RedisLinkWatch, connect, without_reconnect_attempts
@@ -270,7 +270,7 @@ def _stop(reactor: Any) -> None:
 
 
 def main() -> None:
-    """``python -m taskserver.child``: run one cluster child until told to stop."""
+    """``python -m taskserver.cluster.child``: run one cluster child until told to stop."""
     config = _read_config_line(CONFIG_FD)
     detach_from_parent_session(config["master_pid"])
     from twisted.internet import reactor
