@@ -23,9 +23,6 @@ from typing import Any
 from dotenv import find_dotenv, load_dotenv
 from twisted.internet import defer, task
 
-from taskserver.cluster.embedded import (
-    EMBEDDED_ADDRESS_FILE as EMBEDDED_ADDRESS_FILE,  # tests read it here
-)
 from taskserver.cluster.embedded import read_embedded_address
 from taskserver.config import ConfigError, RedisAddress, Settings, load_settings
 from taskserver.ids import process_of

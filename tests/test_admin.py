@@ -15,6 +15,7 @@ from twisted.internet import reactor
 
 from harness import Twistd
 from taskserver import admin
+from taskserver.cluster.embedded import EMBEDDED_ADDRESS_FILE
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
 from taskserver.task import Task
@@ -120,7 +121,7 @@ def test_the_installed_command_finds_the_embedded_redis(
     report = json.loads(result.stdout)
     assert set(report) == {"pending", "suspects", "delayed", "dead", "processing", "processes"}
     assert server.stop() == 0
-    assert not (tmp_path / "data" / admin.EMBEDDED_ADDRESS_FILE).exists()
+    assert not (tmp_path / "data" / EMBEDDED_ADDRESS_FILE).exists()
 
     gone = subprocess.run(
         [ADMIN, "stats"], cwd=tmp_path, capture_output=True, text=True, timeout=30

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import Twistd
-from taskserver.admin import EMBEDDED_ADDRESS_FILE
+from taskserver.cluster.embedded import EMBEDDED_ADDRESS_FILE
 
 PREFIX = "fuzzed"
 
