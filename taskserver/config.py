@@ -115,9 +115,17 @@ def _flag(text: str) -> bool:
 _KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its CPU affinity), not all the host has."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def _workers(text: str) -> int:
+    """``auto`` (or empty): one per usable core; a container pinned to 2 of 64 gets 2."""
     if text.strip().lower() in ("", "auto"):
-        return os.cpu_count() or 1
+        return usable_cpus()
     return _int_in(1, 256)(text)
 
 

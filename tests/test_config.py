@@ -216,3 +216,12 @@ class TestOptions:
         assert str(caught.value) == (
             "taskserver: PORT (--port): expected a number from 0 to 65535, got -1"
         )
+
+
+def test_auto_workers_follow_the_cpu_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process pinned to two cores of a bigger host runs two children, not one per host core."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert load_settings({}, {"WORKERS": "auto"}).workers == 2
+    assert load_settings({}, {}).workers == 2
+    assert load_settings({}, {"WORKERS": "3"}).workers == 3
