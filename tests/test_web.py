@@ -471,6 +471,28 @@ async def test_kill_through_a_proxy_on_this_host(
         assert killed == []
 
 
+@pytest.mark.parametrize(
+    "client_line",
+    [b'for="[::1]', b'for="127.0.0.1:', b'for="[::1]junk, for=127.0.0.1', b'for="[::1], for=::1'],
+)
+@pytest_twisted.ensureDeferred
+async def test_kill_behind_a_trusted_proxy_is_not_fooled_by_an_open_quote(
+    start_server: Callable[..., RunningServer], client_line: bytes
+) -> None:
+    """The client's own Forwarded line, then the one its proxy (trusted, on this host) added."""
+    killed: list[bool] = []
+    server = start_server(kill=lambda: killed.append(True), trusted_proxies=("127.0.0.1",))
+    client = await RawClient().connect(server.port)
+    client.send(
+        b"GET /kill HTTP/1.1\r\nHost: x\r\nForwarded: %s\r\nForwarded: for=203.0.113.9\r\n"
+        b"Connection: close\r\n\r\n" % client_line
+    )
+    await client.closed.addTimeout(NEVER_A_HANG_S, reactor)
+    assert client.received.startswith(b"HTTP/1.1 403 Forbidden"), client.received[:200]
+    assert b'"error":"forbidden"' in client.received
+    assert killed == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_kill_answers_then_kills_after_the_answer_is_sent(
     start_server: Callable[..., RunningServer],
