@@ -31,7 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from taskserver.clientip import Network, client_address, is_loopback_request
+from taskserver.clientip import Network, client_address, is_cross_site, is_loopback_request
 from taskserver.httpserver import (
     ApiError,
     BoundedRequest,
@@ -383,8 +383,12 @@ class TaskAPI:
 
         Loopback is :func:`clientip.is_loopback_request`: a request forwarded
         by a proxy on this host is not a loopback request, unless that proxy
-        is trusted and forwards for a loopback client.
+        is trusted and forwards for a loopback client. A request a web page
+        made (:func:`clientip.is_cross_site`) is refused either way: these
+        routes act on a GET, and every page a local user opens can send one.
         """
+        if is_cross_site(request.requestHeaders.getRawHeaders):
+            raise ApiError(403, "forbidden", f"{route} does not answer requests made by web pages")
         if self._kill_token is not None:
             given = request.getHeader(b"authorization") or b""
             expected = f"Bearer {self._kill_token}".encode()

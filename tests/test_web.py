@@ -493,6 +493,35 @@ async def test_kill_behind_a_trusted_proxy_is_not_fooled_by_an_open_quote(
     assert killed == []
 
 
+@pytest.mark.parametrize(
+    ("browser", "kill_token", "status"),
+    [
+        ({"Sec-Fetch-Site": "cross-site"}, None, 403),  # <img src=http://localhost:8000/kill>
+        ({"Sec-Fetch-Site": "same-site"}, None, 403),
+        ({"Origin": "http://evil.example"}, None, 403),  # fetch() from a page
+        ({"Sec-Fetch-Site": "cross-site"}, "secret", 403),
+        ({"Sec-Fetch-Site": "none"}, None, 200),  # typed into the address bar
+        ({"Sec-Fetch-Site": "same-origin"}, None, 200),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_kill_refuses_what_a_web_page_sends(
+    start_server: Callable[..., RunningServer],
+    browser: dict[str, str],
+    kill_token: str | None,
+    status: int,
+) -> None:
+    killed: list[bool] = []
+    server = start_server(kill=lambda: killed.append(True), kill_token=kill_token)
+    headers = {**browser, **({"Authorization": f"Bearer {kill_token}"} if kill_token else {})}
+    response = await treq.get(server.url + "/kill", headers=headers)
+    document = json.loads(await response.content())
+    assert response.code == status, document
+    if status == 403:
+        assert document["error"] == "forbidden"
+        assert killed == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_kill_answers_then_kills_after_the_answer_is_sent(
     start_server: Callable[..., RunningServer],
