@@ -15,6 +15,7 @@ import hmac
 import json
 import math
 import os
+import re
 import sys
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -142,6 +143,28 @@ def validate_user_id(value: Any) -> str:
     return value
 
 
+#: The only way a lone surrogate gets into a document decoded from UTF-8: an escape.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _require_utf8(payload: Any) -> None:
+    """400 if a string of the payload (key or value) holds a lone surrogate (``"\\ud800"``).
+
+    Valid JSON, but no UTF-8 encodes it: Redis would never receive the task,
+    and the batch of admissions it shares a reactor turn with would fail.
+    Checked only for bodies with such an escape (a valid pair passes).
+    """
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        raise ApiError(
+            400,
+            "invalid_json",
+            "the body cannot be stored as UTF-8: a string holds a lone surrogate"
+            " (such as \\ud800 without its pair)",
+        ) from None
+
+
 def parse_task_body(content_type: bytes | None, body: bytes) -> tuple[str, Any]:
     """Validate a POST body; returns ``(user_id, payload)`` or raises ApiError."""
     if not is_json_media_type(content_type):
@@ -161,7 +184,10 @@ def parse_task_body(content_type: bytes | None, body: bytes) -> tuple[str, Any]:
         )
     if "user_id" not in document:
         raise ApiError(400, "missing_user_id", "user_id is required")
-    return validate_user_id(document["user_id"]), document.get("payload")
+    user_id, payload = validate_user_id(document["user_id"]), document.get("payload")
+    if b"\\u" in body and _SURROGATE_ESCAPE.search(body) is not None:
+        _require_utf8(payload)
+    return user_id, payload
 
 
 def idempotency_key(header: bytes | None) -> str | None:

@@ -115,7 +115,16 @@ bodies = st.one_of(
     st.text(max_size=50).map(lambda t: f'{{"user_id": "{t}", "user_id": "b"}}'.encode()),
     st.integers(1, 200_000).map(lambda n: b"[" * n),
     st.integers(1, 10_000).map(lambda n: b'{"user_id": "x", "payload": ' + b"9" * n + b"}"),
-    st.sampled_from([b'{"user_id": "\xff\xfe"}', b'{"user_id": "\\ud800"}', b"\x00" * 10]),
+    st.sampled_from(
+        [
+            b'{"user_id": "\xff\xfe"}',
+            b'{"user_id": "\\ud800"}',
+            b"\x00" * 10,
+            b'{"user_id": "s", "payload": "\\ud800"}',
+            b'{"user_id": "s", "payload": {"\\uDC00": 1}}',
+            b'{"user_id": "s", "payload": ["\\ud83d\\ude00", "\\udbff"]}',
+        ]
+    ),
 )
 paths = st.one_of(
     st.sampled_from(

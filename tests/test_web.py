@@ -52,6 +52,11 @@ NEVER_A_HANG_S = 20.0
         (b'{"user_id": "a\\nb"}', "invalid_user_id"),
         (b'{"user_id": "a\\u2028b"}', "invalid_user_id"),
         (b'{"user_id": "\\ud800"}', "invalid_user_id"),
+        # Valid JSON that no UTF-8 encodes: lone surrogates, in payload values and keys.
+        (b'{"user_id": "a", "payload": "\\ud800"}', "invalid_json"),
+        (b'{"user_id": "a", "payload": {"\\uDFFF": 1}}', "invalid_json"),
+        (b'{"user_id": "a", "payload": ["ok", {"k": "x\\udbff"}]}', "invalid_json"),
+        (b'{"user_id": "a", "payload": "\\ude00\\ud83d"}', "invalid_json"),  # a pair reversed
     ],
 )
 def test_bad_bodies_are_rejected_with_a_code(body: bytes, code: str) -> None:
@@ -68,6 +73,14 @@ def test_good_bodies() -> None:
         '{"user_id": "ünïcode ✓", "payload": {"a": [1, null]}}'.encode(),
     ) == ("ünïcode ✓", {"a": [1, None]})
     assert parse_task_body(b"application/json", b'{"user_id": "' + b"x" * 128 + b'"}')[0]
+    assert (
+        parse_task_body(b"application/json", b'{"user_id": "a", "payload": "\\ud83d\\ude00"}')[1]
+        == "\U0001f600"
+    ), "a surrogate pair is one character"
+    assert (
+        parse_task_body(b"application/json", b'{"user_id": "a", "payload": "\\\\ud800"}')[1]
+        == "\\ud800"
+    ), "an escaped backslash, then text"
 
 
 @pytest.mark.parametrize(
@@ -765,6 +778,44 @@ async def test_invalid_keys_are_400(server: RunningServer, key: str) -> None:
     )
     assert response.code == 400
     assert document["error"] == "invalid_idempotency_key"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lone_surrogate_is_400_and_the_request_beside_it_is_unaffected(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    """Both requests are read in one reactor turn, so they would share one admission batch."""
+    from twisted.logger import globalLogPublisher
+
+    server = start_server(rate_limits=())
+    assert (await post(server, b'{"user_id": "warm-up"}'))[0].code == 202
+    failures: list[Any] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event or event.get("isError"):
+            failures.append(event)
+
+    clients = [await RawClient().connect(server.port) for _ in range(2)]
+    globalLogPublisher.addObserver(observe)
+    try:
+        for client, body in zip(
+            clients,
+            [b'{"user_id": "innocent"}', b'{"user_id": "evil", "payload": "\\ud800"}'],
+            strict=True,
+        ):
+            client.send(
+                b"POST /api/v1/task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        for client in clients:
+            await client.closed.addTimeout(NEVER_A_HANG_S, reactor)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    innocent, evil = (client.received for client in clients)
+    assert innocent.startswith(b"HTTP/1.1 202 Accepted"), innocent[:200]
+    assert evil.startswith(b"HTTP/1.1 400 Bad Request"), evil[:200]
+    assert b'"error":"invalid_json"' in evil
+    assert failures == []
 
 
 # ------------------------------------------------------------------ slow, idle and many clients
