@@ -19,6 +19,7 @@ import re
 import sys
 import unicodedata
 from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from typing import Any, cast
 
 from klein import Klein
@@ -30,7 +31,8 @@ from twisted.web import server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import RoutingException
 
 from taskserver.clientip import Network, client_address, is_cross_site, is_loopback_request
 from taskserver.httpserver import (
@@ -220,6 +222,9 @@ class TaskAPI:
     """Routes of one taskserver process. Dependencies are passed in."""
 
     app = Klein()
+    # Before any route is added (rules copy it then): "//" is not "/" here. Merging
+    # would answer such a path with a redirect, and a path names one thing.
+    app.url_map.merge_slashes = False
     log = Logger()
 
     def __init__(
@@ -449,7 +454,7 @@ class TaskAPI:
                 },
                 [("Retry-After", str(UNAVAILABLE_RETRY_AFTER_S))],
             )
-        if isinstance(error, NotFound):
+        if isinstance(error, NotFound | RoutingException):  # a redirect is a routing answer
             return respond(request, 404, {"error": "not_found", "message": "no such resource"})
         if isinstance(error, MethodNotAllowed):
             allowed = ", ".join(sorted(error.valid_methods or []))
@@ -459,12 +464,29 @@ class TaskAPI:
                 {"error": "method_not_allowed", "message": f"allowed methods: {allowed}"},
                 [("Allow", allowed)],
             )
+        if isinstance(error, HTTPException) and error.code is not None and error.code < 500:
+            phrase = HTTPStatus(error.code).phrase
+            return respond(
+                request,
+                error.code,
+                {"error": re.sub(r"[^a-z]+", "_", phrase.lower()), "message": phrase.lower()},
+            )
         self.log.failure(
             "unhandled error in {method} {path}", failure, method=request.method, path=request.path
         )
         return respond(
             request, 500, {"error": "internal_error", "message": "internal server error"}
         )
+
+
+def _utf8_url(request: server.Request) -> bool:
+    """Is the decoded path, and the Host, UTF-8? (What Klein decodes before it routes.)"""
+    try:
+        b"/".join((request.prepath or []) + (request.postpath or [])).decode("utf-8")
+        request.getRequestHostname().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 #: The path of the route every task comes through.
@@ -492,14 +514,23 @@ class TaskResource(Resource):
 
     def render(self, request: server.Request) -> Any:
         if request.path != ENQUEUE_PATH:
+            if not _utf8_url(request):  # Klein would answer it in HTML, and log a traceback
+                error = ApiError(400, "bad_request", "the path and Host must be UTF-8")
+                return self._answer_now(request, Failure(error))
             return self._klein.render(request)
         if request.method != b"POST":
-            error = MethodNotAllowed(valid_methods=["POST"])
-            return self._api.answer_error(request, Failure(error))
+            return self._answer_now(request, Failure(MethodNotAllowed(valid_methods=["POST"])))
         answer = defer.ensureDeferred(self._api.create_task(request))
         gone = request.notifyFinish()  # fails first if the client goes away
         gone.addErrback(lambda _: answer.cancel())
         answer.addBoth(self._write, request, gone)
+        return NOT_DONE_YET
+
+    def _answer_now(self, request: server.Request, failure: Failure) -> Any:
+        """An error answer written here, not returned: a body returned to a HEAD is
+        dropped by twisted.web with a logged warning for every request."""
+        request.write(self._api.answer_error(request, failure))
+        request.finish()
         return NOT_DONE_YET
 
     def _write(self, result: bytes | Failure, request: server.Request, gone: Any) -> None:

@@ -128,7 +128,23 @@ bodies = st.one_of(
 )
 paths = st.one_of(
     st.sampled_from(
-        ["/api/v1/task", "/api/v1/task/", "/api/v1/task/" + "a" * 32, "/healthz", "/readyz", "/"]
+        [
+            "/api/v1/task",
+            "/api/v1/task/",
+            "/api/v1/task/" + "a" * 32,
+            "/healthz",
+            "/readyz",
+            "/",
+            "/api/v1//task/" + "a" * 32,
+            "//api/v1/task",
+            "/api//v1/task",
+            "/healthz/",
+            "/%ff",
+            "/healthz%c3",
+            "/api/v1/task/%ff",
+            "/%2F%2Fhealthz",
+            "/api/v1/task/" + "a" * 32 + "/",
+        ]
     ),
     st.text(
         alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="#"),

@@ -229,6 +229,88 @@ class Connection:
         self.channel.connectionLost(Failure(ConnectionDone()))
 
 
+def logged_while(action: Callable[[], None]) -> list[str]:
+    """Every log line written while ``action`` runs (all of it synchronous here)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event) + ("(failure)" if "log_failure" in event else ""))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        action()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "code"),
+    [
+        (b"GET /api/v1//task/" + b"a" * 32 + b" HTTP/1.1\r\nHost: x", 404, b"not_found"),
+        (b"GET /healthz/ HTTP/1.1\r\nHost: x", 404, b"not_found"),
+        (b"GET /%ff HTTP/1.1\r\nHost: x", 400, b"bad_request"),
+        (b"GET /healthz%c3 HTTP/1.1\r\nHost: x", 400, b"bad_request"),
+        (b"GET /healthz HTTP/1.1\r\nHost: \xff", 400, b"bad_request"),
+        (b"HEAD /%ff HTTP/1.1\r\nHost: x", 400, None),
+    ],
+)
+def test_paths_klein_cannot_route_get_a_json_4xx_and_log_nothing(
+    request_head: bytes, status: int, code: bytes | None
+) -> None:
+    """Merged slashes (a werkzeug redirect: was a 500) and non-UTF-8 (Klein's HTML 400)."""
+    connection = Connection(fake_api()[0], Clock())
+    lines = logged_while(lambda: connection.send(request_head + b"\r\n\r\n"))
+    answer = connection.transport.value()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer[:300]
+    assert b"\r\nContent-Type: application/json\r\n" in head
+    if code is None:  # HEAD: the same headers, no body
+        assert body == b""
+    else:
+        assert json.loads(body)["error"] == code.decode()
+    assert lines == []
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        ("RequestRedirect", 404, "not_found"),  # what merge_slashes or strict_slashes raise
+        ("BadRequest", 400, "bad_request"),
+        ("RequestURITooLarge", 414, "request_uri_too_long"),
+    ],
+)
+def test_every_werkzeug_http_error_is_a_json_answer(error: str, status: int, code: str) -> None:
+    from twisted.python.failure import Failure
+    from twisted.web.test.requesthelper import DummyRequest
+    from werkzeug import exceptions, routing
+
+    raised = (
+        routing.RequestRedirect("http://x/")
+        if error == "RequestRedirect"
+        else getattr(exceptions, error)()
+    )
+    request = DummyRequest([b""])
+    body = fake_api()[0].answer_error(request, Failure(raised))
+    assert request.responseCode == status
+    assert json.loads(body)["error"] == code
+
+
+@pytest.mark.parametrize(
+    ("path", "status"), [(b"/api/v1/task", 405), (b"/healthz", 200), (b"/nowhere", 404)]
+)
+def test_head_answers_headers_only_and_logs_nothing(path: bytes, status: int) -> None:
+    """twisted.web logs "I think I'll eat it" for every HEAD whose body a resource returns."""
+    connection = Connection(fake_api()[0], Clock())
+    lines = logged_while(lambda: connection.send(b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n" % path))
+    head, _, body = connection.transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert body == b""
+    assert lines == []
+
+
 def test_the_channel_s_private_400_hook_still_exists() -> None:
     """The one private twisted.web name used: if it is renamed, this fails (bare 400s)."""
     from twisted.web.http import HTTPChannel
