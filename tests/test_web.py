@@ -1123,17 +1123,19 @@ async def test_an_outage_writes_one_readable_warning_not_one_per_request(
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)
+    await redis.execute_command("CLIENT", "PAUSE", "60000", "WRITE")  # ended below, not by time
     try:
-        await redis.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
         answers = await defer.gatherResults(
             [
                 defer.Deferred.fromCoroutine(post(server, f'{{"user_id": "o{n}"}}'.encode()))
                 for n in range(20)
             ]
         )
+        info = await redis.execute_command("INFO", "clients")
+        assert "paused_actions:write" in info, "Redis was still paused when the 503s came"
     finally:
-        globalLogPublisher.removeObserver(observe)
         await redis.execute_command("CLIENT", "UNPAUSE")
+        globalLogPublisher.removeObserver(observe)
     assert [response.code for response, _ in answers] == [503] * 20
     assert lines == ["answered 503: Redis did not answer within 0.5 s"]
 
