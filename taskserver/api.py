@@ -15,9 +15,11 @@ import hmac
 import json
 import math
 import os
+import re
 import sys
 import unicodedata
 from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from typing import Any, cast
 
 from klein import Klein
@@ -29,9 +31,10 @@ from twisted.web import server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import RoutingException
 
-from taskserver.clientip import Network, client_address, is_loopback_request
+from taskserver.clientip import Network, client_address, is_cross_site, is_loopback_request
 from taskserver.httpserver import (
     ApiError,
     BoundedRequest,
@@ -142,6 +145,28 @@ def validate_user_id(value: Any) -> str:
     return value
 
 
+#: The only way a lone surrogate gets into a document decoded from UTF-8: an escape.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _require_utf8(payload: Any) -> None:
+    """400 if a string of the payload (key or value) holds a lone surrogate (``"\\ud800"``).
+
+    Valid JSON, but no UTF-8 encodes it: Redis would never receive the task,
+    and the batch of admissions it shares a reactor turn with would fail.
+    Checked only for bodies with such an escape (a valid pair passes).
+    """
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        raise ApiError(
+            400,
+            "invalid_json",
+            "the body cannot be stored as UTF-8: a string holds a lone surrogate"
+            " (such as \\ud800 without its pair)",
+        ) from None
+
+
 def parse_task_body(content_type: bytes | None, body: bytes) -> tuple[str, Any]:
     """Validate a POST body; returns ``(user_id, payload)`` or raises ApiError."""
     if not is_json_media_type(content_type):
@@ -161,7 +186,10 @@ def parse_task_body(content_type: bytes | None, body: bytes) -> tuple[str, Any]:
         )
     if "user_id" not in document:
         raise ApiError(400, "missing_user_id", "user_id is required")
-    return validate_user_id(document["user_id"]), document.get("payload")
+    user_id, payload = validate_user_id(document["user_id"]), document.get("payload")
+    if b"\\u" in body and _SURROGATE_ESCAPE.search(body) is not None:
+        _require_utf8(payload)
+    return user_id, payload
 
 
 def idempotency_key(header: bytes | None) -> str | None:
@@ -194,6 +222,9 @@ class TaskAPI:
     """Routes of one taskserver process. Dependencies are passed in."""
 
     app = Klein()
+    # Before any route is added (rules copy it then): "//" is not "/" here. Merging
+    # would answer such a path with a redirect, and a path names one thing.
+    app.url_map.merge_slashes = False
     log = Logger()
 
     def __init__(
@@ -383,8 +414,12 @@ class TaskAPI:
 
         Loopback is :func:`clientip.is_loopback_request`: a request forwarded
         by a proxy on this host is not a loopback request, unless that proxy
-        is trusted and forwards for a loopback client.
+        is trusted and forwards for a loopback client. A request a web page
+        made (:func:`clientip.is_cross_site`) is refused either way: these
+        routes act on a GET, and every page a local user opens can send one.
         """
+        if is_cross_site(request.requestHeaders.getRawHeaders):
+            raise ApiError(403, "forbidden", f"{route} does not answer requests made by web pages")
         if self._kill_token is not None:
             given = request.getHeader(b"authorization") or b""
             expected = f"Bearer {self._kill_token}".encode()
@@ -419,7 +454,7 @@ class TaskAPI:
                 },
                 [("Retry-After", str(UNAVAILABLE_RETRY_AFTER_S))],
             )
-        if isinstance(error, NotFound):
+        if isinstance(error, NotFound | RoutingException):  # a redirect is a routing answer
             return respond(request, 404, {"error": "not_found", "message": "no such resource"})
         if isinstance(error, MethodNotAllowed):
             allowed = ", ".join(sorted(error.valid_methods or []))
@@ -429,12 +464,29 @@ class TaskAPI:
                 {"error": "method_not_allowed", "message": f"allowed methods: {allowed}"},
                 [("Allow", allowed)],
             )
+        if isinstance(error, HTTPException) and error.code is not None and error.code < 500:
+            phrase = HTTPStatus(error.code).phrase
+            return respond(
+                request,
+                error.code,
+                {"error": re.sub(r"[^a-z]+", "_", phrase.lower()), "message": phrase.lower()},
+            )
         self.log.failure(
             "unhandled error in {method} {path}", failure, method=request.method, path=request.path
         )
         return respond(
             request, 500, {"error": "internal_error", "message": "internal server error"}
         )
+
+
+def _utf8_url(request: server.Request) -> bool:
+    """Is the decoded path, and the Host, UTF-8? (What Klein decodes before it routes.)"""
+    try:
+        b"/".join((request.prepath or []) + (request.postpath or [])).decode("utf-8")
+        request.getRequestHostname().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 #: The path of the route every task comes through.
@@ -462,14 +514,23 @@ class TaskResource(Resource):
 
     def render(self, request: server.Request) -> Any:
         if request.path != ENQUEUE_PATH:
+            if not _utf8_url(request):  # Klein would answer it in HTML, and log a traceback
+                error = ApiError(400, "bad_request", "the path and Host must be UTF-8")
+                return self._answer_now(request, Failure(error))
             return self._klein.render(request)
         if request.method != b"POST":
-            error = MethodNotAllowed(valid_methods=["POST"])
-            return self._api.answer_error(request, Failure(error))
+            return self._answer_now(request, Failure(MethodNotAllowed(valid_methods=["POST"])))
         answer = defer.ensureDeferred(self._api.create_task(request))
         gone = request.notifyFinish()  # fails first if the client goes away
         gone.addErrback(lambda _: answer.cancel())
         answer.addBoth(self._write, request, gone)
+        return NOT_DONE_YET
+
+    def _answer_now(self, request: server.Request, failure: Failure) -> Any:
+        """An error answer written here, not returned: a body returned to a HEAD is
+        dropped by twisted.web with a logged warning for every request."""
+        request.write(self._api.answer_error(request, failure))
+        request.finish()
         return NOT_DONE_YET
 
     def _write(self, result: bytes | Failure, request: server.Request, gone: Any) -> None:

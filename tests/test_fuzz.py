@@ -5,9 +5,11 @@ bodies, encodings, deep nesting, huge numbers, duplicate keys), the answer
 is a JSON 4xx (or a 2xx), never a 5xx, never a crash, and no Redis key is
 ever written outside the key prefix. The server runs with its own embedded
 Redis, so every key in it is checked. It trusts 127.0.0.1 as a proxy and
-limits per address, so the forwarding headers are parsed on every POST. A
-second server keeps GET /kill on and trusts no proxy: whatever a forwarding
-header says, /kill refuses it.
+limits per address, so the forwarding headers are parsed on every POST. Two
+more servers keep GET /kill on: one trusts no proxy (whatever a forwarding
+header says, /kill refuses it), the other trusts 127.0.0.1 as its proxy and
+gets what a client wrote followed by what that proxy adds for a remote client
+(whatever the client wrote, /kill refuses it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import valkey
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from harness import Twistd
@@ -50,6 +52,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twistd]:
 @pytest.fixture(scope="module")
 def kill_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twistd]:
     server = Twistd(tmp_path_factory.mktemp("fuzz-kill"), {"WORKERS": "1"})
+    server.wait_until_ready(1)
+    yield server
+    assert server.stop() == 0
+    assert "died" not in server.output, "a child was killed"
+
+
+@pytest.fixture(scope="module")
+def proxied_kill_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twistd]:
+    server = Twistd(
+        tmp_path_factory.mktemp("fuzz-proxied-kill"), {"WORKERS": "1", "TRUSTED_PROXY": "127.0.0.1"}
+    )
     server.wait_until_ready(1)
     yield server
     assert server.stop() == 0
@@ -102,11 +115,36 @@ bodies = st.one_of(
     st.text(max_size=50).map(lambda t: f'{{"user_id": "{t}", "user_id": "b"}}'.encode()),
     st.integers(1, 200_000).map(lambda n: b"[" * n),
     st.integers(1, 10_000).map(lambda n: b'{"user_id": "x", "payload": ' + b"9" * n + b"}"),
-    st.sampled_from([b'{"user_id": "\xff\xfe"}', b'{"user_id": "\\ud800"}', b"\x00" * 10]),
+    st.sampled_from(
+        [
+            b'{"user_id": "\xff\xfe"}',
+            b'{"user_id": "\\ud800"}',
+            b"\x00" * 10,
+            b'{"user_id": "s", "payload": "\\ud800"}',
+            b'{"user_id": "s", "payload": {"\\uDC00": 1}}',
+            b'{"user_id": "s", "payload": ["\\ud83d\\ude00", "\\udbff"]}',
+        ]
+    ),
 )
 paths = st.one_of(
     st.sampled_from(
-        ["/api/v1/task", "/api/v1/task/", "/api/v1/task/" + "a" * 32, "/healthz", "/readyz", "/"]
+        [
+            "/api/v1/task",
+            "/api/v1/task/",
+            "/api/v1/task/" + "a" * 32,
+            "/healthz",
+            "/readyz",
+            "/",
+            "/api/v1//task/" + "a" * 32,
+            "//api/v1/task",
+            "/api//v1/task",
+            "/healthz/",
+            "/%ff",
+            "/healthz%c3",
+            "/api/v1/task/%ff",
+            "/%2F%2Fhealthz",
+            "/api/v1/task/" + "a" * 32 + "/",
+        ]
     ),
     st.text(
         alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="#"),
@@ -119,7 +157,9 @@ header_values = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint
 hops = st.sampled_from(
     ["127.0.0.1", "::1", "::ffff:127.0.0.1", "[::1]:80", "127.0.0.1:8000", "203.0.113.9",
      "10.0.0.1", "unknown", "_hidden", "", "garbage", '"', "[", "]:", "for=", "for=127.0.0.1",
-     'for="[::1]:80"', "For=::1;proto=http", "by=127.0.0.1", ";", '"a,b"', "for=\"127.0.0.1"]
+     'for="[::1]:80"', "For=::1;proto=http", "by=127.0.0.1", ";", '"a,b"', "for=\"127.0.0.1",
+     'for="[::1]', 'for="127.0.0.1:', 'for="[::1]junk', "[::1]junk", "127.0.0.1:", "127.0.0.1:x",
+     '"[::1]"x', "::1%lo", 'for="::1', 'for=""']
 )  # fmt: skip
 forwarded_values = st.one_of(header_values, st.lists(hops, max_size=5).map(", ".join))
 forwarding = st.dictionaries(
@@ -200,6 +240,51 @@ def test_kill_refuses_every_forwarded_request(
     lines += [f"{name}: {value}" for name, value in forwarded.items()]
     status, _, answer = exchange(kill_server, "\r\n".join(lines).encode() + b"\r\n\r\n")
     assert (status, json.loads(answer)["error"]) == (403, "forbidden"), forwarded
+
+
+#: What a client may write to pass for loopback, well-formed or not.
+loopback_claims = st.sampled_from(
+    ['for="[::1]', 'for="127.0.0.1:', 'for="[::1]junk', 'for="::1', "for=127.0.0.1", "::1",
+     'for="[::1]:80"', "127.0.0.1:", "[::1]junk", '"127.0.0.1', "for=[::1]", "::ffff:127.0.0.1"]
+)  # fmt: skip
+#: How a proxy on this host adds the remote client 203.0.113.9 to what the client wrote.
+PROXY_STYLES = ["forwarded line", "forwarded appended", "xff line", "xff appended", "x-real-ip"]
+
+
+def through_a_proxy(client_lines: list[tuple[str, str]], style: str) -> list[tuple[str, str]]:
+    lines = list(client_lines)
+    name = {"f": "Forwarded", "x": "X-Forwarded-For"}[style[0]] if style[0] in "fx" else ""
+    appended = {"Forwarded": ", for=203.0.113.9", "X-Forwarded-For": ", 203.0.113.9"}
+    if style == "x-real-ip":
+        lines = [(n, v) for n, v in lines if n != "X-Real-IP"] + [("X-Real-IP", "203.0.113.9")]
+    elif style.endswith("appended") and any(n == name for n, _ in lines):
+        last = max(i for i, (n, _) in enumerate(lines) if n == name)
+        lines[last] = (name, lines[last][1] + appended[name])
+    else:
+        lines.append((name, appended[name].removeprefix(", ")))
+    return lines
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@example(client_lines=[("Forwarded", 'for="[::1]')], style="forwarded line")  # the bypass found
+@given(
+    client_lines=st.lists(
+        st.tuples(
+            st.sampled_from(["Forwarded", "X-Forwarded-For", "X-Real-IP"]),
+            st.lists(loopback_claims | hops, min_size=1, max_size=3).map(", ".join) | header_values,
+        ),
+        max_size=3,
+    ),
+    style=st.sampled_from(PROXY_STYLES),
+)
+def test_kill_behind_a_trusted_proxy_refuses_every_remote_client(
+    proxied_kill_server: Twistd, client_lines: list[tuple[str, str]], style: str
+) -> None:
+    """A trusted proxy on this host forwards for 203.0.113.9: what the client wrote is moot."""
+    lines = ["GET /kill HTTP/1.1", "Host: localhost", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in through_a_proxy(client_lines, style)]
+    status, _, answer = exchange(proxied_kill_server, "\r\n".join(lines).encode() + b"\r\n\r\n")
+    assert (status, json.loads(answer)["error"]) == (403, "forbidden"), lines
 
 
 def test_no_key_outside_the_prefix(

@@ -52,6 +52,11 @@ NEVER_A_HANG_S = 20.0
         (b'{"user_id": "a\\nb"}', "invalid_user_id"),
         (b'{"user_id": "a\\u2028b"}', "invalid_user_id"),
         (b'{"user_id": "\\ud800"}', "invalid_user_id"),
+        # Valid JSON that no UTF-8 encodes: lone surrogates, in payload values and keys.
+        (b'{"user_id": "a", "payload": "\\ud800"}', "invalid_json"),
+        (b'{"user_id": "a", "payload": {"\\uDFFF": 1}}', "invalid_json"),
+        (b'{"user_id": "a", "payload": ["ok", {"k": "x\\udbff"}]}', "invalid_json"),
+        (b'{"user_id": "a", "payload": "\\ude00\\ud83d"}', "invalid_json"),  # a pair reversed
     ],
 )
 def test_bad_bodies_are_rejected_with_a_code(body: bytes, code: str) -> None:
@@ -68,6 +73,14 @@ def test_good_bodies() -> None:
         '{"user_id": "ünïcode ✓", "payload": {"a": [1, null]}}'.encode(),
     ) == ("ünïcode ✓", {"a": [1, None]})
     assert parse_task_body(b"application/json", b'{"user_id": "' + b"x" * 128 + b'"}')[0]
+    assert (
+        parse_task_body(b"application/json", b'{"user_id": "a", "payload": "\\ud83d\\ude00"}')[1]
+        == "\U0001f600"
+    ), "a surrogate pair is one character"
+    assert (
+        parse_task_body(b"application/json", b'{"user_id": "a", "payload": "\\\\ud800"}')[1]
+        == "\\ud800"
+    ), "an escaped backslash, then text"
 
 
 @pytest.mark.parametrize(
@@ -214,6 +227,88 @@ class Connection:
         from twisted.python.failure import Failure
 
         self.channel.connectionLost(Failure(ConnectionDone()))
+
+
+def logged_while(action: Callable[[], None]) -> list[str]:
+    """Every log line written while ``action`` runs (all of it synchronous here)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event) + ("(failure)" if "log_failure" in event else ""))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        action()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "code"),
+    [
+        (b"GET /api/v1//task/" + b"a" * 32 + b" HTTP/1.1\r\nHost: x", 404, b"not_found"),
+        (b"GET /healthz/ HTTP/1.1\r\nHost: x", 404, b"not_found"),
+        (b"GET /%ff HTTP/1.1\r\nHost: x", 400, b"bad_request"),
+        (b"GET /healthz%c3 HTTP/1.1\r\nHost: x", 400, b"bad_request"),
+        (b"GET /healthz HTTP/1.1\r\nHost: \xff", 400, b"bad_request"),
+        (b"HEAD /%ff HTTP/1.1\r\nHost: x", 400, None),
+    ],
+)
+def test_paths_klein_cannot_route_get_a_json_4xx_and_log_nothing(
+    request_head: bytes, status: int, code: bytes | None
+) -> None:
+    """Merged slashes (a werkzeug redirect: was a 500) and non-UTF-8 (Klein's HTML 400)."""
+    connection = Connection(fake_api()[0], Clock())
+    lines = logged_while(lambda: connection.send(request_head + b"\r\n\r\n"))
+    answer = connection.transport.value()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer[:300]
+    assert b"\r\nContent-Type: application/json\r\n" in head
+    if code is None:  # HEAD: the same headers, no body
+        assert body == b""
+    else:
+        assert json.loads(body)["error"] == code.decode()
+    assert lines == []
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        ("RequestRedirect", 404, "not_found"),  # what merge_slashes or strict_slashes raise
+        ("BadRequest", 400, "bad_request"),
+        ("RequestURITooLarge", 414, "request_uri_too_long"),
+    ],
+)
+def test_every_werkzeug_http_error_is_a_json_answer(error: str, status: int, code: str) -> None:
+    from twisted.python.failure import Failure
+    from twisted.web.test.requesthelper import DummyRequest
+    from werkzeug import exceptions, routing
+
+    raised = (
+        routing.RequestRedirect("http://x/")
+        if error == "RequestRedirect"
+        else getattr(exceptions, error)()
+    )
+    request = DummyRequest([b""])
+    body = fake_api()[0].answer_error(request, Failure(raised))
+    assert request.responseCode == status
+    assert json.loads(body)["error"] == code
+
+
+@pytest.mark.parametrize(
+    ("path", "status"), [(b"/api/v1/task", 405), (b"/healthz", 200), (b"/nowhere", 404)]
+)
+def test_head_answers_headers_only_and_logs_nothing(path: bytes, status: int) -> None:
+    """twisted.web logs "I think I'll eat it" for every HEAD whose body a resource returns."""
+    connection = Connection(fake_api()[0], Clock())
+    lines = logged_while(lambda: connection.send(b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n" % path))
+    head, _, body = connection.transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert body == b""
+    assert lines == []
 
 
 def test_the_channel_s_private_400_hook_still_exists() -> None:
@@ -471,6 +566,57 @@ async def test_kill_through_a_proxy_on_this_host(
         assert killed == []
 
 
+@pytest.mark.parametrize(
+    "client_line",
+    [b'for="[::1]', b'for="127.0.0.1:', b'for="[::1]junk, for=127.0.0.1', b'for="[::1], for=::1'],
+)
+@pytest_twisted.ensureDeferred
+async def test_kill_behind_a_trusted_proxy_is_not_fooled_by_an_open_quote(
+    start_server: Callable[..., RunningServer], client_line: bytes
+) -> None:
+    """The client's own Forwarded line, then the one its proxy (trusted, on this host) added."""
+    killed: list[bool] = []
+    server = start_server(kill=lambda: killed.append(True), trusted_proxies=("127.0.0.1",))
+    client = await RawClient().connect(server.port)
+    client.send(
+        b"GET /kill HTTP/1.1\r\nHost: x\r\nForwarded: %s\r\nForwarded: for=203.0.113.9\r\n"
+        b"Connection: close\r\n\r\n" % client_line
+    )
+    await client.closed.addTimeout(NEVER_A_HANG_S, reactor)
+    assert client.received.startswith(b"HTTP/1.1 403 Forbidden"), client.received[:200]
+    assert b'"error":"forbidden"' in client.received
+    assert killed == []
+
+
+@pytest.mark.parametrize(
+    ("browser", "kill_token", "status"),
+    [
+        ({"Sec-Fetch-Site": "cross-site"}, None, 403),  # <img src=http://localhost:8000/kill>
+        ({"Sec-Fetch-Site": "same-site"}, None, 403),
+        ({"Origin": "http://evil.example"}, None, 403),  # fetch() from a page
+        ({"Sec-Fetch-Site": "cross-site"}, "secret", 403),
+        ({"Sec-Fetch-Site": "none"}, None, 200),  # typed into the address bar
+        ({"Sec-Fetch-Site": "same-origin"}, None, 200),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_kill_refuses_what_a_web_page_sends(
+    start_server: Callable[..., RunningServer],
+    browser: dict[str, str],
+    kill_token: str | None,
+    status: int,
+) -> None:
+    killed: list[bool] = []
+    server = start_server(kill=lambda: killed.append(True), kill_token=kill_token)
+    headers = {**browser, **({"Authorization": f"Bearer {kill_token}"} if kill_token else {})}
+    response = await treq.get(server.url + "/kill", headers=headers)
+    document = json.loads(await response.content())
+    assert response.code == status, document
+    if status == 403:
+        assert document["error"] == "forbidden"
+        assert killed == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_kill_answers_then_kills_after_the_answer_is_sent(
     start_server: Callable[..., RunningServer],
@@ -716,6 +862,44 @@ async def test_invalid_keys_are_400(server: RunningServer, key: str) -> None:
     assert document["error"] == "invalid_idempotency_key"
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_lone_surrogate_is_400_and_the_request_beside_it_is_unaffected(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    """Both requests are read in one reactor turn, so they would share one admission batch."""
+    from twisted.logger import globalLogPublisher
+
+    server = start_server(rate_limits=())
+    assert (await post(server, b'{"user_id": "warm-up"}'))[0].code == 202
+    failures: list[Any] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event or event.get("isError"):
+            failures.append(event)
+
+    clients = [await RawClient().connect(server.port) for _ in range(2)]
+    globalLogPublisher.addObserver(observe)
+    try:
+        for client, body in zip(
+            clients,
+            [b'{"user_id": "innocent"}', b'{"user_id": "evil", "payload": "\\ud800"}'],
+            strict=True,
+        ):
+            client.send(
+                b"POST /api/v1/task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        for client in clients:
+            await client.closed.addTimeout(NEVER_A_HANG_S, reactor)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    innocent, evil = (client.received for client in clients)
+    assert innocent.startswith(b"HTTP/1.1 202 Accepted"), innocent[:200]
+    assert evil.startswith(b"HTTP/1.1 400 Bad Request"), evil[:200]
+    assert b'"error":"invalid_json"' in evil
+    assert failures == []
+
+
 # ------------------------------------------------------------------ slow, idle and many clients
 
 
@@ -939,17 +1123,19 @@ async def test_an_outage_writes_one_readable_warning_not_one_per_request(
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)
+    await redis.execute_command("CLIENT", "PAUSE", "60000", "WRITE")  # ended below, not by time
     try:
-        await redis.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
         answers = await defer.gatherResults(
             [
                 defer.Deferred.fromCoroutine(post(server, f'{{"user_id": "o{n}"}}'.encode()))
                 for n in range(20)
             ]
         )
+        info = await redis.execute_command("INFO", "clients")
+        assert "paused_actions:write" in info, "Redis was still paused when the 503s came"
     finally:
-        globalLogPublisher.removeObserver(observe)
         await redis.execute_command("CLIENT", "UNPAUSE")
+        globalLogPublisher.removeObserver(observe)
     assert [response.code for response, _ in answers] == [503] * 20
     assert lines == ["answered 503: Redis did not answer within 0.5 s"]
 
