@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from taskserver.backoff import backoff_delay
 from taskserver.ids import consumer_ids_of, new_process_id
-from taskserver.queue import TaskQueue
+from taskserver.queue import GONE, TaskQueue
 from taskserver.redisclient import RedisUnavailable
 from taskserver.task import MalformedTask, Task, iso_utc
 from taskserver.tasklog import TaskLog
@@ -347,11 +347,13 @@ class ConsumerService(Service):
         )
         if error:
             delay = retry_delay_s(attempts, self._retry_backoff_s)
-            await self._until_done(
+            outcome = await self._until_done(
                 lambda: self._queue.fail(
                     consumer_id, raw, task_, attempts, error, delay, iso_utc(finished), duration_ms
                 )
             )
+            if outcome == GONE:
+                self._log_gone(task_)
         else:
             self._acknowledge(consumer_id, raw, task_, iso_utc(finished), duration_ms)
 
@@ -370,13 +372,24 @@ class ConsumerService(Service):
             )
         )
         self._acking[acking] = raw
-        acking.addBoth(self._acked, acking)
+        acking.addBoth(self._acked, acking, task_)
 
-    def _acked(self, result: Any, acking: defer.Deferred[None]) -> None:
+    def _acked(self, result: Any, acking: defer.Deferred[None], task_: Task) -> None:
         del self._acking[acking]
-        if isinstance(result, Failure) and not result.check(defer.CancelledError):
-            self.log.failure("could not acknowledge a finished task", result)
+        if isinstance(result, Failure):
+            if not result.check(defer.CancelledError):
+                self.log.failure("could not acknowledge a finished task", result)
+        elif result is False:
+            self._log_gone(task_)
         self._wake_dispatcher()  # one waiting for room, or to be idle
+
+    def _log_gone(self, task_: Task) -> None:
+        """The outcome found no entry to remove, so it recorded nothing (and that is right)."""
+        self.log.info(
+            "task {task_id}: its entry had already left the processing list (an earlier try "
+            "of the same write landed, or a reaper gave it back to run again); nothing recorded",
+            task_id=task_.id,
+        )
 
     async def _call_handler(self, argument: dict[str, Any]) -> Any:
         """Run the handler; cancel it (TaskTimeout) if it outlives TASK_TIMEOUT."""

@@ -38,6 +38,10 @@ PROMOTE = load("promote")
 RECLAIM = load("reclaim")
 HEARTBEAT = load("heartbeat")
 
+#: What FAIL answers when the entry was no longer in the processing list: a replay of
+#: a call whose reply was lost, or a reaper took the entry back. Nothing was written.
+GONE = "gone"
+
 STATUS_FIELDS = (
     "status",
     "user_id",
@@ -199,15 +203,18 @@ class TaskQueue:
 
     async def complete(
         self, consumer_id: str, raw: str, task: Task, finished_at: str, duration_ms: float
-    ) -> None:
-        """Record success and acknowledge: the entry leaves the processing list.
+    ) -> bool:
+        """Acknowledge and record success: the entry leaves the processing list.
 
-        The completions of one consumer in the same reactor turn share one call.
+        Returns False (and records nothing) if the entry was no longer there: a
+        replay of a call whose reply was lost, or a reaper took it back (then the
+        task runs again and records its own outcome). The completions of one
+        consumer in the same reactor turn share one call.
         """
         batch = self._coalescer(
             self._completions, consumer_id, partial(self._complete_many, consumer_id)
         )
-        await batch.submit((raw, task, finished_at, f"{duration_ms:.3f}"))
+        return int(await batch.submit((raw, task, finished_at, f"{duration_ms:.3f}"))) > 0
 
     async def _complete_many(
         self, consumer_id: str, done: list[tuple[str, Task, str, str]]
@@ -230,9 +237,13 @@ class TaskQueue:
         finished_at: str,
         duration_ms: float,
     ) -> str:
-        """Record a failed attempt and acknowledge it; returns its failure_outcome()."""
+        """Acknowledge a failed attempt and record it; returns its failure_outcome().
+
+        Returns :data:`GONE` (and writes nothing) if the entry was no longer in
+        the processing list, so a replay never retries or dead-letters a task twice.
+        """
         outcome = self.failure_outcome(attempts)
-        await self._eval(
+        answer = await self._eval(
             FAIL,
             [
                 self.keys.status(task.id),
@@ -254,7 +265,7 @@ class TaskQueue:
                 task.queued_at,
             ],
         )
-        return outcome
+        return str(answer)
 
     def failure_outcome(self, attempts: int) -> str:
         """What a failed ``attempts``-th attempt becomes: "retrying", or "dead" at the last.

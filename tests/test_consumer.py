@@ -17,6 +17,7 @@ from taskserver.config import RedisAddress
 from taskserver.consumer import ConsumerService, backoff_s
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
+from taskserver.redisclient import RedisUnavailable
 from taskserver.task import Task
 from taskserver.tasklog import TaskLog, TaskLogFile
 
@@ -407,3 +408,30 @@ async def test_a_requeued_dead_task_reaches_the_handler_unchanged(
     assert await admin.requeue(redis, keys, [task.id]) == 1
     await eventually(status_is(queue, task, "completed"))
     assert seen == [payload] * 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fail_whose_reply_timed_out_after_it_ran_is_not_recorded_twice(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, monkeypatch: Any
+) -> None:
+    """The script ran, the reply came too late: the consumer's retry of it adds nothing."""
+    real_fail = queue.fail
+    answers: list[str] = []
+
+    async def late_reply(*args: Any) -> str:
+        answers.append(await real_fail(*args))
+        if len(answers) == 1:
+            raise RedisUnavailable("Redis did not answer within 2.0 s")
+        return answers[-1]
+
+    def broken(task: dict[str, Any]) -> None:
+        raise ValueError("always")
+
+    monkeypatch.setattr(queue, "fail", late_reply)
+    monkeypatch.setattr(queue, "max_attempts", 1)
+    consumers(broken)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "dead"))
+    await eventually(lambda: defer.succeed(len(answers) == 2))
+    assert answers == ["dead", "gone"]
+    assert await redis.llen(keys.dead) == 1, "one dead-letter entry"
