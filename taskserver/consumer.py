@@ -62,6 +62,19 @@ def retry_delay_s(attempts: int, base_s: float, rng: Callable[[], float] = rando
 Handler = Callable[[dict[str, Any]], Any]
 
 
+def error_text(error: BaseException) -> str:
+    """``Type: message`` for the status record, at most ERROR_MAX_CHARS.
+
+    Even an exception whose ``str()`` raises gives a text: a task must never
+    be stranded because its error could not be described.
+    """
+    try:
+        message = str(error)
+    except Exception:
+        message = "(its message could not be read)"
+    return f"{type(error).__name__}: {message}"[:ERROR_MAX_CHARS]
+
+
 def backoff_s(failures: int) -> float:
     """The pause after ``failures`` Redis errors in a row (the master's formula, shorter bounds)."""
     return backoff_delay(max(1, failures), BACKOFF_FIRST_S, BACKOFF_MAX_S)
@@ -282,6 +295,29 @@ class ConsumerService(Service):
             raise
         except Exception:
             self.log.failure("consumer {consumer} failed on a task", consumer=consumer_id)
+            await self._give_back(consumer_id, raw)
+
+    async def _give_back(self, consumer_id: str, raw: str) -> None:
+        """An entry whose outcome could not be recorded (an error other than Redis being
+        away, which retrying would not cure) runs again later, not never: our heartbeat
+        lives, so no reaper would take it back."""
+        try:
+            moved = await self._until_done(
+                lambda: self._queue.give_back(consumer_id, raw, self._retry_backoff_s)
+            )
+        except defer.CancelledError:
+            raise
+        except Exception:
+            self.log.failure(
+                "could not give a task back; it stays in {consumer}'s list until this "
+                "process stops",
+                consumer=consumer_id,
+            )
+            return
+        if moved:
+            self.log.warn(
+                "gave a task back to run again in {delay:g} s", delay=self._retry_backoff_s
+            )
 
     async def _give_back_lost_fetch(self, consumer_id: str) -> None:
         """After a failed fetch, return what landed in our list without our knowing.
@@ -332,7 +368,7 @@ class ConsumerService(Service):
         except defer.CancelledError:
             raise
         except Exception as e:
-            error = f"{type(e).__name__}: {e}"[:ERROR_MAX_CHARS]
+            error = error_text(e)
             self.log.failure("task {task_id} failed (attempt {n})", task_id=task_.id, n=attempts)
         finished = self._clock.seconds()
         duration_ms = (finished - started) * 1000
@@ -367,20 +403,31 @@ class ConsumerService(Service):
         trip per batch of tasks instead of two.
         """
         acking = defer.Deferred.fromCoroutine(
-            self._until_done(
-                lambda: self._queue.complete(consumer_id, raw, task_, finished_at, duration_ms)
-            )
+            self._record_success(consumer_id, raw, task_, finished_at, duration_ms)
         )
         self._acking[acking] = raw
-        acking.addBoth(self._acked, acking, task_)
+        acking.addBoth(self._acked, acking)
 
-    def _acked(self, result: Any, acking: defer.Deferred[None], task_: Task) -> None:
-        del self._acking[acking]
-        if isinstance(result, Failure):
-            if not result.check(defer.CancelledError):
-                self.log.failure("could not acknowledge a finished task", result)
-        elif result is False:
+    async def _record_success(
+        self, consumer_id: str, raw: str, task_: Task, finished_at: str, duration_ms: float
+    ) -> None:
+        try:
+            removed = await self._until_done(
+                lambda: self._queue.complete(consumer_id, raw, task_, finished_at, duration_ms)
+            )
+        except defer.CancelledError:
+            raise
+        except Exception:
+            self.log.failure("could not acknowledge finished task {task_id}", task_id=task_.id)
+            await self._give_back(consumer_id, raw)
+            return
+        if not removed:
             self._log_gone(task_)
+
+    def _acked(self, result: Any, acking: defer.Deferred[None]) -> None:
+        del self._acking[acking]
+        if isinstance(result, Failure) and not result.check(defer.CancelledError):
+            self.log.failure("could not acknowledge a finished task", result)
         self._wake_dispatcher()  # one waiting for room, or to be idle
 
     def _log_gone(self, task_: Task) -> None:

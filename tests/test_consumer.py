@@ -435,3 +435,54 @@ async def test_a_fail_whose_reply_timed_out_after_it_ran_is_not_recorded_twice(
     await eventually(lambda: defer.succeed(len(answers) == 2))
     assert answers == ["dead", "gone"]
     assert await redis.llen(keys.dead) == 1, "one dead-letter entry"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handler_error_with_a_lone_surrogate_is_recorded(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """An error about a surrogateescape file name (ordinary on Linux) cannot strand its task."""
+
+    def handler(task: dict[str, Any]) -> None:
+        raise FileNotFoundError("no such file: '\udcff.csv'")
+
+    consumers(handler, retry_backoff_s=0.01)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "dead"))
+    record = await queue.status(task.id) or {}
+    assert (record["error"], record["attempts"]) == (
+        "FileNotFoundError: no such file: '\\udcff.csv'",
+        "3",
+    )
+    assert await redis.llen(keys.dead) == 1
+
+
+@pytest.mark.parametrize("step", ["complete", "fail"])
+@pytest_twisted.ensureDeferred
+async def test_an_outcome_that_cannot_be_recorded_gives_the_task_back(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, monkeypatch: Any, step: str
+) -> None:
+    """Not Redis being away (retrying would not help): the entry comes back and runs again."""
+    real = getattr(queue, step)
+    broke: list[bool] = []
+
+    async def broken_once(*args: Any) -> Any:
+        if not broke:
+            broke.append(True)
+            raise txredisapi.InvalidData("as a value that cannot be encoded does")
+        return await real(*args)
+
+    attempts: list[int] = []
+
+    def handler(task: dict[str, Any]) -> None:
+        attempts.append(task["attempts"])
+        if step == "fail" and task["attempts"] == 1:
+            raise ValueError("once")
+
+    monkeypatch.setattr(queue, step, broken_once)
+    service = consumers(handler, retry_backoff_s=0.05)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "completed"))
+    assert broke and attempts == [1, 2]
+    assert await redis.llen(keys.processing(service.consumer_ids[0])) == 0
+    assert await redis.zcard(keys.delayed) == 0 and await redis.llen(keys.pending) == 0

@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor
 from taskserver import admin
 from taskserver.config import parse_rate_limits
 from taskserver.keys import Keys
-from taskserver.queue import GONE, TaskQueue
+from taskserver.queue import GONE, TaskQueue, UnencodableTask
 from taskserver.ratelimit import RatePolicy
 from taskserver.task import Task
 
@@ -375,3 +375,21 @@ async def test_a_replayed_complete_does_not_bring_an_expired_record_back(
     await redis.delete(keys.status(task.id))  # as if STATUS_TTL had passed
     assert await queue.complete("p#0", raw, task, "t", 1.0) is False
     assert await queue.status(task.id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_that_cannot_be_encoded_fails_alone_in_its_batch(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """A lone surrogate (not UTF-8) in a payload or user id: the turn's other tasks go in."""
+    policy = RatePolicy(keys, parse_rate_limits("5/1s"))
+    good = [new_task("fine-1"), new_task("fine-2")]
+    bad = [Task.new("u", {"name": "\udcff.csv"}, reactor.seconds()), new_task("\udcff")]
+    results = await defer.DeferredList(
+        [defer.ensureDeferred(queue.admit(t, policy)) for t in [good[0], *bad, good[1]]],
+        consumeErrors=True,
+    )
+    assert [ok for ok, _ in results] == [True, False, False, True]
+    assert all(result.check(UnencodableTask) for ok, result in results if not ok)
+    assert list(reversed(await redis.lrange(keys.pending, 0, -1))) == [t.to_json() for t in good]
+    assert await queue.status(bad[0].id) is None
