@@ -39,6 +39,8 @@ REQUEUE_DEAD = load("requeue_dead")
 #: Most dead tasks one REQUEUE_DEAD call moves: Redis answers nothing else while it runs
 #: (10,000, the default DEAD_LETTER_MAX, in 10 calls of a few ms each).
 REQUEUE_BATCH = 1000
+#: The dead-letter list deleted and counted at once (lua/purge_dead.lua).
+PURGE_DEAD = load("purge_dead")
 
 
 def redis_address(settings: Settings) -> RedisAddress:
@@ -101,9 +103,8 @@ async def requeue(redis: Any, keys: Keys, task_ids: list[str]) -> int:
 
 
 async def purge(redis: Any, keys: Keys) -> int:
-    count = int(await redis.llen(keys.dead))
-    await redis.delete(keys.dead)
-    return count
+    """Delete every dead task; returns how many were deleted."""
+    return int(await PURGE_DEAD(redis, [keys.dead], []))
 
 
 def _print_stats(report: dict[str, Any]) -> None:

@@ -181,3 +181,29 @@ async def test_requeue_by_id_takes_the_named_tasks_only(
     listed = await admin.dead_letters(redis, keys, limit=10)
     assert [entry["task"]["id"] for entry in listed] == [tasks[3].id, tasks[1].id]
 
+
+class DiesMeanwhile:
+    """A Redis client during which a task is dead-lettered right after every LLEN."""
+
+    def __init__(self, real: Any, keys: Keys) -> None:
+        self._real = real
+        self._keys = keys
+        self.died = 0
+
+    async def llen(self, key: str) -> int:
+        count = int(await self._real.llen(key))
+        await self._real.lpush(self._keys.dead, '{"error":"late","task":{}}')
+        self.died += 1
+        return count
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_purge_counts_what_it_deleted(queue: TaskQueue, redis: Any, keys: Keys) -> None:
+    for user in ("a", "b"):
+        await dead_task(queue, redis, user)
+    meanwhile = DiesMeanwhile(redis, keys)
+    purged = await admin.purge(meanwhile, keys)
+    assert purged == 2 + meanwhile.died - await redis.llen(keys.dead)
