@@ -358,7 +358,11 @@ async def test_tasks_awaiting_their_acknowledgement_are_bounded(
 async def test_the_line_is_written_before_the_outcome_removes_the_entry(
     consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, monkeypatch: Any, outcome: str
 ) -> None:
-    """A crash between the two steps runs the task again; it never loses the task's line."""
+    """A crash between the two steps runs the task again; it never loses the task's line.
+
+    Only ``[retrying]`` guards a fix (FAIL used to remove the entry before the line was
+    written); ``[completed]`` passed before it too and is here so neither path regresses.
+    """
     events: list[tuple[str, Any]] = []
 
     def sink(line: str) -> None:
