@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from taskserver.backoff import backoff_delay
 from taskserver.ids import consumer_ids_of, new_process_id
-from taskserver.queue import TaskQueue
+from taskserver.queue import GONE, TaskQueue
 from taskserver.redisclient import RedisUnavailable
 from taskserver.task import MalformedTask, Task, iso_utc
 from taskserver.tasklog import TaskLog
@@ -60,6 +60,19 @@ def retry_delay_s(attempts: int, base_s: float, rng: Callable[[], float] = rando
 
 
 Handler = Callable[[dict[str, Any]], Any]
+
+
+def error_text(error: BaseException) -> str:
+    """``Type: message`` for the status record, at most ERROR_MAX_CHARS.
+
+    Even an exception whose ``str()`` raises gives a text: a task must never
+    be stranded because its error could not be described.
+    """
+    try:
+        message = str(error)
+    except Exception:
+        message = "(its message could not be read)"
+    return f"{type(error).__name__}: {message}"[:ERROR_MAX_CHARS]
 
 
 def backoff_s(failures: int) -> float:
@@ -282,6 +295,29 @@ class ConsumerService(Service):
             raise
         except Exception:
             self.log.failure("consumer {consumer} failed on a task", consumer=consumer_id)
+            await self._give_back(consumer_id, raw)
+
+    async def _give_back(self, consumer_id: str, raw: str) -> None:
+        """An entry whose outcome could not be recorded (an error other than Redis being
+        away, which retrying would not cure) runs again later, not never: our heartbeat
+        lives, so no reaper would take it back."""
+        try:
+            moved = await self._until_done(
+                lambda: self._queue.give_back(consumer_id, raw, self._retry_backoff_s)
+            )
+        except defer.CancelledError:
+            raise
+        except Exception:
+            self.log.failure(
+                "could not give a task back; it stays in {consumer}'s list until this "
+                "process stops",
+                consumer=consumer_id,
+            )
+            return
+        if moved:
+            self.log.warn(
+                "gave a task back to run again in {delay:g} s", delay=self._retry_backoff_s
+            )
 
     async def _give_back_lost_fetch(self, consumer_id: str) -> None:
         """After a failed fetch, return what landed in our list without our knowing.
@@ -332,7 +368,7 @@ class ConsumerService(Service):
         except defer.CancelledError:
             raise
         except Exception as e:
-            error = f"{type(e).__name__}: {e}"[:ERROR_MAX_CHARS]
+            error = error_text(e)
             self.log.failure("task {task_id} failed (attempt {n})", task_id=task_.id, n=attempts)
         finished = self._clock.seconds()
         duration_ms = (finished - started) * 1000
@@ -347,11 +383,13 @@ class ConsumerService(Service):
         )
         if error:
             delay = retry_delay_s(attempts, self._retry_backoff_s)
-            await self._until_done(
+            outcome = await self._until_done(
                 lambda: self._queue.fail(
                     consumer_id, raw, task_, attempts, error, delay, iso_utc(finished), duration_ms
                 )
             )
+            if outcome == GONE:
+                self._log_gone(task_)
         else:
             self._acknowledge(consumer_id, raw, task_, iso_utc(finished), duration_ms)
 
@@ -365,18 +403,40 @@ class ConsumerService(Service):
         trip per batch of tasks instead of two.
         """
         acking = defer.Deferred.fromCoroutine(
-            self._until_done(
-                lambda: self._queue.complete(consumer_id, raw, task_, finished_at, duration_ms)
-            )
+            self._record_success(consumer_id, raw, task_, finished_at, duration_ms)
         )
         self._acking[acking] = raw
         acking.addBoth(self._acked, acking)
+
+    async def _record_success(
+        self, consumer_id: str, raw: str, task_: Task, finished_at: str, duration_ms: float
+    ) -> None:
+        try:
+            removed = await self._until_done(
+                lambda: self._queue.complete(consumer_id, raw, task_, finished_at, duration_ms)
+            )
+        except defer.CancelledError:
+            raise
+        except Exception:
+            self.log.failure("could not acknowledge finished task {task_id}", task_id=task_.id)
+            await self._give_back(consumer_id, raw)
+            return
+        if not removed:
+            self._log_gone(task_)
 
     def _acked(self, result: Any, acking: defer.Deferred[None]) -> None:
         del self._acking[acking]
         if isinstance(result, Failure) and not result.check(defer.CancelledError):
             self.log.failure("could not acknowledge a finished task", result)
         self._wake_dispatcher()  # one waiting for room, or to be idle
+
+    def _log_gone(self, task_: Task) -> None:
+        """The outcome found no entry to remove, so it recorded nothing (and that is right)."""
+        self.log.info(
+            "task {task_id}: its entry had already left the processing list (an earlier try "
+            "of the same write landed, or a reaper gave it back to run again); nothing recorded",
+            task_id=task_.id,
+        )
 
     async def _call_handler(self, argument: dict[str, Any]) -> Any:
         """Run the handler; cancel it (TaskTimeout) if it outlives TASK_TIMEOUT."""

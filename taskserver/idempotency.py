@@ -1,9 +1,13 @@
-# -*- test-case-name: tests.test_web -*-
+# -*- test-case-name: tests.test_idempotency,tests.test_web -*-
 """Idempotency keys: a retried POST returns the task it created, not a second task.
 
 A client sends ``Idempotency-Key: <key>``; the first request claims the key
-(per user, kept :data:`IDEMPOTENCY_TTL_S`) with the task id it is about to
-create, in one Redis call that either claims or returns the existing claim.
+(per user) with the task id it is about to create, in one Redis call that
+either claims or returns the existing claim. A claim is kept
+:data:`IDEMPOTENCY_TTL_S`, or ``STATUS_TTL`` if that is shorter: a retry reads
+"no status record" as "the task was never created" and takes the key over,
+so a claim must never outlive the status record of its task (it is set
+before the record, with the same TTL, so it expires first).
 A request is "the same" when its user id and payload are equal as JSON
 (key order and spacing do not matter).
 """
@@ -22,6 +26,7 @@ from taskserver.keys import Keys
 from taskserver.redisclient import within
 from taskserver.scripts import load
 
+#: The longest a claim is kept (shorter when STATUS_TTL is).
 IDEMPOTENCY_TTL_S = 24 * 3600
 #: A claim whose task never appeared is taken over once it is this old (or 5 x the
 #: Redis timeout, if longer): its request must have died between claim and enqueue.
@@ -31,6 +36,7 @@ VALID_KEY = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,254}$")
 
 CLAIM = load("claim")
 TAKE_OVER = load("take_over")
+RELEASE = load("release")
 
 
 def fingerprint(user_id: str, payload: Any) -> str:
@@ -55,11 +61,14 @@ class Claim:
 class IdempotencyKeys:
     """Claims and releases idempotency keys in Redis (one round trip each)."""
 
-    def __init__(self, redis: Any, keys: Keys, timeout_s: float, clock: IReactorTime) -> None:
+    def __init__(
+        self, redis: Any, keys: Keys, timeout_s: float, clock: IReactorTime, status_ttl_s: int
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._timeout_s = timeout_s
         self._clock = clock
+        self.ttl_ms = min(IDEMPOTENCY_TTL_S, status_ttl_s) * 1000
 
     async def claim(self, user_id: str, key: str, claim: Claim) -> Claim | None:
         """Claim ``key`` for ``claim``; returns the earlier claim if there is one."""
@@ -67,7 +76,7 @@ class IdempotencyKeys:
             CLAIM(
                 self._redis,
                 [self._keys.idempotency(user_id, key)],
-                [claim.to_json(), IDEMPOTENCY_TTL_S * 1000],
+                [claim.to_json(), self.ttl_ms],
             ),
             self._timeout_s,
             self._clock,
@@ -89,7 +98,7 @@ class IdempotencyKeys:
                 [
                     abandoned.to_json(),
                     claim.to_json(),
-                    IDEMPOTENCY_TTL_S * 1000,
+                    self.ttl_ms,
                     abandoned_after_ms,
                 ],
             ),
@@ -98,8 +107,16 @@ class IdempotencyKeys:
         )
         return bool(taken)
 
-    async def release(self, user_id: str, key: str) -> None:
-        """Give the key up (the request it was claimed for did not create a task)."""
-        await within(
-            self._redis.delete(self._keys.idempotency(user_id, key)), self._timeout_s, self._clock
-        )
+    async def release(self, user_id: str, key: str, claim: Claim | None = None) -> bool:
+        """Give the key up (the request it was claimed for did not create a task).
+
+        With ``claim`` (the request's own), only if the key still holds it: a
+        claim taken over meanwhile belongs to another request. Returns whether
+        it deleted. Without ``claim``, unconditionally (callers should pass it).
+        """
+        name = self._keys.idempotency(user_id, key)
+        if claim is None:
+            deleting = self._redis.delete(name)
+        else:
+            deleting = RELEASE(self._redis, [name], [claim.to_json()])
+        return bool(await within(deleting, self._timeout_s, self._clock))

@@ -31,12 +31,17 @@ from taskserver.task import Task
 ADMIT = load("admit")
 FETCH_BATCH = load("fetch_batch")
 GIVE_BACK_UNKNOWN = load("give_back_unknown")
+GIVE_BACK = load("give_back")
 MARK_STARTED = load("mark_started")
 COMPLETE = load("complete")
 FAIL = load("fail")
 PROMOTE = load("promote")
 RECLAIM = load("reclaim")
 HEARTBEAT = load("heartbeat")
+
+#: What FAIL answers when the entry was no longer in the processing list: a replay of
+#: a call whose reply was lost, or a reaper took the entry back. Nothing was written.
+GONE = "gone"
 
 STATUS_FIELDS = (
     "status",
@@ -54,12 +59,19 @@ STATUS_FIELDS = (
 _UNLIMITED = RatePolicy(Keys(""), ())
 
 
+class UnencodableTask(ValueError):
+    """A task whose text cannot be sent to Redis (a lone surrogate: not UTF-8)."""
+
+
 class Reclaimed(NamedTuple):
     """What giving a process's in-flight tasks back did."""
 
     requeued: int
     dead: int
 
+
+#: One task on its way into ADMIT: the task, its text and user id (encoded), its counters.
+_Admission = tuple[Task, bytes, bytes, Sequence[str]]
 
 Key = TypeVar("Key")
 Item = TypeVar("Item")
@@ -73,6 +85,13 @@ class Batch(NamedTuple):
     alone: bool = False
     #: Suspects wait for an idle consumer: start nothing, ask again once idle.
     wait: bool = False
+
+
+def _encodable(text: str) -> bytes:
+    """``text`` as UTF-8, a lone surrogate (a handler's error about a surrogateescape file
+    name, say) as its escape ``\\udcff``: an outcome must always reach Redis. The one
+    encode the text needs anyway (txredisapi sends bytes as they are)."""
+    return text.encode("utf-8", "backslashreplace")
 
 
 class TaskQueue:
@@ -95,7 +114,7 @@ class TaskQueue:
         self._clock = clock
         self.max_attempts = max_attempts
         self._dead_letter_max = dead_letter_max
-        self._admissions: dict[tuple[int, ...], Coalescer[tuple[Task, Sequence[str]], Any]] = {}
+        self._admissions: dict[tuple[int, ...], Coalescer[_Admission, Any]] = {}
         self._completions: dict[str, Coalescer[tuple[str, Task, str, str], Any]] = {}
 
     def _coalescer(
@@ -119,19 +138,27 @@ class TaskQueue:
         so "counted" and "enqueued" cannot disagree. Admissions made in the
         same reactor turn under the same tiers share one call.
         """
+        try:
+            # Encoded here, not when the batch is sent, so one bad task fails alone. The
+            # bytes go to Redis as they are: txredisapi encodes nothing a second time.
+            text = task.to_json().encode("utf-8")
+            user_id = task.user_id.encode("utf-8")
+            counters = policy.counters(task.user_id)
+        except UnicodeEncodeError as e:
+            raise UnencodableTask(f"task {task.id} is not valid UTF-8: {e.reason}") from None
         batch = self._coalescer(
             self._admissions, policy.arguments, partial(self._admit_many, policy.arguments)
         )
-        return policy.decide(await batch.submit((task, policy.counters(task.user_id))))
+        return policy.decide(await batch.submit((task, text, user_id, counters)))
 
     async def _admit_many(
-        self, tier_arguments: tuple[int, ...], tasks: list[tuple[Task, Sequence[str]]]
+        self, tier_arguments: tuple[int, ...], tasks: list[_Admission]
     ) -> list[Any]:
         keys = [self.keys.pending]
         args: list[Any] = [*tier_arguments, self._status_ttl_ms]
-        for task, counters in tasks:
+        for task, text, user_id, counters in tasks:
             keys += [*counters, self.keys.status(task.id)]
-            args += [task.to_json(), task.user_id, task.queued_at]
+            args += [text, user_id, task.queued_at]
         return list(await self._eval(ADMIT, keys, args))
 
     async def enqueue(self, task: Task) -> None:
@@ -199,15 +226,18 @@ class TaskQueue:
 
     async def complete(
         self, consumer_id: str, raw: str, task: Task, finished_at: str, duration_ms: float
-    ) -> None:
-        """Record success and acknowledge: the entry leaves the processing list.
+    ) -> bool:
+        """Acknowledge and record success: the entry leaves the processing list.
 
-        The completions of one consumer in the same reactor turn share one call.
+        Returns False (and records nothing) if the entry was no longer there: a
+        replay of a call whose reply was lost, or a reaper took it back (then the
+        task runs again and records its own outcome). The completions of one
+        consumer in the same reactor turn share one call.
         """
         batch = self._coalescer(
             self._completions, consumer_id, partial(self._complete_many, consumer_id)
         )
-        await batch.submit((raw, task, finished_at, f"{duration_ms:.3f}"))
+        return int(await batch.submit((raw, task, finished_at, f"{duration_ms:.3f}"))) > 0
 
     async def _complete_many(
         self, consumer_id: str, done: list[tuple[str, Task, str, str]]
@@ -216,7 +246,7 @@ class TaskQueue:
         args: list[Any] = [self._status_ttl_ms]
         for raw, task, finished_at, duration_ms in done:
             keys.append(self.keys.status(task.id))
-            args += [raw, finished_at, duration_ms, task.user_id, task.queued_at]
+            args += [raw, finished_at, duration_ms, _encodable(task.user_id), task.queued_at]
         return list(await self._eval(COMPLETE, keys, args))
 
     async def fail(
@@ -230,9 +260,13 @@ class TaskQueue:
         finished_at: str,
         duration_ms: float,
     ) -> str:
-        """Record a failed attempt and acknowledge it; returns its failure_outcome()."""
+        """Acknowledge a failed attempt and record it; returns its failure_outcome().
+
+        Returns :data:`GONE` (and writes nothing) if the entry was no longer in
+        the processing list, so a replay never retries or dead-letters a task twice.
+        """
         outcome = self.failure_outcome(attempts)
-        await self._eval(
+        answer = await self._eval(
             FAIL,
             [
                 self.keys.status(task.id),
@@ -245,16 +279,16 @@ class TaskQueue:
                 attempts,
                 outcome,
                 max(0, int(retry_in_s * 1000)),
-                error,
+                _encodable(error),
                 finished_at,
                 self._status_ttl_ms,
                 self._dead_letter_max,
                 f"{duration_ms:.3f}",
-                task.user_id,
+                _encodable(task.user_id),
                 task.queued_at,
             ],
         )
-        return outcome
+        return str(answer)
 
     def failure_outcome(self, attempts: int) -> str:
         """What a failed ``attempts``-th attempt becomes: "retrying", or "dead" at the last.
@@ -266,6 +300,19 @@ class TaskQueue:
     async def promote(self, limit: int = 1000) -> int:
         """Move retries that are due into the queue; returns how many."""
         return int(await self._eval(PROMOTE, [self.keys.delayed, self.keys.pending], [limit]))
+
+    async def give_back(self, consumer_id: str, raw: str, delay_s: float) -> bool:
+        """Move one entry from the processing list to the delayed set (see GIVE_BACK).
+
+        For an outcome that could not be recorded: the task runs again after
+        ``delay_s``. False if the entry was no longer there.
+        """
+        moved = await self._eval(
+            GIVE_BACK,
+            [self.keys.processing(consumer_id), self.keys.delayed],
+            [raw, max(0, int(delay_s * 1000))],
+        )
+        return int(moved) == 1
 
     async def drop(self, consumer_id: str, raw: str) -> None:
         """Remove an entry that is not a task (never written by us) from a processing list."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -58,8 +59,12 @@ async def test_stats_dead_requeue_purge(queue: TaskQueue, redis: Any, keys: Keys
     assert listed[0]["error"] == "boom"
 
     assert await admin.requeue(redis, keys, [first.id]) == 1
-    assert (await queue.status(first.id) or {})["status"] == "queued"
-    assert (await queue.status(first.id) or {})["attempts"] == "0"
+    assert await queue.status(first.id) == {
+        "status": "queued",
+        "user_id": "a",
+        "attempts": "0",
+        "queued_at": first.queued_at,
+    }, "nothing left of the last run (error, started_at, finished_at, duration_ms)"
     assert await redis.llen(keys.pending) == 2
     assert await admin.purge(redis, keys) == 1
     assert await redis.llen(keys.dead) == 0
@@ -130,3 +135,75 @@ def test_the_installed_command_finds_the_embedded_redis(
     assert gone.stderr.strip() == (
         "taskserver-admin: no Redis configured and no running taskserver in DATA_DIR 'data'"
     )
+
+
+async def script_usec(redis: Any) -> tuple[int, int]:
+    """Script calls so far and the microseconds Redis spent in them (INFO commandstats)."""
+    info = str(await redis.execute_command("INFO", "commandstats"))
+    found = re.findall(r"cmdstat_eval(?:sha)?:calls=(\d+),usec=(\d+)", info)
+    return sum(int(calls) for calls, _ in found), sum(int(usec) for _, usec in found)
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeueing_a_full_dead_letter_list_holds_redis_up_for_milliseconds(
+    redis: Any, keys: Keys
+) -> None:
+    """10,000 entries (the default DEAD_LETTER_MAX), oldest first, in bounded calls.
+
+    Redis answers nothing else while a script runs: one script of LREMs from the
+    head took 1.8 s here (every POST a 503 meanwhile).
+    """
+    tasks = [Task.new("u", {"n": n, "pad": "x" * 100}, 0) for n in range(10_000)]
+    entries = [
+        f'{{"error":"boom","attempts":3,"failed_at_ms":1,"task":{t.to_json()}}}' for t in tasks
+    ]
+    for start in range(0, len(entries), 1000):  # tasks[0] died first: the oldest entry
+        await redis.lpush(keys.dead, entries[start : start + 1000])
+    calls_before, usec_before = await script_usec(redis)
+    assert await admin.requeue(redis, keys, []) == 10_000
+    calls_after, usec_after = await script_usec(redis)
+    assert calls_after - calls_before >= 10_000 // admin.REQUEUE_BATCH, "bounded calls"
+    assert usec_after - usec_before < 500_000, "Redis time in the requeue's scripts"
+    assert await redis.llen(keys.dead) == 0
+    oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
+    assert oldest_first == [t.to_json() for t in tasks], "the oldest dead task runs first"
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeue_by_id_takes_the_named_tasks_only(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    tasks = [await dead_task(queue, redis, f"user-{n}") for n in range(4)]
+    named = [tasks[2].id, tasks[0].id, tasks[2].id]
+    assert await admin.requeue(redis, keys, named) == 2, "each named task once"
+    oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
+    assert oldest_first == [tasks[0].to_json(), tasks[2].to_json()]
+    listed = await admin.dead_letters(redis, keys, limit=10)
+    assert [entry["task"]["id"] for entry in listed] == [tasks[3].id, tasks[1].id]
+
+
+class DiesMeanwhile:
+    """A Redis client during which a task is dead-lettered right after every LLEN."""
+
+    def __init__(self, real: Any, keys: Keys) -> None:
+        self._real = real
+        self._keys = keys
+        self.died = 0
+
+    async def llen(self, key: str) -> int:
+        count = int(await self._real.llen(key))
+        await self._real.lpush(self._keys.dead, '{"error":"late","task":{}}')
+        self.died += 1
+        return count
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_purge_counts_what_it_deleted(queue: TaskQueue, redis: Any, keys: Keys) -> None:
+    for user in ("a", "b"):
+        await dead_task(queue, redis, user)
+    meanwhile = DiesMeanwhile(redis, keys)
+    purged = await admin.purge(meanwhile, keys)
+    assert purged == 2 + meanwhile.died - await redis.llen(keys.dead)

@@ -17,6 +17,7 @@ from taskserver.config import RedisAddress
 from taskserver.consumer import ConsumerService, backoff_s
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
+from taskserver.redisclient import RedisUnavailable
 from taskserver.task import Task
 from taskserver.tasklog import TaskLog, TaskLogFile
 
@@ -357,7 +358,11 @@ async def test_tasks_awaiting_their_acknowledgement_are_bounded(
 async def test_the_line_is_written_before_the_outcome_removes_the_entry(
     consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, monkeypatch: Any, outcome: str
 ) -> None:
-    """A crash between the two steps runs the task again; it never loses the task's line."""
+    """A crash between the two steps runs the task again; it never loses the task's line.
+
+    Only ``[retrying]`` guards a fix (FAIL used to remove the entry before the line was
+    written); ``[completed]`` passed before it too and is here so neither path regresses.
+    """
     events: list[tuple[str, Any]] = []
 
     def sink(line: str) -> None:
@@ -407,3 +412,81 @@ async def test_a_requeued_dead_task_reaches_the_handler_unchanged(
     assert await admin.requeue(redis, keys, [task.id]) == 1
     await eventually(status_is(queue, task, "completed"))
     assert seen == [payload] * 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fail_whose_reply_timed_out_after_it_ran_is_not_recorded_twice(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, monkeypatch: Any
+) -> None:
+    """The script ran, the reply came too late: the consumer's retry of it adds nothing."""
+    real_fail = queue.fail
+    answers: list[str] = []
+
+    async def late_reply(*args: Any) -> str:
+        answers.append(await real_fail(*args))
+        if len(answers) == 1:
+            raise RedisUnavailable("Redis did not answer within 2.0 s")
+        return answers[-1]
+
+    def broken(task: dict[str, Any]) -> None:
+        raise ValueError("always")
+
+    monkeypatch.setattr(queue, "fail", late_reply)
+    monkeypatch.setattr(queue, "max_attempts", 1)
+    consumers(broken)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "dead"))
+    await eventually(lambda: defer.succeed(len(answers) == 2))
+    assert answers == ["dead", "gone"]
+    assert await redis.llen(keys.dead) == 1, "one dead-letter entry"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handler_error_with_a_lone_surrogate_is_recorded(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """An error about a surrogateescape file name (ordinary on Linux) cannot strand its task."""
+
+    def handler(task: dict[str, Any]) -> None:
+        raise FileNotFoundError("no such file: '\udcff.csv'")
+
+    consumers(handler, retry_backoff_s=0.01)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "dead"))
+    record = await queue.status(task.id) or {}
+    assert (record["error"], record["attempts"]) == (
+        "FileNotFoundError: no such file: '\\udcff.csv'",
+        "3",
+    )
+    assert await redis.llen(keys.dead) == 1
+
+
+@pytest.mark.parametrize("step", ["complete", "fail"])
+@pytest_twisted.ensureDeferred
+async def test_an_outcome_that_cannot_be_recorded_gives_the_task_back(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, monkeypatch: Any, step: str
+) -> None:
+    """Not Redis being away (retrying would not help): the entry comes back and runs again."""
+    real = getattr(queue, step)
+    broke: list[bool] = []
+
+    async def broken_once(*args: Any) -> Any:
+        if not broke:
+            broke.append(True)
+            raise txredisapi.InvalidData("as a value that cannot be encoded does")
+        return await real(*args)
+
+    attempts: list[int] = []
+
+    def handler(task: dict[str, Any]) -> None:
+        attempts.append(task["attempts"])
+        if step == "fail" and task["attempts"] == 1:
+            raise ValueError("once")
+
+    monkeypatch.setattr(queue, step, broken_once)
+    service = consumers(handler, retry_backoff_s=0.05)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "completed"))
+    assert broke and attempts == [1, 2]
+    assert await redis.llen(keys.processing(service.consumer_ids[0])) == 0
+    assert await redis.zcard(keys.delayed) == 0 and await redis.llen(keys.pending) == 0

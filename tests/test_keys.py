@@ -1,5 +1,8 @@
 """Key names: one prefix, Cluster hash tags, no raw user ids."""
 
+from test_scripts import SCRIPTS
+
+from taskserver import keys as keys_module
 from taskserver.keys import Keys, user_hash
 
 
@@ -60,3 +63,10 @@ def test_every_script_touches_one_slot() -> None:
     assert {hash_tag(name) for name in queue_keys} == {"q"}
     assert hash_tag(keys.idempotency("alice", "k")) == user_hash("alice")
     assert hash_tag(keys.ip_rate("10.0.0.1", "ip-60s")) == user_hash("10.0.0.1")
+
+
+def test_the_scripts_that_build_status_keys_are_the_three_the_docs_name() -> None:
+    """Keys built from ARGV work on Cluster only in the declared keys' slot: know which."""
+    building = {script.name for script in SCRIPTS.values() if "status key prefix" in script.source}
+    assert building == {"fetch_batch", "reclaim", "requeue_dead"}
+    assert "FETCH_BATCH, RECLAIM and REQUEUE_DEAD" in " ".join((keys_module.__doc__ or "").split())

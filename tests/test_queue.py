@@ -10,9 +10,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
+from taskserver import admin
 from taskserver.config import parse_rate_limits
 from taskserver.keys import Keys
-from taskserver.queue import TaskQueue
+from taskserver.queue import GONE, TaskQueue, UnencodableTask
 from taskserver.ratelimit import RatePolicy
 from taskserver.task import Task
 
@@ -319,3 +320,76 @@ async def test_a_task_whose_status_expired_while_waiting_gets_a_whole_record_aga
         "started_at": "2026-01-01T00:00:00.000Z",
     }
     assert 0 < int(await redis.execute_command("PTTL", keys.status(task.id))) <= 3_600_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_fail_of_the_last_attempt_dead_letters_the_task_once(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """FAIL ran, its reply was lost, the consumer sends it again: one dead-letter entry."""
+    task, raw = await start(queue, redis)
+    assert await queue.fail("p#0", raw, task, 2, "boom", 0.0, "t", 1.0) == "dead"
+    assert await queue.fail("p#0", raw, task, 2, "boom", 0.0, "t", 1.0) == GONE
+    assert await redis.llen(keys.dead) == 1
+    assert await admin.requeue(redis, keys, []) == 1
+    assert await redis.lrange(keys.pending, 0, -1) == [raw], "one copy back in the queue"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fail_replayed_after_its_retry_was_promoted_queues_one_copy(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    task, raw = await start(queue, redis)
+    assert await queue.fail("p#0", raw, task, 1, "boom", 0.0, "t", 1.0) == "retrying"
+    assert await queue.promote() == 1  # any process, meanwhile
+    assert await queue.fail("p#0", raw, task, 1, "boom", 0.0, "t", 1.0) == GONE
+    assert await queue.promote() == 0
+    assert await redis.lrange(keys.pending, 0, -1) == [raw]
+    assert await redis.zcard(keys.delayed) == 0
+
+
+@pytest.mark.parametrize("outcome", ["fail", "complete"])
+@pytest_twisted.ensureDeferred
+async def test_an_outcome_for_an_entry_a_reaper_took_back_writes_nothing(
+    queue: TaskQueue, redis: Any, keys: Keys, outcome: str
+) -> None:
+    """The heartbeat expired during a long block: the task was given back and runs again."""
+    task, raw = await start(queue, redis, "slow:1:x#0")
+    assert await queue.reclaim("slow:1:x", ["slow:1:x#0"], forget=True, force=True) == (1, 0)
+    if outcome == "fail":
+        assert await queue.fail("slow:1:x#0", raw, task, 1, "late", 0.0, "t", 1.0) == GONE
+    else:
+        assert await queue.complete("slow:1:x#0", raw, task, "t", 1.0) is False
+    assert await redis.lrange(keys.suspects, 0, -1) == [raw], "the one copy, to run again"
+    assert await redis.zcard(keys.delayed) == 0 and await redis.llen(keys.dead) == 0
+    record = await queue.status(task.id) or {}
+    assert (record["status"], record.get("error")) == ("queued", None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_complete_does_not_bring_an_expired_record_back(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    task, raw = await start(queue, redis)
+    assert await queue.complete("p#0", raw, task, "t", 1.0) is True
+    await redis.delete(keys.status(task.id))  # as if STATUS_TTL had passed
+    assert await queue.complete("p#0", raw, task, "t", 1.0) is False
+    assert await queue.status(task.id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_that_cannot_be_encoded_fails_alone_in_its_batch(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """A lone surrogate (not UTF-8) in a payload or user id: the turn's other tasks go in."""
+    policy = RatePolicy(keys, parse_rate_limits("5/1s"))
+    good = [new_task("fine-1"), new_task("fine-2")]
+    bad = [Task.new("u", {"name": "\udcff.csv"}, reactor.seconds()), new_task("\udcff")]
+    results = await defer.DeferredList(
+        [defer.ensureDeferred(queue.admit(t, policy)) for t in [good[0], *bad, good[1]]],
+        consumeErrors=True,
+    )
+    assert [ok for ok, _ in results] == [True, False, False, True]
+    assert all(result.check(UnencodableTask) for ok, result in results if not ok)
+    assert list(reversed(await redis.lrange(keys.pending, 0, -1))) == [t.to_json() for t in good]
+    assert await queue.status(bad[0].id) is None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
-from twisted.python.logfile import LogFile
+from twisted.python import logfile
 
 from taskserver.tasklog import TaskLog, TaskLogFile, task_line
 
@@ -61,17 +63,26 @@ def test_rotates_by_size_without_losing_lines(tmp_path: Path) -> None:
 
 
 def test_several_lines_in_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    writes: list[bytes] = []
-    real_write = LogFile.write
+    """One system call per write_lines(): counted where the bytes leave Python.
 
-    def counting_write(self: LogFile, data: bytes) -> None:
-        writes.append(data)
-        real_write(self, data)
+    The LogFile opens its file unbuffered, so each ``write`` of that raw file is
+    one write(2); what the lines go through on their way there does not matter.
+    """
+    writes: list[int] = []
 
-    monkeypatch.setattr(LogFile, "write", counting_write)
+    class CountingFile(io.FileIO):
+        def write(self, data: Any) -> int:
+            writes.append(len(data))
+            return super().write(data)
+
+    def counting_open(path: str, mode: str, buffering: int) -> io.FileIO:
+        assert buffering == 0, "unbuffered: one write(2) per write"
+        return CountingFile(path, mode)
+
+    monkeypatch.setattr(logfile, "open", counting_open, raising=False)
     log_file = TaskLogFile(tmp_path, 1_000_000)
     log_file.write_lines(["first line", "second line"])
     log_file.write_line("third line")
     log_file.close()
-    assert writes == [b"first line\nsecond line\n", b"third line\n"], "one write per call"
+    assert writes == [len("first line\nsecond line\n"), len("third line\n")], "one per call"
     assert (tmp_path / "tasks.log").read_text() == "first line\nsecond line\nthird line\n"

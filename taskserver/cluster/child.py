@@ -113,7 +113,9 @@ class ChildService(Service):
         )
         limiter = RatePolicy(keys, settings.rate_limits)  # admitted by the queue's one call
         kill = None if settings.disable_kill else self._kill
-        idempotency = IdempotencyKeys(api, keys, settings.redis_timeout_s, reactor)
+        idempotency = IdempotencyKeys(
+            api, keys, settings.redis_timeout_s, reactor, settings.status_ttl_s
+        )
         ip_limiter = RateLimiter(
             api, keys, settings.ip_rate_limits, settings.redis_timeout_s, reactor, Keys.ip_rate
         )

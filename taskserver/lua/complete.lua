@@ -1,14 +1,20 @@
 -- uses: status
 -- KEYS: processing, then one status key per task.
 -- ARGV: ttl ms, then per task: raw task, finished_at, duration ms, user_id, queued_at.
--- Records each success and acknowledges it (removes the entry, searching from the
--- oldest end, where tasks that finish in order are). Several tasks per call
--- (coalesce.py). Returns what LREM removed, per task.
+-- Acknowledges each success (removes the entry, searching from the oldest end, where
+-- tasks that finish in order are) and, only if the entry was still there, records it:
+-- a replay (its reply was lost) or an entry a reaper took back (the task runs again
+-- and records its own outcome) writes nothing, so no expired record comes back and no
+-- later run's status is overwritten. Several tasks per call (coalesce.py). Returns
+-- what LREM removed, per task.
 local removed = {}
 for i = 2, #KEYS do
   local a = 5 * (i - 2) + 2
-  record_outcome(KEYS[i], 'completed', nil, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
-                 ARGV[a + 4], ARGV[1])
-  removed[#removed + 1] = redis.call('LREM', KEYS[1], -1, ARGV[a])
+  local n = redis.call('LREM', KEYS[1], -1, ARGV[a])
+  if n > 0 then
+    record_outcome(KEYS[i], 'completed', nil, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+                   ARGV[a + 4], ARGV[1])
+  end
+  removed[#removed + 1] = n
 end
 return removed

@@ -4,8 +4,11 @@
 --       retry delay ms, error, finished_at, ttl ms, dead-letter max, duration ms,
 --       user_id, queued_at.
 -- A failed attempt, whose task-log line is already written: acknowledge, then either
--- schedule a retry (due time from the Redis clock) or dead-letter the task.
-redis.call('LREM', KEYS[2], 1, ARGV[1])
+-- schedule a retry (due time from the Redis clock) or dead-letter the task. Only if
+-- the entry was still there: a replay of this call (its reply was lost) or a reaper
+-- that took the entry back must not add a second copy of the task. Then it does
+-- nothing and returns 'gone'; else the outcome.
+if redis.call('LREM', KEYS[2], 1, ARGV[1]) == 0 then return 'gone' end
 local outcome = ARGV[3]
 if outcome == 'retrying' then
   redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[4]), ARGV[1])

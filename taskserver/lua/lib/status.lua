@@ -34,3 +34,13 @@ local function record_outcome(status, outcome, error, finished_at, duration_ms,
   if error then redis.call('HSET', status, 'error', error) end
   redis.call('PEXPIRE', status, ttl_ms)
 end
+
+-- A dead task back in the queue (taskserver-admin requeue): "queued", with a fresh set
+-- of attempts and nothing left of its last run. A record that expired stays away: the
+-- fetch writes a whole one again.
+local function record_requeued(status)
+  if redis.call('EXISTS', status) == 1 then
+    redis.call('HSET', status, 'status', 'queued', 'attempts', '0')
+    redis.call('HDEL', status, 'started_at', 'finished_at', 'duration_ms', 'error')
+  end
+end
