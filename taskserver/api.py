@@ -298,7 +298,7 @@ class TaskAPI:
         headers = decision.headers(self._clock.seconds())
         if not decision.allowed:
             if key is not None:
-                await self._release(user_id, key)
+                await self._release(user_id, key, claim)
             return respond(
                 request, 429, decision.problem(), headers, content_type="application/problem+json"
             )
@@ -354,7 +354,7 @@ class TaskAPI:
             [("Location", f"/api/v1/task/{earlier.task_id}"), ("Idempotent-Replayed", "true")],
         )
 
-    async def _release(self, user_id: str, key: str) -> None:
+    async def _release(self, user_id: str, key: str, claim: Claim) -> None:
         """Give up the key of a request whose admission surely did not happen: a 429.
 
         Nothing else is sure. A deadline (RedisUnavailable) fires both while
@@ -367,10 +367,11 @@ class TaskAPI:
         A failed per-address check comes before the admission and is sure
         too, but it means Redis is failing: a release would most likely fail
         as well and hold the 503 up by another deadline, so the take-over
-        frees that key too.
+        frees that key too. Only our own ``claim`` is deleted, never one that
+        another request took over meanwhile.
         """
         try:
-            await self._idempotency.release(user_id, key)
+            await self._idempotency.release(user_id, key, claim)
         except RedisUnavailable as e:
             self._warnings.warn(f"could not release an idempotency key: {e}")
 

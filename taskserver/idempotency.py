@@ -107,16 +107,12 @@ class IdempotencyKeys:
         )
         return bool(taken)
 
-    async def release(self, user_id: str, key: str, claim: Claim | None = None) -> bool:
+    async def release(self, user_id: str, key: str, claim: Claim) -> bool:
         """Give the key up (the request it was claimed for did not create a task).
 
-        With ``claim`` (the request's own), only if the key still holds it: a
-        claim taken over meanwhile belongs to another request. Returns whether
-        it deleted. Without ``claim``, unconditionally (callers should pass it).
+        Only if the key still holds ``claim`` (the request's own): a claim
+        taken over meanwhile belongs to another request. Returns whether it
+        deleted.
         """
-        name = self._keys.idempotency(user_id, key)
-        if claim is None:
-            deleting = self._redis.delete(name)
-        else:
-            deleting = RELEASE(self._redis, [name], [claim.to_json()])
+        deleting = RELEASE(self._redis, [self._keys.idempotency(user_id, key)], [claim.to_json()])
         return bool(await within(deleting, self._timeout_s, self._clock))
