@@ -1,11 +1,11 @@
 """Redis memory stays flat under steady load: every per-task and per-user key expires.
 
 Status records live STATUS_TTL, rate-limit counters one window, idempotency claims
-24 h (or STATUS_TTL, if shorter), dead letters are capped. Measured here with the TTLs scaled down (status 2 s,
-rate windows 1 s and 3 s) so that the steady state is reached in seconds. The
-bound checked at each sample follows from the answers actually received and the
-tasks actually run, so a slow machine that sends less makes the bound smaller,
-never the test flaky.
+24 h (or STATUS_TTL, if shorter), dead letters are capped. Measured here with the
+TTLs scaled down (status 2 s, rate windows 1 s and 3 s) so that the steady state is
+reached in seconds. The bound checked at each sample follows from the answers
+actually received and the tasks actually run, so a slow machine that sends less
+makes the bound smaller, never the test flaky.
 """
 
 from __future__ import annotations
