@@ -341,3 +341,20 @@ def test_a_stop_that_had_to_kill_says_so(
     reactor.process(1).exit(signal=9)
     assert stopped.called
     assert supervisor.killed == ["worker-1 (pid 1001)"]
+
+
+def test_a_stop_while_a_roll_retires_the_old_child_signals_it_once(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    done, _ = start_rolling(supervisor, reactor)
+    ready(reactor.process(2))
+    assert reactor.process(0).signals == ["TERM"], "the roll retires the old worker-0"
+    stopped = supervisor.stopService()
+    assert reactor.process(0).signals == ["TERM"]
+    for n in (1, 2):
+        reactor.process(n).exit(0)
+    reactor.advance(10.0 + KILL_GRACE_S)
+    assert reactor.process(0).signals == ["TERM", "KILL"]
+    reactor.process(0).exit(signal=9)
+    assert stopped.called and done.called
+    assert supervisor.killed == ["worker-0 (pid 1000)"], "killed once, counted once"

@@ -324,8 +324,14 @@ class Supervisor(Service):
     # ------------------------------------------------------------ stopping and rolling
 
     async def _retire(self, worker: Worker) -> None:
-        """SIGTERM, then SIGKILL if it has not exited in time; returns when it has."""
+        """SIGTERM, then SIGKILL if it has not exited in time; returns when it has.
+
+        Once per child: a second caller (a stop while a roll retires it) only waits.
+        """
         if worker.ended.called:
+            return
+        if worker.retiring:
+            await worker.ended
             return
         worker.retiring = True
         worker.signal("TERM")
@@ -340,7 +346,8 @@ class Supervisor(Service):
         self.log.warn(
             "{name} (pid {pid}) did not stop in time; killing it", name=worker.name, pid=worker.pid
         )
-        self.killed.append(f"{worker.name} (pid {worker.pid})")
+        if not self.running:  # a stop's kill; one during a roll does not make the stop unclean
+            self.killed.append(f"{worker.name} (pid {worker.pid})")
         worker.signal("KILL")
 
     async def _ready_in_time(self, worker: Worker) -> None:
