@@ -35,11 +35,15 @@ from taskserver.cluster.embedded import (
 )
 from taskserver.config import ConfigError, RedisAddress
 from taskserver.redisclient import (
+    AUTH_FAILED_LOG_EVERY_S,
+    AUTH_FAILED_PREFIX,
     RECONNECT_INITIAL_DELAY_S,
     RECONNECT_LOG_FORMAT,
     RECONNECT_MAX_DELAY_S,
     RedisLinkWatch,
+    RedisUnavailable,
     connect,
+    within,
     without_reconnect_attempts,
 )
 
@@ -509,3 +513,48 @@ def test_the_address_file_keeps_the_password_from_other_users(tmp_path: Path) ->
     path = write_embedded_address(tmp_path, address)
     assert path.stat().st_mode & 0o777 == 0o600
     assert read_embedded_address(tmp_path) == address
+
+
+def test_failed_auth_lines_are_written_once_a_minute() -> None:
+    seen: list[LogEvent] = []
+    observer = without_reconnect_attempts(seen.append)
+    for at in (0.0, 1.0, AUTH_FAILED_LOG_EVERY_S - 0.5, AUTH_FAILED_LOG_EVERY_S + 0.5):
+        observer(
+            {
+                "log_namespace": "log_legacy",
+                "message": (f"{AUTH_FAILED_PREFIX}: Not received Redis response in 1.0 seconds",),
+                "log_time": at,
+            }
+        )
+    assert [event["log_time"] for event in seen] == [0.0, AUTH_FAILED_LOG_EVERY_S + 0.5]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_met_a_squatter_reconnects_to_the_real_server(tmp_path: Path) -> None:
+    """txredisapi gives up for good after a failed AUTH; our pools keep trying."""
+    from twisted.internet import protocol
+
+    class HangUp(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    port = free_loopback_port()
+    squatter = reactor.listenTCP(port, protocol.Factory.forProtocol(HangUp), interface="127.0.0.1")
+    password = "pw-" + "y" * 20
+    client = connect(RedisAddress(host="127.0.0.1", port=port, password=password), 1, 1.0)
+    await task.deferLater(reactor, 0.5)  # a few attempts meet the squatter
+    await squatter.stopListening()
+    server = EmbeddedRedis(find_server_binary(None), tmp_path, reactor, password=password)
+    await server.start(port=port)
+    try:
+
+        async def answers() -> bool:
+            try:
+                return await within(client.ping(), 1.0, reactor) == "PONG"
+            except RedisUnavailable:
+                return False
+
+        await eventually(answers, timeout=20.0)
+    finally:
+        await client.disconnect()
+        await server.stopService()
