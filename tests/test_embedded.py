@@ -294,6 +294,21 @@ def test_txredisapi_honours_our_reconnect_delays() -> None:
     assert RECONNECT_MAX_DELAY_S < 2.0, "children reconnect within 2 s of a restart"
 
 
+def test_txredisapi_still_gives_up_through_the_factory_after_a_failed_auth() -> None:
+    """What connect() overrides for pools with a password: breaks if txredisapi moves it."""
+    import txredisapi
+
+    source = inspect.getsource(txredisapi.RedisProtocol.connectionMade)
+    assert "self.factory.stopTrying()" in source and "could not auth" in source
+    address = RedisAddress(host="127.0.0.1", port=free_loopback_port(), password="p")
+    handler = connect(address, 1, 1.0)
+    try:
+        assert handler._factory.stopTrying().called
+        assert not handler._factory.stopped, "still trying"
+    finally:
+        handler.disconnect()
+
+
 @pytest_twisted.ensureDeferred
 async def test_link_watch_logs_changes_of_state_only() -> None:
     clock = task.Clock()
