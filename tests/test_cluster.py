@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -278,8 +280,11 @@ def test_children_and_redis_exit_when_the_master_is_killed(
 def test_a_killed_embedded_redis_is_restarted_and_keeps_the_queue(
     twistd: Callable[..., Twistd], tmp_path: Path
 ) -> None:
-    """SIGKILL the embedded Redis under load: it comes back on its port with its AOF.
+    """SIGKILL the embedded Redis under load, another process on its port for a while.
 
+    The squatter makes the first restarts fail (one line each, with the
+    back-off) and the children's reconnects meet it (refused: it cannot
+    answer the password). Then Redis comes back on its port with its AOF:
     POSTs answer 202 again, the tasks queued before the kill and every task
     accepted during the load complete, no child is restarted, and the
     outage writes a bounded number of log lines (not one per attempt).
@@ -294,10 +299,22 @@ def test_a_killed_embedded_redis_is_restarted_and_keeps_the_queue(
     load = Load(server, threads=2, limit=2000, users="during")
     wait_for(lambda: len(load.accepted) >= 20, timeout=30, what="load flowing")
     redis = server.redis_pid()
+    redis_port = int(re.search(r"Redis: embedded .* at 127\.0\.0\.1:(\d+)", server.output)[1])  # type: ignore[index]
     before_the_kill = len(server.output)
     killed_at = time.monotonic()
-    os.kill(redis, signal.SIGKILL)
-    wait_for(lambda: "embedded Redis is back" in server.output, timeout=30, what="Redis restarted")
+    os.kill(server.process.pid, signal.SIGSTOP)  # so that the squatter wins the port
+    try:
+        os.kill(redis, signal.SIGKILL)
+        squatter = wait_for(lambda: _bound(redis_port), timeout=10, what="the port taken")
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    with squatter:
+        wait_for(
+            lambda: server.output.count("embedded Redis could not restart") >= 3,
+            timeout=30,
+            what="three restarts refused by the squatter",
+        )
+    wait_for(lambda: "embedded Redis is back" in server.output, timeout=60, what="Redis restarted")
     accepted_when_back = len(load.accepted)
     wait_for(
         lambda: len(load.accepted) > accepted_when_back + 10,
@@ -316,6 +333,19 @@ def test_a_killed_embedded_redis_is_restarted_and_keeps_the_queue(
     print(f"{len(lines)} log lines in {outage_s:.1f} s of outage:\n" + "\n".join(lines))
     assert len(lines) <= outage_line_bound(outage, outage_s), "one line per change of state"
     assert server.stop() == 0
+
+
+def _bound(port: int) -> socket.socket | None:
+    """A socket listening on ``port``, or None if it is still taken."""
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        squatter.bind(("127.0.0.1", port))
+    except OSError:
+        squatter.close()
+        return None
+    squatter.listen(50)
+    return squatter
 
 
 #: The valkey-server start-up lines relayed once a restart succeeds (21 in valkey 9 with an AOF).
