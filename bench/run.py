@@ -35,7 +35,11 @@ import valkey
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from taskserver.cluster.embedded import find_server_binary, server_arguments  # noqa: E402
+from taskserver.cluster.embedded import (  # noqa: E402
+    find_server_binary,
+    read_embedded_address,
+    server_arguments,
+)
 
 TICKS = os.sysconf("SC_CLK_TCK")
 WORKER_STARTED = re.compile(r"worker-\d+ started \(pid (\d+)\)")
@@ -222,7 +226,8 @@ def bench_taskserver(workers: int, seconds: float, workdir: Path) -> Result:
         wait_for(lambda: output().count(") ready") >= workers, 60, "taskserver ready")
         port = int(LISTENING.search(output())[1])  # type: ignore[index]
         redis_pid, redis_port = map(int, EMBEDDED_REDIS.search(output()).groups())  # type: ignore[union-attr]
-        client = valkey.Valkey(port=redis_port)
+        embedded = read_embedded_address(workdir / "data")  # its password
+        client = valkey.Valkey(port=redis_port, password=embedded.password if embedded else None)
         pids = [server.pid, *map(int, WORKER_STARTED.findall(output()))]
         run_wrk(port, 2, 64)  # warm-up
         wait_for(lambda: client.llen("taskserver:{q}:pending") == 0, 60, "warm-up drained")

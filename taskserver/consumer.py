@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from taskserver.backoff import backoff_delay
 from taskserver.ids import consumer_ids_of, new_process_id
+from taskserver.logthrottle import WarningThrottle
 from taskserver.queue import GONE, TaskQueue
 from taskserver.redisclient import RedisUnavailable
 from taskserver.task import MalformedTask, Task, iso_utc
@@ -120,6 +121,7 @@ class ConsumerService(Service):
         self._slot_freed: defer.Deferred[None] | None = None
         self._wake: IDelayedCall | None = None
         self._timers: list[tuple[task.LoopingCall, defer.Deferred[Any]]] = []
+        self._timer_warnings = WarningThrottle(self.log, clock)  # an outage fails every timer
 
     # ------------------------------------------------------------ lifecycle
 
@@ -185,7 +187,7 @@ class ConsumerService(Service):
         try:
             await self._queue.heartbeat(self.process_id, self.consumer_ids, self._heartbeat_ttl_s)
         except Exception as e:
-            self.log.warn("heartbeat failed: {error}", error=e)
+            self._timer_warnings.warn(f"heartbeat failed: {e}")
 
     async def _promote(self) -> None:
         try:
@@ -197,7 +199,7 @@ class ConsumerService(Service):
         try:
             got = await self._queue.reap(self.process_id)
         except Exception as e:
-            self.log.warn("reaper failed: {error}", error=e)
+            self._timer_warnings.warn(f"reaper failed: {e}")
             return
         if got.requeued or got.dead:
             self.log.info(

@@ -41,6 +41,10 @@ LINK_CHECK_EVERY_S = 0.5
 RECONNECT_LOG_FORMAT = "Scheduling retry"
 #: txredisapi logs this once per pooled connection it drops after an outage.
 DEAD_CONNECTION_MESSAGE = ("Discarding dead connection.",)
+#: txredisapi logs this when AUTH fails; with a password we retry, so it repeats per attempt.
+AUTH_FAILED_PREFIX = "Redis error: could not auth"
+#: ... and at most one of those lines is written per this many seconds.
+AUTH_FAILED_LOG_EVERY_S = 60.0
 
 #: Redis error replies that mean "cannot serve now", not "your command is wrong".
 _UNAVAILABLE_REPLIES = (
@@ -86,19 +90,45 @@ def connect(address: RedisAddress, poolsize: int, reply_timeout_s: float | None)
     factory = handler._factory
     factory.initialDelay = RECONNECT_INITIAL_DELAY_S
     factory.maxDelay = RECONNECT_MAX_DELAY_S
+    if address.password is not None:
+        # txredisapi stops reconnecting for good when AUTH fails or times out
+        # (RedisProtocol.connectionMade calls factory.stopTrying()). A refused
+        # AUTH is what a client meets when another process holds the port
+        # while the embedded Redis restarts, and a rotated password is fixed
+        # without a restart: keep trying. Our own disconnect() does not go
+        # through stopTrying. Same place, same test as the delays above.
+        factory.stopTrying = _keep_trying
     return handler
+
+
+def _keep_trying() -> defer.Deferred[None]:
+    return defer.succeed(None)
 
 
 @implementer(ILogFilterPredicate)
 class _NotAReconnectAttempt:
-    """Says no to the per-attempt lines, maybe to everything else."""
+    """Says no to the per-attempt lines, maybe to everything else.
+
+    A failed AUTH is written, but at most once per AUTH_FAILED_LOG_EVERY_S
+    (by the events' own timestamps): it says why Redis is unreachable.
+    """
+
+    def __init__(self) -> None:
+        self._auth_failure_logged_at: float | None = None
 
     def __call__(self, event: LogEvent) -> PredicateResult:
         namespace, format = str(event.get("log_namespace", "")), str(event.get("log_format", ""))
         if namespace.endswith(".ClientService") and format.startswith(RECONNECT_LOG_FORMAT):
             return PredicateResult.no
-        if event.get("message") == DEAD_CONNECTION_MESSAGE:
+        message = event.get("message")
+        if message == DEAD_CONNECTION_MESSAGE:
             return PredicateResult.no
+        if message and str(message[0]).startswith(AUTH_FAILED_PREFIX):
+            now = float(event.get("log_time", 0.0))
+            last = self._auth_failure_logged_at
+            if last is not None and now - last < AUTH_FAILED_LOG_EVERY_S:
+                return PredicateResult.no
+            self._auth_failure_logged_at = now
         return PredicateResult.maybe
 
 

@@ -21,9 +21,13 @@ class FakeProcess:
         self.pid = pid
         self.signals: list[str] = []
         self.stdin = b""
+        self.stdin_closed = False
 
     def write(self, data: bytes) -> None:
         self.stdin += data
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
 
     def signalProcess(self, name: str) -> None:
         self.signals.append(name)

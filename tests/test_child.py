@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 
-from taskserver.cluster.child import DRAIN_TIMEOUT_S, ChildService, records_pipe
+from taskserver.cluster.child import DRAIN_TIMEOUT_S, ChildService, log_observer, records_pipe
 from taskserver.cluster.protocol import READY, TASK, parse_record, task_record, worker_process_id
 from taskserver.ids import consumer_ids_of, new_process_id, process_of
 
@@ -104,3 +106,19 @@ def test_shutdown_stops_waiting_at_the_drain_deadline() -> None:
     clock.advance(0.01)
     assert waited.called and waited.result is None
     site.close(0)  # late: harmless
+
+
+def test_a_child_logs_info_and_above_without_reconnect_attempts() -> None:
+    out = io.StringIO()
+    observer = log_observer(out)
+    log = Logger(namespace="taskserver.consumer.ConsumerService", observer=observer)
+    log.debug("promoting retries failed: Redis did not answer within 1.0 s")
+    log.info("consumer c is fetching again")
+    log.warn("heartbeat failed: Redis did not answer within 1.0 s")
+    retry = Logger(namespace="twisted.application._client_service.ClientService", observer=observer)
+    retry.info("Scheduling retry {attempt} to connect", attempt=1)
+    assert out.getvalue().splitlines() == [
+        "[taskserver.consumer.ConsumerService#info] consumer c is fetching again",
+        "[taskserver.consumer.ConsumerService#warn] heartbeat failed: Redis did not answer "
+        "within 1.0 s",
+    ]

@@ -20,8 +20,12 @@ from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
 from conftest import RunningServer, connect_raw, eventually
 from taskserver.backoff import MAX_BACKOFF_S, backoff_delay
 from taskserver.cluster.embedded import (
+    EMBEDDED_ADDRESS_FILE,
+    KILL_WAIT_S,
     START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
     EmbeddedRedis,
+    StoppedWhileStarting,
     bundled_binary,
     find_server_binary,
     free_loopback_port,
@@ -31,11 +35,15 @@ from taskserver.cluster.embedded import (
 )
 from taskserver.config import ConfigError, RedisAddress
 from taskserver.redisclient import (
+    AUTH_FAILED_LOG_EVERY_S,
+    AUTH_FAILED_PREFIX,
     RECONNECT_INITIAL_DELAY_S,
     RECONNECT_LOG_FORMAT,
     RECONNECT_MAX_DELAY_S,
     RedisLinkWatch,
+    RedisUnavailable,
     connect,
+    within,
     without_reconnect_attempts,
 )
 
@@ -286,6 +294,21 @@ def test_txredisapi_honours_our_reconnect_delays() -> None:
     assert RECONNECT_MAX_DELAY_S < 2.0, "children reconnect within 2 s of a restart"
 
 
+def test_txredisapi_still_gives_up_through_the_factory_after_a_failed_auth() -> None:
+    """What connect() overrides for pools with a password: breaks if txredisapi moves it."""
+    import txredisapi
+
+    source = inspect.getsource(txredisapi.RedisProtocol.connectionMade)
+    assert "self.factory.stopTrying()" in source and "could not auth" in source
+    address = RedisAddress(host="127.0.0.1", port=free_loopback_port(), password="p")
+    handler = connect(address, 1, 1.0)
+    try:
+        assert handler._factory.stopTrying().called
+        assert not handler._factory.stopped, "still trying"
+    finally:
+        handler.disconnect()
+
+
 @pytest_twisted.ensureDeferred
 async def test_link_watch_logs_changes_of_state_only() -> None:
     clock = task.Clock()
@@ -327,3 +350,226 @@ def test_a_restart_that_hangs_is_stopped_and_tried_again(tmp_path: Path) -> None
     assert len(reactor.spawned) == 3 and port_of(reactor, 2) == "7777"
     server_ready(reactor.process(2))
     assert events.happened == ["down", "back"]
+
+
+# ------------------------------------------------ stopping races, slow loads, failed forks, kills
+
+
+def test_a_stop_while_a_hung_restart_is_being_stopped_waits_for_it(tmp_path: Path) -> None:
+    reactor, events = FakeProcessReactor(), Events()
+    redis, _ = fake_redis(tmp_path, reactor, events)
+    reactor.process(0).exit(signal=9)
+    reactor.advance(START_TIMEOUT_S)
+    assert reactor.process(1).signals == ["TERM"], "the hung restart is being stopped"
+    stopped = redis.stopService()
+    assert not stopped.called, "a valkey-server still runs: the DATA_DIR lock must stay held"
+    reactor.advance(STOP_TIMEOUT_S)
+    assert reactor.process(1).signals == ["TERM", "KILL"]
+    assert not stopped.called, "not even after SIGKILL, until it has exited"
+    reactor.process(1).exit(signal=9)
+    assert stopped.called and redis.killed
+    reactor.advance(MAX_BACKOFF_S * 2)
+    assert len(reactor.spawned) == 2
+
+
+def test_a_stop_waits_a_bounded_time_after_sigkill(tmp_path: Path) -> None:
+    reactor, events = FakeProcessReactor(), Events()
+    redis, _ = fake_redis(tmp_path, reactor, events)
+    stopped = redis.stopService()
+    assert not redis.killed
+    reactor.advance(STOP_TIMEOUT_S)
+    assert reactor.process(0).signals == ["TERM", "KILL"] and redis.killed
+    reactor.advance(KILL_WAIT_S - 0.01)
+    assert not stopped.called
+    reactor.advance(0.01)
+    assert stopped.called, "a process that ignores SIGKILL does not hang the master forever"
+
+
+def test_a_clean_stop_is_not_reported_as_a_kill(tmp_path: Path) -> None:
+    reactor, events = FakeProcessReactor(), Events()
+    redis, _ = fake_redis(tmp_path, reactor, events)
+    stopped = redis.stopService()
+    reactor.process(0).exit(0)
+    assert stopped.called and not redis.killed
+
+
+def test_a_restart_ready_as_the_stop_begins_is_not_announced(tmp_path: Path) -> None:
+    reactor, events = FakeProcessReactor(), Events()
+    redis, _ = fake_redis(tmp_path, reactor, events)
+    reactor.process(0).exit(signal=9)
+    stopped = redis.stopService()
+    assert reactor.process(1).signals == ["TERM"]
+    server_ready(reactor.process(1))  # it was ready just before the TERM reached it
+    reactor.process(1).exit(0)
+    assert stopped.called
+    assert events.happened == ["down"], "no on_back after stopService: no pool to leak"
+
+
+def test_a_stop_during_the_first_start_fails_the_start(tmp_path: Path) -> None:
+    reactor = FakeProcessReactor()
+    redis = EmbeddedRedis("valkey-server", tmp_path, reactor)
+    started = defer.Deferred.fromCoroutine(redis.start())
+    stopped = redis.stopService()
+    assert reactor.process(0).signals == ["TERM"]
+    server_ready(reactor.process(0))
+    failure = started.result
+    started.addErrback(lambda _: None)
+    assert isinstance(failure.value, StoppedWhileStarting)
+    assert not stopped.called
+    reactor.process(0).exit(0)
+    assert stopped.called
+
+
+def test_a_restart_that_keeps_writing_or_is_loading_is_not_killed(tmp_path: Path) -> None:
+    """A large AOF takes minutes to replay: silence is the deadline, and loading suspends it."""
+    reactor, events = FakeProcessReactor(), Events()
+    fake_redis(tmp_path, reactor, events)
+    reactor.process(0).exit(signal=9)
+    restarted = reactor.process(1)
+    for _ in range(5):
+        reactor.advance(START_TIMEOUT_S - 1)
+        restarted.say(1, b"1:M * Server initialized\n")
+    assert restarted.signals == [], "it kept writing"
+    restarted.say(1, b"1:M * Reading RDB base file on AOF loading...\n")
+    reactor.advance(START_TIMEOUT_S * 20)
+    assert restarted.signals == [], "it is loading its data"
+    server_ready(restarted)
+    assert events.happened == ["down", "back"]
+
+
+def test_a_failed_fork_is_a_failed_restart_attempt(tmp_path: Path) -> None:
+    class FlakyFork(FakeProcessReactor):
+        failing = False
+
+        def spawnProcess(self, *args: Any, **kwargs: Any) -> FakeProcess:
+            if self.failing:
+                raise OSError(12, "Cannot allocate memory")
+            return super().spawnProcess(*args, **kwargs)
+
+    reactor, events = FlakyFork(), Events()
+    redis, _ = fake_redis(tmp_path, reactor, events)  # type: ignore[arg-type]
+    reactor.failing = True
+    with capturedLogs() as logged:
+        reactor.process(0).exit(signal=9)
+        reactor.failing = False
+        reactor.advance(backoff_delay(1))
+    assert len(reactor.spawned) == 2, "tried again after the back-off"
+    messages = [formatEvent(event) for event in logged if event["log_level"] == LogLevel.error]
+    assert messages == [
+        "embedded Redis could not restart: [Errno 12] Cannot allocate memory; "
+        f"trying again in {backoff_delay(1):g} s (1 failure(s) in a row)"
+    ]
+    server_ready(reactor.process(1))
+    assert events.happened == ["down", "back"] and redis.failures == 0
+
+
+def test_only_a_start_that_succeeds_relays_the_servers_output(tmp_path: Path) -> None:
+    reactor, events = FakeProcessReactor(), Events()
+    fake_redis(tmp_path, reactor, events)
+    reactor.process(0).exit(signal=9)
+    with capturedLogs() as logged:
+        failing = reactor.process(1)
+        for line in (b"1:M * Valkey is starting\n", b"1:M * Configuration loaded\n"):
+            failing.say(1, line)
+        failing.say(
+            1, b"1:M # Could not create server TCP listening socket: Address already in use\n"
+        )
+        failing.exit(code=1)
+        reactor.advance(backoff_delay(1))
+        succeeding = reactor.process(2)
+        succeeding.say(1, b"1:M * Valkey is starting\n")
+        server_ready(succeeding)
+        succeeding.say(1, b"1:M * Background AOF rewrite started\n")
+    relayed = [
+        formatEvent(event) for event in logged if event["log_namespace"].endswith("_ServerProcess")
+    ]
+    assert relayed == [
+        "[redis] 1:M * Valkey is starting",
+        "[redis] 1:M * Ready to accept connections tcp",
+        "[redis] 1:M * Background AOF rewrite started",
+    ]
+    others = [e for e in logged if not e["log_namespace"].endswith("_ServerProcess")]
+    assert len(others) == 2, "the failed attempt is one line, the return another"
+
+
+def test_the_password_goes_to_the_server_on_stdin_not_on_its_command_line(tmp_path: Path) -> None:
+    reactor = FakeProcessReactor()
+    redis = EmbeddedRedis("valkey-server", tmp_path, reactor, password="s3cret")
+    started = defer.Deferred.fromCoroutine(redis.start(port=7777))
+    process, args, _ = reactor.spawned[0]
+    assert process.stdin == b"requirepass s3cret\n" and process.stdin_closed
+    assert "-" in args and not any("s3cret" in arg for arg in args)
+    server_ready(process)
+    assert started.result == RedisAddress(host="127.0.0.1", port=7777, password="s3cret")
+    process.exit(signal=9)
+    assert reactor.process(1).stdin == b"requirepass s3cret\n", "kept across restarts"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_without_the_password_is_refused(tmp_path: Path) -> None:
+    server = EmbeddedRedis(find_server_binary(None), tmp_path, reactor, password="pw-" + "x" * 20)
+    address = await server.start()
+    stranger = connect_raw(address)
+    ours = connect(address, 1, 5.0)
+    try:
+        with pytest.raises(Exception, match=r"(?i)auth"):
+            await stranger.ping()
+        assert await ours.ping() == "PONG"
+    finally:
+        await stranger.disconnect()
+        await ours.disconnect()
+        await server.stopService()
+
+
+def test_the_address_file_keeps_the_password_from_other_users(tmp_path: Path) -> None:
+    address = RedisAddress(host="127.0.0.1", port=7777, password="s3cret")
+    (tmp_path / EMBEDDED_ADDRESS_FILE).write_text("{}")
+    (tmp_path / EMBEDDED_ADDRESS_FILE).chmod(0o644)
+    path = write_embedded_address(tmp_path, address)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert read_embedded_address(tmp_path) == address
+
+
+def test_failed_auth_lines_are_written_once_a_minute() -> None:
+    seen: list[LogEvent] = []
+    observer = without_reconnect_attempts(seen.append)
+    for at in (0.0, 1.0, AUTH_FAILED_LOG_EVERY_S - 0.5, AUTH_FAILED_LOG_EVERY_S + 0.5):
+        observer(
+            {
+                "log_namespace": "log_legacy",
+                "message": (f"{AUTH_FAILED_PREFIX}: Not received Redis response in 1.0 seconds",),
+                "log_time": at,
+            }
+        )
+    assert [event["log_time"] for event in seen] == [0.0, AUTH_FAILED_LOG_EVERY_S + 0.5]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_met_a_squatter_reconnects_to_the_real_server(tmp_path: Path) -> None:
+    """txredisapi gives up for good after a failed AUTH; our pools keep trying."""
+    from twisted.internet import protocol
+
+    class HangUp(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    port = free_loopback_port()
+    squatter = reactor.listenTCP(port, protocol.Factory.forProtocol(HangUp), interface="127.0.0.1")
+    password = "pw-" + "y" * 20
+    client = connect(RedisAddress(host="127.0.0.1", port=port, password=password), 1, 1.0)
+    await task.deferLater(reactor, 0.5)  # a few attempts meet the squatter
+    await squatter.stopListening()
+    server = EmbeddedRedis(find_server_binary(None), tmp_path, reactor, password=password)
+    await server.start(port=port)
+    try:
+
+        async def answers() -> bool:
+            try:
+                return await within(client.ping(), 1.0, reactor) == "PONG"
+            except RedisUnavailable:
+                return False
+
+        await eventually(answers, timeout=20.0)
+    finally:
+        await client.disconnect()
+        await server.stopService()

@@ -292,7 +292,7 @@ def test_no_key_outside_the_prefix(
 ) -> None:
     """Runs after the fuzzing above: every key in the server's own Redis is ours."""
     address = json.loads((server.workdir / "data" / EMBEDDED_ADDRESS_FILE).read_text())
-    client = valkey.Valkey(host=address["host"], port=address["port"])
+    client = valkey.Valkey(host=address["host"], port=address["port"], password=address["password"])
     keys = [key.decode() for key in client.scan_iter(count=1000)]
     assert keys, "the fuzzing should have written something"
     assert [key for key in keys if not key.startswith(f"{PREFIX}:")] == []

@@ -222,3 +222,139 @@ def test_the_back_off_doubles_from_nothing_to_its_cap() -> None:
     assert [backoff_delay(n) for n in range(5)] == [0.0, 0.5, 1.0, 2.0, 4.0]
     assert backoff_delay(10_000) == MAX_BACKOFF_S
     assert backoff_delay(3, first_s=0.05, max_s=0.1) == 0.1
+
+
+# ------------------------------------------------ stopping during a roll, back-off, forks
+
+
+def test_a_stop_during_a_roll_stops_the_old_child_too(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    """SIGTERM while the new worker-0 starts: the old one is stopped and waited for as well."""
+    done, _ = start_rolling(supervisor, reactor)
+    with capturedLogs() as logged:
+        stopped = supervisor.stopService()
+        assert [reactor.process(n).signals for n in range(3)] == [["TERM"]] * 3
+        reactor.process(2).exit(0)  # the new one, before it was ready
+        reactor.process(1).exit(0)
+        assert done.called, "the roll is over"
+        assert not stopped.called, "the old worker-0 is still running"
+        reactor.process(0).exit(0)
+    assert stopped.called and supervisor.killed == []
+    errors = [formatEvent(event) for event in logged if event["log_level"] >= LogLevel.error]
+    assert errors == [], "a failure the stop caused is not a broken build"
+    reactor.advance(MAX_BACKOFF_S * 4)
+    assert len(reactor.spawned) == 3, "nothing is started after the stop"
+
+
+def test_a_new_child_ready_during_the_stop_ends_the_roll(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    done, _ = start_rolling(supervisor, reactor)
+    stopped = supervisor.stopService()
+    ready(reactor.process(2))  # it was ready just before the TERM reached it
+    assert done.called, "the roll ends: no worker-1 is rolled"
+    assert reactor.process(0).signals == ["TERM"], "the stop's signal only"
+    for n in (2, 1):
+        reactor.process(n).exit(0)
+    assert not stopped.called
+    reactor.process(0).exit(0)
+    assert stopped.called and len(reactor.spawned) == 3
+
+
+def test_a_roll_while_a_slot_backs_off_starts_one_child_for_it(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    ready(reactor.process(1))
+    reactor.process(0).exit(code=1)
+    reactor.advance(backoff_delay(1))
+    reactor.process(2).exit(code=1)  # the next restart is pending, 1 s away
+    assert len(reactor.spawned) == 3
+    defer.Deferred.fromCoroutine(supervisor.rolling_restart())
+    assert len(reactor.spawned) == 4, "the roll starts worker-0"
+    reactor.advance(MAX_BACKOFF_S)
+    assert len(reactor.spawned) == 4, "the pending back-off restart was cancelled"
+    reactor.process(3).exit(code=1)  # the roll's child dies too, with no old one to keep
+    reactor.advance(MAX_BACKOFF_S * 2)
+    assert len(reactor.spawned) == 5, "one restart for the slot, not two"
+    stopped = supervisor.stopService()
+    assert reactor.process(4).signals == ["TERM"] and reactor.process(1).signals == ["TERM"]
+    reactor.process(4).exit(0)
+    reactor.process(1).exit(0)
+    assert stopped.called
+
+
+class FlakyForkReactor(FakeProcessReactor):
+    """spawnProcess raises OSError (EAGAIN) while ``failing``, as fork does after an OOM kill."""
+
+    failing = False
+
+    def spawnProcess(self, *args: object, **kwargs: object) -> FakeProcess:
+        if self.failing:
+            raise OSError(11, "Resource temporarily unavailable")
+        return super().spawnProcess(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_failed_fork_is_retried_with_the_back_off_and_does_not_block_the_stop(
+    recorder: Recorder,
+) -> None:
+    reactor = FlakyForkReactor()
+    supervisor = Supervisor(
+        reactor,
+        1,
+        argv=["child"],
+        env={},
+        extra_fds={},
+        config_for=lambda worker: b"config\n",
+        on_record=lambda worker, kind, body: None,
+        on_exit=lambda worker: None,
+        process_id_for=lambda slot, generation: f"p-w{slot}.{generation}",
+        stop_timeout_s=10.0,
+    )
+    supervisor.startService()
+    ready(reactor.process(0))
+    reactor.failing = True
+    with capturedLogs() as logged:
+        reactor.process(0).exit(signal=9)
+        reactor.advance(0)  # the replacement's fork fails
+        assert 0 not in supervisor.workers, "no placeholder for a child that does not exist"
+        reactor.failing = False
+        reactor.advance(backoff_delay(1))
+    assert len(reactor.spawned) == 2, "tried again after the back-off"
+    errors = [formatEvent(event) for event in logged if event["log_level"] == LogLevel.error]
+    assert errors == ["worker-0 could not be started: [Errno 11] Resource temporarily unavailable"]
+    reactor.failing = True
+    reactor.process(1).exit(signal=9)
+    reactor.advance(0)
+    stopped = supervisor.stopService()
+    assert stopped.called, "nothing to wait for"
+    reactor.advance(MAX_BACKOFF_S * 2)
+    assert len(reactor.spawned) == 2
+
+
+def test_a_stop_that_had_to_kill_says_so(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    stopped = supervisor.stopService()
+    reactor.process(0).exit(0)
+    reactor.advance(10.0 + KILL_GRACE_S)
+    reactor.process(1).exit(signal=9)
+    assert stopped.called
+    assert supervisor.killed == ["worker-1 (pid 1001)"]
+
+
+def test_a_stop_while_a_roll_retires_the_old_child_signals_it_once(
+    supervisor: Supervisor, reactor: FakeProcessReactor
+) -> None:
+    done, _ = start_rolling(supervisor, reactor)
+    ready(reactor.process(2))
+    assert reactor.process(0).signals == ["TERM"], "the roll retires the old worker-0"
+    stopped = supervisor.stopService()
+    assert reactor.process(0).signals == ["TERM"]
+    for n in (1, 2):
+        reactor.process(n).exit(0)
+    reactor.advance(10.0 + KILL_GRACE_S)
+    assert reactor.process(0).signals == ["TERM", "KILL"]
+    reactor.process(0).exit(signal=9)
+    assert stopped.called and done.called
+    assert supervisor.killed == ["worker-0 (pid 1000)"], "killed once, counted once"

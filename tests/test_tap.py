@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from taskserver.cluster.master import Master
+from taskserver.config import OPTIONS
 from taskserver.tap import Options, makeService
 
 
@@ -16,8 +17,8 @@ from taskserver.tap import Options, makeService
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No .env, no settings from the environment: only what the test passes."""
     monkeypatch.chdir(tmp_path)
-    for name in ("PORT", "INTERFACE", "WORKERS", "DATA_DIR", "LOG_DIR", "TASK_HANDLER"):
-        monkeypatch.delenv(name, raising=False)
+    for option in OPTIONS:  # every setting's variable, as tests/harness.py strips them
+        monkeypatch.delenv(option.env, raising=False)
     for name in [n for n in os.environ if n.startswith("REDIS_")]:
         monkeypatch.delenv(name)
 

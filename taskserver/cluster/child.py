@@ -20,12 +20,21 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    eventAsText,
+    globalLogBeginner,
+)
 
 from taskserver.api import TaskAPI
 from taskserver.clientip import parse_networks
@@ -208,7 +217,7 @@ class ChildService(Service):
             await everyone
         except defer.TimeoutError:
             self.log.warn(
-                "{n} HTTP connection(s) still open after {s:g} s; closing them",
+                "{n} HTTP connection(s) still open after {s:g} s; they end when this process exits",
                 n=len(site.channels),
                 s=timeout_s,
             )
@@ -249,6 +258,19 @@ def records_pipe(fd: int, clock: IReactorTime) -> TurnBuffer[str]:
     return TurnBuffer(write, clock)
 
 
+def log_observer(out: IO[str]) -> ILogObserver:
+    """What a child logs (to the master, which relays it): info and above, no reconnect attempts.
+
+    Debug lines (one per failed retry promotion, twice a second in an
+    outage) are for a debugger, not for LOG_DIR.
+    """
+    to_master = FileLogObserver(
+        out, lambda event: eventAsText(event, includeTimestamp=False) + "\n"
+    )
+    at_info = FilteringLogObserver(to_master, [LogLevelFilterPredicate(LogLevel.info)])
+    return without_reconnect_attempts(at_info)
+
+
 def _tune_garbage_collector() -> None:
     """Collect cycles less often: every request allocates many short-lived objects.
 
@@ -277,16 +299,7 @@ def main() -> None:
     detach_from_parent_session(config["master_pid"])
     from twisted.internet import reactor
 
-    globalLogBeginner.beginLoggingTo(
-        [
-            without_reconnect_attempts(
-                FileLogObserver(
-                    sys.stdout, lambda event: eventAsText(event, includeTimestamp=False) + "\n"
-                )
-            )
-        ],
-        redirectStandardIO=False,
-    )
+    globalLogBeginner.beginLoggingTo([log_observer(sys.stdout)], redirectStandardIO=False)
     settings = settings_from_json(config["settings"])
     records = records_pipe(RECORDS_FD, reactor)
     service = ChildService(

@@ -6,7 +6,9 @@ configured) becomes ready, then the children are spawned, each handed the
 listening socket and the balancing scoreboard. When a child dies, the
 master gives its in-flight tasks back to the queue at once. Stop (SIGTERM,
 SIGINT): children drain and exit, then Redis stops, then the master exits
-0. SIGHUP: a rolling restart of the children.
+0 — or, if it had to SIGKILL a child or the embedded Redis, dies of the
+signal that asked it to stop (status 1 without one). SIGHUP: a rolling
+restart of the children.
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ class Master(Service):
                 redis_binary,
                 settings.data_dir,
                 reactor,
+                # Ours only: children and taskserver-admin get it, a squatter on the port does not.
+                password=secrets.token_urlsafe(24),
                 on_down=self._redis_down,
-                on_back=self._connect_redis,
+                on_back=self._redis_back,
             )
             if redis_binary
             else None
@@ -82,8 +86,11 @@ class Master(Service):
         self._task_log: TaskLogFile | None = None
         #: The task-log lines that arrive in one turn, written together.
         self._task_lines: TurnBuffer[str] = TurnBuffer(self._write_task_lines, reactor)
+        #: The master's own pool, open only while it gives a dead child's tasks back.
         self._pool: Any = None
         self._queue: TaskQueue | None = None
+        self._reclaiming = 0
+        self._redis_up = True
         self._scoreboard: Scoreboard | None = None
         self.redis: RedisAddress | None = None
         self.supervisor: Supervisor | None = None
@@ -94,6 +101,8 @@ class Master(Service):
 
     def startService(self) -> None:
         super().startService()
+        # Now, not once Redis is ready: SIGHUP's default action would kill the master.
+        signal.signal(signal.SIGHUP, self._on_sighup)
         # After the reactor's own handlers are installed ("during startup").
         self._reactor.callWhenRunning(self._take_stop_signals)
         self._start_server_log()
@@ -117,7 +126,8 @@ class Master(Service):
     async def _start(self) -> None:
         settings = self._settings
         self.redis = await self._redis_address()
-        self._connect_redis()
+        if not self.running:
+            return  # stopped while the embedded Redis started: start nothing more
         self._scoreboard = Scoreboard.create(Supervisor.seats_for(settings.workers))
         self.supervisor = Supervisor(
             self._reactor,
@@ -132,7 +142,6 @@ class Master(Service):
             stop_timeout_s=settings.shutdown_timeout_s,
         )
         self.supervisor.startService()
-        signal.signal(signal.SIGHUP, self._on_sighup)
         self.log.info(
             "taskserver listening on {url} (master pid {pid}, {n} workers, "
             "up to {c} tasks at a time each)",
@@ -159,8 +168,15 @@ class Master(Service):
         )
         return address
 
-    def _connect_redis(self) -> None:
-        """The master's own pool (it gives dead children's tasks back)."""
+    def _queue_for_reclaims(self) -> TaskQueue:
+        """The master's own queue client, connected on demand.
+
+        No standing pool: while Redis is down it would try to reconnect
+        (and log it) twice a second for nothing; the master needs Redis only
+        when a child has died.
+        """
+        if self._queue is not None:
+            return self._queue
         assert self.redis is not None
         settings = self._settings
         self._pool = connect(self.redis, 1, settings.redis_timeout_s)
@@ -173,19 +189,33 @@ class Master(Service):
             settings.max_attempts,
             settings.dead_letter_max,
         )
+        return self._queue
+
+    def _close_pool(self) -> defer.Deferred[None]:
+        pool, self._pool, self._queue = self._pool, None, None
+        if pool is None:
+            return defer.succeed(None)
+        disconnected: defer.Deferred[None] = pool.disconnect()
+        return disconnected.addErrback(
+            lambda failure: self.log.failure("closing the Redis pool", failure)
+        )
 
     def _redis_down(self) -> None:
-        """The embedded Redis died: close our pool until it is back, instead of retrying blindly."""
-        pool, self._pool, self._queue = self._pool, None, None
-        if pool is not None:
-            pool.disconnect().addErrback(
-                lambda failure: self.log.failure("closing the Redis pool", failure)
-            )
+        """The embedded Redis died: no connecting until it is back, instead of retrying blindly."""
+        self._redis_up = False
+        self._close_pool()
+
+    def _redis_back(self) -> None:
+        if self.running:
+            self._redis_up = True
 
     def _start_failed(self, failure: Any) -> None:
+        if not self.running:
+            return  # asked to stop while starting: that stop is under way
         self.log.critical("taskserver could not start: {error}", error=failure.value)
         self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        self._reactor.stop()
+        with contextlib.suppress(error.ReactorNotRunning):
+            self._reactor.stop()
 
     # ------------------------------------------------------------ children
 
@@ -240,13 +270,22 @@ class Master(Service):
         still land in its list, and the reaper looks again once the heartbeat
         has expired.
         """
+        self._reclaiming += 1
+        try:
+            await self._give_back(worker)
+        finally:
+            self._reclaiming -= 1
+            if not self._reclaiming and self.running:
+                self._close_pool()
+
+    async def _give_back(self, worker: Worker) -> None:
         consumer_ids = consumer_ids_of(worker.process_id)
         deadline = self._reactor.seconds() + RECLAIM_RETRY_FOR_S
         while True:
             try:
-                if self._queue is None:
+                if not self._redis_up:
                     raise RedisUnavailable("the embedded Redis is restarting")
-                got = await self._queue.reclaim(
+                got = await self._queue_for_reclaims().reclaim(
                     worker.process_id, consumer_ids, forget=False, force=True
                 )
             except Exception as e:
@@ -278,9 +317,13 @@ class Master(Service):
         self._reactor.callFromThread(self._rolling_restart)
 
     def _rolling_restart(self) -> None:
-        if self.supervisor is not None and self.running:
-            self.log.info("SIGHUP: rolling restart of the workers")
-            defer.Deferred.fromCoroutine(self.supervisor.rolling_restart())
+        if not self.running:
+            return
+        if self.supervisor is None:
+            self.log.info("SIGHUP before the workers started: nothing to restart")
+            return
+        self.log.info("SIGHUP: rolling restart of the workers")
+        defer.Deferred.fromCoroutine(self.supervisor.rolling_restart())
 
     # ------------------------------------------------------------ stop
 
@@ -304,9 +347,10 @@ class Master(Service):
         with contextlib.suppress(error.ReactorNotRunning):
             self._reactor.stop()
 
-    def _exit_with_stop_signal(self) -> None:
-        """After an unclean stop: die of the signal that asked for it, as twistd would."""
-        assert self._stop_signal is not None
+    def _exit_uncleanly(self) -> None:
+        """After an unclean stop: die of the signal that asked for it, as twistd would; else 1."""
+        if self._stop_signal is None:
+            os._exit(1)
         signal.signal(self._stop_signal, signal.SIG_DFL)
         os.kill(os.getpid(), self._stop_signal)
 
@@ -316,20 +360,27 @@ class Master(Service):
 
     async def _stop(self) -> None:
         try:
-            await self._stop_everything()
+            clean = await self._stop_everything()
         except BaseException:
             if self._stop_signal is not None:
-                self._reactor.addSystemEventTrigger(
-                    "after", "shutdown", self._exit_with_stop_signal
-                )
+                self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_uncleanly)
             raise
+        if not clean:
+            self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_uncleanly)
 
-    async def _stop_everything(self) -> None:
+    def _what_was_killed(self) -> list[str]:
+        """What a stop had to SIGKILL: work maybe not given back, an AOF maybe not synced."""
+        killed = list(self.supervisor.killed) if self.supervisor is not None else []
+        if self._embedded is not None and self._embedded.killed:
+            killed.append("the embedded Redis (its last writes may be lost)")
+        return killed
+
+    async def _stop_everything(self) -> bool:
+        """Stop in order; False if something had to be killed (logged in one line)."""
         try:
             if self.supervisor is not None:
                 await self.supervisor.stopService()
-            if self._pool is not None:
-                await self._pool.disconnect()
+            await self._close_pool()
         finally:
             # Redis stops last, after every child has given its tasks back.
             if self._embedded is not None:
@@ -342,10 +393,17 @@ class Master(Service):
         self._task_lines.flush()
         if self._task_log is not None:
             self._task_log.close()
-        self.log.info("taskserver stopped")
+        killed = self._what_was_killed()
+        if killed:
+            self.log.error(
+                "taskserver stopped uncleanly: {killed} had to be killed", killed=", ".join(killed)
+            )
+        else:
+            self.log.info("taskserver stopped")
         if self._log_observer is not None:
             globalLogPublisher.removeObserver(self._log_observer)
         if self._log_file is not None:
             self._log_file.close()
         if self._data_lock is not None:
             self._data_lock.close()
+        return not killed

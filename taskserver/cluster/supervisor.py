@@ -170,19 +170,23 @@ class Supervisor(Service):
         self._on_exit = on_exit
         self._process_id_for = process_id_for
         self._stop_timeout_s = stop_timeout_s
+        #: The child serving each slot (during a roll: the new one).
         self.workers: dict[int, Worker] = {}
-        self._retiring: set[Worker] = set()
+        #: Every child process that has not exited yet, whatever its state: what a stop waits for.
+        self._live: set[Worker] = set()
         self._generations: dict[int, int] = {}
         self._failures: dict[int, int] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._rolling = False
+        #: The children that a stop had to SIGKILL ("worker-0 (pid 12)"): an unclean stop.
+        self.killed: list[str] = []
 
     # ------------------------------------------------------------ lifecycle
 
     def startService(self) -> None:
         super().startService()
         for slot in range(self.count):
-            self._spawn(slot)
+            self._spawn_or_retry(slot)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -193,9 +197,9 @@ class Supervisor(Service):
             if call.active():
                 call.cancel()
         self._restarts = {}
-        everyone = list(self.workers.values()) + list(self._retiring)
+        # Every live child: also an old one that a rolling restart is about to replace.
         await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(self._retire(worker)) for worker in everyone]
+            [defer.Deferred.fromCoroutine(self._retire(worker)) for worker in list(self._live)]
         )
 
     @staticmethod
@@ -210,6 +214,11 @@ class Supervisor(Service):
     # ------------------------------------------------------------ spawning
 
     def _spawn(self, slot: int) -> Worker:
+        """Start a child for ``slot``; OSError if the fork fails (then nothing is registered).
+
+        A pending restart of the slot is cancelled: one slot, one new child.
+        """
+        self._cancel_restart(slot)
         generation = self._generations.get(slot, -1) + 1
         self._generations[slot] = generation
         worker = Worker(
@@ -218,7 +227,6 @@ class Supervisor(Service):
             seat=slot + self.count * (generation % 2),
             process_id=self._process_id_for(slot, generation),
         )
-        self.workers[slot] = worker
         child_fds: dict[int, Any] = {
             CONFIG_FD: "w",
             STDOUT_FD: "r",
@@ -233,15 +241,34 @@ class Supervisor(Service):
             env=self._env,
             childFDs=child_fds,
         )
+        # Registered only now: a fork that failed leaves nothing for a stop to wait for.
+        if not worker.ended.called:
+            self.workers[slot] = worker
+            self._live.add(worker)
         self.log.info("{name} started (pid {pid})", name=worker.name, pid=worker.pid)
         return worker
 
+    def _spawn_or_retry(self, slot: int) -> None:
+        """Start a child for ``slot``; a failed fork (EAGAIN, ENOMEM) counts as a failure."""
+        try:
+            self._spawn(slot)
+        except OSError as e:
+            self._failures[slot] = self._failures.get(slot, 0) + 1
+            self.log.error("worker-{slot} could not be started: {error}", slot=slot, error=e)
+            self._restart_later(slot)
+
+    def _cancel_restart(self, slot: int) -> None:
+        pending = self._restarts.pop(slot, None)
+        if pending is not None and pending.active():
+            pending.cancel()
+
     def _restart_later(self, slot: int) -> None:
+        self._cancel_restart(slot)
         failures = self._failures.get(slot, 0)
         delay = backoff_delay(failures)
         if delay:
             self.log.warn(
-                "worker-{slot} died before it was ready ({n} time(s) in a row); "
+                "worker-{slot} failed before it was ready ({n} time(s) in a row); "
                 "restarting in {delay:g} s",
                 slot=slot,
                 n=failures,
@@ -252,7 +279,7 @@ class Supervisor(Service):
     def _restart_now(self, slot: int) -> None:
         self._restarts.pop(slot, None)
         if self.running:
-            self._spawn(slot)
+            self._spawn_or_retry(slot)
 
     # ------------------------------------------------------------ events from children
 
@@ -274,7 +301,7 @@ class Supervisor(Service):
     def _exited(self, worker: Worker, reason: Failure) -> None:
         how = describe_exit(reason)
         planned = worker.retiring
-        self._retiring.discard(worker)
+        self._live.discard(worker)
         if planned:
             self.log.info(
                 "{name} (pid {pid}) stopped: {how}", name=worker.name, pid=worker.pid, how=how
@@ -297,11 +324,16 @@ class Supervisor(Service):
     # ------------------------------------------------------------ stopping and rolling
 
     async def _retire(self, worker: Worker) -> None:
-        """SIGTERM, then SIGKILL if it has not exited in time; returns when it has."""
+        """SIGTERM, then SIGKILL if it has not exited in time; returns when it has.
+
+        Once per child: a second caller (a stop while a roll retires it) only waits.
+        """
         if worker.ended.called:
             return
+        if worker.retiring:
+            await worker.ended
+            return
         worker.retiring = True
-        self._retiring.add(worker)
         worker.signal("TERM")
         deadline = self._reactor.callLater(
             self._stop_timeout_s + KILL_GRACE_S, self._kill_slow, worker
@@ -314,6 +346,8 @@ class Supervisor(Service):
         self.log.warn(
             "{name} (pid {pid}) did not stop in time; killing it", name=worker.name, pid=worker.pid
         )
+        if not self.running:  # a stop's kill; one during a roll does not make the stop unclean
+            self.killed.append(f"{worker.name} (pid {worker.pid})")
         worker.signal("KILL")
 
     async def _ready_in_time(self, worker: Worker) -> None:
@@ -336,9 +370,7 @@ class Supervisor(Service):
             name=old.name,
             pid=old.pid,
         )
-        pending = self._restarts.pop(slot, None)
-        if pending is not None and pending.active():
-            pending.cancel()
+        self._cancel_restart(slot)
         self.workers[slot] = old
         self._failures[slot] = 0  # the old one was ready: its next death restarts at once
         await self._retire(new)
@@ -349,6 +381,9 @@ class Supervisor(Service):
         The listening socket stays open throughout, so no connection is refused.
         A new child that dies or is not ready within READY_TIMEOUT_S stops the
         roll (a broken build): the old child keeps serving, the rest are not touched.
+        A stop during the roll ends it after whatever it awaits: the stop
+        retires every live child, old and new, and a failure it caused is
+        not a broken build.
         """
         if self._rolling:
             self.log.info("a rolling restart is already in progress")
@@ -359,11 +394,26 @@ class Supervisor(Service):
                 if not self.running:
                     return
                 old = self.workers.get(slot)
-                new = self._spawn(slot)
+                try:
+                    new = self._spawn(slot)
+                except OSError as e:
+                    self.log.error(
+                        "rolling restart stopped: {name} could not be started: {error}",
+                        name=f"worker-{slot}",
+                        error=e,
+                    )
+                    if old is None:
+                        self._failures[slot] = self._failures.get(slot, 0) + 1
+                        self._restart_later(slot)
+                    return
                 try:
                     await self._ready_in_time(new)
                 except (WorkerDied, NotReadyInTime) as e:
+                    if not self.running:
+                        return
                     await self._keep_old(slot, old, new, e)
+                    return
+                if not self.running:
                     return
                 if old is not None:
                     await self._retire(old)
