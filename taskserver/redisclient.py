@@ -210,7 +210,7 @@ def is_unavailable(error: BaseException) -> bool:
 def describe(error: BaseException, seconds: float) -> str:
     """What went wrong, in words an operator reads in a log (not ``(1.0, 'Deferred')``)."""
     if isinstance(error, defer.TimeoutError | txredisapi.TimeoutError):
-        return f"Redis did not answer within {float(seconds)} s"
+        return f"Redis did not answer within {seconds:g} s"
     if isinstance(error, txredisapi.ConnectionError):
         return f"no working connection to Redis ({str(error) or type(error).__name__})"
     return f"Redis cannot serve now: {error}"
