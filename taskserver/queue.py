@@ -106,7 +106,19 @@ class TaskQueue:
         clock: IReactorTime,
         max_attempts: int = 3,
         dead_letter_max: int = 10_000,
+        before_outcomes: Callable[[], None] = lambda: None,
     ) -> None:
+        """``before_outcomes`` runs right before outcomes (COMPLETE, FAIL) are sent.
+
+        A child flushes its task-log lines there: its consumer writes a task's
+        line before its outcome, but the two leave through buffers that are
+        flushed at the end of a reactor turn, and an outcome batch scheduled in
+        an earlier turn can be sent in the very turn a line is added. Flushed
+        here, a line is on its way to the master before the outcome that
+        removes its task can reach Redis, so a crash never leaves a completed
+        task without its line.
+        """
+        self._before_outcomes = before_outcomes
         self._redis = redis
         self.keys = keys
         self._status_ttl_ms = status_ttl_s * 1000
@@ -247,6 +259,7 @@ class TaskQueue:
         for raw, task, finished_at, duration_ms in done:
             keys.append(self.keys.status(task.id))
             args += [raw, finished_at, duration_ms, _encodable(task.user_id), task.queued_at]
+        self._before_outcomes()
         return list(await self._eval(COMPLETE, keys, args))
 
     async def fail(
@@ -266,6 +279,7 @@ class TaskQueue:
         the processing list, so a replay never retries or dead-letters a task twice.
         """
         outcome = self.failure_outcome(attempts)
+        self._before_outcomes()
         answer = await self._eval(
             FAIL,
             [

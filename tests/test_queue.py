@@ -393,3 +393,42 @@ async def test_a_task_that_cannot_be_encoded_fails_alone_in_its_batch(
     assert all(result.check(UnencodableTask) for ok, result in results if not ok)
     assert list(reversed(await redis.lrange(keys.pending, 0, -1))) == [t.to_json() for t in good]
     assert await queue.status(bad[0].id) is None
+
+
+class SendRecorder:
+    """A Redis client that notes, in ``events``, every script it is asked to send."""
+
+    def __init__(self, redis: Any, events: list[str]) -> None:
+        self._redis = redis
+        self._events = events
+
+    def evalsha(self, *arguments: Any) -> Any:
+        self._events.append("script sent")
+        return self._redis.evalsha(*arguments)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_task_log_lines_are_flushed_before_outcomes_are_sent(redis: Any, keys: Keys) -> None:
+    """An outcome batch scheduled in an earlier turn may leave in the turn a line is added:
+    the hook (the child's task-log flush) runs before every COMPLETE and FAIL is sent."""
+    events: list[str] = []
+    queue = TaskQueue(
+        SendRecorder(redis, events),
+        keys,
+        status_ttl_s=3600,
+        timeout_s=2.0,
+        clock=reactor,
+        max_attempts=2,
+        before_outcomes=lambda: events.append("lines flushed"),
+    )
+    done, raw = await start(queue, redis)
+    failed, failed_raw = await start(queue, redis)
+    events.clear()
+    assert await queue.complete("p#0", raw, done, "t", 1.0)
+    assert events == ["lines flushed", "script sent"]
+    events.clear()
+    assert await queue.fail("p#0", failed_raw, failed, 1, "boom", 0.0, "t", 1.0) == "retrying"
+    assert events == ["lines flushed", "script sent"]

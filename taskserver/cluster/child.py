@@ -80,6 +80,7 @@ class ChildService(Service):
         reactor: Any,
         task_sink: Callable[[str], None],
         *,
+        flush_task_sink: Callable[[], None] = lambda: None,
         seat: Seat | None = None,
         kill: Callable[[], None] | None = None,
         process_id: str | None = None,
@@ -91,6 +92,7 @@ class ChildService(Service):
         self._handler = handler
         self._reactor = reactor
         self._task_sink = task_sink
+        self._flush_task_sink = flush_task_sink
         self._seat = seat
         self._kill = kill
         self._process_id = process_id
@@ -119,6 +121,8 @@ class ChildService(Service):
             reactor,
             settings.max_attempts,
             settings.dead_letter_max,
+            # A task's line leaves before the outcome that removes its task (see TaskQueue).
+            before_outcomes=self._flush_task_sink,
         )
         limiter = RatePolicy(keys, settings.rate_limits)  # admitted by the queue's one call
         kill = None if settings.disable_kill else self._kill
@@ -244,10 +248,10 @@ def records_pipe(fd: int, clock: IReactorTime) -> TurnBuffer[str]:
     The master is the single writer of tasks.log; under load a child
     finishes many tasks per turn, and one write for all of them is cheaper
     than one each. The write is synchronous and happens at the end of the
-    turn, before the turn's acknowledgements are sent to Redis (those go out
-    when the reactor next writes to its sockets), so a line never trails
-    its task's acknowledgement. We are the pipe's only writer, so whole
-    lines arrive whatever the size of the write.
+    turn, or earlier when the queue is about to send outcomes (ChildService
+    passes ``flush`` as the queue's ``before_outcomes``), so a line never
+    trails its task's acknowledgement. We are the pipe's only writer, so
+    whole lines arrive whatever the size of the write.
     """
 
     def write(records: list[str]) -> None:
@@ -310,6 +314,7 @@ def main() -> None:
         resolve_handler(settings.handler),
         reactor,
         lambda line: records.add(task_record(line)),
+        flush_task_sink=records.flush,
         seat=Seat(Scoreboard(SCOREBOARD_FD, config["seats"]), config["seat"]),
         kill=_die,
         process_id=config["process_id"],
