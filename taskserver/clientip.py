@@ -41,6 +41,7 @@ FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
 #: ``[v6]``, ``[v6]:port`` (group 1), or ``v4:port`` (group 2); a port is 1 to 5 digits.
 _BRACKETED = re.compile(r"\[([^\[\]]*)\](?::[0-9]{1,5})?")
 _WITH_PORT = re.compile(r"([^:]*):[0-9]{1,5}")
+_LOCALHOST = re.compile(r"localhost\.?(?::[0-9]{1,5})?", re.IGNORECASE)
 
 
 def parse_networks(text: str) -> tuple[Network, ...]:
@@ -191,14 +192,31 @@ def client_address(peer: str, headers: HeaderLookup, proxies: Sequence[Network])
     return peer
 
 
+def is_loopback_host(values: Sequence[bytes] | None) -> bool:
+    """Does the Host header name this machine's loopback (``localhost``, 127.x, ``[::1]``)?
+
+    A page whose own name an attacker re-resolves to 127.0.0.1 (DNS
+    rebinding) sends loopback requests that the browser calls same-origin,
+    but with the attacker's name as Host. No Host at all (HTTP/1.0) is no
+    browser's request.
+    """
+    if values is None:
+        return True
+    if len(values) != 1:
+        return False
+    host = values[0].decode("latin-1").strip()
+    return _LOCALHOST.fullmatch(host) is not None or is_loopback(host)
+
+
 def is_loopback_request(peer: str, headers: HeaderLookup, proxies: Sequence[Network]) -> bool:
     """Did this request come from this host? The guard of every loopback-only route.
 
-    The peer must be loopback; a request that carries a forwarding header
+    The peer must be loopback and the Host a loopback name
+    (:func:`is_loopback_host`); a request that carries a forwarding header
     must also come from a trusted proxy, and each such header must name a
     loopback client (a proxy on this host forwards for anyone).
     """
-    if not is_loopback(peer):
+    if not is_loopback(peer) or not is_loopback_host(headers(b"host")):
         return False
     clients = _forwarded_clients(headers, proxies)
     if not clients:

@@ -216,3 +216,25 @@ def test_requests_a_web_page_made(
     request_headers: dict[bytes, list[bytes]], cross_site: bool
 ) -> None:
     assert is_cross_site(request_headers.get) is cross_site
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        (None, True),
+        ("localhost:8000", True),
+        ("LOCALHOST", True),
+        ("localhost.:8000", True),
+        ("127.0.0.1:8000", True),
+        ("127.9.9.9", True),
+        ("[::1]:8000", True),
+        ("attacker.example:8000", False),
+        ("localhost.attacker.example", False),
+        ("10.0.0.1:8000", False),
+        ("", False),
+    ],
+)
+def test_a_loopback_request_names_a_loopback_host(host: str | None, loopback: bool) -> None:
+    """DNS rebinding: a page re-resolved to 127.0.0.1 sends same-origin requests with its name."""
+    lines = {} if host is None else {b"host": [host.encode()]}
+    assert is_loopback_request("127.0.0.1", lines.get, ()) is loopback

@@ -354,7 +354,7 @@ def test_a_connection_is_busy_from_its_whole_request_to_its_answer() -> None:
 def test_kill_follows_the_close_of_its_connection_not_the_fallback() -> None:
     clock, killed = Clock(), []
     connection = Connection(fake_api(kill=lambda: killed.append(True), clock=clock)[0], clock)
-    connection.send(b"GET /kill HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive, as HTTP/1.1 is
+    connection.send(b"GET /kill HTTP/1.1\r\nHost: localhost\r\n\r\n")  # keep-alive, as HTTP/1.1 is
     assert b'"status":"exiting"' in connection.transport.value()
     assert b"Connection: close" in connection.transport.value()
     assert connection.transport.disconnecting, "the server closes even if the client would not"
@@ -579,7 +579,7 @@ async def test_kill_behind_a_trusted_proxy_is_not_fooled_by_an_open_quote(
     server = start_server(kill=lambda: killed.append(True), trusted_proxies=("127.0.0.1",))
     client = await RawClient().connect(server.port)
     client.send(
-        b"GET /kill HTTP/1.1\r\nHost: x\r\nForwarded: %s\r\nForwarded: for=203.0.113.9\r\n"
+        b"GET /kill HTTP/1.1\r\nHost: localhost\r\nForwarded: %s\r\nForwarded: for=203.0.113.9\r\n"
         b"Connection: close\r\n\r\n" % client_line
     )
     await client.closed.addTimeout(NEVER_A_HANG_S, reactor)
