@@ -358,3 +358,32 @@ def test_a_stop_while_a_roll_retires_the_old_child_signals_it_once(
     reactor.process(0).exit(signal=9)
     assert stopped.called and done.called
     assert supervisor.killed == ["worker-0 (pid 1000)"], "killed once, counted once"
+
+
+def test_a_roll_after_a_failed_fork_still_gives_the_new_child_the_other_seat(
+    recorder: Recorder,
+) -> None:
+    """A fork that failed uses up no generation: seats alternate with generations."""
+    reactor = FlakyForkReactor()
+    supervisor = Supervisor(
+        reactor,
+        1,
+        argv=["child"],
+        env={},
+        extra_fds={},
+        config_for=lambda worker: b"config\n",
+        on_record=lambda worker, kind, body: None,
+        on_exit=lambda worker: None,
+        process_id_for=lambda slot, generation: f"p-w{slot}.{generation}",
+        stop_timeout_s=10.0,
+    )
+    supervisor.startService()
+    ready(reactor.process(0))
+    old = supervisor.workers[0]
+    reactor.failing = True
+    failed_roll = defer.Deferred.fromCoroutine(supervisor.rolling_restart())
+    assert failed_roll.called and supervisor.workers[0] is old, "the old child keeps serving"
+    reactor.failing = False
+    defer.Deferred.fromCoroutine(supervisor.rolling_restart())
+    new = supervisor.workers[0]
+    assert new is not old and new.seat != old.seat

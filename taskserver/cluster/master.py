@@ -362,8 +362,7 @@ class Master(Service):
         try:
             clean = await self._stop_everything()
         except BaseException:
-            if self._stop_signal is not None:
-                self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_uncleanly)
+            self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_uncleanly)
             raise
         if not clean:
             self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_uncleanly)

@@ -220,7 +220,6 @@ class Supervisor(Service):
         """
         self._cancel_restart(slot)
         generation = self._generations.get(slot, -1) + 1
-        self._generations[slot] = generation
         worker = Worker(
             slot=slot,
             generation=generation,
@@ -241,7 +240,10 @@ class Supervisor(Service):
             env=self._env,
             childFDs=child_fds,
         )
-        # Registered only now: a fork that failed leaves nothing for a stop to wait for.
+        # Counted and registered only now: a fork that failed leaves nothing for a stop
+        # to wait for, and uses up no generation (the seat alternates with the generation,
+        # so the next child of a roll still gets the seat its old child does not hold).
+        self._generations[slot] = generation
         if not worker.ended.called:
             self.workers[slot] = worker
             self._live.add(worker)
