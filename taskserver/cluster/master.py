@@ -275,7 +275,7 @@ class Master(Service):
             await self._give_back(worker)
         finally:
             self._reclaiming -= 1
-            if not self._reclaiming and self.running:
+            if not self._reclaiming:
                 self._close_pool()
 
     async def _give_back(self, worker: Worker) -> None:
@@ -297,6 +297,12 @@ class Master(Service):
                     )
                     return
                 await task.deferLater(self._reactor, 0.5)
+                if not self.running:  # stopping: no new pool to a Redis about to stop
+                    self.log.warn(
+                        "could not give back {name}'s tasks before the stop; the reaper will",
+                        name=worker.name,
+                    )
+                    return
                 continue
             if got.requeued:
                 self.log.info(
