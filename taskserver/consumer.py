@@ -304,7 +304,7 @@ class ConsumerService(Service):
         away, which retrying would not cure) runs again later, not never: our heartbeat
         lives, so no reaper would take it back."""
         try:
-            moved = await self._until_done(
+            outcome = await self._until_done(
                 lambda: self._queue.give_back(consumer_id, raw, self._retry_backoff_s)
             )
         except defer.CancelledError:
@@ -316,10 +316,12 @@ class ConsumerService(Service):
                 consumer=consumer_id,
             )
             return
-        if moved:
+        if outcome == "retrying":
             self.log.warn(
                 "gave a task back to run again in {delay:g} s", delay=self._retry_backoff_s
             )
+        elif outcome == "dead":
+            self.log.warn("a task whose outcome could never be recorded is dead-lettered")
 
     async def _give_back_lost_fetch(self, consumer_id: str) -> None:
         """After a failed fetch, return what landed in our list without our knowing.

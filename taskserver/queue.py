@@ -25,7 +25,7 @@ from taskserver.keys import Keys
 from taskserver.ratelimit import Decision, RatePolicy
 from taskserver.redisclient import within
 from taskserver.scripts import Script, load
-from taskserver.task import Task
+from taskserver.task import MalformedTask, Task
 
 # The scripts (lua/*.lua; each file says what its KEYS and ARGV are).
 ADMIT = load("admit")
@@ -315,18 +315,24 @@ class TaskQueue:
         """Move retries that are due into the queue; returns how many."""
         return int(await self._eval(PROMOTE, [self.keys.delayed, self.keys.pending], [limit]))
 
-    async def give_back(self, consumer_id: str, raw: str, delay_s: float) -> bool:
+    async def give_back(self, consumer_id: str, raw: str, delay_s: float) -> str:
         """Move one entry from the processing list to the delayed set (see GIVE_BACK).
 
         For an outcome that could not be recorded: the task runs again after
-        ``delay_s``. False if the entry was no longer there.
+        ``delay_s``, or, once its runs used up MAX_ATTEMPTS, goes to the dead
+        letters. Returns "retrying", "dead", or :data:`GONE` if the entry was
+        no longer there.
         """
-        moved = await self._eval(
+        try:
+            status = self.keys.status(Task.from_json(raw).id)
+        except MalformedTask:
+            status = self.keys.status("-")  # no record to update
+        answer = await self._eval(
             GIVE_BACK,
-            [self.keys.processing(consumer_id), self.keys.delayed],
-            [raw, max(0, int(delay_s * 1000))],
+            [self.keys.processing(consumer_id), self.keys.delayed, self.keys.dead, status],
+            [raw, max(0, int(delay_s * 1000)), self.max_attempts, self._dead_letter_max],
         )
-        return int(moved) == 1
+        return str(answer)
 
     async def drop(self, consumer_id: str, raw: str) -> None:
         """Remove an entry that is not a task (never written by us) from a processing list."""

@@ -432,3 +432,24 @@ async def test_task_log_lines_are_flushed_before_outcomes_are_sent(redis: Any, k
     events.clear()
     assert await queue.fail("p#0", failed_raw, failed, 1, "boom", 0.0, "t", 1.0) == "retrying"
     assert events == ["lines flushed", "script sent"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_whose_outcome_is_never_recorded_ends_in_the_dead_letters(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """Given back after each run (its outcome could not be recorded), it is charged an
+    attempt by each fetch, so it does not run for ever: dead after MAX_ATTEMPTS (2)."""
+    task, raw = await start(queue, redis)
+    assert await queue.give_back("p#0", raw, 0.0) == "retrying"
+    assert await queue.give_back("p#0", raw, 0.0) == GONE, "a replay moves nothing"
+    assert (await queue.status(task.id) or {})["status"] == "retrying"
+    assert await queue.promote() == 1
+    again = await queue.fetch(redis, keys.pending, keys.processing("p#0"), 1)
+    assert again == raw
+    assert await queue.mark_started(task, "2026-01-01T00:00:01.000Z") == 2
+    assert await queue.give_back("p#0", raw, 0.0) == "dead"
+    entries = await redis.lrange(keys.dead, 0, -1)
+    assert len(entries) == 1 and entries[0].endswith(',"task":' + raw + "}")
+    assert await redis.zcard(keys.delayed) == 0
+    assert (await queue.status(task.id) or {})["status"] == "dead"
