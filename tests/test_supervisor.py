@@ -295,11 +295,8 @@ class FlakyForkReactor(FakeProcessReactor):
         return super().spawnProcess(*args, **kwargs)  # type: ignore[arg-type]
 
 
-def test_a_failed_fork_is_retried_with_the_back_off_and_does_not_block_the_stop(
-    recorder: Recorder,
-) -> None:
-    reactor = FlakyForkReactor()
-    supervisor = Supervisor(
+def one_slot_supervisor(reactor: FakeProcessReactor) -> Supervisor:
+    return Supervisor(
         reactor,
         1,
         argv=["child"],
@@ -311,6 +308,13 @@ def test_a_failed_fork_is_retried_with_the_back_off_and_does_not_block_the_stop(
         process_id_for=lambda slot, generation: f"p-w{slot}.{generation}",
         stop_timeout_s=10.0,
     )
+
+
+def test_a_failed_fork_is_retried_with_the_back_off_and_does_not_block_the_stop(
+    recorder: Recorder,
+) -> None:
+    reactor = FlakyForkReactor()
+    supervisor = one_slot_supervisor(reactor)
     supervisor.startService()
     ready(reactor.process(0))
     reactor.failing = True
@@ -365,18 +369,7 @@ def test_a_roll_after_a_failed_fork_still_gives_the_new_child_the_other_seat(
 ) -> None:
     """A fork that failed uses up no generation: seats alternate with generations."""
     reactor = FlakyForkReactor()
-    supervisor = Supervisor(
-        reactor,
-        1,
-        argv=["child"],
-        env={},
-        extra_fds={},
-        config_for=lambda worker: b"config\n",
-        on_record=lambda worker, kind, body: None,
-        on_exit=lambda worker: None,
-        process_id_for=lambda slot, generation: f"p-w{slot}.{generation}",
-        stop_timeout_s=10.0,
-    )
+    supervisor = one_slot_supervisor(reactor)
     supervisor.startService()
     ready(reactor.process(0))
     old = supervisor.workers[0]
