@@ -33,11 +33,10 @@ def recorder() -> Recorder:
     return Recorder()
 
 
-@pytest.fixture
-def supervisor(reactor: FakeProcessReactor, recorder: Recorder) -> Supervisor:
-    supervisor = Supervisor(
+def new_supervisor(reactor: FakeProcessReactor, recorder: Recorder, count: int) -> Supervisor:
+    return Supervisor(
         reactor,
-        2,
+        count,
         argv=["python", "-m", "taskserver.cluster.child"],
         env={},
         extra_fds={3: 33, 4: 44},
@@ -47,6 +46,11 @@ def supervisor(reactor: FakeProcessReactor, recorder: Recorder) -> Supervisor:
         process_id_for=lambda slot, generation: f"p-w{slot}.{generation}",
         stop_timeout_s=10.0,
     )
+
+
+@pytest.fixture
+def supervisor(reactor: FakeProcessReactor, recorder: Recorder) -> Supervisor:
+    supervisor = new_supervisor(reactor, recorder, 2)
     supervisor.startService()
     return supervisor
 
@@ -295,26 +299,11 @@ class FlakyForkReactor(FakeProcessReactor):
         return super().spawnProcess(*args, **kwargs)  # type: ignore[arg-type]
 
 
-def one_slot_supervisor(reactor: FakeProcessReactor) -> Supervisor:
-    return Supervisor(
-        reactor,
-        1,
-        argv=["child"],
-        env={},
-        extra_fds={},
-        config_for=lambda worker: b"config\n",
-        on_record=lambda worker, kind, body: None,
-        on_exit=lambda worker: None,
-        process_id_for=lambda slot, generation: f"p-w{slot}.{generation}",
-        stop_timeout_s=10.0,
-    )
-
-
 def test_a_failed_fork_is_retried_with_the_back_off_and_does_not_block_the_stop(
     recorder: Recorder,
 ) -> None:
     reactor = FlakyForkReactor()
-    supervisor = one_slot_supervisor(reactor)
+    supervisor = new_supervisor(reactor, recorder, 1)
     supervisor.startService()
     ready(reactor.process(0))
     reactor.failing = True
@@ -369,7 +358,7 @@ def test_a_roll_after_a_failed_fork_still_gives_the_new_child_the_other_seat(
 ) -> None:
     """A fork that failed uses up no generation: seats alternate with generations."""
     reactor = FlakyForkReactor()
-    supervisor = one_slot_supervisor(reactor)
+    supervisor = new_supervisor(reactor, recorder, 1)
     supervisor.startService()
     ready(reactor.process(0))
     old = supervisor.workers[0]
