@@ -10,19 +10,11 @@ that stops repeating is forgotten.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 #: How long repeats of one warning are counted before their summary is written.
 REPEAT_WINDOW_S = 10.0
-
-
-@dataclass
-class _Window:
-    repeats: int
-    ends: IDelayedCall
 
 
 class WarningThrottle:
@@ -32,27 +24,29 @@ class WarningThrottle:
         self._log = log
         self._clock = clock
         self._window_s = window_s
-        self._windows: dict[str, _Window] = {}
+        #: The repeats counted in the open window of each warning.
+        self._repeats: dict[str, int] = {}
 
     def warn(self, text: str) -> None:
         """Warn ``text`` (a finished sentence: identical texts are repeats)."""
-        window = self._windows.get(text)
-        if window is not None:
-            window.repeats += 1
+        if text in self._repeats:
+            self._repeats[text] += 1
             return
         self._log.warn("{text}", text=text)
-        self._windows[text] = _Window(0, self._clock.callLater(self._window_s, self._end, text))
+        self._open_window(text)
+
+    def _open_window(self, text: str) -> None:
+        self._repeats[text] = 0
+        self._clock.callLater(self._window_s, self._end, text)
 
     def _end(self, text: str) -> None:
-        window = self._windows[text]
-        if not window.repeats:
-            del self._windows[text]
+        repeats = self._repeats.pop(text)
+        if not repeats:
             return
         self._log.warn(
             "{text} ({repeats} more in the last {window_s:g} s)",
             text=text,
-            repeats=window.repeats,
+            repeats=repeats,
             window_s=self._window_s,
         )
-        window.repeats = 0
-        window.ends = self._clock.callLater(self._window_s, self._end, text)
+        self._open_window(text)
