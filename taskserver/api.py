@@ -152,9 +152,10 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 def _require_utf8(payload: Any) -> None:
     """400 if a string of the payload (key or value) holds a lone surrogate (``"\\ud800"``).
 
-    Valid JSON, but no UTF-8 encodes it: Redis would never receive the task,
-    and the batch of admissions it shares a reactor turn with would fail.
-    Checked only for bodies with such an escape (a valid pair passes).
+    Valid JSON, but no UTF-8 encodes it: Redis could never receive the task
+    (the queue would refuse it, UnencodableTask, and the client would get a
+    500 for its own bad input). Checked only for bodies with such an escape
+    (a valid pair passes).
     """
     try:
         json.dumps(payload, ensure_ascii=False).encode("utf-8")
