@@ -549,15 +549,22 @@ async def test_a_client_that_met_a_squatter_reconnects_to_the_real_server(tmp_pa
     """txredisapi gives up for good after a failed AUTH; our pools keep trying."""
     from twisted.internet import protocol
 
+    met: list[int] = []
+
     class HangUp(protocol.Protocol):
         def connectionMade(self) -> None:
+            met.append(1)
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     port = free_loopback_port()
     squatter = reactor.listenTCP(port, protocol.Factory.forProtocol(HangUp), interface="127.0.0.1")
     password = "pw-" + "y" * 20
     client = connect(RedisAddress(host="127.0.0.1", port=port, password=password), 1, 1.0)
-    await task.deferLater(reactor, 0.5)  # a few attempts meet the squatter
+
+    async def met_the_squatter_twice() -> bool:  # its AUTH failed, and it tried again
+        return len(met) >= 2
+
+    await eventually(met_the_squatter_twice, timeout=20.0)
     await squatter.stopListening()
     server = EmbeddedRedis(find_server_binary(None), tmp_path, reactor, password=password)
     await server.start(port=port)
