@@ -354,6 +354,28 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("kill_token", "KILL_TOKEN", "", "bearer token required by GET /kill", _optional_text),
     Option("disable_kill", "DISABLE_KILL", "false", "turn GET /kill off (404)", _flag, flag=True),
+    Option(
+        "metrics_token",
+        "METRICS_TOKEN",
+        "",
+        "bearer token required by GET /metrics (open to anyone if empty)",
+        _optional_text,
+    ),
+    Option(
+        "admin_token",
+        "ADMIN_TOKEN",
+        "",
+        "token for the dashboard (bearer or login form); if empty, loopback clients only",
+        _optional_text,
+    ),
+    Option(
+        "dashboard_read_only",
+        "DASHBOARD_READ_ONLY",
+        "false",
+        "the dashboard shows, but hides and refuses its actions (requeue, purge)",
+        _flag,
+        flag=True,
+    ),
     Option("key_prefix", "KEY_PREFIX", "taskserver", "prefix of every Redis key", _key_prefix),
     Option(
         "status_ttl",
@@ -477,6 +499,9 @@ class Settings:
     task_log_max_bytes: int = _default("task_log_max_bytes")
     workers: int = _default("workers")
     disable_kill: bool = _default("disable_kill")
+    metrics_token: str | None = field(default=_default("metrics_token"), repr=False)
+    admin_token: str | None = field(default=_default("admin_token"), repr=False)
+    dashboard_read_only: bool = _default("dashboard_read_only")
     task_timeout_s: float = _default("task_timeout_s")
     max_attempts: int = _default("max_attempts")
     retry_backoff_s: float = _default("retry_backoff_s")

@@ -85,6 +85,26 @@ class Keys:
         """A task's status record (a hash with a TTL)."""
         return f"{self.status_prefix}{task_id}"
 
+    @property
+    def metrics(self) -> str:
+        """Hash of the cluster's metric totals: field (name and labels) -> integer."""
+        return f"{self._queue_tag}:metrics"
+
+    @property
+    def metrics_history(self) -> str:
+        """List of periodic samples of some totals, newest first, capped (the dashboard's history)."""
+        return f"{self._queue_tag}:metrics:history"
+
+    @property
+    def metrics_sampled(self) -> str:
+        """Exists (short TTL) while the latest history sample is recent: one sampler at a time."""
+        return f"{self._queue_tag}:metrics:sampled"
+
+    @property
+    def workers(self) -> str:
+        """Hash of live processes: process id -> JSON (pid, host, uptime, in flight, ...)."""
+        return f"{self._queue_tag}:workers"
+
     def idempotency(self, user_id: str, key: str) -> str:
         """A user's claim on an idempotency key (the key is hashed too)."""
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
