@@ -87,8 +87,7 @@
   }
 
   function dateTime(epochMs) {
-    const date = new Date(epochMs);
-    return `${date.toISOString().slice(0, 10)} ${date.toLocaleTimeString("en-GB")}`;
+    return new Date(epochMs).toLocaleString("sv-SE"); // 2026-12-01 23:15:44, local time
   }
 
   function perSecond(value) {
