@@ -20,7 +20,7 @@ import sys
 import unicodedata
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from klein import Klein
 from twisted.internet import defer
@@ -49,6 +49,9 @@ from taskserver.queue import TaskQueue
 from taskserver.ratelimit import Decision, RateLimiter, RatePolicy
 from taskserver.redisclient import RedisUnavailable
 from taskserver.task import TASK_ID, Task
+
+if TYPE_CHECKING:
+    from taskserver.dashboard import DashboardResource, DashboardRoutes
 
 USER_ID_MAX_CHARS = 128
 #: Retry-After sent with 503 while Redis is unreachable.
@@ -239,12 +242,14 @@ class TaskAPI:
         *,
         ip_limiter: RateLimiter | None = None,
         trusted_proxies: Sequence[Network] = (),
+        dashboard: DashboardRoutes | None = None,
     ) -> None:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
         ``ip_limiter`` is the optional per-client-address backstop tier; the
         address comes from a forwarding header only when the peer is a trusted proxy
         (:mod:`taskserver.clientip`, which also decides what a loopback request is).
+        ``dashboard`` answers ``/`` and ``/dashboard...``; None: they are 404s.
         """
         #: None unless it has tiers: the request path then does not even call it.
         self._ip_limiter = ip_limiter if ip_limiter is not None and ip_limiter.active else None
@@ -256,6 +261,9 @@ class TaskAPI:
         self._kill = kill
         self._kill_token = kill_token
         self._warnings = WarningThrottle(self.log, clock)
+        self._dashboard: DashboardResource | None = (
+            dashboard.resource(self.answer_error) if dashboard is not None else None
+        )
 
     def resource(self) -> TaskResource:
         """The root resource of these routes (what a Site, or treq's StubTreq, serves)."""
@@ -391,6 +399,14 @@ class TaskAPI:
     async def readyz(self, request: IRequest) -> bytes:
         await self._queue.ping()
         return respond(request, 200, {"status": "ready"})
+
+    @app.route("/", methods=["GET"], endpoint="home")
+    @app.route("/dashboard", branch=True, endpoint="dashboard")
+    def dashboard(self, request: IRequest) -> Resource:
+        """The dashboard's own routes (:mod:`taskserver.dashboard`), if this server has one."""
+        if self._dashboard is None:
+            raise ApiError(404, "not_found", "no such resource")
+        return self._dashboard
 
     @app.route("/kill", methods=["GET"])
     def kill(self, request: server.Request) -> bytes:

@@ -17,6 +17,7 @@ import functools
 import gc
 import json
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from taskserver.cluster.protocol import (
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
+from taskserver.dashboard import DashboardRoutes, redis_label
 from taskserver.httpserver import TaskSite
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
@@ -84,6 +86,7 @@ class ChildService(Service):
         seat: Seat | None = None,
         kill: Callable[[], None] | None = None,
         process_id: str | None = None,
+        dashboard_secret: str | None = None,
     ) -> None:
         self._settings = settings
         self._redis = redis
@@ -96,6 +99,8 @@ class ChildService(Service):
         self._seat = seat
         self._kill = kill
         self._process_id = process_id
+        #: The master's, shared by its children; a child run on its own makes one.
+        self._dashboard_secret = dashboard_secret or secrets.token_hex(32)
         self._pools: list[Any] = []
         self._port: BalancedPort | None = None
         self._beat: task.LoopingCall | None = None
@@ -141,6 +146,16 @@ class ChildService(Service):
             settings.kill_token,
             ip_limiter=ip_limiter,
             trusted_proxies=parse_networks(",".join(settings.trusted_proxies)),
+            dashboard=DashboardRoutes(
+                api,
+                keys,
+                self.queue,
+                settings,
+                reactor,
+                redis_label=redis_label(self._redis),
+                embedded=settings.redis is None,
+                cluster_secret=self._dashboard_secret,
+            ),
         ).site(settings.idle_timeout_s, settings.request_timeout_s)
         if self._seat is not None:
             seat = self._seat
@@ -318,6 +333,7 @@ def main() -> None:
         seat=Seat(Scoreboard(SCOREBOARD_FD, config["seats"]), config["seat"]),
         kill=_die,
         process_id=config["process_id"],
+        dashboard_secret=config.get("dashboard_secret"),
     )
     watch = ParentWatch(CONFIG_FD, lambda: _stop(reactor), reactor)
 
