@@ -44,11 +44,12 @@ from twisted.web.resource import Resource
 from taskserver import deadletters
 from taskserver.api import is_json_media_type, status_document
 from taskserver.clientip import Network, is_loopback_request, parse_address, parse_networks
-from taskserver.config import RedisAddress, Settings
+from taskserver.config import Settings
 from taskserver.httpserver import ApiError, read_body, respond
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import within
+from taskserver.stats import read_stats
 from taskserver.task import TASK_ID
 
 #: On every dashboard answer, errors and redirects included.
@@ -85,12 +86,6 @@ _DIGITS = re.compile(rb"[0-9]{1,15}")
 AnswerError = Callable[[IRequest, Failure], bytes]
 
 
-def redis_label(address: RedisAddress) -> str:
-    """``host:port`` of a Redis, as the dashboard shows it (never a password)."""
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    return f"{host}:{address.port}"
-
-
 def derived_secret(key: str, purpose: str) -> str:
     """HMAC-SHA256 of ``purpose`` under ``key``, hex: the cookie and the CSRF token."""
     return hmac.new(key.encode("utf-8"), purpose.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -116,7 +111,9 @@ class DashboardRoutes:
         cluster_secret: str,
         static: Traversable | None = None,
     ) -> None:
-        """``cluster_secret`` keys the CSRF token when there is no ADMIN_TOKEN.
+        """``redis_label`` and ``embedded`` describe the Redis for the overview
+        (:func:`taskserver.stats.address_label`); ``cluster_secret`` keys the
+        CSRF token when there is no ADMIN_TOKEN.
 
         ``static`` is the folder of the page's files (``taskserver/static``
         by default); they are read here, once, not on the request path.
@@ -203,6 +200,25 @@ class DashboardRoutes:
                 "poll_interval_s": POLL_INTERVAL_S,
             },
         )
+
+    @app.route(f"{DASHBOARD_PATH}/api/overview", methods=["GET"])
+    async def overview(self, request: IRequest) -> bytes:
+        """The cluster's numbers: the one reading admin ``stats`` and /metrics make too.
+
+        Counts by LLEN and ZCARD in one script call, whatever the queue's
+        length; 503 when Redis does not answer (the page says "Redis down").
+        """
+        self._guard(request)
+        stats = await read_stats(
+            self._redis,
+            self._keys,
+            self._clock,
+            self._timeout_s,
+            redis_label=self._redis_label,
+            embedded=self._embedded,
+            history=True,
+        )
+        return respond(request, 200, stats.overview(read_only=self._read_only))
 
     @app.route(f"{DASHBOARD_PATH}/api/dead", methods=["GET"])
     async def dead(self, request: IRequest) -> bytes:

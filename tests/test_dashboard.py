@@ -25,13 +25,13 @@ from taskserver.dashboard import (
     SECURITY_HEADERS,
     DashboardRoutes,
     derived_secret,
-    redis_label,
 )
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RatePolicy
 from taskserver.redisclient import connect
+from taskserver.stats import address_label
 from taskserver.task import Task
 
 XSS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
@@ -66,7 +66,7 @@ class Dashboard:
             self.queue,
             settings,
             reactor,
-            redis_label=redis_label(address),
+            redis_label=address_label(address),
             embedded=False,
             cluster_secret="cluster-secret",
             static=static,
@@ -544,6 +544,35 @@ async def test_client_values_stay_data_in_every_json_answer(
         assert_security_headers(response)
 
 
+# ------------------------------------------------------------------ the overview
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_overview_counts_the_queue(
+    dashboard: Callable[..., Dashboard], redis: Any, keys: Keys, redis_server: RedisAddress
+) -> None:
+    server = dashboard(dashboard_read_only=True)
+    for n in range(3):
+        await server.queue.enqueue(Task.new(f"u{n}", None, reactor.seconds()))
+    await really_dead(server.queue, redis, "dead-one")
+    await dead_letter(redis, keys, "dead-two", None, "boom")
+    response, body = await server.get("/dashboard/api/overview")
+    assert response.code == 200
+    assert_security_headers(response)
+    document = json_of(body)
+    assert set(document) == {
+        "now", "queue", "totals", "rate_limited", "latency", "throughput", "workers", "redis",
+        "read_only",
+    }  # fmt: skip
+    assert document["queue"]["pending"] == 3
+    assert document["queue"]["dead"] == 2
+    assert (document["queue"]["processing"], document["queue"]["delayed"]) == (0, 0)
+    assert document["queue"]["oldest_pending_age_s"] is not None
+    assert document["read_only"] is True
+    assert document["redis"]["address"] == f"{redis_server.host}:{redis_server.port}"
+    assert (document["redis"]["embedded"], document["redis"]["up"]) == (False, True)
+
+
 # ------------------------------------------------------------------ task lookup
 
 
@@ -575,7 +604,11 @@ async def test_redis_unreachable_is_a_json_503(
     pool = connect(nowhere, 1, 0.2)
     server = Dashboard(replace(settings, redis_timeout_s=0.2), pool, static, nowhere)
     try:
-        for path in ("/dashboard/api/dead", f"/dashboard/api/task/{'c' * 32}"):
+        for path in (
+            "/dashboard/api/overview",
+            "/dashboard/api/dead",
+            f"/dashboard/api/task/{'c' * 32}",
+        ):
             response, body = await server.get(path)
             assert (response.code, json_of(body)["error"]) == (503, "redis_unavailable"), path
             assert_security_headers(response)

@@ -52,7 +52,7 @@ from taskserver.cluster.protocol import (
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
-from taskserver.dashboard import DashboardRoutes, redis_label
+from taskserver.dashboard import DashboardRoutes
 from taskserver.httpserver import TaskSite
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
@@ -163,7 +163,7 @@ class ChildService(Service):
                 self.queue,
                 settings,
                 reactor,
-                redis_label=redis_label(self._redis),
+                redis_label=address_label(self._redis),
                 embedded=settings.redis is None,
                 cluster_secret=self._dashboard_secret,
             ),
