@@ -26,7 +26,7 @@ import hmac
 import html
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from typing import Any
@@ -79,8 +79,6 @@ LOGIN_PATH = "/dashboard/login"
 POLL_INTERVAL_S = 2
 DEAD_PAGE_DEFAULT_LIMIT = 50
 DEAD_PAGE_MAX_LIMIT = 200
-#: Requeueing every dead task takes calls of REQUEUE_BATCH (about 100 for 100,000 tasks).
-REQUEUE_ALL_TIMEOUT_S = 30.0
 _DIGITS = re.compile(rb"[0-9]{1,15}")
 
 AnswerError = Callable[[IRequest, Failure], bytes]
@@ -250,10 +248,7 @@ class DashboardRoutes:
         self._authorise_action(request)
         moved = 0
         if TASK_ID.match(task_id):
-            requeueing = deadletters.requeue(self._redis, self._keys, [task_id])
-            moved = await within(
-                defer.Deferred.fromCoroutine(requeueing), self._timeout_s, self._clock
-            )
+            moved = await deadletters.requeue(self._redis, self._keys, [task_id], self._bound)
         if not moved:
             raise ApiError(404, "not_dead", "this task is not in the dead letters")
         return respond(request, 200, {"requeued": moved})
@@ -261,10 +256,7 @@ class DashboardRoutes:
     @app.route(f"{DASHBOARD_PATH}/api/dead/requeue-all", methods=["POST"])
     async def requeue_all(self, request: IRequest) -> bytes:
         self._authorise_action(request)
-        requeueing = deadletters.requeue(self._redis, self._keys, [])
-        moved = await within(
-            defer.Deferred.fromCoroutine(requeueing), REQUEUE_ALL_TIMEOUT_S, self._clock
-        )
+        moved = await deadletters.requeue(self._redis, self._keys, [], self._bound)
         return respond(request, 200, {"requeued": moved})
 
     @app.route(f"{DASHBOARD_PATH}/api/dead/purge", methods=["POST"])
@@ -273,6 +265,10 @@ class DashboardRoutes:
         purging = deadletters.purge(self._redis, self._keys)
         purged = await within(defer.Deferred.fromCoroutine(purging), self._timeout_s, self._clock)
         return respond(request, 200, {"purged": purged})
+
+    def _bound(self, call: defer.Deferred[Any]) -> Awaitable[Any]:
+        """Each Redis call of a requeue (there are many) gets the deadline of one request."""
+        return within(call, self._timeout_s, self._clock)
 
     # ---------------------------------------------------------- errors
 

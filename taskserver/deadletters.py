@@ -11,7 +11,10 @@ of at most its limit; requeueing all goes in calls of REQUEUE_BATCH.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from twisted.internet import defer
 
 from taskserver.keys import Keys
 from taskserver.scripts import load
@@ -21,12 +24,22 @@ REQUEUE_DEAD = load("requeue_dead")
 #: Most dead tasks one REQUEUE_DEAD call moves: Redis answers nothing else while it runs
 #: (10,000, the default DEAD_LETTER_MAX, in 10 calls of a few ms each).
 REQUEUE_BATCH = 1000
+#: Most entries one REQUEUE_DEAD call scans for named tasks (a few ms of Redis time).
+SCAN_BATCH = 5000
 #: The dead-letter list deleted and counted at once (lua/purge_dead.lua).
 PURGE_DEAD = load("purge_dead")
 #: One page of the list and its length, in one call (lua/dead_page.lua).
 DEAD_PAGE = load("dead_page")
 #: The payload as the dashboard lists it: its JSON text cut to this many characters.
 PAYLOAD_EXCERPT_CHARS = 200
+
+#: How a multi-call operation awaits each of its Redis calls (with a deadline, say).
+Bound = Callable[[defer.Deferred[Any]], Awaitable[Any]]
+
+
+async def unbounded(call: defer.Deferred[Any]) -> Any:
+    """Each call awaited as it is (taskserver-admin has one deadline for the whole command)."""
+    return await call
 
 
 async def dead_letters(redis: Any, keys: Keys, limit: int) -> list[Any]:
@@ -81,24 +94,47 @@ def excerpt(text: str) -> str:
     return text[:PAYLOAD_EXCERPT_CHARS] + "…"
 
 
-async def requeue(redis: Any, keys: Keys, task_ids: list[str]) -> int:
+async def requeue(redis: Any, keys: Keys, task_ids: list[str], bound: Bound = unbounded) -> int:
     """Dead tasks back to the queue, oldest first (all if ``task_ids`` is empty); how many.
 
     "All" means the entries there when it starts, in calls of REQUEUE_BATCH: a
     task that dies again meanwhile (newest end) is not requeued a second time.
+    ``bound`` awaits each call (the dashboard gives each one its deadline).
     """
     script_keys = [keys.dead, keys.pending]
     if task_ids:
-        moved, _ = await REQUEUE_DEAD(redis, script_keys, [keys.status_prefix, 0, *task_ids])
-        return int(moved)
+        return await _requeue_named(redis, keys, list(dict.fromkeys(task_ids)), bound)
     total = 0
-    budget = int(await redis.llen(keys.dead))
+    budget = int(await bound(redis.llen(keys.dead)))
     while budget > 0:
         most = min(REQUEUE_BATCH, budget)
-        moved, taken = await REQUEUE_DEAD(redis, script_keys, [keys.status_prefix, most])
+        moved, taken = await bound(REQUEUE_DEAD(redis, script_keys, [keys.status_prefix, most]))
         total, budget = total + int(moved), budget - int(taken)
         if int(taken) < most:
             break
+    return total
+
+
+async def _requeue_named(redis: Any, keys: Keys, wanted: list[str], bound: Bound) -> int:
+    """Each named task's oldest entry back to the queue, scanning SCAN_BATCH entries a call.
+
+    The scan goes from the oldest end, where deaths meanwhile (at the newest
+    end) move nothing; an entry requeued in a call moves the ones after it
+    one place, and the next call starts that much earlier. A requeue or trim
+    elsewhere at the oldest end meanwhile can make it miss an entry (it
+    then counts as not dead).
+    """
+    total, skip = 0, 0
+    while wanted:
+        arguments = [keys.status_prefix, 0, skip, SCAN_BATCH, *wanted]
+        moved, scanned, *found = await bound(
+            REQUEUE_DEAD(redis, [keys.dead, keys.pending], arguments)
+        )
+        total += int(moved)
+        wanted = [task_id for task_id in wanted if task_id not in set(found)]
+        if int(scanned) < SCAN_BATCH:
+            break
+        skip += int(scanned) - int(moved)
     return total
 
 

@@ -456,6 +456,31 @@ async def test_requeue_one_all_and_purge_change_the_lists(
 
 
 @pytest_twisted.ensureDeferred
+async def test_requeue_by_id_scans_in_bounded_calls_and_misses_nothing(
+    redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Named tasks on both sides of each call's window, two found in the first window:
+    the next window starts that much earlier, so the entry after them is still seen."""
+    monkeypatch.setattr(deadletters, "SCAN_BATCH", 100)
+    tasks = [await dead_letter(redis, keys, f"u{n}", {"n": n}, "boom") for n in range(300)]
+    named = [tasks[n] for n in (0, 99, 100, 101, 199, 200, 299)]
+    calls = []
+    real = deadletters.REQUEUE_DEAD
+
+    def counted(*arguments: Any) -> Any:
+        calls.append(arguments)
+        return real(*arguments)
+
+    monkeypatch.setattr(deadletters, "REQUEUE_DEAD", counted)
+    assert await deadletters.requeue(redis, keys, [t.id for t in reversed(named)]) == 7
+    assert len(calls) == 3, "three windows of 100 (the last one finds the newest task)"
+    oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
+    assert oldest_first == [t.to_json() for t in named], "oldest first, each once"
+    assert await redis.llen(keys.dead) == 293
+    assert await deadletters.requeue(redis, keys, [tasks[0].id, "f" * 32]) == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_dead_letters_are_paged_newest_first(
     dashboard: Callable[..., Dashboard], redis: Any, keys: Keys
 ) -> None:
@@ -612,7 +637,9 @@ async def test_redis_unreachable_is_a_json_503(
             response, body = await server.get(path)
             assert (response.code, json_of(body)["error"]) == (503, "redis_unavailable"), path
             assert_security_headers(response)
-        assert (await server.act("/dashboard/api/dead/purge"))[0] == 503
+        for action in ("purge", "requeue-all", f"{'c' * 32}/requeue"):
+            status, document = await server.act(f"/dashboard/api/dead/{action}")
+            assert (status, document["error"]) == (503, "redis_unavailable"), action
     finally:
         await server.port.stopListening()
         await pool.disconnect()
