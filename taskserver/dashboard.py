@@ -171,7 +171,10 @@ class DashboardRoutes:
         self._refuse_cross_site(request)
         if self._token is None or self._cookie is None:
             return self._login_page(request, 403, _NO_TOKEN_NEEDED)
-        form = parse_qs(read_body(request).decode("utf-8", "replace"), max_num_fields=10)
+        try:
+            form = parse_qs(read_body(request).decode("utf-8", "replace"), max_num_fields=10)
+        except ValueError:  # more fields than any login form has
+            form = {}
         given = (form.get("token") or [""])[0].encode("utf-8")
         if not hmac.compare_digest(given, self._token.encode("utf-8")):
             return self._login_page(request, 403, "Wrong token.")

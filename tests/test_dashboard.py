@@ -306,6 +306,9 @@ async def test_the_login_form_sets_the_cookie(dashboard: Callable[..., Dashboard
     assert wrong.headers.getRawHeaders("Set-Cookie") is None
     assert b'<p id="login-message">Wrong token.</p>' in body and b"<form" in body
 
+    crowded, body = await server.post("/dashboard/login", as_form, b"&".join([b"a=1"] * 50))
+    assert crowded.code == 403 and b"Wrong token." in body
+
     right, _ = await server.post("/dashboard/login", as_form, f"token={TOKEN}".encode())
     assert right.code == 303
     assert right.headers.getRawHeaders("Location") == ["/dashboard"]
