@@ -18,11 +18,12 @@ import os
 import re
 import sys
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -35,6 +36,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RoutingException
 
 from taskserver.clientip import Network, client_address, is_cross_site, is_loopback_request
+from taskserver.exposition import exposition
 from taskserver.httpserver import (
     ApiError,
     BoundedRequest,
@@ -48,7 +50,11 @@ from taskserver.logthrottle import WarningThrottle
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import Decision, RateLimiter, RatePolicy
 from taskserver.redisclient import RedisUnavailable
+from taskserver.stats import ClusterStats
 from taskserver.task import TASK_ID, Task
+
+if TYPE_CHECKING:
+    from taskserver.dashboard import DashboardResource, DashboardRoutes
 
 USER_ID_MAX_CHARS = 128
 #: Retry-After sent with 503 while Redis is unreachable.
@@ -239,12 +245,18 @@ class TaskAPI:
         *,
         ip_limiter: RateLimiter | None = None,
         trusted_proxies: Sequence[Network] = (),
+        read_stats: Callable[..., Awaitable[ClusterStats]] | None = None,
+        metrics_token: str | None = None,
+        dashboard: DashboardRoutes | None = None,
     ) -> None:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
         ``ip_limiter`` is the optional per-client-address backstop tier; the
         address comes from a forwarding header only when the peer is a trusted proxy
         (:mod:`taskserver.clientip`, which also decides what a loopback request is).
+        ``dashboard`` answers ``/`` and ``/dashboard...``; None: they are 404s.
+        ``read_stats()`` reads the cluster's numbers (:func:`taskserver.stats.read_stats`
+        with its Redis, keys and labels bound); None turns GET /metrics off.
         """
         #: None unless it has tiers: the request path then does not even call it.
         self._ip_limiter = ip_limiter if ip_limiter is not None and ip_limiter.active else None
@@ -255,7 +267,12 @@ class TaskAPI:
         self._clock = clock
         self._kill = kill
         self._kill_token = kill_token
+        self._read_stats = read_stats
+        self._metrics_token = metrics_token
         self._warnings = WarningThrottle(self.log, clock)
+        self._dashboard: DashboardResource | None = (
+            dashboard.resource(self.answer_error) if dashboard is not None else None
+        )
 
     def resource(self) -> TaskResource:
         """The root resource of these routes (what a Site, or treq's StubTreq, serves)."""
@@ -391,6 +408,43 @@ class TaskAPI:
     async def readyz(self, request: IRequest) -> bytes:
         await self._queue.ping()
         return respond(request, 200, {"status": "ready"})
+
+    @app.route("/", methods=["GET"], endpoint="home")
+    @app.route("/dashboard", branch=True, endpoint="dashboard")
+    def dashboard(self, request: IRequest) -> Resource:
+        """The dashboard's own routes (:mod:`taskserver.dashboard`), if this server has one."""
+        if self._dashboard is None:
+            raise ApiError(404, "not_found", "no such resource")
+        return self._dashboard
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics(self, request: IRequest) -> bytes:
+        """Prometheus text: the cluster's totals and the queue now, whichever child answers.
+
+        Not rate limited. With METRICS_TOKEN set, only with ``Authorization:
+        Bearer <token>``. Redis down is a 200 with ``taskserver_redis_up 0``.
+        """
+        if self._read_stats is None:
+            raise ApiError(404, "not_found", "no such resource")
+        if self._metrics_token is not None:
+            given = request.getHeader(b"authorization") or b""
+            if not hmac.compare_digest(given, f"Bearer {self._metrics_token}".encode()):
+                raise ApiError(
+                    401,
+                    "unauthorized",
+                    "GET /metrics needs Authorization: Bearer <METRICS_TOKEN>",
+                    [("WWW-Authenticate", 'Bearer realm="metrics"')],
+                )
+        try:
+            stats: ClusterStats | None = await self._read_stats()
+        except RedisUnavailable as e:
+            self._warnings.warn(f"GET /metrics without Redis: {e}")
+            stats = None
+        body = exposition(stats)
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
 
     @app.route("/kill", methods=["GET"])
     def kill(self, request: server.Request) -> bytes:

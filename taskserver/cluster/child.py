@@ -17,6 +17,7 @@ import functools
 import gc
 import json
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable
@@ -51,12 +52,14 @@ from taskserver.cluster.protocol import (
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
+from taskserver.dashboard import DashboardRoutes
 from taskserver.httpserver import TaskSite
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter, RatePolicy
 from taskserver.redisclient import RedisLinkWatch, connect, without_reconnect_attempts
+from taskserver.stats import address_label, read_stats
 from taskserver.tasklog import TaskLog
 
 #: Connections for request-path commands (pipelined; blocking pops have their own pool).
@@ -84,6 +87,7 @@ class ChildService(Service):
         seat: Seat | None = None,
         kill: Callable[[], None] | None = None,
         process_id: str | None = None,
+        dashboard_secret: str | None = None,
     ) -> None:
         self._settings = settings
         self._redis = redis
@@ -96,6 +100,8 @@ class ChildService(Service):
         self._seat = seat
         self._kill = kill
         self._process_id = process_id
+        #: The master's, shared by its children; a child run on its own makes one.
+        self._dashboard_secret = dashboard_secret or secrets.token_hex(32)
         self._pools: list[Any] = []
         self._port: BalancedPort | None = None
         self._beat: task.LoopingCall | None = None
@@ -141,6 +147,26 @@ class ChildService(Service):
             settings.kill_token,
             ip_limiter=ip_limiter,
             trusted_proxies=parse_networks(",".join(settings.trusted_proxies)),
+            read_stats=functools.partial(
+                read_stats,
+                api,
+                keys,
+                reactor,
+                settings.redis_timeout_s,
+                redis_label=address_label(self._redis),
+                embedded=settings.redis is None,
+            ),
+            metrics_token=settings.metrics_token,
+            dashboard=DashboardRoutes(
+                api,
+                keys,
+                self.queue,
+                settings,
+                reactor,
+                redis_label=address_label(self._redis),
+                embedded=settings.redis is None,
+                cluster_secret=self._dashboard_secret,
+            ),
         ).site(settings.idle_timeout_s, settings.request_timeout_s)
         if self._seat is not None:
             seat = self._seat
@@ -318,6 +344,7 @@ def main() -> None:
         seat=Seat(Scoreboard(SCOREBOARD_FD, config["seats"]), config["seat"]),
         kill=_die,
         process_id=config["process_id"],
+        dashboard_secret=config.get("dashboard_secret"),
     )
     watch = ParentWatch(CONFIG_FD, lambda: _stop(reactor), reactor)
 

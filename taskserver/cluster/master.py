@@ -81,6 +81,8 @@ class Master(Service):
         self._data_lock = data_lock
         self._address_file: Path | None = None
         self._token = secrets.token_hex(3)
+        #: Keys the dashboard's CSRF token without ADMIN_TOKEN: every child agrees on it.
+        self._dashboard_secret = secrets.token_hex(32)
         self._log_observer: ILogObserver | None = None
         self._log_file: LogFile | None = None
         self._task_log: TaskLogFile | None = None
@@ -239,6 +241,7 @@ class Master(Service):
             "seats": self.supervisor.seats,
             "address_family": int(self._listener.family),
             "master_pid": os.getpid(),
+            "dashboard_secret": self._dashboard_secret,
         }
         return json.dumps(config).encode("utf-8") + b"\n"
 

@@ -1,0 +1,386 @@
+"""Counting in process and flushing to Redis: the field encoding, the Tally, the flush script."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+from conftest import connect_raw, eventually, unused_port
+from taskserver import metrics
+from taskserver.config import RedisAddress
+from taskserver.keys import Keys
+from taskserver.metrics import (
+    ADD_METRICS,
+    BUCKET_LABELS,
+    DURATION_BUCKETS,
+    Histogram,
+    MetricsFlusher,
+    Tally,
+    field,
+    route_label,
+    worker_entry,
+)
+
+# ------------------------------------------------------------------ pure logic
+
+
+def test_a_field_is_the_name_and_its_labels_sorted() -> None:
+    assert field("tasks_enqueued") == "tasks_enqueued"
+    assert field("http_requests", {"route": "/healthz", "code": "200"}) == (
+        "http_requests|code=200|route=/healthz"
+    )
+    assert field("rate_limited", [("tier", "1/1s")]) == "rate_limited|tier=1/1s"
+
+
+@pytest.mark.parametrize(
+    ("path", "label"),
+    [
+        (b"/api/v1/task", "/api/v1/task"),
+        (b"/api/v1/task/0123456789abcdef0123456789abcdef", "/api/v1/task/{task_id}"),
+        (b"/api/v1/task/not-an-id", "/api/v1/task/{task_id}"),
+        (b"/api/v1/task/", "other"),
+        (b"/api/v1/task/a/b", "other"),
+        (b"/healthz", "/healthz"),
+        (b"/readyz", "/readyz"),
+        (b"/kill", "/kill"),
+        (b"/metrics", "/metrics"),
+        (b"/", "/"),
+        (b"/dashboard", "/dashboard"),
+        (b"/dashboard/static/dashboard.js", "/dashboard"),
+        (b"/dashboard/api/dead/x/requeue", "/dashboard"),
+        (b"/dashboardx", "other"),
+        (b"/nothing/here", "other"),
+        (b"//healthz", "other"),
+        ("/healthz", "/healthz"),
+    ],
+)
+def test_route_labels_are_a_bounded_set(path: bytes | str, label: str) -> None:
+    assert route_label(b"GET", path) == label
+
+
+def test_the_bucket_bounds_are_written_as_python_floats_then_inf() -> None:
+    assert BUCKET_LABELS[0] == "0.001" and BUCKET_LABELS[9] == "1.0"
+    assert BUCKET_LABELS[-1] == "+Inf" and len(BUCKET_LABELS) == len(DURATION_BUCKETS) + 1
+
+
+def test_a_histogram_counts_each_observation_in_its_own_bucket_only() -> None:
+    histogram = Histogram("task_duration_seconds")
+    for seconds in (0.001, 0.0011, 0.0025, 1.0, 300.0, 300.5, -2.0):
+        histogram.observe(seconds)
+    taken: dict[str, int] = {}
+    histogram.take(taken)
+    assert taken == {
+        # previous bound < v <= bound; a negative one (two hosts' clocks) counts as 0
+        "task_duration_seconds_bucket|le=0.001": 2,
+        "task_duration_seconds_bucket|le=0.0025": 2,
+        "task_duration_seconds_bucket|le=1.0": 1,
+        "task_duration_seconds_bucket|le=300.0": 1,
+        "task_duration_seconds_bucket|le=+Inf": 1,
+        "task_duration_seconds_count": 7,
+        "task_duration_seconds_sum_us": 1000 + 1100 + 2500 + 1_000_000 + 300_000_000 + 300_500_000,
+    }
+    again: dict[str, int] = {}
+    histogram.take(again)
+    assert again == {}, "taken means reset"
+
+
+def test_a_tally_hands_over_its_counts_once() -> None:
+    tally = Tally()
+    assert not tally.has_counts()
+    tally.count("tasks_enqueued")
+    tally.count("tasks_enqueued", 2)
+    tally.rate_limited("1/1s")
+    tally.rate_limited("ip")
+    tally.observe("task_wait_seconds", 0.02)
+    for _ in range(3):
+        tally.request("/api/v1/task", 202, 0.004)
+    tally.request("other", 404, 0.0001)
+    assert tally.has_counts()
+    assert tally.take() == {
+        "tasks_enqueued": 3,
+        "rate_limited|tier=1/1s": 1,
+        "rate_limited|tier=ip": 1,
+        "task_wait_seconds_bucket|le=0.025": 1,
+        "task_wait_seconds_count": 1,
+        "task_wait_seconds_sum_us": 20_000,
+        "http_requests|code=202|route=/api/v1/task": 3,
+        "http_requests|code=404|route=other": 1,
+        "http_request_duration_seconds_bucket|route=/api/v1/task|le=0.005": 3,
+        "http_request_duration_seconds_count|route=/api/v1/task": 3,
+        "http_request_duration_seconds_sum_us|route=/api/v1/task": 12_000,
+        "http_request_duration_seconds_bucket|route=other|le=0.001": 1,
+        "http_request_duration_seconds_count|route=other": 1,
+        "http_request_duration_seconds_sum_us|route=other": 100,
+    }
+    assert not tally.has_counts() and tally.take() == {}
+
+
+class RecordingRedis:
+    """Answers EVALSHA with a Deferred the test fires: what the flusher sent, and when."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[Any], Any]] = []
+
+    def evalsha(self, sha1: str, keys: list[str], args: list[Any]) -> Any:
+        from twisted.internet import defer
+
+        answer: defer.Deferred[Any] = defer.Deferred()
+        self.calls.append((keys, args, answer))
+        return answer
+
+    def deltas(self, n: int) -> dict[str, int]:
+        args = self.calls[n][1]
+        return {args[i]: args[i + 1] for i in range(5, len(args), 2)}
+
+
+def test_the_flusher_sends_once_a_second_and_never_two_at_once() -> None:
+    clock, tally, redis = Clock(), Tally(), RecordingRedis()
+    flusher = MetricsFlusher(tally, lambda: redis, Keys("p"), clock, 1.0)
+    flusher.startService()
+    tally.count("tasks_completed")
+    clock.advance(0.99)
+    assert redis.calls == []
+    clock.advance(0.01)
+    assert [redis.deltas(0)] == [{"tasks_completed": 1}]
+    assert redis.calls[0][1][:2] == ["", ""], "the master's: no workers entry"
+    tally.count("tasks_completed")
+    clock.advance(0.5)
+    redis.calls[0][2].callback(0)
+    clock.advance(1.0)
+    assert len(redis.calls) == 2 and redis.deltas(1) == {"tasks_completed": 1}
+    redis.calls[1][2].callback(0)
+    clock.advance(1.0)
+    assert len(redis.calls) == 2, "nothing counted, no worker entry: no call"
+    stopped = flusher.stopService()
+    assert stopped.called
+
+
+def test_a_failed_flush_keeps_its_deltas_and_warns_once_per_window() -> None:
+    clock, tally, redis = Clock(), Tally(), RecordingRedis()
+    flusher = MetricsFlusher(tally, lambda: redis, Keys("p"), clock, 0.5)
+    flusher.startService()
+    with capturedLogs() as logged:
+        for second in range(5):
+            tally.count("tasks_enqueued")
+            clock.advance(0.5)  # the deadline of the flush before: it fails
+            clock.advance(0.5)  # the next flush
+            assert redis.deltas(second)["tasks_enqueued"] == second + 1
+            if second == 2:
+                tally.count("tasks_dead")  # counted while a flush is on its way
+        assert redis.deltas(4) == {"tasks_enqueued": 5, "tasks_dead": 1}
+        assert flusher.has_unsent()
+        redis.calls[4][2].callback(0)
+    assert not flusher.has_unsent()
+    warnings = [formatEvent(e) for e in logged if e["log_level"] == LogLevel.warn]
+    assert warnings == [
+        "could not add metrics to Redis (kept for the next try): Redis did not answer within 0.5 s"
+    ]
+    flusher.stopService()
+
+
+def test_the_flusher_waits_while_it_has_no_connection() -> None:
+    clock, tally = Clock(), Tally()
+    connection: list[RecordingRedis] = []
+    flusher = MetricsFlusher(
+        tally, lambda: connection[0] if connection else None, Keys("p"), clock, 1.0
+    )
+    flusher.startService()
+    tally.count("worker_restarts")
+    clock.advance(3.0)
+    assert flusher.has_unsent()
+    connection.append(RecordingRedis())
+    tally.count("worker_restarts")
+    clock.advance(1.0)
+    assert connection[0].deltas(0) == {"worker_restarts": 2}
+    flusher.stopService()
+
+
+def test_a_worker_entry_is_this_process() -> None:
+    entry = worker_entry("abc-0-1", 1764630000.5, 2, 3, 4)
+    assert entry == {
+        "process_id": "abc-0-1",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": 1764630000.5,
+        "restarts": 2,
+        "in_flight": 3,
+        "connections": 4,
+    }
+
+
+# ------------------------------------------------------------------ the script, in Redis
+
+
+def script_keys(keys: Keys) -> list[str]:
+    return [keys.metrics, keys.workers, keys.metrics_history, keys.metrics_sampled]
+
+
+async def add(
+    redis: Any,
+    keys: Keys,
+    deltas: dict[str, int],
+    worker_id: str = "",
+    entry: str = "",
+    history: int = 180,
+) -> int:
+    args: list[Any] = [worker_id, entry, history, 4900, 60_000]
+    for name, n in deltas.items():
+        args += [name, n]
+    return int(await ADD_METRICS(redis, script_keys(keys), args))
+
+
+async def redis_ms(redis: Any) -> int:
+    seconds, micros = await redis.execute_command("TIME")
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_script_adds_deltas_to_the_totals(redis: Any, keys: Keys) -> None:
+    await add(redis, keys, {"tasks_enqueued": 3, "http_requests|code=202|route=/api/v1/task": 3})
+    await add(redis, keys, {"tasks_enqueued": 2, "tasks_completed": 5})
+    assert await redis.hgetall(keys.metrics) == {
+        "tasks_enqueued": "5",
+        "tasks_completed": "5",
+        "http_requests|code=202|route=/api/v1/task": "3",
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_script_writes_the_worker_entry_with_redis_time(redis: Any, keys: Keys) -> None:
+    before = await redis_ms(redis)
+    entry = worker_entry("w-0-0", 1764630000.25, 1, 2, 3)
+    await add(redis, keys, {}, "w-0-0", json.dumps(entry))
+    after = await redis_ms(redis)
+    stored = json.loads((await redis.hgetall(keys.workers))["w-0-0"])
+    assert before <= stored.pop("seen_at") <= after
+    assert stored == entry
+    await add(redis, keys, {"tasks_completed": 1}, "w-0-0", "")  # a clean stop
+    assert await redis.hgetall(keys.workers) == {}
+    assert await redis.hget(keys.metrics, "tasks_completed") == "1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_script_forgets_workers_not_seen_for_a_minute(redis: Any, keys: Keys) -> None:
+    now = await redis_ms(redis)
+    await redis.hset(keys.workers, "dead", json.dumps({"seen_at": now - 61_000}))
+    await redis.hset(keys.workers, "quiet", json.dumps({"seen_at": now - 30_000}))
+    await redis.hset(keys.workers, "garbage", "not json")
+    await add(redis, keys, {}, "me", json.dumps({"pid": 1}))
+    assert sorted(await redis.hkeys(keys.workers)) == ["me", "quiet"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_script_samples_task_totals_once_per_period(redis: Any, keys: Keys) -> None:
+    assert await add(redis, keys, {}) == 1, "the first flush finds no marker"
+    assert json.loads(await redis.lindex(keys.metrics_history, 0))["c"] == {}
+    deltas = {
+        "tasks_completed": 4,
+        "rate_limited|tier=ip": 2,
+        "task_wait_seconds_count": 4,
+        "task_duration_seconds_bucket|le=0.001": 4,
+        "http_requests|code=202|route=/api/v1/task": 4,
+        "worker_restarts": 1,
+    }
+    assert await add(redis, keys, deltas) == 0, "within the period: no sample"
+    ttl_ms = int(await redis.execute_command("PTTL", keys.metrics_sampled))
+    assert 0 < ttl_ms <= 4900
+    await redis.delete(keys.metrics_sampled)  # the period is over
+    before = await redis_ms(redis)
+    assert await add(redis, keys, {"tasks_completed": 1}) == 1
+    newest = json.loads(await redis.lindex(keys.metrics_history, 0))
+    assert before <= newest["t"] <= await redis_ms(redis)
+    assert newest["c"] == {
+        "tasks_completed": 5,  # after this flush's increments
+        "rate_limited|tier=ip": 2,
+        "task_wait_seconds_count": 4,
+        "task_duration_seconds_bucket|le=0.001": 4,
+    }
+    assert await redis.llen(keys.metrics_history) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_history_is_capped(redis: Any, keys: Keys) -> None:
+    for n in range(5):
+        await redis.delete(keys.metrics_sampled)
+        await add(redis, keys, {"tasks_enqueued": 1}, history=3)
+        assert await redis.llen(keys.metrics_history) == min(n + 1, 3)
+    newest_first = [
+        json.loads(entry)["c"]["tasks_enqueued"]
+        for entry in await redis.lrange(keys.metrics_history, 0, -1)
+    ]
+    assert newest_first == [5, 4, 3]
+
+
+# ------------------------------------------------------------------ the flusher, in Redis
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flush_that_failed_is_sent_with_the_next(
+    redis: Any, keys: Keys, redis_server: RedisAddress
+) -> None:
+    """Redis away (nothing listens on the port): the deltas wait; then they all arrive once."""
+    nowhere = connect_raw(RedisAddress("127.0.0.1", unused_port()), poolsize=1)
+    target = [nowhere]
+    tally = Tally()
+    flusher = MetricsFlusher(tally, lambda: target[0], keys, reactor, 0.2)
+    tally.count("tasks_enqueued", 2)
+    with capturedLogs() as logged:
+        assert not await flusher.flush()
+    assert [e for e in logged if e["log_level"] == LogLevel.warn], "the failure is logged"
+    assert await redis.hgetall(keys.metrics) == {}
+    tally.count("tasks_enqueued")
+    target[0] = redis
+    assert await flusher.flush()
+    assert await redis.hgetall(keys.metrics) == {"tasks_enqueued": "3"}
+    assert await flusher.flush() and await redis.hgetall(keys.metrics) == {"tasks_enqueued": "3"}
+    await nowhere.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_child_s_flusher_keeps_its_entry_fresh_and_removes_it_at_a_stop(
+    redis: Any, keys: Keys
+) -> None:
+    clock, tally = Clock(), Tally()
+    in_flight = [0]
+    flusher = MetricsFlusher(
+        tally,
+        lambda: redis,
+        keys,
+        clock,
+        1.0,
+        worker_id="w-1-0",
+        worker=lambda: worker_entry("w-1-0", 1.0, 0, in_flight[0], 0),
+    )
+    flusher.startService()
+    tally.count("tasks_completed")
+    clock.advance(1.0)
+
+    async def entry() -> dict[str, Any] | None:
+        raw = await redis.hget(keys.workers, "w-1-0")
+        return json.loads(raw) if raw else None
+
+    first = await eventually(entry)
+    assert first["in_flight"] == 0
+    in_flight[0] = 2
+    clock.advance(1.0)
+
+    async def updated() -> bool:
+        now = await entry()
+        return now is not None and now["in_flight"] == 2
+
+    await eventually(updated)
+    await flusher.stopService()
+    assert await entry() is None
+    assert await redis.hget(keys.metrics, "tasks_completed") == "1"
+
+
+def test_the_flush_script_is_loaded_with_its_snippet() -> None:
+    assert metrics.ADD_METRICS.source.count("local function now_ms()") == 1
