@@ -81,7 +81,7 @@ def _print_stats(report: dict[str, Any]) -> None:
         print(f"  {process}: {sum(info['processing'].values())} in flight, {state}")
     print("totals      " + ", ".join(f"{name} {n}" for name, n in totals.items()))
     limited = ", ".join(f"{tier} {n}" for tier, n in report["rate_limited"].items()) or "none"
-    print(f"rate limited  {limited}")
+    print(f"limited     {limited}   (requests refused per rate-limit tier)")
     for what in ("wait", "run"):
         p50, p95 = latency[what]["p50"], latency[what]["p95"]
         print(

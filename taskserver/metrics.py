@@ -187,8 +187,8 @@ class Tally:
             histogram = self._histograms[name] = Histogram(name)
         histogram.observe(seconds)
 
-    def request(self, route: str, code: int, seconds: float) -> None:
-        """One answered HTTP request: ``http_requests{code,route}`` and its duration."""
+    def request(self, route: str, code: int, seconds: float | None = None) -> None:
+        """One answered HTTP request: ``http_requests{code,route}`` and its duration (if timed)."""
         key = (route, code)
         counter = self._request_fields.get(key)
         if counter is None:
@@ -196,6 +196,8 @@ class Tally:
                 HTTP_REQUESTS, {"code": str(code), "route": route}
             )
         self._counts[counter] = self._counts.get(counter, 0) + 1
+        if seconds is None:
+            return
         histogram = self._route_histograms.get(route)
         if histogram is None:
             histogram = self._route_histograms[route] = Histogram(HTTP_DURATION, f"|route={route}")

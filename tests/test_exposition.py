@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import itertools
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +18,7 @@ from prometheus_client.samples import Sample as PromSample
 from twisted.internet import reactor
 
 from conftest import RunningServer, unused_port
+from harness import Load, Twistd, wait_for
 from taskserver.config import RateTier, RedisAddress
 from taskserver.exposition import exposition
 from taskserver.keys import Keys
@@ -255,3 +260,126 @@ async def test_a_read_does_the_same_commands_with_200000_tasks_pending(
     stats = await read_stats(redis, keys, reactor, 5.0, redis_label="-", embedded=True)
     assert (stats.pending, stats.processing, stats.dead) == (200_000, 1000, 1000)
     assert stats.oldest_pending_age_s is not None and stats.oldest_pending_age_s > 0
+
+
+# ------------------------------------------------------------------ a real cluster
+
+
+class Scraper:
+    """Scrapes through several connections at once: each says first which child it is on.
+
+    Connections opened together are spread over the children; on each, GET
+    /healthz names the child's pid, then GET /metrics goes to that same child.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.port = int(url.rpartition(":")[2])
+
+    def open(self, connections: int = 6) -> dict[http.client.HTTPConnection, int]:
+        """Connections opened together, each with the pid of the child it reached."""
+        opened = [
+            http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            for _ in range(connections)
+        ]
+        for connection in opened:
+            connection.connect()
+        by_child = {}
+        for connection in opened:
+            with contextlib.suppress(OSError, http.client.HTTPException):  # a child dying
+                connection.request("GET", "/healthz", headers={"Host": "localhost"})
+                by_child[connection] = json.loads(connection.getresponse().read())["pid"]
+        return by_child
+
+    def scrape_each_child(self) -> dict[int, Families]:
+        """A scrape from each child reached on new connections (a dying one may not answer)."""
+        by_child = self.open()
+        answers = {}
+        try:
+            for connection, pid in by_child.items():
+                try:
+                    connection.request("GET", "/metrics", headers={"Host": "localhost"})
+                    response = connection.getresponse()
+                    body = response.read()
+                except (OSError, http.client.HTTPException):
+                    continue
+                assert response.status == 200, body
+                answers[pid] = parse(body)
+            return answers
+        finally:
+            for connection in by_child:
+                connection.close()
+
+    def kill(self, pid: int) -> None:
+        """GET /kill on a connection that reached the child ``pid`` (loopback: allowed)."""
+        by_child = self.open()
+        try:
+            for connection, reached in by_child.items():
+                if reached == pid:
+                    connection.request("GET", "/kill", headers={"Host": "localhost"})
+                    assert connection.getresponse().status == 200
+                    return
+            raise AssertionError(f"no connection reached child {pid}")
+        finally:
+            for connection in by_child:
+                connection.close()
+
+
+def counters(families: Families) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every counter sample (and histogram bucket, count and sum: counters too)."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in families.values()
+        if family.type in ("counter", "histogram")
+        for s in family.samples
+    }
+
+
+def test_every_child_shows_the_cluster_totals_and_a_killed_child_takes_none_back(
+    twistd: Callable[..., Twistd],
+) -> None:
+    server = twistd(WORKERS="2")
+    children = server.wait_until_ready(2)
+    scraper = Scraper(server.url)
+    first = [server.post_task(f"metrics-{n}") for n in range(20)]
+    assert all(first)
+    seen: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
+
+    def completed_everywhere(expected: int) -> bool:
+        answers = scraper.scrape_each_child()
+        seen.extend(counters(f) for f in answers.values())
+        totals = {pid: value(f, "taskserver_tasks_completed_total") for pid, f in answers.items()}
+        return set(totals) == set(children) and set(totals.values()) == {expected}
+
+    wait_for(
+        lambda: completed_everywhere(20), timeout=30, what="completed == 20 from both children"
+    )
+    restarts_before = seen[-1][("taskserver_worker_restarts_total", ())]
+
+    load = Load(server, threads=2, limit=200, users="metrics-load")
+    scraper.kill(children[0])
+    while not load.done():
+        seen.extend(counters(f) for f in scraper.scrape_each_child().values())
+    load.finish()
+    replacement = wait_for(
+        lambda: [pid for pid in server.ready_pids() if pid not in children],
+        timeout=60,
+        what="the killed child replaced",
+    )
+
+    def restart_counted() -> bool:
+        answers = scraper.scrape_each_child()
+        seen.extend(counters(f) for f in answers.values())
+        restarts = {value(f, "taskserver_worker_restarts_total") for f in answers.values()}
+        alive = {children[1], *replacement}
+        return bool(answers) and set(answers) >= alive and min(restarts) > restarts_before
+
+    wait_for(
+        restart_counted, timeout=30, what="worker_restarts_total rose, seen from both children"
+    )
+    for earlier, later in itertools.pairwise(seen):
+        for series, before in earlier.items():
+            assert series in later and later[series] >= before, (
+                f"{series} went down: {before} -> {later[series]}"
+            )
+    assert seen[-1][("taskserver_tasks_completed_total", ())] >= 20
+    assert server.stop() == 0

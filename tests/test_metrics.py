@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+import treq
+from test_web import Connection, fake_api
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from conftest import connect_raw, eventually, unused_port
+from conftest import RunningServer, connect_raw, eventually, unused_port
 from taskserver import metrics
-from taskserver.config import RedisAddress
+from taskserver.config import RateTier, RedisAddress
 from taskserver.keys import Keys
 from taskserver.metrics import (
     ADD_METRICS,
@@ -384,3 +387,147 @@ async def test_a_child_s_flusher_keeps_its_entry_fresh_and_removes_it_at_a_stop(
 
 def test_the_flush_script_is_loaded_with_its_snippet() -> None:
     assert metrics.ADD_METRICS.source.count("local function now_ms()") == 1
+
+
+# ------------------------------------------------------------------ what the server counts
+
+
+def request_counts(tally: Tally) -> dict[str, int]:
+    return {name: n for name, n in tally.take().items() if name.startswith("http_requests")}
+
+
+def test_a_request_is_timed_from_its_headers_to_its_answer() -> None:
+    clock = Clock()
+    api, queue, _ = fake_api(clock=clock)
+    connection = Connection(api, clock)
+    queue.pending_status = defer.Deferred()
+    connection.send(b"GET /api/v1/task/" + b"a" * 32 + b" HTTP/1.1\r\nHost: x\r\n")
+    clock.advance(5.0)  # before its headers were complete: not counted
+    connection.send(b"\r\n")
+    clock.advance(0.3)
+    queue.pending_status.callback(None)
+    assert connection.transport.value().startswith(b"HTTP/1.1 404 Not Found")
+    assert api.tally.take() == {
+        "http_requests|code=404|route=/api/v1/task/{task_id}": 1,
+        "http_request_duration_seconds_bucket|route=/api/v1/task/{task_id}|le=0.5": 1,
+        "http_request_duration_seconds_count|route=/api/v1/task/{task_id}": 1,
+        "http_request_duration_seconds_sum_us|route=/api/v1/task/{task_id}": 300_000,
+    }
+
+
+def test_every_answer_is_counted_once_on_its_route() -> None:
+    clock = Clock()
+    api, _, _ = fake_api(clock=clock)
+    connection = Connection(api, clock)
+    post = b"POST /api/v1/task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    body = b'{"user_id": "u"}'
+    connection.send(post + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    connection.send(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    connection.send(b"PUT /api/v1/task HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    connection.send(b"GET /dashboard/static/x.js HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert connection.transport.value().count(b"HTTP/1.1 ") == 5
+    counts = api.tally.take()
+    requests = {name: n for name, n in counts.items() if name.startswith("http_requests")}
+    [dashboard] = [name for name in requests if name.endswith("|route=/dashboard")]
+    assert requests.pop(dashboard) == 1  # its code is the dashboard's business
+    assert requests == {
+        "http_requests|code=202|route=/api/v1/task": 1,
+        "http_requests|code=405|route=/api/v1/task": 1,
+        "http_requests|code=200|route=/healthz": 1,
+        "http_requests|code=404|route=other": 1,
+    }
+    assert counts["tasks_enqueued"] == 1
+    assert counts["http_request_duration_seconds_count|route=/api/v1/task"] == 2
+
+
+def test_the_channel_s_own_answers_count_as_other() -> None:
+    clock = Clock()
+    api, _, _ = fake_api(clock=clock)
+    Connection(api, clock).send(b"NOT HTTP AT ALL\r\n\r\n")
+    slow = Connection(api, clock, request_timeout_s=5.0)
+    slow.send(b"POST /api/v1/task HTTP/1.1\r\nHost: x\r\n")
+    clock.advance(5.0)
+    assert api.tally.take() == {
+        "http_requests|code=400|route=other": 1,
+        "http_requests|code=408|route=other": 1,
+    }
+
+
+async def metrics_hash(redis: Any, keys: Keys) -> dict[str, int]:
+    return {name: int(n) for name, n in (await redis.hgetall(keys.metrics)).items()}
+
+
+def has(expected: dict[str, int]) -> Any:
+    """A check for ``eventually``: the totals include ``expected``."""
+
+    async def check(redis: Any, keys: Keys) -> dict[str, int] | None:
+        totals = await metrics_hash(redis, keys)
+        return totals if all(totals.get(k) == v for k, v in expected.items()) else None
+
+    return check
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_child_counts_admissions_refusals_and_outcomes(
+    start_server: Callable[..., RunningServer], redis: Any, keys: Keys
+) -> None:
+    """Through a real child: 3 tasks of 3 users, a 429 per tier that refuses, and their runs."""
+    server = start_server()
+    first_tier = server.settings.rate_limits[0].name
+    for n in range(3):
+        assert (await post_task(server, f"user-{n}")).code == 202
+    assert (await post_task(server, "user-0")).code == 429  # the second within 1 s
+    totals = await eventually(lambda: has({"tasks_enqueued": 3, "tasks_completed": 3})(redis, keys))
+    assert totals[f"rate_limited|tier={first_tier}"] == 1
+    assert totals["http_requests|code=202|route=/api/v1/task"] == 3
+    assert totals["http_requests|code=429|route=/api/v1/task"] == 1
+    assert totals["task_duration_seconds_count"] == 3
+    assert totals["task_wait_seconds_count"] == 3
+    assert "tasks_failed" not in totals and "tasks_dead" not in totals
+    entries = await redis.hgetall(keys.workers)
+    assert list(entries) == [server.child.consumers.process_id]  # type: ignore[union-attr]
+    entry = json.loads(next(iter(entries.values())))
+    assert entry["pid"] == os.getpid() and entry["restarts"] == 0
+    assert entry["in_flight"] == 0 and entry["host"] == socket.gethostname()
+    await server.stop()
+    assert await redis.hgetall(keys.workers) == {}, "a clean stop removes its entry"
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_attempts_count_as_retried_then_dead(
+    start_server: Callable[..., RunningServer], redis: Any, keys: Keys
+) -> None:
+    def fail(task: dict[str, Any]) -> None:
+        raise RuntimeError("no")
+
+    server = start_server(handler=fail, max_attempts=2, retry_backoff_s=0.01)
+    assert (await post_task(server, "doomed")).code == 202
+    totals = await eventually(
+        lambda: has({"tasks_failed": 2, "tasks_retried": 1, "tasks_dead": 1})(redis, keys)
+    )
+    assert totals["task_duration_seconds_count"] == 2, "every attempt"
+    assert totals["task_wait_seconds_count"] == 1, "the first start only"
+    assert "tasks_completed" not in totals
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_by_the_per_address_tier_counts_as_ip(
+    start_server: Callable[..., RunningServer], redis: Any, keys: Keys
+) -> None:
+    server = start_server(ip_rate_limits=(RateTier("ip-60s", 1, 60_000),))
+    assert (await post_task(server, "a")).code == 202
+    assert (await post_task(server, "b")).code == 429
+    totals = await eventually(lambda: has({"rate_limited|tier=ip": 1})(redis, keys))
+    assert not [name for name in totals if name.startswith("rate_limited|tier=1")]
+
+
+async def post_task(server: RunningServer, user_id: str) -> Any:
+    response = await treq.post(
+        server.url + "/api/v1/task",
+        json={"user_id": user_id},
+        headers={"Content-Type": "application/json"},
+    )
+    await response.content()
+    return response
