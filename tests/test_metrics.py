@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
+import valkey
 from test_web import Connection, fake_api
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from conftest import RunningServer, connect_raw, eventually, unused_port
+from harness import Twistd, wait_for
 from taskserver import metrics
 from taskserver.config import RateTier, RedisAddress
 from taskserver.keys import Keys
@@ -531,3 +533,74 @@ async def post_task(server: RunningServer, user_id: str) -> Any:
     )
     await response.content()
     return response
+
+
+# ------------------------------------------------------------------ a real cluster
+
+
+def test_a_cluster_s_totals_and_workers_are_in_redis(
+    twistd: Callable[..., Twistd], redis_server: RedisAddress, keys: Keys
+) -> None:
+    """twistd with two children on the test Redis: totals add up, one fresh entry per child,
+    and a child killed by /kill is counted as a restart and replaced by one that says so."""
+    client = valkey.Valkey(
+        host=redis_server.host,
+        port=redis_server.port,
+        password=redis_server.password,
+        decode_responses=True,
+    )
+    auth = f":{redis_server.password}@" if redis_server.password else ""
+    server = twistd(
+        WORKERS="2",
+        REDIS_URL=f"redis://{auth}{redis_server.host}:{redis_server.port}/0",
+        KEY_PREFIX=keys.prefix,
+    )
+    pids = server.wait_until_ready(2)
+    tasks = 20
+    assert all(server.post_task(f"cluster-{n}") for n in range(tasks))
+
+    def totals() -> dict[str, int]:
+        return {name: int(n) for name, n in client.hgetall(keys.metrics).items()}
+
+    def all_counted() -> dict[str, int] | None:
+        now = totals()
+        wanted = {
+            "tasks_enqueued": tasks,
+            "tasks_completed": tasks,
+            "http_requests|code=202|route=/api/v1/task": tasks,
+        }
+        return now if all(now.get(name) == n for name, n in wanted.items()) else None
+
+    counted = wait_for(all_counted, timeout=30.0, what="the totals of 20 tasks")
+    assert counted["task_duration_seconds_count"] == tasks
+    assert "worker_restarts" not in counted
+
+    def fresh_workers() -> list[dict[str, Any]]:
+        seconds, micros = client.time()
+        now_ms = seconds * 1000 + micros // 1000
+        entries = [json.loads(raw) for raw in client.hgetall(keys.workers).values()]
+        return [entry for entry in entries if now_ms - entry["seen_at"] < 10_000]
+
+    def one_per_child(expected: list[int]) -> list[dict[str, Any]] | None:
+        fresh = fresh_workers()
+        return fresh if sorted(entry["pid"] for entry in fresh) == sorted(expected) else None
+
+    entries = wait_for(lambda: one_per_child(pids), what="one fresh entry per child")
+    assert all(
+        entry["restarts"] == 0 and entry["host"] == socket.gethostname() for entry in entries
+    )
+
+    code, answer = server.request("GET", "/kill")
+    assert code == 200
+    killed = answer["pid"]
+    replaced = wait_for(
+        lambda: len(server.ready_pids()) == 3 and server.ready_pids(), what="a new child"
+    )
+    survivors = [pid for pid in replaced if pid != killed][-2:]
+    entries = wait_for(lambda: one_per_child(survivors), timeout=20.0, what="the new entry")
+    assert sorted(entry["restarts"] for entry in entries) == [0, 1]
+    wait_for(lambda: totals().get("worker_restarts") == 1, what="the master's restart count")
+    assert server.stop() == 0
+    left = [json.loads(raw)["pid"] for raw in client.hgetall(keys.workers).values()]
+    assert left == [killed], "clean stops remove their entries; the killed one waits to expire"
+    client.close()
