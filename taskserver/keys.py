@@ -92,7 +92,7 @@ class Keys:
 
     @property
     def metrics_history(self) -> str:
-        """List of periodic samples of some totals, newest first, capped (the dashboard's history)."""
+        """Periodic samples of some totals, newest first, capped: the dashboard's history."""
         return f"{self._queue_tag}:metrics:history"
 
     @property
