@@ -10,6 +10,7 @@ the browser's console must hold no error and no warning.
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import uuid
 from collections.abc import Callable, Iterator
@@ -234,6 +235,27 @@ def test_screenshot_of_the_loaded_dashboard(
     png = target.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">I", png[16:20])[0] == WINDOW[0]
+
+
+def test_redis_down_is_shown_and_polling_goes_on(page: WebDriver, cluster: Twistd) -> None:
+    """A Redis that does not answer (SIGSTOPped) shows as "Redis down"; the page recovers alone."""
+    redis = cluster.redis_pid()
+    os.kill(redis, signal.SIGSTOP)
+    try:
+        wait(page, lambda d: text(d, "status-line") == "Redis down", "#status-line: Redis down")
+        assert text(page, "redis-status") == "down"
+    finally:
+        os.kill(redis, signal.SIGCONT)
+    wait(page, lambda d: text(d, "status-line") == "live", "#status-line live again")
+    wait(page, lambda d: text(d, "redis-status") == "up", "#redis-status up again")
+    # The 503s the page was answered meanwhile are the only thing its console may show.
+    unexpected = [
+        entry
+        for entry in page.get_log("browser")
+        if entry["level"] in ("SEVERE", "WARNING")
+        and not ("/dashboard/api/" in entry["message"] and "status of 503" in entry["message"])
+    ]
+    assert not unexpected, f"the browser console logged: {unexpected}"
 
 
 def test_read_only_mode_shows_no_actions(

@@ -5,6 +5,8 @@
 
 (function () {
   const DEAD_PAGE_SIZE = 20;
+  // A request that hangs is given up, so that one stuck answer cannot stop the polling.
+  const REQUEST_TIMEOUT_MS = 10000;
   const SVG_NS = "http://www.w3.org/2000/svg";
   const CHART = { width: 640, height: 170, left: 44, right: 8, top: 10, bottom: 22 };
 
@@ -98,7 +100,12 @@
 
   // {status, body}; status 0 when the server could not be reached at all.
   async function request(method, path) {
-    const options = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+    const options = {
+      method,
+      credentials: "same-origin",
+      headers: { Accept: "application/json" },
+      signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+    };
     if (method === "POST") {
       options.headers["Content-Type"] = "application/json";
       options.headers["X-CSRF-Token"] = state.csrfToken;
@@ -178,7 +185,8 @@
     const { status, body } = await request("GET", "/dashboard/api/overview");
     if (status === 200) {
       renderOverview(body);
-      setStatus("live", "live");
+      if (document.hidden) setStatus("paused", "paused");
+      else setStatus("live", "live");
       setText("updated-at", `updated ${clockTime(body.now * 1000)}`);
     } else if (status === 503) {
       setStatus("Redis down", "down");
