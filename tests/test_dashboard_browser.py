@@ -49,6 +49,7 @@ WINDOW = (1280, 800)
 UPDATE_DEADLINE_S = 15.0
 #: The throughput chart needs two history samples, pushed at most every 5 s.
 HISTORY_DEADLINE_S = 30.0
+ADMIN_TOKEN = "a-token-for-the-browser-test"
 XSS_STRINGS = ("<script>window.__xss=1</script>", '"><img src=x onerror=window.__xss=1>')
 CLUSTER_SETTINGS = {
     "WORKERS": "2",
@@ -258,24 +259,35 @@ def test_redis_down_is_shown_and_polling_goes_on(page: WebDriver, cluster: Twist
     assert not unexpected, f"the browser console logged: {unexpected}"
 
 
-def test_read_only_mode_shows_no_actions(
+def test_sign_in_with_admin_token_then_read_only_shows_no_actions(
     browser: WebDriver, twistd: Callable[..., Twistd], marker: Path
 ) -> None:
-    """DASHBOARD_READ_ONLY: the dead letters are listed, with no button that would change them."""
-    server = twistd(**{**CLUSTER_SETTINGS, "WORKERS": "1", "DASHBOARD_READ_ONLY": "true"})
+    """ADMIN_TOKEN: the page sends a stranger to the form, whose cookie lets the right token in.
+    DASHBOARD_READ_ONLY: the dead letters are listed, with no button that would change them."""
+    settings = {"WORKERS": "1", "ADMIN_TOKEN": ADMIN_TOKEN, "DASHBOARD_READ_ONLY": "true"}
+    server = twistd(**{**CLUSTER_SETTINGS, **settings})
     server.wait_until_ready(1)
     task_id = post(server, "dashboard-read-only", {"fail_while": str(marker), "text": "ro"})
     browser.get(server.url + "/dashboard")
     try:
+        assert browser.current_url == server.url + "/dashboard/login"
+        sign_in(browser, "not the token")
+        wait(browser, lambda d: text(d, "login-message") == "Wrong token.", "'Wrong token.'")
+        # The one thing the console may show here: that the login page was answered 403.
+        logged = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert all("/dashboard/login" in m and "status of 403" in m for m in logged), logged
+        sign_in(browser, ADMIN_TOKEN)
         row = wait(browser, lambda d: dead_row(d, task_id), "the dead task's row")
+        assert browser.current_url == server.url + "/dashboard"
         assert text(browser, "status-line") == "live"
-        assert "read-only" in text(browser, "mode")
+        assert text(browser, "mode") == "read-only · access: cookie"
         assert not row.find_elements(By.CSS_SELECTOR, "button.requeue")
         for action in ("requeue-all", "purge"):
             assert not browser.find_element(By.ID, action).is_displayed(), action
     finally:
-        problems = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        entries = browser.get_log("browser")
         browser.get("about:blank")
+    problems = [entry for entry in entries if entry["level"] in ("SEVERE", "WARNING")]
     assert not problems, f"the browser console logged: {problems}"
 
 
@@ -346,6 +358,13 @@ def click(driver: WebDriver, selector: str) -> None:
         return True
 
     wait(driver, clicked, f"click {selector}")
+
+
+def sign_in(driver: WebDriver, token: str) -> None:
+    field = driver.find_element(By.NAME, "token")
+    field.clear()
+    field.send_keys(token)
+    field.submit()
 
 
 def polls(driver: WebDriver) -> dict[str, int]:
