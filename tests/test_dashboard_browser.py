@@ -238,6 +238,34 @@ def test_screenshot_of_the_loaded_dashboard(
     assert struct.unpack(">I", png[16:20])[0] == WINDOW[0]
 
 
+def test_requeue_all_and_purge_ask_first(page: WebDriver) -> None:
+    """Each asks in the page: Cancel changes nothing, Yes acts (the requeued die again here)."""
+    dead = number(page, "total-dead")
+    count = len(page.find_elements(By.CSS_SELECTOR, "#dead-table tr[data-task-id]"))
+    assert count >= 2, "the XSS test's tasks are still dead"
+    click(page, "#requeue-all")
+    assert page.find_element(By.ID, "confirm").is_displayed()
+    assert text(page, "confirm-text") == f"Requeue all {count} dead letters?"
+    click(page, "#confirm-no")
+    assert not page.find_element(By.ID, "confirm").is_displayed()
+    assert number(page, "total-dead") == dead
+
+    click(page, "#requeue-all")
+    click(page, "#confirm-yes")
+    wait(page, lambda d: text(d, "action-result") == f"requeued {count} tasks", "requeued")
+    # Their marker still exists: they fail twice more each and are dead letters again.
+    wait(page, lambda d: number(d, "total-dead") == dead + count, "they die again")
+    wait(page, lambda d: number(d, "count-dead") == count, "#count-dead counts them again")
+
+    click(page, "#purge")
+    assert text(page, "confirm-text") == f"Delete all {count} dead letters for good?"
+    click(page, "#confirm-yes")
+    wait(page, lambda d: text(d, "action-result") == f"purged {count} dead letters", "purged")
+    wait(page, lambda d: number(d, "count-dead") == 0, "#count-dead 0")
+    wait(page, lambda d: text(d, "dead-table") == "no dead letters", "an empty dead-letter table")
+    assert not page.find_element(By.ID, "purge").is_enabled()
+
+
 def test_redis_down_is_shown_and_polling_goes_on(page: WebDriver, cluster: Twistd) -> None:
     """A Redis that does not answer (SIGSTOPped) shows as "Redis down"; the page recovers alone."""
     redis = cluster.redis_pid()
