@@ -50,6 +50,8 @@ UPDATE_DEADLINE_S = 15.0
 #: The throughput chart needs two history samples, pushed at most every 5 s.
 HISTORY_DEADLINE_S = 30.0
 ADMIN_TOKEN = "a-token-for-the-browser-test"
+#: The page writes ranges with an en dash: "1\N{EN DASH}20 of 47".
+DASH = "\N{EN DASH}"
 XSS_STRINGS = ("<script>window.__xss=1</script>", '"><img src=x onerror=window.__xss=1>')
 CLUSTER_SETTINGS = {
     "WORKERS": "2",
@@ -238,11 +240,30 @@ def test_screenshot_of_the_loaded_dashboard(
     assert struct.unpack(">I", png[16:20])[0] == WINDOW[0]
 
 
+def test_dead_letters_are_paged(page: WebDriver, cluster: Twistd, marker: Path) -> None:
+    """20 a page, newest first: Next shows the older ones, Prev comes back."""
+    already = number(page, "count-dead")
+    doomed = [post(cluster, f"dashboard-paged-{n}", {"fail_while": str(marker)}) for n in range(21)]
+    total = already + len(doomed)
+    wait(page, lambda d: text(d, "dead-range") == f"1{DASH}20 of {total}", "the first page")
+    first = dead_ids(page)
+    assert len(first) == 20
+    assert not page.find_element(By.ID, "dead-prev").is_enabled()
+    click(page, "#dead-next")
+    wait(page, lambda d: text(d, "dead-range") == f"21{DASH}{total} of {total}", "page two")
+    second = wait(page, lambda d: dead_ids(d) if len(dead_ids(d)) == total - 20 else None, "rows")
+    assert not set(first) & set(second)
+    assert set(doomed) <= set(first) | set(second)
+    assert not page.find_element(By.ID, "dead-next").is_enabled()
+    click(page, "#dead-prev")
+    wait(page, lambda d: dead_ids(d) == first, "the first page again")
+
+
 def test_requeue_all_and_purge_ask_first(page: WebDriver) -> None:
     """Each asks in the page: Cancel changes nothing, Yes acts (the requeued die again here)."""
     dead = number(page, "total-dead")
-    count = len(page.find_elements(By.CSS_SELECTOR, "#dead-table tr[data-task-id]"))
-    assert count >= 2, "the XSS test's tasks are still dead"
+    count = number(page, "count-dead")
+    assert count >= 2, "the earlier tests' tasks are still dead"
     click(page, "#requeue-all")
     assert page.find_element(By.ID, "confirm").is_displayed()
     assert text(page, "confirm-text") == f"Requeue all {count} dead letters?"
@@ -366,6 +387,11 @@ def worker_rows(driver: WebDriver) -> list[WebElement]:
 
 def in_flight(driver: WebDriver) -> int:
     return sum(int(row.find_elements(By.TAG_NAME, "td")[5].text) for row in worker_rows(driver))
+
+
+def dead_ids(driver: WebDriver) -> list[str]:
+    rows = driver.find_elements(By.CSS_SELECTOR, "#dead-table tr[data-task-id]")
+    return [str(row.get_attribute("data-task-id")) for row in rows]
 
 
 def dead_row(driver: WebDriver, task_id: str) -> WebElement | None:
