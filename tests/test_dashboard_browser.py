@@ -336,6 +336,7 @@ def test_sign_in_with_admin_token_then_read_only_shows_no_actions(
     finally:
         entries = browser.get_log("browser")
         browser.get("about:blank")
+        server.stop()
     problems = [entry for entry in entries if entry["level"] in ("SEVERE", "WARNING")]
     assert not problems, f"the browser console logged: {problems}"
 
