@@ -45,6 +45,7 @@ from taskserver.httpserver import (
 )
 from taskserver.idempotency import VALID_KEY, Claim, IdempotencyKeys, fingerprint
 from taskserver.logthrottle import WarningThrottle
+from taskserver.metrics import IP_TIER, TASKS_ENQUEUED, Tally
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import Decision, RateLimiter, RatePolicy
 from taskserver.redisclient import RedisUnavailable
@@ -239,12 +240,14 @@ class TaskAPI:
         *,
         ip_limiter: RateLimiter | None = None,
         trusted_proxies: Sequence[Network] = (),
+        tally: Tally | None = None,
     ) -> None:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
         ``ip_limiter`` is the optional per-client-address backstop tier; the
         address comes from a forwarding header only when the peer is a trusted proxy
         (:mod:`taskserver.clientip`, which also decides what a loopback request is).
+        ``tally`` counts the process's requests, admissions and refusals.
         """
         #: None unless it has tiers: the request path then does not even call it.
         self._ip_limiter = ip_limiter if ip_limiter is not None and ip_limiter.active else None
@@ -256,6 +259,7 @@ class TaskAPI:
         self._kill = kill
         self._kill_token = kill_token
         self._warnings = WarningThrottle(self.log, clock)
+        self.tally = tally if tally is not None else Tally()
 
     def resource(self) -> TaskResource:
         """The root resource of these routes (what a Site, or treq's StubTreq, serves)."""
@@ -272,6 +276,7 @@ class TaskAPI:
             parsePOSTFormSubmission=False,
         )
         site.request_timeout_s = request_timeout_s
+        site.tally, site.clock = self.tally, self._clock
         site.displayTracebacks = False
         site.noisy = False
         return site
@@ -293,17 +298,20 @@ class TaskAPI:
         decision: Decision | None = None
         if self._ip_limiter is not None:  # the per-address tier first (charged if it admits)
             decision = await self._ip_limiter.check(self._client_address(request))
+        by_address = decision is not None and not decision.allowed
         if decision is None or decision.allowed:
             # No release on failure: the script may have run (see _release).
             decision = await self._queue.admit(task, self._limiter)
         headers = decision.headers(self._clock.seconds())
         if not decision.allowed:
+            self._count_refusal(decision, by_address)
             if key is not None:
                 await self._release(user_id, key, claim)
             return respond(
                 request, 429, decision.problem(), headers, content_type="application/problem+json"
             )
         headers.append(("Location", f"/api/v1/task/{task.id}"))
+        self.tally.count(TASKS_ENQUEUED)
         return respond(
             request,
             202,
@@ -315,6 +323,14 @@ class TaskAPI:
             },
             headers,
         )
+
+    def _count_refusal(self, decision: Decision, by_address: bool) -> None:
+        """A 429: once as ``ip`` from the per-address tiers, else once per violated user tier."""
+        if by_address:
+            self.tally.rate_limited(IP_TIER)
+            return
+        for state in decision.violated:
+            self.tally.rate_limited(state.tier.name)
 
     def _client_address(self, request: IRequest) -> str:
         """The address the per-address tier counts (forwarding headers from trusted proxies)."""

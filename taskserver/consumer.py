@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, cast
 
 from twisted.application.service import Service
@@ -28,6 +29,16 @@ from twisted.python.failure import Failure
 from taskserver.backoff import backoff_delay
 from taskserver.ids import consumer_ids_of, new_process_id
 from taskserver.logthrottle import WarningThrottle
+from taskserver.metrics import (
+    TASK_DURATION,
+    TASK_WAIT,
+    TASKS_COMPLETED,
+    TASKS_DEAD,
+    TASKS_FAILED,
+    TASKS_RECLAIMED,
+    TASKS_RETRIED,
+    Tally,
+)
 from taskserver.queue import GONE, TaskQueue
 from taskserver.redisclient import RedisUnavailable
 from taskserver.task import MalformedTask, Task, iso_utc
@@ -76,6 +87,14 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}"[:ERROR_MAX_CHARS]
 
 
+def queued_seconds(queued_at: str) -> float | None:
+    """A task's ``queued_at`` (ISO-8601 UTC) in seconds since the epoch; None if unreadable."""
+    try:
+        return datetime.fromisoformat(queued_at).timestamp()
+    except ValueError:
+        return None
+
+
 def backoff_s(failures: int) -> float:
     """The pause after ``failures`` Redis errors in a row (the master's formula, shorter bounds)."""
     return backoff_delay(max(1, failures), BACKOFF_FIRST_S, BACKOFF_MAX_S)
@@ -100,7 +119,10 @@ class ConsumerService(Service):
         process_id: str | None = None,
         task_timeout_s: float = 30.0,
         retry_backoff_s: float = 1.0,
+        tally: Tally | None = None,
     ) -> None:
+        """``tally`` counts outcomes, run and wait times, and what the reaper gives back."""
+        self._tally = tally if tally is not None else Tally()
         self._queue = queue
         self._blocking = blocking_redis
         self._handler = handler
@@ -122,6 +144,11 @@ class ConsumerService(Service):
         self._wake: IDelayedCall | None = None
         self._timers: list[tuple[task.LoopingCall, defer.Deferred[Any]]] = []
         self._timer_warnings = WarningThrottle(self.log, clock)  # an outage fails every timer
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks running now."""
+        return len(self._running)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -201,6 +228,8 @@ class ConsumerService(Service):
         except Exception as e:
             self._timer_warnings.warn(f"reaper failed: {e}")
             return
+        self._tally.count(TASKS_RECLAIMED, got.requeued)
+        self._tally.count(TASKS_DEAD, got.dead)
         if got.requeued or got.dead:
             self.log.info(
                 "dead consumers' tasks: {requeued} back to the queue, {dead} dead-lettered",
@@ -321,6 +350,7 @@ class ConsumerService(Service):
                 "gave a task back to run again in {delay:g} s", delay=self._retry_backoff_s
             )
         elif outcome == "dead":
+            self._tally.count(TASKS_DEAD)
             self.log.warn("a task whose outcome could never be recorded is dead-lettered")
 
     async def _give_back_lost_fetch(self, consumer_id: str) -> None:
@@ -362,6 +392,10 @@ class ConsumerService(Service):
                     "could not mark task {task_id} processing: {error}", task_id=task_.id, error=e
                 )
                 attempts = task_.attempts + 1
+        if attempts == 1:
+            queued = queued_seconds(task_.queued_at)
+            if queued is not None:
+                self._tally.observe(TASK_WAIT, started - queued)
         argument = task_.handler_argument(attempts)
         error = ""
         try:
@@ -375,6 +409,7 @@ class ConsumerService(Service):
             error = error_text(e)
             self.log.failure("task {task_id} failed (attempt {n})", task_id=task_.id, n=attempts)
         finished = self._clock.seconds()
+        self._tally.observe(TASK_DURATION, finished - started)
         duration_ms = (finished - started) * 1000
         # The line first, then the outcome that removes the entry: a crash between
         # them runs the task again (its line may appear twice), never loses its line.
@@ -392,10 +427,19 @@ class ConsumerService(Service):
                     consumer_id, raw, task_, attempts, error, delay, iso_utc(finished), duration_ms
                 )
             )
+            self._count_failure(outcome)
             if outcome == GONE:
                 self._log_gone(task_)
         else:
             self._acknowledge(consumer_id, raw, task_, iso_utc(finished), duration_ms)
+
+    def _count_failure(self, outcome: str) -> None:
+        """A failed attempt; what it became, once recorded (GONE: another run records it)."""
+        self._tally.count(TASKS_FAILED)
+        if outcome == "retrying":
+            self._tally.count(TASKS_RETRIED)
+        elif outcome == "dead":
+            self._tally.count(TASKS_DEAD)
 
     def _acknowledge(
         self, consumer_id: str, raw: str, task_: Task, finished_at: str, duration_ms: float
@@ -425,7 +469,9 @@ class ConsumerService(Service):
             self.log.failure("could not acknowledge finished task {task_id}", task_id=task_.id)
             await self._give_back(consumer_id, raw)
             return
-        if not removed:
+        if removed:
+            self._tally.count(TASKS_COMPLETED)
+        else:
             self._log_gone(task_)
 
     def _acked(self, result: Any, acking: defer.Deferred[None]) -> None:

@@ -18,9 +18,12 @@ from http import HTTPStatus
 from io import BytesIO
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
+
+from taskserver.metrics import Tally, route_label
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -167,6 +170,7 @@ class CountingChannel(http.HTTPChannel):
 
     def _answer_and_close(self, error: ApiError) -> None:
         """An error answer written directly: there is no Request to answer through."""
+        self.site.tally.request("other", error.status)  # no route, no request to time
         body = json_body(error.document())
         phrase = HTTPStatus(error.status).phrase.encode("ascii")
         self.transport.write(  # type: ignore[union-attr]
@@ -178,11 +182,13 @@ class CountingChannel(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         super().allHeadersReceived()
+        self.requests[-1].headers_at = self.site.clock.seconds()
         if self.site.draining:
             self.persistent = False
             self.requests[-1].setHeader(b"connection", b"close")
 
     def requestDone(self, request: http.Request) -> None:
+        self.site.answered(request)
         self._served += 1
         self._bytes_since_answer = 0
         self.busy = False  # before: this call may start on a pipelined request
@@ -220,9 +226,18 @@ class TaskSite(server.Site):
         self.on_open: Callable[[], None] = lambda: None
         self.on_close: Callable[[], None] = lambda: None
         self._closed_waiters: dict[CountingChannel, list[Callable[[], None]]] = {}
+        #: Counts and times every answer (TaskAPI.site hands it the process's Tally and clock).
+        self.tally = Tally()
+        self.clock: IReactorTime = self.reactor
 
     def log(self, request: http.Request) -> None:
         pass
+
+    def answered(self, request: http.Request) -> None:
+        """Count an answered request, timed from the end of its headers to its last byte."""
+        now = self.clock.seconds()
+        started = getattr(request, "headers_at", now)
+        self.tally.request(route_label(request.method, request.path), request.code, now - started)
 
     def connection_opened(self, channel: CountingChannel) -> None:
         self.channels.add(channel)

@@ -20,6 +20,7 @@ from twisted.internet import defer, reactor
 
 from conftest import RunningServer, eventually, sleep
 from taskserver.config import parse_rate_limits
+from taskserver.keys import Keys
 
 RATE_PER_S = 100
 LOAD_S = 8.0
@@ -39,13 +40,21 @@ FIXED_KEYS = 4
 IDLE_KEYS = 2
 
 
+def monitoring_keys(prefix: str) -> set[str]:
+    """Keys of a fixed size, not per task (metric totals, a capped history, one entry a child)."""
+    keys = Keys(prefix)
+    return {keys.metrics, keys.metrics_history, keys.metrics_sampled, keys.workers}
+
+
 async def count_keys(redis: Any, prefix: str) -> int:
+    """The keys under ``prefix`` but the monitoring keys."""
+    fixed = monitoring_keys(prefix)
     cursor, total = "0", 0
     while True:
         cursor, keys = await redis.execute_command(
             "SCAN", cursor, "MATCH", f"{prefix}:*", "COUNT", 1000
         )
-        total += len(keys)
+        total += len(set(keys) - fixed)
         if cursor == "0":
             return total
 

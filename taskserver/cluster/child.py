@@ -54,6 +54,7 @@ from taskserver.consumer import ConsumerService, Handler
 from taskserver.httpserver import TaskSite
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
+from taskserver.metrics import MetricsFlusher, Tally, worker_entry
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter, RatePolicy
 from taskserver.redisclient import RedisLinkWatch, connect, without_reconnect_attempts
@@ -84,8 +85,14 @@ class ChildService(Service):
         seat: Seat | None = None,
         kill: Callable[[], None] | None = None,
         process_id: str | None = None,
+        tally: Tally | None = None,
+        restarts: int = 0,
     ) -> None:
+        """``tally`` counts this child's work; ``restarts``: how often its slot was restarted."""
         self._settings = settings
+        self.tally = tally if tally is not None else Tally()
+        self._restarts = restarts
+        self._metrics: MetricsFlusher | None = None
         self._redis = redis
         self._listener_fd = listener_fd
         self._family = address_family
@@ -141,6 +148,7 @@ class ChildService(Service):
             settings.kill_token,
             ip_limiter=ip_limiter,
             trusted_proxies=parse_networks(",".join(settings.trusted_proxies)),
+            tally=self.tally,
         ).site(settings.idle_timeout_s, settings.request_timeout_s)
         if self._seat is not None:
             seat = self._seat
@@ -170,8 +178,30 @@ class ChildService(Service):
             process_id=self._process_id,
             task_timeout_s=settings.task_timeout_s,
             retry_backoff_s=settings.retry_backoff_s,
+            tally=self.tally,
         )
         self.consumers.startService()
+        self._metrics = MetricsFlusher(
+            self.tally,
+            lambda: api,
+            keys,
+            reactor,
+            settings.redis_timeout_s,
+            worker_id=self.consumers.process_id,
+            worker=functools.partial(self._worker_entry, reactor.seconds()),
+        )
+        self._metrics.startService()
+
+    def _worker_entry(self, started_at: float) -> dict[str, Any]:
+        """This child's entry in the workers hash, as of now."""
+        assert self.consumers is not None and self.site is not None
+        return worker_entry(
+            self.consumers.process_id,
+            started_at,
+            self._restarts,
+            self.consumers.in_flight,
+            len(self.site.channels),
+        )
 
     def _connection_closed(self) -> None:
         if self._seat is not None:
@@ -193,6 +223,8 @@ class ChildService(Service):
             await self._connections_closed(DRAIN_TIMEOUT_S)
         if self.consumers is not None:
             await self.consumers.stopService()
+        if self._metrics is not None:
+            await self._metrics.stopService()  # the last counts; our workers entry goes
         if self._link is not None:
             await self._link.stopService()
         for pool in self._pools:
@@ -318,6 +350,7 @@ def main() -> None:
         seat=Seat(Scoreboard(SCOREBOARD_FD, config["seats"]), config["seat"]),
         kill=_die,
         process_id=config["process_id"],
+        restarts=config.get("restarts", 0),
     )
     watch = ParentWatch(CONFIG_FD, lambda: _stop(reactor), reactor)
 

@@ -38,6 +38,7 @@ from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, settings_to_json
 from taskserver.ids import consumer_ids_of
 from taskserver.keys import Keys
+from taskserver.metrics import TASKS_DEAD, TASKS_RECLAIMED, MetricsFlusher, Tally
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import RedisUnavailable, connect, without_reconnect_attempts
 from taskserver.tasklog import TaskLogFile
@@ -61,7 +62,9 @@ class Master(Service):
         reactor: Any,
         redis_binary: str | None = None,
         data_lock: IO[bytes] | None = None,
+        tally: Tally | None = None,
     ) -> None:
+        """``tally`` counts the master's own events: restarts, reclaims."""
         self._settings = settings
         self._listener = listener
         self._reactor = reactor
@@ -96,6 +99,15 @@ class Master(Service):
         self.supervisor: Supervisor | None = None
         #: The signal (SIGTERM, SIGINT) that asked us to stop, if one did.
         self._stop_signal: int | None = None
+        #: The master's own counts (restarts, reclaims), flushed while its pool is open.
+        self.tally = tally if tally is not None else Tally()
+        self._metrics = MetricsFlusher(
+            self.tally,
+            lambda: self._pool,
+            Keys(settings.key_prefix),
+            reactor,
+            settings.redis_timeout_s,
+        )
 
     # ------------------------------------------------------------ start
 
@@ -140,8 +152,10 @@ class Master(Service):
             on_exit=self._child_exited,
             process_id_for=self._process_id_for,
             stop_timeout_s=settings.shutdown_timeout_s,
+            tally=self.tally,
         )
         self.supervisor.startService()
+        self._metrics.startService()
         self.log.info(
             "taskserver listening on {url} (master pid {pid}, {n} workers, "
             "up to {c} tasks at a time each)",
@@ -239,6 +253,7 @@ class Master(Service):
             "seats": self.supervisor.seats,
             "address_family": int(self._listener.family),
             "master_pid": os.getpid(),
+            "restarts": self.supervisor.restart_counts.get(worker.slot, 0),
         }
         return json.dumps(config).encode("utf-8") + b"\n"
 
@@ -273,6 +288,8 @@ class Master(Service):
         self._reclaiming += 1
         try:
             await self._give_back(worker)
+            if self._pool is not None:
+                await self._metrics.flush()  # the pool closes next: now or at the next reclaim
         finally:
             self._reclaiming -= 1
             if not self._reclaiming:
@@ -304,6 +321,8 @@ class Master(Service):
                     )
                     return
                 continue
+            self.tally.count(TASKS_RECLAIMED, got.requeued)
+            self.tally.count(TASKS_DEAD, got.dead)
             if got.requeued:
                 self.log.info(
                     "gave {n} in-flight task(s) of {name} back to the queue",
@@ -373,6 +392,14 @@ class Master(Service):
         if not clean:
             self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_uncleanly)
 
+    async def _flush_metrics(self) -> None:
+        """The last flush of the master's counts: on its pool, opened for it if need be."""
+        if not self._metrics.running:
+            return
+        if self._metrics.has_unsent() and self._redis_up and self.redis is not None:
+            self._queue_for_reclaims()
+        await self._metrics.stopService()
+
     def _what_was_killed(self) -> list[str]:
         """What a stop had to SIGKILL: work maybe not given back, an AOF maybe not synced."""
         killed = list(self.supervisor.killed) if self.supervisor is not None else []
@@ -385,6 +412,7 @@ class Master(Service):
         try:
             if self.supervisor is not None:
                 await self.supervisor.stopService()
+            await self._flush_metrics()
             await self._close_pool()
         finally:
             # Redis stops last, after every child has given its tasks back.

@@ -36,6 +36,7 @@ from taskserver.cluster.protocol import (
     STDOUT_FD,
     parse_record,
 )
+from taskserver.metrics import WORKER_RESTARTS, Tally
 
 #: How long a rolling restart waits for a new child to say it is ready.
 READY_TIMEOUT_S = 30.0
@@ -159,8 +160,11 @@ class Supervisor(Service):
         on_exit: Callable[[Worker], None],
         process_id_for: Callable[[int, int], str],
         stop_timeout_s: float,
+        tally: Tally | None = None,
     ) -> None:
+        """``tally`` counts the restarts (``worker_restarts``)."""
         self._reactor = reactor
+        self._tally = tally if tally is not None else Tally()
         self.count = count
         self._argv = argv
         self._env = env
@@ -177,6 +181,8 @@ class Supervisor(Service):
         self._generations: dict[int, int] = {}
         self._failures: dict[int, int] = {}
         self._restarts: dict[int, IDelayedCall] = {}
+        #: How often each slot's child has been replaced after it exited unplanned.
+        self.restart_counts: dict[int, int] = {}
         self._rolling = False
         #: The children that a stop had to SIGKILL ("worker-0 (pid 12)"): an unclean stop.
         self.killed: list[str] = []
@@ -319,6 +325,8 @@ class Supervisor(Service):
             if self.running and not planned:
                 if not worker.ready:
                     self._failures[worker.slot] = self._failures.get(worker.slot, 0) + 1
+                self.restart_counts[worker.slot] = self.restart_counts.get(worker.slot, 0) + 1
+                self._tally.count(WORKER_RESTARTS)
                 self._restart_later(worker.slot)
         # Last, so that a waiter (a rolling restart) sees the slot as it now is.
         worker.mark_died(how)
