@@ -5,7 +5,7 @@ It reads the same configuration as the server (command-line options,
 environment, ``.env``). With no Redis configured it finds the embedded one
 through the address file the master writes in ``DATA_DIR``.
 
-    taskserver-admin stats                 queue depth, delayed, dead, in flight per consumer
+    taskserver-admin stats                 the dashboard's numbers: queue, totals, latency, workers
     taskserver-admin dead [--limit N]      the dead-letter list, newest first (JSON lines)
     taskserver-admin requeue [TASK_ID...]  dead tasks back to the queue (all if none named)
     taskserver-admin purge                 empty the dead-letter list
@@ -17,18 +17,20 @@ import argparse
 import json
 import os
 import sys
-from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from dotenv import find_dotenv, load_dotenv
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 
 from taskserver.cluster.embedded import read_embedded_address
 from taskserver.config import ConfigError, RedisAddress, Settings, load_settings
-from taskserver.ids import process_of
 from taskserver.keys import Keys
+from taskserver.metrics import IP_TIER
 from taskserver.redisclient import connect
 from taskserver.scripts import load
+from taskserver.stats import address_label, read_stats
 
 TIMEOUT_S = 5.0
 #: The whole command gives up after this long (Redis unreachable, say).
@@ -55,26 +57,26 @@ def redis_address(settings: Settings) -> RedisAddress:
     return address
 
 
-async def stats(redis: Any, keys: Keys) -> dict[str, Any]:
-    """Queue depth, delayed retries, dead letters, and in-flight tasks per consumer."""
-    consumers = sorted(await redis.smembers(keys.consumers))
-    in_flight = {c: int(await redis.llen(keys.processing(c))) for c in consumers}
-    alive = {
-        p: bool(await redis.exists(keys.heartbeat(p))) for p in {process_of(c) for c in consumers}
-    }
-    by_process: dict[str, dict[str, Any]] = defaultdict(lambda: {"alive": False, "processing": {}})
-    for consumer, count in in_flight.items():
-        process = process_of(consumer)
-        by_process[process]["alive"] = alive[process]
-        by_process[process]["processing"][consumer] = count
-    return {
-        "pending": int(await redis.llen(keys.pending)),
-        "suspects": int(await redis.llen(keys.suspects)),
-        "delayed": int(await redis.zcard(keys.delayed)),
-        "dead": int(await redis.llen(keys.dead)),
-        "processing": sum(in_flight.values()),
-        "processes": dict(by_process),
-    }
+async def stats(
+    redis: Any,
+    keys: Keys,
+    clock: IReactorTime,
+    address: RedisAddress,
+    embedded: bool,
+    tiers: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The dashboard's overview (the same reading, :func:`taskserver.stats.read_stats`),
+    and the tasks in flight per consumer of each process."""
+    reading = await read_stats(
+        redis,
+        keys,
+        clock,
+        TIMEOUT_S,
+        redis_label=address_label(address),
+        embedded=embedded,
+        history=True,
+    )
+    return {**reading.overview(tiers=tiers), "processes": reading.processes()}
 
 
 async def dead_letters(redis: Any, keys: Keys, limit: int) -> list[Any]:
@@ -108,14 +110,44 @@ async def purge(redis: Any, keys: Keys) -> int:
 
 
 def _print_stats(report: dict[str, Any]) -> None:
-    print(f"pending     {report['pending']}")
-    print(f"suspects    {report['suspects']}   (running when their process died; run alone next)")
-    print(f"delayed     {report['delayed']}   (retries waiting for their time)")
-    print(f"dead        {report['dead']}")
-    print(f"processing  {report['processing']}")
+    queue, totals, latency, redis = (
+        report["queue"],
+        report["totals"],
+        report["latency"],
+        report["redis"],
+    )
+    print(f"pending     {queue['pending']}   (oldest: {_seconds(queue['oldest_pending_age_s'])})")
+    print(f"suspects    {queue['suspects']}   (running when their process died; run alone next)")
+    print(f"delayed     {queue['delayed']}   (retries waiting for their time)")
+    print(f"dead        {queue['dead']}")
+    print(f"processing  {queue['processing']}")
     for process, info in sorted(report["processes"].items()):
         state = "alive" if info["alive"] else "no heartbeat (its tasks will be reclaimed)"
         print(f"  {process}: {sum(info['processing'].values())} in flight, {state}")
+    print("totals      " + ", ".join(f"{name} {n}" for name, n in totals.items()))
+    limited = ", ".join(f"{tier} {n}" for tier, n in report["rate_limited"].items()) or "none"
+    print(f"limited     {limited}   (requests refused per rate-limit tier)")
+    for what in ("wait", "run"):
+        p50, p95 = latency[what]["p50"], latency[what]["p95"]
+        print(
+            f"{what:<12}p50 {_seconds(p50)}, p95 {_seconds(p95)}   (last {latency['window_s']} s)"
+        )
+    print(f"workers     {len(report['workers'])}")
+    for w in report["workers"]:
+        print(
+            f"  {w['host']} pid {w['pid']}: up {_seconds(w['uptime_s'])}, {w['restarts']} restarts,"
+            f" {w['in_flight']} in flight, {w['connections']} connections"
+        )
+    kind = "embedded" if redis["embedded"] else "external"
+    memory = redis["used_memory_bytes"]
+    used = "?" if memory is None else f"{memory / 1_048_576:.1f} MiB"
+    print(f"redis       {redis['address']} ({kind}, version {redis['version'] or '?'}, {used})")
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.1f} s"
 
 
 async def run(reactor: Any, arguments: argparse.Namespace, settings: Settings) -> None:
@@ -124,7 +156,10 @@ async def run(reactor: Any, arguments: argparse.Namespace, settings: Settings) -
     keys = Keys(settings.key_prefix)
     try:
         if arguments.command == "stats":
-            report = await stats(redis, keys)
+            address, embedded = redis_address(settings), settings.redis is None
+            tiers = [tier.name for tier in settings.rate_limits]
+            tiers += [IP_TIER] if settings.ip_rate_limits else []
+            report = await stats(redis, keys, reactor, address, embedded, tiers)
             if arguments.json:
                 print(json.dumps(report, indent=2))
             else:

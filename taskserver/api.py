@@ -18,11 +18,12 @@ import os
 import re
 import sys
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any, cast
 
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -35,6 +36,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RoutingException
 
 from taskserver.clientip import Network, client_address, is_cross_site, is_loopback_request
+from taskserver.exposition import exposition
 from taskserver.httpserver import (
     ApiError,
     BoundedRequest,
@@ -49,6 +51,7 @@ from taskserver.metrics import IP_TIER, TASKS_ENQUEUED, Tally
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import Decision, RateLimiter, RatePolicy
 from taskserver.redisclient import RedisUnavailable
+from taskserver.stats import ClusterStats
 from taskserver.task import TASK_ID, Task
 
 USER_ID_MAX_CHARS = 128
@@ -240,6 +243,8 @@ class TaskAPI:
         *,
         ip_limiter: RateLimiter | None = None,
         trusted_proxies: Sequence[Network] = (),
+        read_stats: Callable[..., Awaitable[ClusterStats]] | None = None,
+        metrics_token: str | None = None,
         tally: Tally | None = None,
     ) -> None:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
@@ -247,6 +252,8 @@ class TaskAPI:
         ``ip_limiter`` is the optional per-client-address backstop tier; the
         address comes from a forwarding header only when the peer is a trusted proxy
         (:mod:`taskserver.clientip`, which also decides what a loopback request is).
+        ``read_stats()`` reads the cluster's numbers (:func:`taskserver.stats.read_stats`
+        with its Redis, keys and labels bound); None turns GET /metrics off.
         ``tally`` counts the process's requests, admissions and refusals.
         """
         #: None unless it has tiers: the request path then does not even call it.
@@ -258,6 +265,8 @@ class TaskAPI:
         self._clock = clock
         self._kill = kill
         self._kill_token = kill_token
+        self._read_stats = read_stats
+        self._metrics_token = metrics_token
         self._warnings = WarningThrottle(self.log, clock)
         self.tally = tally if tally is not None else Tally()
 
@@ -407,6 +416,35 @@ class TaskAPI:
     async def readyz(self, request: IRequest) -> bytes:
         await self._queue.ping()
         return respond(request, 200, {"status": "ready"})
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics(self, request: IRequest) -> bytes:
+        """Prometheus text: the cluster's totals and the queue now, whichever child answers.
+
+        Not rate limited. With METRICS_TOKEN set, only with ``Authorization:
+        Bearer <token>``. Redis down is a 200 with ``taskserver_redis_up 0``.
+        """
+        if self._read_stats is None:
+            raise ApiError(404, "not_found", "no such resource")
+        if self._metrics_token is not None:
+            given = request.getHeader(b"authorization") or b""
+            if not hmac.compare_digest(given, f"Bearer {self._metrics_token}".encode()):
+                raise ApiError(
+                    401,
+                    "unauthorized",
+                    "GET /metrics needs Authorization: Bearer <METRICS_TOKEN>",
+                    [("WWW-Authenticate", 'Bearer realm="metrics"')],
+                )
+        try:
+            stats: ClusterStats | None = await self._read_stats()
+        except RedisUnavailable as e:
+            self._warnings.warn(f"GET /metrics without Redis: {e}")
+            stats = None
+        body = exposition(stats)
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
 
     @app.route("/kill", methods=["GET"])
     def kill(self, request: server.Request) -> bytes:

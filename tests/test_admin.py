@@ -6,19 +6,23 @@ import json
 import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 
-from harness import Twistd
+from harness import Twistd, wait_for
 from taskserver import admin
 from taskserver.cluster.embedded import EMBEDDED_ADDRESS_FILE
+from taskserver.config import RedisAddress, Settings
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
+from taskserver.stats import TOTALS
 from taskserver.task import Task
 
 ADMIN = str(Path(sys.executable).parent / "taskserver-admin")
@@ -45,14 +49,16 @@ async def test_stats_dead_requeue_purge(queue: TaskQueue, redis: Any, keys: Keys
     await queue.enqueue(Task.new("c", None, reactor.seconds()))
     await queue.heartbeat("h:1:a", ["h:1:a#0"], ttl_s=30)
 
-    report = await admin.stats(redis, keys)
-    assert (report["pending"], report["dead"], report["delayed"], report["processing"]) == (
-        1,
-        2,
-        0,
-        0,
-    )
+    address = RedisAddress("127.0.0.1", 6379, password="secret")
+    report = await admin.stats(redis, keys, reactor, address, embedded=False)
+    assert {k: report["queue"][k] for k in ("pending", "dead", "delayed", "processing")} == {
+        "pending": 1,
+        "dead": 2,
+        "delayed": 0,
+        "processing": 0,
+    }
     assert report["processes"] == {"h:1:a": {"alive": True, "processing": {"h:1:a#0": 0}}}
+    assert report["redis"]["address"] == "127.0.0.1:6379" and "secret" not in json.dumps(report)
 
     listed = await admin.dead_letters(redis, keys, limit=10)
     assert [entry["task"]["id"] for entry in listed] == [second.id, first.id]
@@ -113,18 +119,60 @@ async def test_requeue_reads_entries_written_before_it_knew_better(redis: Any, k
     assert await redis.lrange(keys.pending, 0, -1) == [task.to_json()]
 
 
+def admin_stats(cwd: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        [ADMIN, "stats", "--json"], cwd=cwd, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def scraped_numbers(server: Twistd) -> dict[str, float]:
+    """The totals and queue gauges of GET /metrics, named as in the overview."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {
+        (s.name, s.labels.get("state", "")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    numbers = {f"totals.{k}": samples[(f"taskserver_tasks_{k}_total", "")] for k in TOTALS}
+    for state in ("pending", "processing", "delayed", "dead", "suspects"):
+        numbers[f"queue.{state}"] = samples[("taskserver_queue_tasks", state)]
+    return numbers
+
+
+def overview_numbers(report: dict[str, Any]) -> dict[str, float]:
+    numbers = {f"totals.{k}": float(report["totals"][k]) for k in TOTALS}
+    for state in ("pending", "processing", "delayed", "dead", "suspects"):
+        numbers[f"queue.{state}"] = float(report["queue"][state])
+    return numbers
+
+
 def test_the_installed_command_finds_the_embedded_redis(
     twistd: Callable[..., Twistd], tmp_path: Path
 ) -> None:
     server = twistd(WORKERS="1")
     server.wait_until_listening()
-    assert server.post_task("from-admin-test")
-    result = subprocess.run(
-        [ADMIN, "stats", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    task_id = server.post_task("from-admin-test")
+    assert task_id
+    wait_for(lambda: server.status_of(task_id) == "completed", what="the task completed")
+    report = admin_stats(tmp_path)
+    assert set(report) >= {"queue", "totals", "latency", "workers", "redis", "processes"}
+    assert report["redis"]["embedded"] is True
+    assert report["rate_limited"] == {t.name: 0 for t in Settings().rate_limits}, "none refused"
+
+    def same_numbers() -> bool:
+        """admin stats and /metrics agree (once the last second's counts are flushed)."""
+        return scraped_numbers(server) == overview_numbers(admin_stats(tmp_path))
+
+    wait_for(same_numbers, timeout=10, what="admin stats and /metrics show the same numbers")
+    text = subprocess.run(
+        [ADMIN, "stats"], cwd=tmp_path, capture_output=True, text=True, timeout=30
     )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert set(report) == {"pending", "suspects", "delayed", "dead", "processing", "processes"}
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"^pending +0 ", text.stdout, re.M) and "embedded" in text.stdout
     assert server.stop() == 0
     assert not (tmp_path / "data" / EMBEDDED_ADDRESS_FILE).exists()
 

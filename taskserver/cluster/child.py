@@ -58,6 +58,7 @@ from taskserver.metrics import MetricsFlusher, Tally, worker_entry
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RateLimiter, RatePolicy
 from taskserver.redisclient import RedisLinkWatch, connect, without_reconnect_attempts
+from taskserver.stats import address_label, read_stats
 from taskserver.tasklog import TaskLog
 
 #: Connections for request-path commands (pipelined; blocking pops have their own pool).
@@ -148,6 +149,16 @@ class ChildService(Service):
             settings.kill_token,
             ip_limiter=ip_limiter,
             trusted_proxies=parse_networks(",".join(settings.trusted_proxies)),
+            read_stats=functools.partial(
+                read_stats,
+                api,
+                keys,
+                reactor,
+                settings.redis_timeout_s,
+                redis_label=address_label(self._redis),
+                embedded=settings.redis is None,
+            ),
+            metrics_token=settings.metrics_token,
             tally=self.tally,
         ).site(settings.idle_timeout_s, settings.request_timeout_s)
         if self._seat is not None:
