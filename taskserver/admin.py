@@ -26,23 +26,15 @@ from twisted.internet.interfaces import IReactorTime
 
 from taskserver.cluster.embedded import read_embedded_address
 from taskserver.config import ConfigError, RedisAddress, Settings, load_settings
+from taskserver.deadletters import dead_letters, purge, requeue
 from taskserver.keys import Keys
 from taskserver.metrics import IP_TIER
 from taskserver.redisclient import connect
-from taskserver.scripts import load
 from taskserver.stats import address_label, read_stats
 
 TIMEOUT_S = 5.0
 #: The whole command gives up after this long (Redis unreachable, say).
 RUN_TIMEOUT_S = 30.0
-
-#: Dead tasks back to the queue, each exactly the text that died (lua/requeue_dead.lua).
-REQUEUE_DEAD = load("requeue_dead")
-#: Most dead tasks one REQUEUE_DEAD call moves: Redis answers nothing else while it runs
-#: (10,000, the default DEAD_LETTER_MAX, in 10 calls of a few ms each).
-REQUEUE_BATCH = 1000
-#: The dead-letter list deleted and counted at once (lua/purge_dead.lua).
-PURGE_DEAD = load("purge_dead")
 
 
 def redis_address(settings: Settings) -> RedisAddress:
@@ -77,36 +69,6 @@ async def stats(
         history=True,
     )
     return {**reading.overview(tiers=tiers), "processes": reading.processes()}
-
-
-async def dead_letters(redis: Any, keys: Keys, limit: int) -> list[Any]:
-    return [json.loads(entry) for entry in await redis.lrange(keys.dead, 0, limit - 1)]
-
-
-async def requeue(redis: Any, keys: Keys, task_ids: list[str]) -> int:
-    """Dead tasks back to the queue, oldest first (all if ``task_ids`` is empty); how many.
-
-    "All" means the entries there when it starts, in calls of REQUEUE_BATCH: a
-    task that dies again meanwhile (newest end) is not requeued a second time.
-    """
-    script_keys = [keys.dead, keys.pending]
-    if task_ids:
-        moved, _ = await REQUEUE_DEAD(redis, script_keys, [keys.status_prefix, 0, *task_ids])
-        return int(moved)
-    total = 0
-    budget = int(await redis.llen(keys.dead))
-    while budget > 0:
-        most = min(REQUEUE_BATCH, budget)
-        moved, taken = await REQUEUE_DEAD(redis, script_keys, [keys.status_prefix, most])
-        total, budget = total + int(moved), budget - int(taken)
-        if int(taken) < most:
-            break
-    return total
-
-
-async def purge(redis: Any, keys: Keys) -> int:
-    """Delete every dead task; returns how many were deleted."""
-    return int(await PURGE_DEAD(redis, [keys.dead], []))
 
 
 def _print_stats(report: dict[str, Any]) -> None:

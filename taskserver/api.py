@@ -20,7 +20,7 @@ import sys
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -53,6 +53,9 @@ from taskserver.ratelimit import Decision, RateLimiter, RatePolicy
 from taskserver.redisclient import RedisUnavailable
 from taskserver.stats import ClusterStats
 from taskserver.task import TASK_ID, Task
+
+if TYPE_CHECKING:
+    from taskserver.dashboard import DashboardResource, DashboardRoutes
 
 USER_ID_MAX_CHARS = 128
 #: Retry-After sent with 503 while Redis is unreachable.
@@ -246,12 +249,14 @@ class TaskAPI:
         read_stats: Callable[..., Awaitable[ClusterStats]] | None = None,
         metrics_token: str | None = None,
         tally: Tally | None = None,
+        dashboard: DashboardRoutes | None = None,
     ) -> None:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
         ``ip_limiter`` is the optional per-client-address backstop tier; the
         address comes from a forwarding header only when the peer is a trusted proxy
         (:mod:`taskserver.clientip`, which also decides what a loopback request is).
+        ``dashboard`` answers ``/`` and ``/dashboard...``; None: they are 404s.
         ``read_stats()`` reads the cluster's numbers (:func:`taskserver.stats.read_stats`
         with its Redis, keys and labels bound); None turns GET /metrics off.
         ``tally`` counts the process's requests, admissions and refusals.
@@ -269,6 +274,9 @@ class TaskAPI:
         self._metrics_token = metrics_token
         self._warnings = WarningThrottle(self.log, clock)
         self.tally = tally if tally is not None else Tally()
+        self._dashboard: DashboardResource | None = (
+            dashboard.resource(self.answer_error) if dashboard is not None else None
+        )
 
     def resource(self) -> TaskResource:
         """The root resource of these routes (what a Site, or treq's StubTreq, serves)."""
@@ -416,6 +424,14 @@ class TaskAPI:
     async def readyz(self, request: IRequest) -> bytes:
         await self._queue.ping()
         return respond(request, 200, {"status": "ready"})
+
+    @app.route("/", methods=["GET"], endpoint="home")
+    @app.route("/dashboard", branch=True, endpoint="dashboard")
+    def dashboard(self, request: IRequest) -> Resource:
+        """The dashboard's own routes (:mod:`taskserver.dashboard`), if this server has one."""
+        if self._dashboard is None:
+            raise ApiError(404, "not_found", "no such resource")
+        return self._dashboard
 
     @app.route("/metrics", methods=["GET"])
     async def metrics(self, request: IRequest) -> bytes:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 
 from harness import Twistd, wait_for
-from taskserver import admin
+from taskserver import admin, deadletters
 from taskserver.cluster.embedded import EMBEDDED_ADDRESS_FILE
 from taskserver.config import RedisAddress, Settings
 from taskserver.keys import Keys
@@ -60,11 +60,11 @@ async def test_stats_dead_requeue_purge(queue: TaskQueue, redis: Any, keys: Keys
     assert report["processes"] == {"h:1:a": {"alive": True, "processing": {"h:1:a#0": 0}}}
     assert report["redis"]["address"] == "127.0.0.1:6379" and "secret" not in json.dumps(report)
 
-    listed = await admin.dead_letters(redis, keys, limit=10)
+    listed = await deadletters.dead_letters(redis, keys, limit=10)
     assert [entry["task"]["id"] for entry in listed] == [second.id, first.id]
     assert listed[0]["error"] == "boom"
 
-    assert await admin.requeue(redis, keys, [first.id]) == 1
+    assert await deadletters.requeue(redis, keys, [first.id]) == 1
     assert await queue.status(first.id) == {
         "status": "queued",
         "user_id": "a",
@@ -72,7 +72,7 @@ async def test_stats_dead_requeue_purge(queue: TaskQueue, redis: Any, keys: Keys
         "queued_at": first.queued_at,
     }, "nothing left of the last run (error, started_at, finished_at, duration_ms)"
     assert await redis.llen(keys.pending) == 2
-    assert await admin.purge(redis, keys) == 1
+    assert await deadletters.purge(redis, keys) == 1
     assert await redis.llen(keys.dead) == 0
 
 
@@ -101,7 +101,7 @@ async def test_a_requeued_task_is_exactly_the_task_that_died(
         assert await queue.fail(consumer, raw, task, 1, "boom", 1, "t", 1) == "dead"
     else:
         assert await queue.reclaim("h:2:b", [consumer], forget=True, force=True) == (0, 1)
-    assert await admin.requeue(redis, keys, []) == 1
+    assert await deadletters.requeue(redis, keys, []) == 1
     [pending] = await redis.lrange(keys.pending, 0, -1)
     assert pending.encode("utf-8") == task.to_json().encode("utf-8")
     assert Task.from_json(pending).handler_argument(1)["payload"] == payload
@@ -114,8 +114,8 @@ async def test_requeue_reads_entries_written_before_it_knew_better(redis: Any, k
     error = json.dumps('x","task":{"id":"' + "f" * 32 + '"}')
     entry = f'{{"error":{error},"attempts":3,"failed_at_ms":1,"task":{task.to_json()}}}'
     await redis.lpush(keys.dead, entry)
-    assert await admin.requeue(redis, keys, ["f" * 32]) == 0, "the error is not a task"
-    assert await admin.requeue(redis, keys, [task.id]) == 1
+    assert await deadletters.requeue(redis, keys, ["f" * 32]) == 0, "the error is not a task"
+    assert await deadletters.requeue(redis, keys, [task.id]) == 1
     assert await redis.lrange(keys.pending, 0, -1) == [task.to_json()]
 
 
@@ -208,9 +208,9 @@ async def test_requeueing_a_full_dead_letter_list_holds_redis_up_for_millisecond
     for start in range(0, len(entries), 1000):  # tasks[0] died first: the oldest entry
         await redis.lpush(keys.dead, entries[start : start + 1000])
     calls_before, usec_before = await script_usec(redis)
-    assert await admin.requeue(redis, keys, []) == 10_000
+    assert await deadletters.requeue(redis, keys, []) == 10_000
     calls_after, usec_after = await script_usec(redis)
-    assert calls_after - calls_before >= 10_000 // admin.REQUEUE_BATCH, "bounded calls"
+    assert calls_after - calls_before >= 10_000 // deadletters.REQUEUE_BATCH, "bounded calls"
     assert usec_after - usec_before < 500_000, "Redis time in the requeue's scripts"
     assert await redis.llen(keys.dead) == 0
     oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
@@ -223,10 +223,10 @@ async def test_requeue_by_id_takes_the_named_tasks_only(
 ) -> None:
     tasks = [await dead_task(queue, redis, f"user-{n}") for n in range(4)]
     named = [tasks[2].id, tasks[0].id, tasks[2].id]
-    assert await admin.requeue(redis, keys, named) == 2, "each named task once"
+    assert await deadletters.requeue(redis, keys, named) == 2, "each named task once"
     oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
     assert oldest_first == [tasks[0].to_json(), tasks[2].to_json()]
-    listed = await admin.dead_letters(redis, keys, limit=10)
+    listed = await deadletters.dead_letters(redis, keys, limit=10)
     assert [entry["task"]["id"] for entry in listed] == [tasks[3].id, tasks[1].id]
 
 
@@ -253,5 +253,5 @@ async def test_purge_counts_what_it_deleted(queue: TaskQueue, redis: Any, keys: 
     for user in ("a", "b"):
         await dead_task(queue, redis, user)
     meanwhile = DiesMeanwhile(redis, keys)
-    purged = await admin.purge(meanwhile, keys)
+    purged = await deadletters.purge(meanwhile, keys)
     assert purged == 2 + meanwhile.died - await redis.llen(keys.dead)

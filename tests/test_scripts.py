@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from taskserver import admin, idempotency, metrics, queue, ratelimit, scripts, stats
+from taskserver import admin, deadletters, idempotency, metrics, queue, ratelimit, scripts, stats
 from taskserver.keys import Keys
 
 SCRIPTS = {
     name: value
-    for module in (queue, ratelimit, idempotency, admin, metrics, stats)
+    for module in (queue, ratelimit, idempotency, admin, deadletters, metrics, stats)
     for name, value in vars(module).items()
     if isinstance(value, scripts.Script)
 }

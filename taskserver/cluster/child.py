@@ -17,6 +17,7 @@ import functools
 import gc
 import json
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from taskserver.cluster.protocol import (
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
+from taskserver.dashboard import DashboardRoutes
 from taskserver.httpserver import TaskSite
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
@@ -88,6 +90,7 @@ class ChildService(Service):
         process_id: str | None = None,
         tally: Tally | None = None,
         restarts: int = 0,
+        dashboard_secret: str | None = None,
     ) -> None:
         """``tally`` counts this child's work; ``restarts``: how often its slot was restarted."""
         self._settings = settings
@@ -104,6 +107,8 @@ class ChildService(Service):
         self._seat = seat
         self._kill = kill
         self._process_id = process_id
+        #: The master's, shared by its children; a child run on its own makes one.
+        self._dashboard_secret = dashboard_secret or secrets.token_hex(32)
         self._pools: list[Any] = []
         self._port: BalancedPort | None = None
         self._beat: task.LoopingCall | None = None
@@ -160,6 +165,16 @@ class ChildService(Service):
             ),
             metrics_token=settings.metrics_token,
             tally=self.tally,
+            dashboard=DashboardRoutes(
+                api,
+                keys,
+                self.queue,
+                settings,
+                reactor,
+                redis_label=address_label(self._redis),
+                embedded=settings.redis is None,
+                cluster_secret=self._dashboard_secret,
+            ),
         ).site(settings.idle_timeout_s, settings.request_timeout_s)
         if self._seat is not None:
             seat = self._seat
@@ -362,6 +377,7 @@ def main() -> None:
         kill=_die,
         process_id=config["process_id"],
         restarts=config.get("restarts", 0),
+        dashboard_secret=config.get("dashboard_secret"),
     )
     watch = ParentWatch(CONFIG_FD, lambda: _stop(reactor), reactor)
 

@@ -84,6 +84,8 @@ class Master(Service):
         self._data_lock = data_lock
         self._address_file: Path | None = None
         self._token = secrets.token_hex(3)
+        #: Keys the dashboard's CSRF token without ADMIN_TOKEN: every child agrees on it.
+        self._dashboard_secret = secrets.token_hex(32)
         self._log_observer: ILogObserver | None = None
         self._log_file: LogFile | None = None
         self._task_log: TaskLogFile | None = None
@@ -254,6 +256,7 @@ class Master(Service):
             "address_family": int(self._listener.family),
             "master_pid": os.getpid(),
             "restarts": self.supervisor.restart_counts.get(worker.slot, 0),
+            "dashboard_secret": self._dashboard_secret,
         }
         return json.dumps(config).encode("utf-8") + b"\n"
 

@@ -1,0 +1,696 @@
+"""The dashboard's HTTP side over loopback against real Redis: routes, guard, CSRF, actions."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor
+
+from conftest import RunningServer, unused_port
+from harness import Twistd
+from taskserver import deadletters
+from taskserver.api import TaskAPI
+from taskserver.config import RedisAddress, Settings
+from taskserver.dashboard import (
+    LOGIN_MESSAGE_SLOT,
+    SECURITY_HEADERS,
+    DashboardRoutes,
+    derived_secret,
+)
+from taskserver.idempotency import IdempotencyKeys
+from taskserver.keys import Keys
+from taskserver.queue import TaskQueue
+from taskserver.ratelimit import RatePolicy
+from taskserver.redisclient import connect
+from taskserver.stats import address_label
+from taskserver.task import Task
+
+XSS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
+TOKEN = "s3cret-admin-token"
+PAGE = (
+    b"<!doctype html><title>taskserver</title><script src=/dashboard/static/dashboard.js></script>"
+)
+LOGIN = f"<!doctype html><form method=post>{LOGIN_MESSAGE_SLOT}<input name=token></form>".encode()
+FILES = {"dashboard.html": PAGE, "dashboard.js": b"'use strict';\n", "dashboard.css": b"body{}\n"}
+
+
+@pytest.fixture
+def static(tmp_path: Path) -> Path:
+    """The page's files (the real ones are the browser test's business)."""
+    folder = tmp_path / "static"
+    folder.mkdir()
+    for name, content in {**FILES, "login.html": LOGIN}.items():
+        (folder / name).write_bytes(content)
+    (folder / "secret.txt").write_bytes(b"not on the allow-list")
+    return folder
+
+
+class Dashboard:
+    """A TaskAPI with its dashboard on a loopback port, wired to real Redis."""
+
+    def __init__(self, settings: Settings, redis: Any, static: Path, address: RedisAddress):
+        keys = Keys(settings.key_prefix)
+        self.queue = TaskQueue(redis, keys, 3600, settings.redis_timeout_s, reactor, 1)
+        self.routes = DashboardRoutes(
+            redis,
+            keys,
+            self.queue,
+            settings,
+            reactor,
+            redis_label=address_label(address),
+            embedded=False,
+            cluster_secret="cluster-secret",
+            static=static,
+        )
+        api = TaskAPI(
+            RatePolicy(keys, settings.rate_limits),
+            self.queue,
+            IdempotencyKeys(redis, keys, 1.0, reactor, 3600),
+            reactor,
+            dashboard=self.routes,
+        )
+        self.port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.csrf = derived_secret(settings.admin_token or "cluster-secret", "csrf")
+
+    async def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[Any, bytes]:
+        response = await treq.get(self.url + path, headers=headers, allow_redirects=False)
+        return response, await response.content()
+
+    async def post(
+        self, path: str, headers: dict[str, str] | None = None, body: bytes = b""
+    ) -> tuple[Any, bytes]:
+        response = await treq.post(
+            self.url + path, data=body, headers=headers, allow_redirects=False
+        )
+        return response, await response.content()
+
+    async def act(self, path: str, **headers: str) -> tuple[int, Any]:
+        """An action as the page sends it (its CSRF token, same-origin), ``headers`` on top."""
+        sent = {"X-CSRF-Token": self.csrf, "Sec-Fetch-Site": "same-origin", "Origin": self.url}
+        sent.update({name.replace("_", "-"): value for name, value in headers.items()})
+        response, body = await self.post(path, {k: v for k, v in sent.items() if v})
+        return response.code, json.loads(body)
+
+
+@pytest.fixture
+def dashboard(
+    settings: Settings, redis: Any, static: Path, redis_server: RedisAddress
+) -> Iterator[Callable[..., Dashboard]]:
+    """Start dashboards: ``dashboard(**setting_overrides)``."""
+    started: list[Dashboard] = []
+
+    def start(**overrides: Any) -> Dashboard:
+        server = Dashboard(replace(settings, **overrides), redis, static, redis_server)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        pytest_twisted.blockon(defer.maybeDeferred(server.port.stopListening))
+
+
+def assert_security_headers(response: Any) -> None:
+    for name, value in SECURITY_HEADERS:
+        assert response.headers.getRawHeaders(name.decode()) == [value.decode()], name
+
+
+async def dead_letter(redis: Any, keys: Keys, user_id: str, payload: Any, error: str) -> Task:
+    """A dead-letter entry exactly as lua/lib/dead_letter.lua writes it."""
+    task = Task.new(user_id, payload, reactor.seconds())
+    entry = f'{{"error":{json.dumps(error)},"attempts":3,"failed_at_ms":1700000000000,"task":'
+    await redis.lpush(keys.dead, entry + task.to_json() + "}")
+    return task
+
+
+async def really_dead(queue: TaskQueue, redis: Any, user_id: str) -> Task:
+    """A task that failed its one attempt, through the queue's own scripts."""
+    task = Task.new(user_id, {"user": user_id}, reactor.seconds())
+    await queue.enqueue(task)
+    consumer = "h:1:a#0"
+    raw = await queue.fetch(redis, queue.keys.pending, queue.keys.processing(consumer), 1)
+    await queue.mark_started(task, "t")
+    assert await queue.fail(consumer, raw, task, 1, "boom", 1, "t", 1) == "dead"
+    return task
+
+
+def json_of(body: bytes) -> Any:
+    return json.loads(body)
+
+
+# ------------------------------------------------------------------ pages and files
+
+
+@pytest_twisted.ensureDeferred
+async def test_root_redirects_to_the_dashboard(dashboard: Callable[..., Dashboard]) -> None:
+    server = dashboard()
+    response, body = await server.get("/")
+    assert response.code == 303
+    assert response.headers.getRawHeaders("Location") == ["/dashboard"]
+    assert json_of(body) == {"location": "/dashboard"}
+    assert_security_headers(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_page_and_its_files_with_their_types(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    server = dashboard()
+    served = {
+        "/dashboard": ("dashboard.html", "text/html; charset=utf-8"),
+        "/dashboard/static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+        "/dashboard/static/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+    }
+    for path, (name, content_type) in served.items():
+        response, body = await server.get(path)
+        assert response.code == 200, path
+        assert response.headers.getRawHeaders("Content-Type") == [content_type]
+        assert body == FILES[name]
+        assert_security_headers(response)
+
+
+@pytest.mark.parametrize(
+    "name", ["secret.txt", "login.html", "dashboard.html", "..%2Fsecret.txt", "%2E%2E"]
+)
+@pytest_twisted.ensureDeferred
+async def test_only_the_allow_listed_files_are_served(
+    dashboard: Callable[..., Dashboard], name: str
+) -> None:
+    response, body = await dashboard().get(f"/dashboard/static/{name}")
+    assert (response.code, json_of(body)["error"]) == (404, "not_found")
+    assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+    assert_security_headers(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_dashboard_paths_and_methods_are_json_errors(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    server = dashboard()
+    response, body = await server.get("/dashboard/api/nothing")
+    assert (response.code, json_of(body)["error"]) == (404, "not_found")
+    assert_security_headers(response)
+    response, body = await server.get("/dashboard/api/dead/purge")
+    assert (response.code, json_of(body)["error"]) == (405, "method_not_allowed")
+    response, body = await server.post("/dashboard/api/session")
+    assert (response.code, json_of(body)["error"]) == (405, "method_not_allowed")
+
+
+def test_the_package_ships_every_file_it_serves() -> None:
+    """The allow-list names the files of taskserver/static/ (the browser branch writes them)."""
+    from importlib.resources import files
+
+    from taskserver.dashboard import LOGIN_FILE, PAGE_FILE, STATIC_FILES
+
+    folder = files("taskserver") / "static"
+    if not folder.is_dir():
+        pytest.skip("taskserver/static/ is not there yet (the page's files come with the page)")
+    for name in (*STATIC_FILES, PAGE_FILE, LOGIN_FILE):
+        assert (folder / name).is_file(), name
+
+
+# ------------------------------------------------------------------ the guard
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_is_let_in_without_a_token(dashboard: Callable[..., Dashboard]) -> None:
+    server = dashboard()
+    response, body = await server.get("/dashboard/api/session")
+    assert response.code == 200
+    assert json_of(body) == {
+        "csrf_token": server.csrf,
+        "read_only": False,
+        "auth": "loopback",
+        "poll_interval_s": 2,
+    }
+    assert_security_headers(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forwarded_client_is_no_loopback_client(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    """Behind a trusted proxy on this host, a remote client: 303 for pages, 401 for JSON."""
+    server = dashboard(trusted_proxies=("127.0.0.1",))
+    remote = {"X-Forwarded-For": "203.0.113.9"}
+    response, body = await server.get("/dashboard", remote)
+    assert response.code == 303
+    assert response.headers.getRawHeaders("Location") == ["/dashboard/login"]
+    assert_security_headers(response)
+    for path in (
+        "/dashboard/api/session",
+        "/dashboard/api/dead",
+        "/dashboard/api/task/" + "a" * 32,
+    ):
+        response, body = await server.get(path, remote)
+        assert (response.code, json_of(body)["error"]) == (401, "unauthorized"), path
+        assert_security_headers(response)
+    code, document = await server.act("/dashboard/api/dead/purge", X_Forwarded_For="203.0.113.9")
+    assert (code, document["error"]) == (401, "unauthorized")
+    local, _ = await server.get("/dashboard/api/session", {"X-Forwarded-For": "127.0.0.1"})
+    assert local.code == 200, "the proxy forwards for a loopback client"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_foreign_host_name_is_no_loopback_request(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    """A DNS-rebound page reaches 127.0.0.1 with its own name as Host."""
+    response, body = await dashboard().get("/dashboard/api/session", {"Host": "evil.example"})
+    assert (response.code, json_of(body)["error"]) == (401, "unauthorized")
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_a_token_loopback_is_not_enough(dashboard: Callable[..., Dashboard]) -> None:
+    server = dashboard(admin_token=TOKEN)
+    response, _ = await server.get("/dashboard")
+    assert (response.code, response.headers.getRawHeaders("Location")) == (
+        303,
+        ["/dashboard/login"],
+    )
+    response, body = await server.get("/dashboard/api/session")
+    assert (response.code, json_of(body)["error"]) == (401, "unauthorized")
+    response, body = await server.get("/dashboard/api/session", {"Authorization": "Bearer nope"})
+    assert (response.code, json_of(body)["error"]) == (403, "forbidden")
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    response, body = await server.get("/dashboard/api/session", bearer)
+    assert response.code == 200
+    assert json_of(body)["auth"] == "token"
+    assert json_of(body)["csrf_token"] == derived_secret(TOKEN, "csrf")
+    response, body = await server.get("/dashboard", bearer)
+    assert (response.code, body) == (200, PAGE)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_login_form_sets_the_cookie(dashboard: Callable[..., Dashboard]) -> None:
+    server = dashboard(admin_token=TOKEN, trusted_proxies=("127.0.0.1",))
+    remote = {"X-Forwarded-For": "203.0.113.9"}
+    form, body = await server.get("/dashboard/login", remote)
+    assert form.code == 200
+    assert body == LOGIN, "no message"
+    assert form.headers.getRawHeaders("Content-Type") == ["text/html; charset=utf-8"]
+    assert_security_headers(form)
+
+    as_form = {**remote, "Content-Type": "application/x-www-form-urlencoded"}
+    wrong, body = await server.post("/dashboard/login", as_form, b"token=guess")
+    assert wrong.code == 403
+    assert wrong.headers.getRawHeaders("Set-Cookie") is None
+    assert b'<p id="login-message">Wrong token.</p>' in body and b"<form" in body
+
+    crowded, body = await server.post("/dashboard/login", as_form, b"&".join([b"a=1"] * 50))
+    assert crowded.code == 403 and b"Wrong token." in body
+
+    right, _ = await server.post("/dashboard/login", as_form, f"token={TOKEN}".encode())
+    assert right.code == 303
+    assert right.headers.getRawHeaders("Location") == ["/dashboard"]
+    cookie = derived_secret(TOKEN, "session")
+    assert right.headers.getRawHeaders("Set-Cookie") == [
+        f"taskserver_admin={cookie}; HttpOnly; SameSite=Strict; Path=/dashboard"
+    ]
+    with_cookie = {**remote, "Cookie": f"taskserver_admin={cookie}"}
+    response, body = await server.get("/dashboard/api/session", with_cookie)
+    assert (response.code, json_of(body)["auth"]) == (200, "cookie")
+    response, body = await server.get("/dashboard", with_cookie)
+    assert (response.code, body) == (200, PAGE)
+    stale = {**remote, "Cookie": "taskserver_admin=" + "0" * 64}
+    response, _ = await server.get("/dashboard/api/session", stale)
+    assert response.code == 401, "a wrong cookie is no login: the page goes to the form"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_login_form_refuses_another_site(dashboard: Callable[..., Dashboard]) -> None:
+    server = dashboard(admin_token=TOKEN)
+    response, body = await server.post(
+        "/dashboard/login",
+        {"Content-Type": "application/x-www-form-urlencoded", "Origin": "http://evil.example"},
+        f"token={TOKEN}".encode(),
+    )
+    assert (response.code, json_of(body)["error"]) == (403, "cross_site")
+    assert response.headers.getRawHeaders("Set-Cookie") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_token_the_login_page_says_none_is_needed(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    response, body = await dashboard().get("/dashboard/login")
+    assert response.code == 200
+    assert b'<p id="login-message">No ADMIN_TOKEN is set' in body
+
+
+# ------------------------------------------------------------------ CSRF and read-only
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({"X_CSRF_Token": ""}, "invalid_csrf_token"),
+        ({"X_CSRF_Token": "0" * 64}, "invalid_csrf_token"),
+        ({"Origin": "http://evil.example"}, "cross_site"),
+        ({"Origin": "null"}, "cross_site"),
+        ({"Origin": "https://127.0.0.1"}, "cross_site"),
+        ({"Sec_Fetch_Site": "cross-site"}, "cross_site"),
+        ({"Sec_Fetch_Site": "same-site"}, "cross_site"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_action_without_its_csrf_token_or_from_another_site_is_refused(
+    dashboard: Callable[..., Dashboard], redis: Any, keys: Keys, headers: dict[str, str], code: str
+) -> None:
+    server = dashboard()
+    await dead_letter(redis, keys, "u", None, "boom")
+    for path in ("/dashboard/api/dead/purge", "/dashboard/api/dead/requeue-all"):
+        status, document = await server.act(path, **headers)
+        assert (status, document["error"]) == (403, code), path
+    assert await redis.llen(keys.dead) == 1, "nothing was done"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_action_from_the_page_itself_or_from_a_program_is_done(
+    dashboard: Callable[..., Dashboard], redis: Any, keys: Keys
+) -> None:
+    server = dashboard()
+    await dead_letter(redis, keys, "u", None, "boom")
+    assert await server.act("/dashboard/api/dead/purge") == (200, {"purged": 1})
+    # curl: no Origin, no Sec-Fetch-Site; the token from /api/session.
+    assert await server.act("/dashboard/api/dead/purge", Origin="", Sec_Fetch_Site="") == (
+        200,
+        {"purged": 0},
+    )
+    assert await server.act("/dashboard/api/dead/purge", Sec_Fetch_Site="none") == (
+        200,
+        {"purged": 0},
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_action_takes_no_body_or_an_empty_object(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    server = dashboard()
+    page = {"X-CSRF-Token": server.csrf, "Content-Type": "application/json"}
+    response, body = await server.post("/dashboard/api/dead/purge", page, b"{}")
+    assert response.code == 200
+    response, body = await server.post("/dashboard/api/dead/purge", page, b'{"all": true}')
+    assert (response.code, json_of(body)["error"]) == (400, "invalid_body")
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_only_refuses_every_action(
+    dashboard: Callable[..., Dashboard], redis: Any, keys: Keys
+) -> None:
+    server = dashboard(dashboard_read_only=True)
+    task = await dead_letter(redis, keys, "u", None, "boom")
+    _, body = await server.get("/dashboard/api/session")
+    assert json_of(body)["read_only"] is True
+    for path in (
+        f"/dashboard/api/dead/{task.id}/requeue",
+        "/dashboard/api/dead/requeue-all",
+        "/dashboard/api/dead/purge",
+    ):
+        status, document = await server.act(path)
+        assert (status, document["error"]) == (403, "read_only"), path
+    assert await redis.llen(keys.dead) == 1
+    _, body = await server.get("/dashboard/api/dead")
+    assert json_of(body)["total"] == 1, "reading is still allowed"
+
+
+# ------------------------------------------------------------------ the dead letters
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeue_one_all_and_purge_change_the_lists(
+    dashboard: Callable[..., Dashboard], redis: Any, keys: Keys
+) -> None:
+    server = dashboard()
+    tasks = [await really_dead(server.queue, redis, f"user-{n}") for n in range(4)]
+    assert await server.act(f"/dashboard/api/dead/{tasks[1].id}/requeue") == (200, {"requeued": 1})
+    assert await redis.lrange(keys.pending, 0, -1) == [tasks[1].to_json()]
+    assert await server.queue.status(tasks[1].id) == {
+        "status": "queued",
+        "user_id": "user-1",
+        "attempts": "0",
+        "queued_at": tasks[1].queued_at,
+    }
+    status, document = await server.act(f"/dashboard/api/dead/{tasks[1].id}/requeue")
+    assert (status, document["error"]) == (404, "not_dead"), "it is not dead any more"
+    status, document = await server.act("/dashboard/api/dead/not-an-id/requeue")
+    assert (status, document["error"]) == (404, "not_dead")
+
+    assert await server.act("/dashboard/api/dead/requeue-all") == (200, {"requeued": 3})
+    assert await redis.llen(keys.dead) == 0
+    oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
+    assert oldest_first == [t.to_json() for t in (tasks[1], tasks[0], tasks[2], tasks[3])]
+
+    await dead_letter(redis, keys, "again", None, "boom")
+    await dead_letter(redis, keys, "again", None, "boom")
+    assert await server.act("/dashboard/api/dead/purge") == (200, {"purged": 2})
+    assert await redis.llen(keys.dead) == 0
+    assert await redis.llen(keys.pending) == 4, "purge leaves the queue alone"
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeue_by_id_scans_in_bounded_calls_and_misses_nothing(
+    redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Named tasks on both sides of each call's window, two found in the first window:
+    the next window starts that much earlier, so the entry after them is still seen."""
+    monkeypatch.setattr(deadletters, "SCAN_BATCH", 100)
+    tasks = [await dead_letter(redis, keys, f"u{n}", {"n": n}, "boom") for n in range(300)]
+    named = [tasks[n] for n in (0, 99, 100, 101, 199, 200, 299)]
+    calls = []
+    real = deadletters.REQUEUE_DEAD
+
+    def counted(*arguments: Any) -> Any:
+        calls.append(arguments)
+        return real(*arguments)
+
+    monkeypatch.setattr(deadletters, "REQUEUE_DEAD", counted)
+    assert await deadletters.requeue(redis, keys, [t.id for t in reversed(named)]) == 7
+    assert len(calls) == 3, "three windows of 100 (the last one finds the newest task)"
+    oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
+    assert oldest_first == [t.to_json() for t in named], "oldest first, each once"
+    assert await redis.llen(keys.dead) == 293
+    assert await deadletters.requeue(redis, keys, [tasks[0].id, "f" * 32]) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_dead_letters_are_paged_newest_first(
+    dashboard: Callable[..., Dashboard], redis: Any, keys: Keys
+) -> None:
+    server = dashboard()
+    tasks = [await dead_letter(redis, keys, f"u{n}", {"n": n}, f"error {n}") for n in range(5)]
+    response, body = await server.get("/dashboard/api/dead")
+    document = json_of(body)
+    assert (document["total"], document["offset"], document["limit"]) == (5, 0, 50)
+    assert [item["task_id"] for item in document["items"]] == [t.id for t in reversed(tasks)]
+    assert document["items"][0] == {
+        "task_id": tasks[4].id,
+        "user_id": "u4",
+        "attempts": 3,
+        "error": "error 4",
+        "failed_at_ms": 1700000000000,
+        "payload_excerpt": '{"n":4}',
+    }
+    assert_security_headers(response)
+    response, body = await server.get("/dashboard/api/dead?offset=1&limit=2")
+    document = json_of(body)
+    assert (document["total"], document["offset"], document["limit"]) == (5, 1, 2)
+    assert [item["task_id"] for item in document["items"]] == [tasks[3].id, tasks[2].id]
+    response, body = await server.get("/dashboard/api/dead?offset=4&limit=200")
+    assert [item["task_id"] for item in json_of(body)["items"]] == [tasks[0].id]
+    response, body = await server.get("/dashboard/api/dead?offset=5")
+    assert json_of(body)["items"] == [] and json_of(body)["total"] == 5
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["limit=0", "limit=201", "limit=-1", "limit=x", "offset=-1", "offset=1.5", "offset=",
+     "limit=1&limit=2", "offset=1e3", "limit=%EF%BC%91"],
+)  # fmt: skip
+@pytest_twisted.ensureDeferred
+async def test_bad_paging_is_a_json_400(dashboard: Callable[..., Dashboard], query: str) -> None:
+    response, body = await dashboard().get(f"/dashboard/api/dead?{query}")
+    assert response.code == 400
+    assert json_of(body)["error"] == "invalid_paging"
+    assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "excerpt"),
+    [
+        ("x" * 198, '"' + "x" * 198 + '"'),  # 200 characters of JSON: whole
+        ("x" * 199, '"' + "x" * 199 + "…"),  # 201: cut at 200
+        ("ü" * 300, '"' + "ü" * 199 + "…"),  # characters, not bytes
+        ([1, 2], "[1,2]"),
+        (None, "null"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_the_payload_excerpt_is_cut_at_200_characters(
+    dashboard: Callable[..., Dashboard], redis: Any, keys: Keys, payload: Any, excerpt: str
+) -> None:
+    await dead_letter(redis, keys, "u", payload, "boom")
+    _, body = await dashboard().get("/dashboard/api/dead")
+    assert json_of(body)["items"][0]["payload_excerpt"] == excerpt
+
+
+def test_an_entry_taskserver_did_not_write_is_listed_as_such() -> None:
+    item = deadletters.item("not json " + "y" * 300)
+    assert item["task_id"] == "" and item["error"].startswith("not a dead-letter entry")
+    assert item["payload_excerpt"] == ("not json " + "y" * 300)[:200] + "…"
+    assert deadletters.item('{"error": "e"}')["task_id"] == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_values_stay_data_in_every_json_answer(
+    dashboard: Callable[..., Dashboard], redis: Any, keys: Keys
+) -> None:
+    """``<script>`` and ``"><img onerror>`` in a user_id, a payload and an error come back
+    as the very strings, in application/json (the browser test checks how they render)."""
+    server = dashboard()
+    tasks = [await dead_letter(redis, keys, xss, {"html": xss}, xss) for xss in XSS]
+    _, body = await server.get("/dashboard/api/dead")
+    items = json_of(body)["items"]
+    for item, xss in zip(items, reversed(XSS), strict=True):
+        assert item["user_id"] == xss and item["error"] == xss
+        assert json.loads(item["payload_excerpt"]) == {"html": xss}
+    for task, xss in zip(tasks, XSS, strict=True):
+        await server.queue.enqueue(task)
+        response, body = await server.get(f"/dashboard/api/task/{task.id}")
+        assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+        assert json_of(body)["user_id"] == xss
+        assert_security_headers(response)
+
+
+# ------------------------------------------------------------------ the overview
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_overview_counts_the_queue(
+    dashboard: Callable[..., Dashboard], redis: Any, keys: Keys, redis_server: RedisAddress
+) -> None:
+    server = dashboard(dashboard_read_only=True)
+    for n in range(3):
+        await server.queue.enqueue(Task.new(f"u{n}", None, reactor.seconds()))
+    await really_dead(server.queue, redis, "dead-one")
+    await dead_letter(redis, keys, "dead-two", None, "boom")
+    response, body = await server.get("/dashboard/api/overview")
+    assert response.code == 200
+    assert_security_headers(response)
+    document = json_of(body)
+    assert set(document) == {
+        "now", "queue", "totals", "rate_limited", "latency", "throughput", "workers", "redis",
+        "read_only",
+    }  # fmt: skip
+    assert document["queue"]["pending"] == 3
+    assert document["queue"]["dead"] == 2
+    assert (document["queue"]["processing"], document["queue"]["delayed"]) == (0, 0)
+    assert document["queue"]["oldest_pending_age_s"] is not None
+    assert document["read_only"] is True
+    assert document["redis"]["address"] == f"{redis_server.host}:{redis_server.port}"
+    assert (document["redis"]["embedded"], document["redis"]["up"]) == (False, True)
+
+
+# ------------------------------------------------------------------ task lookup
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_is_looked_up_as_the_api_shows_it(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    server = dashboard()
+    task = Task.new("looked-up", {"a": 1}, reactor.seconds())
+    await server.queue.enqueue(task)
+    response, body = await server.get(f"/dashboard/api/task/{task.id}")
+    api, api_body = await server.get(f"/api/v1/task/{task.id}")
+    assert (response.code, api.code) == (200, 200)
+    assert json_of(body) == json_of(api_body)
+    assert json_of(body)["status"] == "queued"
+    for unknown in ("b" * 32, "not-an-id"):
+        response, body = await server.get(f"/dashboard/api/task/{unknown}")
+        assert (response.code, json_of(body)["error"]) == (404, "task_not_found")
+
+
+# ------------------------------------------------------------------ Redis unreachable
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_unreachable_is_a_json_503(
+    settings: Settings, static: Path, keys: Keys
+) -> None:
+    nowhere = RedisAddress("127.0.0.1", unused_port())
+    pool = connect(nowhere, 1, 0.2)
+    server = Dashboard(replace(settings, redis_timeout_s=0.2), pool, static, nowhere)
+    try:
+        for path in (
+            "/dashboard/api/overview",
+            "/dashboard/api/dead",
+            f"/dashboard/api/task/{'c' * 32}",
+        ):
+            response, body = await server.get(path)
+            assert (response.code, json_of(body)["error"]) == (503, "redis_unavailable"), path
+            assert_security_headers(response)
+        for action in ("purge", "requeue-all", f"{'c' * 32}/requeue"):
+            status, document = await server.act(f"/dashboard/api/dead/{action}")
+            assert (status, document["error"]) == (503, "redis_unavailable"), action
+    finally:
+        await server.port.stopListening()
+        await pool.disconnect()
+
+
+# ------------------------------------------------------------------ in a child, in a cluster
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_child_serves_the_dashboard(start_server: Callable[..., RunningServer]) -> None:
+    server = start_server()
+    response = await treq.get(server.url + "/", allow_redirects=False)
+    assert response.code == 303
+    session = await treq.get(server.url + "/dashboard/api/session")
+    assert (await session.json())["auth"] == "loopback"
+
+
+def exchange(sock: socket.socket, path: str) -> bytes:
+    """One GET on a kept-alive connection; its body (answers have a Content-Length)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, "closed before the answer"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+    while len(body) < length:
+        body += sock.recv(4096)
+    return body
+
+
+def test_every_child_of_a_cluster_gives_the_same_csrf_token(
+    twistd: Callable[..., Twistd],
+) -> None:
+    """Without ADMIN_TOKEN the token comes from the master's secret: any child accepts it."""
+    server = twistd(WORKERS="2")
+    server.wait_until_ready(2)
+    port = int(server.url.rpartition(":")[2])
+    tokens: dict[int, str] = {}
+    for _ in range(50):
+        if len(tokens) == 2:
+            break
+        connections = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+        for sock in connections:
+            with sock:
+                pid = json.loads(exchange(sock, "/healthz"))["pid"]
+                tokens[pid] = json.loads(exchange(sock, "/dashboard/api/session"))["csrf_token"]
+    assert len(tokens) == 2, "both children answered"
+    assert len(set(tokens.values())) == 1, tokens
+    assert server.stop() == 0
