@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from dotenv import find_dotenv, load_dotenv
@@ -27,6 +28,7 @@ from taskserver.cluster.embedded import read_embedded_address
 from taskserver.config import ConfigError, RedisAddress, Settings, load_settings
 from taskserver.deadletters import dead_letters, purge, requeue
 from taskserver.keys import Keys
+from taskserver.metrics import IP_TIER
 from taskserver.redisclient import connect
 from taskserver.stats import address_label, read_stats
 
@@ -48,7 +50,12 @@ def redis_address(settings: Settings) -> RedisAddress:
 
 
 async def stats(
-    redis: Any, keys: Keys, clock: IReactorTime, address: RedisAddress, embedded: bool
+    redis: Any,
+    keys: Keys,
+    clock: IReactorTime,
+    address: RedisAddress,
+    embedded: bool,
+    tiers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The dashboard's overview (the same reading, :func:`taskserver.stats.read_stats`),
     and the tasks in flight per consumer of each process."""
@@ -61,7 +68,7 @@ async def stats(
         embedded=embedded,
         history=True,
     )
-    return {**reading.overview(), "processes": reading.processes()}
+    return {**reading.overview(tiers=tiers), "processes": reading.processes()}
 
 
 def _print_stats(report: dict[str, Any]) -> None:
@@ -112,7 +119,9 @@ async def run(reactor: Any, arguments: argparse.Namespace, settings: Settings) -
     try:
         if arguments.command == "stats":
             address, embedded = redis_address(settings), settings.redis is None
-            report = await stats(redis, keys, reactor, address, embedded)
+            tiers = [tier.name for tier in settings.rate_limits]
+            tiers += [IP_TIER] if settings.ip_rate_limits else []
+            report = await stats(redis, keys, reactor, address, embedded, tiers)
             if arguments.json:
                 print(json.dumps(report, indent=2))
             else:

@@ -248,8 +248,8 @@ class TaskAPI:
         trusted_proxies: Sequence[Network] = (),
         read_stats: Callable[..., Awaitable[ClusterStats]] | None = None,
         metrics_token: str | None = None,
-        dashboard: DashboardRoutes | None = None,
         tally: Tally | None = None,
+        dashboard: DashboardRoutes | None = None,
     ) -> None:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
@@ -273,10 +273,10 @@ class TaskAPI:
         self._read_stats = read_stats
         self._metrics_token = metrics_token
         self._warnings = WarningThrottle(self.log, clock)
+        self.tally = tally if tally is not None else Tally()
         self._dashboard: DashboardResource | None = (
             dashboard.resource(self.answer_error) if dashboard is not None else None
         )
-        self.tally = tally if tally is not None else Tally()
 
     def resource(self) -> TaskResource:
         """The root resource of these routes (what a Site, or treq's StubTreq, serves)."""

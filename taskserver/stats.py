@@ -284,8 +284,12 @@ class ClusterStats:
             Histogram.from_fields(earlier.totals, name)
         )
 
-    def overview(self, *, read_only: bool = False) -> dict[str, Any]:
-        """The dashboard's overview document (the contract's section 3); admin prints it too."""
+    def overview(self, *, read_only: bool = False, tiers: Sequence[str] = ()) -> dict[str, Any]:
+        """The dashboard's overview document (the contract's section 3); admin prints it too.
+
+        ``rate_limited`` has every tier that refused a request, and ``tiers``
+        (the configured ones, shown with 0 before their first refusal).
+        """
 
         def percentiles(name: str) -> dict[str, float | None]:
             window = self.latency(name)
@@ -306,8 +310,11 @@ class ClusterStats:
             },
             "totals": {shown: self.counter(name) for shown, name in TOTALS.items()},
             "rate_limited": {
-                dict(labels).get("tier", ""): n
-                for labels, n in sorted(self.series("rate_limited").items())
+                **dict.fromkeys(tiers, 0),
+                **{
+                    dict(labels).get("tier", ""): n
+                    for labels, n in sorted(self.series("rate_limited").items())
+                },
             },
             "latency": {
                 "window_s": LATENCY_WINDOW_S,

@@ -19,7 +19,7 @@ from twisted.internet import reactor
 from harness import Twistd, wait_for
 from taskserver import admin, deadletters
 from taskserver.cluster.embedded import EMBEDDED_ADDRESS_FILE
-from taskserver.config import RedisAddress
+from taskserver.config import RedisAddress, Settings
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
 from taskserver.stats import TOTALS
@@ -161,6 +161,7 @@ def test_the_installed_command_finds_the_embedded_redis(
     report = admin_stats(tmp_path)
     assert set(report) >= {"queue", "totals", "latency", "workers", "redis", "processes"}
     assert report["redis"]["embedded"] is True
+    assert report["rate_limited"] == {t.name: 0 for t in Settings().rate_limits}, "none refused"
 
     def same_numbers() -> bool:
         """admin stats and /metrics agree (once the last second's counts are flushed)."""

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from conftest import RunningServer, connect_raw, eventually, unused_port
-from harness import Twistd, wait_for
+from harness import Twistd, alive, wait_for
 from taskserver import metrics
 from taskserver.config import RateTier, RedisAddress
 from taskserver.keys import Keys
@@ -33,6 +33,8 @@ from taskserver.metrics import (
     route_label,
     worker_entry,
 )
+from taskserver.queue import TaskQueue
+from taskserver.task import Task
 
 # ------------------------------------------------------------------ pure logic
 
@@ -525,6 +527,24 @@ async def test_a_refusal_by_the_per_address_tier_counts_as_ip(
     assert not [name for name in totals if name.startswith("rate_limited|tier=1")]
 
 
+@pytest_twisted.ensureDeferred
+async def test_what_the_reaper_gives_back_counts_as_reclaimed(
+    start_server: Callable[..., RunningServer], redis: Any, keys: Keys
+) -> None:
+    """A process died holding two tasks: the child's reaper returns them, and they run."""
+    queue = TaskQueue(redis, keys, status_ttl_s=3600, timeout_s=2.0, clock=reactor)
+    dead = "otherhost:999:dead00"
+    await queue.heartbeat(dead, [f"{dead}#0"], ttl_s=0.3)
+    for n in range(2):
+        await queue.enqueue(Task.new(f"victim-{n}", None, now=reactor.seconds()))
+        assert await queue.fetch(redis, keys.pending, keys.processing(f"{dead}#0"), 1)
+    start_server()
+    totals = await eventually(
+        lambda: has({"tasks_reclaimed": 2, "tasks_completed": 2})(redis, keys), timeout=30.0
+    )
+    assert "tasks_enqueued" not in totals, "enqueued by the queue itself, not through the API"
+
+
 async def post_task(server: RunningServer, user_id: str) -> Any:
     response = await treq.post(
         server.url + "/api/v1/task",
@@ -541,8 +561,9 @@ async def post_task(server: RunningServer, user_id: str) -> Any:
 def test_a_cluster_s_totals_and_workers_are_in_redis(
     twistd: Callable[..., Twistd], redis_server: RedisAddress, keys: Keys
 ) -> None:
-    """twistd with two children on the test Redis: totals add up, one fresh entry per child,
-    and a child killed by /kill is counted as a restart and replaced by one that says so."""
+    """twistd with two children on the test Redis: the totals of 20 tasks add up, one fresh
+    entry per child; a poison task kills a child twice: the master counts both restarts,
+    its reclaim and the dead letter, and the new entries say how often their slot restarted."""
     client = valkey.Valkey(
         host=redis_server.host,
         port=redis_server.port,
@@ -554,6 +575,9 @@ def test_a_cluster_s_totals_and_workers_are_in_redis(
         WORKERS="2",
         REDIS_URL=f"redis://{auth}{redis_server.host}:{redis_server.port}/0",
         KEY_PREFIX=keys.prefix,
+        TASK_HANDLER="sample_handlers:poison_or_slow",
+        SLOW_HANDLER_S="0.01",
+        MAX_ATTEMPTS="2",
     )
     pids = server.wait_until_ready(2)
     tasks = 20
@@ -562,18 +586,23 @@ def test_a_cluster_s_totals_and_workers_are_in_redis(
     def totals() -> dict[str, int]:
         return {name: int(n) for name, n in client.hgetall(keys.metrics).items()}
 
-    def all_counted() -> dict[str, int] | None:
+    def counted(wanted: dict[str, int]) -> dict[str, int] | None:
         now = totals()
-        wanted = {
-            "tasks_enqueued": tasks,
-            "tasks_completed": tasks,
-            "http_requests|code=202|route=/api/v1/task": tasks,
-        }
         return now if all(now.get(name) == n for name, n in wanted.items()) else None
 
-    counted = wait_for(all_counted, timeout=30.0, what="the totals of 20 tasks")
-    assert counted["task_duration_seconds_count"] == tasks
-    assert "worker_restarts" not in counted
+    first = wait_for(
+        lambda: counted(
+            {
+                "tasks_enqueued": tasks,
+                "tasks_completed": tasks,
+                "http_requests|code=202|route=/api/v1/task": tasks,
+            }
+        ),
+        timeout=30.0,
+        what="the totals of 20 tasks",
+    )
+    assert first["task_duration_seconds_count"] == tasks
+    assert "worker_restarts" not in first and "tasks_reclaimed" not in first
 
     def fresh_workers() -> list[dict[str, Any]]:
         seconds, micros = client.time()
@@ -586,21 +615,22 @@ def test_a_cluster_s_totals_and_workers_are_in_redis(
         return fresh if sorted(entry["pid"] for entry in fresh) == sorted(expected) else None
 
     entries = wait_for(lambda: one_per_child(pids), what="one fresh entry per child")
-    assert all(
-        entry["restarts"] == 0 and entry["host"] == socket.gethostname() for entry in entries
-    )
+    assert {(entry["restarts"], entry["host"]) for entry in entries} == {(0, socket.gethostname())}
 
-    code, answer = server.request("GET", "/kill")
-    assert code == 200
-    killed = answer["pid"]
-    replaced = wait_for(
-        lambda: len(server.ready_pids()) == 3 and server.ready_pids(), what="a new child"
+    code, _ = server.request("POST", "/api/v1/task", {"user_id": "p", "payload": {"poison": True}})
+    assert code == 202
+    wait_for(
+        lambda: counted({"worker_restarts": 2, "tasks_reclaimed": 1, "tasks_dead": 1}),
+        timeout=30.0,
+        what="two restarts, one reclaim, one dead letter",
     )
-    survivors = [pid for pid in replaced if pid != killed][-2:]
-    entries = wait_for(lambda: one_per_child(survivors), timeout=20.0, what="the new entry")
-    assert sorted(entry["restarts"] for entry in entries) == [0, 1]
-    wait_for(lambda: totals().get("worker_restarts") == 1, what="the master's restart count")
+    ready = wait_for(lambda: len(server.ready_pids()) == 4 and server.ready_pids(), what="4")
+    living = [pid for pid in ready if alive(pid)]
+    killed = sorted(set(ready) - set(living))
+    assert len(living) == len(killed) == 2
+    entries = wait_for(lambda: one_per_child(living), timeout=20.0, what="the new entries")
+    assert sum(entry["restarts"] for entry in entries) == 2
     assert server.stop() == 0
-    left = [json.loads(raw)["pid"] for raw in client.hgetall(keys.workers).values()]
-    assert left == [killed], "clean stops remove their entries; the killed one waits to expire"
+    left = sorted(json.loads(raw)["pid"] for raw in client.hgetall(keys.workers).values())
+    assert left == killed, "clean stops remove their entries; the killed ones wait to expire"
     client.close()

@@ -241,6 +241,8 @@ async def test_read_stats_reads_the_queue_the_metrics_and_the_workers(
         "reclaimed": 0,
     }
     assert overview["rate_limited"] == {"1/1s": 4, "ip": 1}
+    configured = stats.overview(tiers=["1/1s", "20/60s"])["rate_limited"]
+    assert configured == {"1/1s": 4, "20/60s": 0, "ip": 1}, "configured tiers shown with 0"
     assert overview["throughput"] == [{"t": 5.0, "completed_per_s": 1.0, "failed_per_s": 0.0}]
     [live] = overview["workers"]
     assert live["process_id"] == "live" and "seen_at" not in live

@@ -88,9 +88,9 @@ class ChildService(Service):
         seat: Seat | None = None,
         kill: Callable[[], None] | None = None,
         process_id: str | None = None,
-        dashboard_secret: str | None = None,
         tally: Tally | None = None,
         restarts: int = 0,
+        dashboard_secret: str | None = None,
     ) -> None:
         """``tally`` counts this child's work; ``restarts``: how often its slot was restarted."""
         self._settings = settings
@@ -164,6 +164,7 @@ class ChildService(Service):
                 embedded=settings.redis is None,
             ),
             metrics_token=settings.metrics_token,
+            tally=self.tally,
             dashboard=DashboardRoutes(
                 api,
                 keys,
@@ -174,7 +175,6 @@ class ChildService(Service):
                 embedded=settings.redis is None,
                 cluster_secret=self._dashboard_secret,
             ),
-            tally=self.tally,
         ).site(settings.idle_timeout_s, settings.request_timeout_s)
         if self._seat is not None:
             seat = self._seat
@@ -376,8 +376,8 @@ def main() -> None:
         seat=Seat(Scoreboard(SCOREBOARD_FD, config["seats"]), config["seat"]),
         kill=_die,
         process_id=config["process_id"],
-        dashboard_secret=config.get("dashboard_secret"),
         restarts=config.get("restarts", 0),
+        dashboard_secret=config.get("dashboard_secret"),
     )
     watch = ParentWatch(CONFIG_FD, lambda: _stop(reactor), reactor)
 

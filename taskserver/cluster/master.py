@@ -255,8 +255,8 @@ class Master(Service):
             "seats": self.supervisor.seats,
             "address_family": int(self._listener.family),
             "master_pid": os.getpid(),
-            "dashboard_secret": self._dashboard_secret,
             "restarts": self.supervisor.restart_counts.get(worker.slot, 0),
+            "dashboard_secret": self._dashboard_secret,
         }
         return json.dumps(config).encode("utf-8") + b"\n"
 

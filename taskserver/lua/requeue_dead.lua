@@ -5,7 +5,7 @@
 -- with a fresh set of attempts (record_requeued). The status keys come from the tasks'
 -- ids, as in fetch_batch.lua. Work per call is bounded, so Redis is never held up for
 -- long (it answers nothing else while a script runs):
--- - no ids: takes up to `most` entries from the oldest end (RPOP, O(1) each; admin.py
+-- - no ids: takes up to `most` entries from the oldest end (RPOP, O(1) each; deadletters.py
 --   calls again until the list is done). An entry it cannot read (not written by
 --   taskserver) stays, moved to the newest end, so the next call does not meet it.
 --   Returns {moved, taken from the list}.
