@@ -98,8 +98,22 @@
 
   // --- talking to the server ---------------------------------------------------------------
 
-  // {status, body}; status 0 when the server could not be reached at all.
+  // {status, body}; status 0 when the server could not be reached at all. An action
+  // refused for its CSRF token (the cluster restarted: its secret changed) fetches
+  // the session's new token and is sent once more.
   async function request(method, path) {
+    const answer = await send(method, path);
+    if (method === "POST" && answer.status === 403 && answer.body && answer.body.error === "invalid_csrf_token") {
+      const session = await send("GET", "/dashboard/api/session");
+      if (session.status === 200) {
+        state.csrfToken = session.body.csrf_token;
+        return send(method, path);
+      }
+    }
+    return answer;
+  }
+
+  async function send(method, path) {
     const options = {
       method,
       credentials: "same-origin",
@@ -338,7 +352,9 @@
       const payload = element("td");
       payload.appendChild(element("code", item.payload_excerpt));
       const actions = element("td", null, "action");
-      if (!state.readOnly) {
+      if (!item.task_id) {
+        actions.appendChild(element("span", "unreadable: only Purge removes it", "muted"));
+      } else if (!state.readOnly) {
         const button = element("button", "Requeue", "requeue");
         button.type = "button";
         button.addEventListener("click", () => requeueOne(item.task_id, button));
