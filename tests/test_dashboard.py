@@ -187,7 +187,7 @@ async def test_only_the_allow_listed_files_are_served(
 ) -> None:
     response, body = await dashboard().get(f"/dashboard/static/{name}")
     assert (response.code, json_of(body)["error"]) == (404, "not_found")
-    assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+    assert response.headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]
     assert_security_headers(response)
 
 
@@ -522,7 +522,7 @@ async def test_bad_paging_is_a_json_400(dashboard: Callable[..., Dashboard], que
     response, body = await dashboard().get(f"/dashboard/api/dead?{query}")
     assert response.code == 400
     assert json_of(body)["error"] == "invalid_paging"
-    assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+    assert response.headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]
 
 
 @pytest.mark.parametrize(
@@ -567,7 +567,7 @@ async def test_client_values_stay_data_in_every_json_answer(
     for task, xss in zip(tasks, XSS, strict=True):
         await server.queue.enqueue(task)
         response, body = await server.get(f"/dashboard/api/task/{task.id}")
-        assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+        assert response.headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]
         assert json_of(body)["user_id"] == xss
         assert_security_headers(response)
 
