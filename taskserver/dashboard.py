@@ -13,8 +13,9 @@ What may act (requeue, purge): POST only, with the session's CSRF token in
 ``Origin`` other than this server's own, a ``Sec-Fetch-Site`` other than
 same-origin or none); never in read-only mode (DASHBOARD_READ_ONLY).
 
-Every answer carries the security headers (no inline script or style, no
-framing, no sniffing, no referrer, no caching). Errors are JSON, answered by
+Every answer under /dashboard (and of ``/``), errors included, carries the
+security headers (no inline script or style, no framing, no sniffing, no
+referrer, no caching). Errors are JSON, answered by
 the API's one mapping (:meth:`TaskAPI.answer_error`); the login page is the
 only HTML error.
 """
@@ -143,6 +144,11 @@ class DashboardRoutes:
 
     @app.route("/", methods=["GET"])
     def home(self, request: IRequest) -> bytes:
+        return _redirect(request, DASHBOARD_PATH)
+
+    @app.route(f"{DASHBOARD_PATH}/", methods=["GET"])
+    def slash(self, request: IRequest) -> bytes:
+        """``/dashboard/`` is the page too: one URL for it, the one without the slash."""
         return _redirect(request, DASHBOARD_PATH)
 
     @app.route(DASHBOARD_PATH, methods=["GET"])
@@ -393,9 +399,21 @@ class DashboardResource(Resource):
         super().__init__()
         self._routes = routes
 
+    @staticmethod
+    def secure(request: IRequest) -> None:
+        """The security headers, if the request is the dashboard's (``/`` or under /dashboard).
+
+        The API calls it before anything else answers, so that its own
+        errors (a path that is not UTF-8, say) carry them too.
+        """
+        path = request.path
+        if path in (b"/", DASHBOARD_PATH.encode()) or path.startswith(
+            b"%s/" % DASHBOARD_PATH.encode()
+        ):
+            for name, value in SECURITY_HEADERS:
+                request.setHeader(name, value)
+
     def render(self, request: server.Request) -> Any:
-        for name, value in SECURITY_HEADERS:
-            request.setHeader(name, value)
         request.postpath = (request.prepath or []) + (request.postpath or [])
         request.prepath = []
         return self._routes.render(request)

@@ -694,3 +694,20 @@ def test_every_child_of_a_cluster_gives_the_same_csrf_token(
     assert len(tokens) == 2, "both children answered"
     assert len(set(tokens.values())) == 1, tokens
     assert server.stop() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_trailing_slash_redirects_and_every_answer_has_the_headers(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    server = dashboard()
+    response, _ = await server.get("/dashboard/")
+    assert (response.code, response.headers.getRawHeaders("Location")) == (303, ["/dashboard"])
+    assert_security_headers(response)
+    for path in ("/dashboard//", "/dashboard/api/", "/dashboard/nothing/at/all", "/dashboard/%ff"):
+        response, _ = await server.get(path)
+        assert response.code in (400, 404), path
+        assert_security_headers(response)
+    response, _ = await server.post("/dashboard/")
+    assert response.code == 405
+    assert_security_headers(response)
