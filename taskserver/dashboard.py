@@ -48,6 +48,7 @@ from taskserver.clientip import Network, is_loopback_request, parse_address, par
 from taskserver.config import Settings
 from taskserver.httpserver import ApiError, read_body, respond
 from taskserver.keys import Keys
+from taskserver.metrics import configured_tiers
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import within
 from taskserver.stats import read_stats
@@ -127,6 +128,7 @@ class DashboardRoutes:
         self._trusted_proxies: Sequence[Network] = parse_networks(
             ",".join(settings.trusted_proxies)
         )
+        self._tiers = configured_tiers(settings)
         self._redis_label = redis_label
         self._embedded = embedded
         self._cookie = derived_secret(self._token, "session") if self._token else None
@@ -225,7 +227,7 @@ class DashboardRoutes:
             embedded=self._embedded,
             history=True,
         )
-        return respond(request, 200, stats.overview(read_only=self._read_only))
+        return respond(request, 200, stats.overview(read_only=self._read_only, tiers=self._tiers))
 
     @app.route(f"{DASHBOARD_PATH}/api/dead", methods=["GET"])
     async def dead(self, request: IRequest) -> bytes:

@@ -19,7 +19,7 @@ from conftest import RunningServer, unused_port
 from harness import Twistd
 from taskserver import deadletters
 from taskserver.api import TaskAPI
-from taskserver.config import RedisAddress, Settings
+from taskserver.config import RateTier, RedisAddress, Settings
 from taskserver.dashboard import (
     LOGIN_MESSAGE_SLOT,
     SECURITY_HEADERS,
@@ -597,6 +597,11 @@ async def test_the_overview_counts_the_queue(
     assert (document["queue"]["processing"], document["queue"]["delayed"]) == (0, 0)
     assert document["queue"]["oldest_pending_age_s"] is not None
     assert document["read_only"] is True
+    assert document["rate_limited"] == {"1s": 0, "60s": 0}, "the configured tiers, none refused"
+    response, body = await dashboard(ip_rate_limits=(RateTier("ip10s", 5, 10_000),)).get(
+        "/dashboard/api/overview"
+    )
+    assert json_of(body)["rate_limited"] == {"1s": 0, "60s": 0, "ip": 0}
     assert document["redis"]["address"] == f"{redis_server.host}:{redis_server.port}"
     assert (document["redis"]["embedded"], document["redis"]["up"]) == (False, True)
 
