@@ -259,7 +259,7 @@ class DashboardRoutes:
         self._authorise_action(request)
         moved = 0
         if TASK_ID.match(task_id):
-            moved = await deadletters.requeue(self._redis, self._keys, [task_id], self._bound)
+            moved = await self._requeue([task_id])
         if not moved:
             raise ApiError(404, "not_dead", "this task is not in the dead letters")
         return respond(request, 200, {"requeued": moved})
@@ -267,7 +267,10 @@ class DashboardRoutes:
     @app.route(f"{DASHBOARD_PATH}/api/dead/requeue-all", methods=["POST"])
     async def requeue_all(self, request: IRequest) -> bytes:
         self._authorise_action(request)
-        moved = await deadletters.requeue(self._redis, self._keys, [], self._bound)
+        try:
+            moved = await self._requeue([])
+        except deadletters.RequeueIncomplete as e:
+            return respond(request, 200, {"requeued": e.requeued, "complete": False})
         return respond(request, 200, {"requeued": moved})
 
     @app.route(f"{DASHBOARD_PATH}/api/dead/purge", methods=["POST"])
@@ -276,6 +279,17 @@ class DashboardRoutes:
         purging = deadletters.purge(self._redis, self._keys)
         purged = await within(defer.Deferred.fromCoroutine(purging), self._timeout_s, self._clock)
         return respond(request, 200, {"purged": purged})
+
+    async def _requeue(self, task_ids: list[str]) -> int:
+        """A requeue, each of its calls with a request's deadline.
+
+        What a failed call means for the answer: when earlier calls moved
+        tasks, a 200 with their count and ``"complete": false`` (those are
+        back in the queue; the list shows what is left); when the first call
+        fails, 503 as any Redis failure (it may have run: a retry never moves
+        a task twice).
+        """
+        return await deadletters.requeue(self._redis, self._keys, task_ids, self._bound)
 
     def _bound(self, call: defer.Deferred[Any]) -> Awaitable[Any]:
         """Each Redis call of a requeue (there are many) gets the deadline of one request."""

@@ -15,7 +15,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor
 
-from conftest import RunningServer, unused_port
+from conftest import RunningServer, eventually, unused_port
 from harness import Twistd
 from taskserver import deadletters
 from taskserver.api import TaskAPI
@@ -458,29 +458,168 @@ async def test_requeue_one_all_and_purge_change_the_lists(
     assert await redis.llen(keys.pending) == 4, "purge leaves the queue alone"
 
 
+def small_windows(monkeypatch: pytest.MonkeyPatch, chunk: int, overlap: int) -> None:
+    """Each scan call one LRANGE of ``chunk`` entries (any byte counts as the budget)."""
+    monkeypatch.setattr(deadletters, "SCAN_CHUNK", chunk)
+    monkeypatch.setattr(deadletters, "SCAN_BYTES", 1)
+    monkeypatch.setattr(deadletters, "SCAN_OVERLAP", overlap)
+
+
+def dead_ids(entries: list[str]) -> list[str]:
+    return [json.loads(entry)["task"]["id"] for entry in entries]
+
+
 @pytest_twisted.ensureDeferred
-async def test_requeue_by_id_scans_in_bounded_calls_and_misses_nothing(
+async def test_requeue_by_id_finds_a_task_while_tasks_die_into_a_full_list(
     redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Named tasks on both sides of each call's window, two found in the first window:
-    the next window starts that much earlier, so the entry after them is still seen."""
-    monkeypatch.setattr(deadletters, "SCAN_BATCH", 100)
-    tasks = [await dead_letter(redis, keys, f"u{n}", {"n": n}, "boom") for n in range(300)]
-    named = [tasks[n] for n in (0, 99, 100, 101, 199, 200, 299)]
-    calls = []
-    real = deadletters.REQUEUE_DEAD
+    """At DEAD_LETTER_MAX every death pushes an entry at the head and trims one at the
+    tail (lua/lib/dead_letter.lua): a scan counted from the tail skipped one a call."""
+    small_windows(monkeypatch, chunk=5, overlap=1)
+    queue = TaskQueue(redis, keys, 3600, 1.0, reactor, 1, dead_letter_max=40)
+    tasks = [await really_dead(queue, redis, f"u{n}") for n in range(40)]
+    target = tasks[17]  # 23rd from the head; from the tail, in the slot the old scan skipped
+    calls, died = 0, []
 
-    def counted(*arguments: Any) -> Any:
-        calls.append(arguments)
-        return real(*arguments)
+    async def tasks_die_meanwhile(call: defer.Deferred[Any]) -> Any:
+        nonlocal calls
+        answer = await call
+        calls += 1
+        if not int(answer[0]):  # not found yet: a task dies before the next call
+            died.append(await really_dead(queue, redis, f"meanwhile-{calls}"))
+        return answer
 
-    monkeypatch.setattr(deadletters, "REQUEUE_DEAD", counted)
-    assert await deadletters.requeue(redis, keys, [t.id for t in reversed(named)]) == 7
-    assert len(calls) == 3, "three windows of 100 (the last one finds the newest task)"
+    assert await redis.llen(keys.dead) == 40, "the list is at its cap"
+    assert await deadletters.requeue(redis, keys, [target.id], tasks_die_meanwhile) == 1
+    assert calls >= 4, "several calls, a death between each two"
+    assert await redis.lrange(keys.pending, 0, -1) == [target.to_json()]
+    assert (await queue.status(target.id) or {})["status"] == "queued"
+    newest_first = [t.id for t in reversed(tasks + died)][:40]
+    assert dead_ids(await redis.lrange(keys.dead, 0, -1)) == [
+        task_id for task_id in newest_first if task_id != target.id
+    ], "the rest as they were: nothing lost but what the cap trimmed, nothing twice"
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeue_by_id_survives_another_requeue_by_id_meanwhile(
+    redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another requeue removes an entry the scan has passed: the rest move up one place,
+    and the next call starts SCAN_OVERLAP earlier so that it still sees the one there."""
+    small_windows(monkeypatch, chunk=5, overlap=1)
+    tasks = [await dead_letter(redis, keys, f"u{n}", {"n": n}, "boom") for n in range(30)]
+    target = tasks[24]  # 6th from the head: the first entry the second call reads
+    others: list[int] = []
+
+    async def another_requeue_meanwhile(call: defer.Deferred[Any]) -> Any:
+        answer = await call
+        if not others:
+            others.append(await deadletters.requeue(redis, keys, [tasks[29].id]))
+        return answer
+
+    assert await deadletters.requeue(redis, keys, [target.id], another_requeue_meanwhile) == 1
+    assert others == [1]
+    assert sorted(await redis.lrange(keys.pending, 0, -1)) == sorted(
+        [target.to_json(), tasks[29].to_json()]
+    )
+    dead = dead_ids(await redis.lrange(keys.dead, 0, -1))
+    assert dead == [t.id for t in reversed(tasks) if t not in (target, tasks[29])]
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeue_by_id_takes_several_in_bounded_calls_each_once(
+    redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small_windows(monkeypatch, chunk=10, overlap=3)
+    tasks = [await dead_letter(redis, keys, f"u{n}", {"n": n}, "boom") for n in range(100)]
+    named = [tasks[n] for n in (0, 9, 10, 11, 50, 98, 99)]
+    ids = [t.id for t in named]
+    assert await deadletters.requeue(redis, keys, [*ids, ids[0], "f" * 32]) == 7
+    assert sorted(await redis.lrange(keys.pending, 0, -1)) == sorted(t.to_json() for t in named)
+    assert await redis.llen(keys.dead) == 93
+    assert await deadletters.requeue(redis, keys, [tasks[0].id]) == 0, "not dead any more"
+
+
+#: Entries as large as a task gets (a body of MAX_BODY_BYTES is at most a 64 KiB payload).
+BIG = "x" * 60_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_requeue_call_reads_a_bounded_number_of_bytes(redis: Any, keys: Keys) -> None:
+    """40 entries of 60 KB (2.4 MB): no call, scanning or moving, copies much more than
+    SCAN_BYTES into Lua (SCAN_BATCH entries per call made it ~320 MB at 5,000)."""
+    tasks = [await dead_letter(redis, keys, f"u{n}", BIG, "boom") for n in range(40)]
+    entry_bytes = len(await redis.lindex(keys.dead, 0))
+    answers: list[Any] = []
+
+    async def recorded(call: defer.Deferred[Any]) -> Any:
+        answers.append(await call)
+        return answers[-1]
+
+    assert await deadletters.requeue(redis, keys, [tasks[0].id], recorded) == 1
+    scans = [a for a in answers if isinstance(a, list)]
+    assert len(scans) >= 2, "the oldest is more than one call away"
+    for _moved, scanned, *_ in scans:
+        assert int(scanned) * entry_bytes <= deadletters.SCAN_BYTES + 16 * entry_bytes
+    assert [int(a[2]) for a in scans[:-1]] == [0] * (len(scans) - 1), "the end comes last"
+    answers.clear()
+    assert await deadletters.requeue(redis, keys, [], recorded) == 39
+    moves = [a for a in answers if isinstance(a, list)]
+    assert len(moves) >= 2
+    for _moved, taken, _at_end in moves:
+        assert (int(taken) - 1) * entry_bytes < deadletters.SCAN_BYTES
     oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
-    assert oldest_first == [t.to_json() for t in named], "oldest first, each once"
-    assert await redis.llen(keys.dead) == 293
-    assert await deadletters.requeue(redis, keys, [tasks[0].id, "f" * 32]) == 0
+    assert oldest_first == [tasks[0].to_json()] + [t.to_json() for t in tasks[1:]]
+
+
+class PausedAfterOneScript:
+    """Redis that stops answering scripts (CLIENT PAUSE WRITE) after its first one answered."""
+
+    def __init__(self, real: Any, pause_ms: int) -> None:
+        self._real = real
+        self._pause_ms = pause_ms
+        self.paused = False
+
+    async def _evalsha(self, *arguments: Any) -> Any:
+        answer = await self._real.evalsha(*arguments)
+        if not self.paused:
+            self.paused = True
+            await self._real.execute_command("CLIENT", "PAUSE", str(self._pause_ms), "WRITE")
+        return answer
+
+    def evalsha(self, *arguments: Any) -> defer.Deferred[Any]:
+        return defer.Deferred.fromCoroutine(self._evalsha(*arguments))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_requeue_all_cut_short_by_a_timeout_says_what_it_did(
+    settings: Settings, redis: Any, keys: Keys, static: Path, redis_server: RedisAddress
+) -> None:
+    """Its first call moved tasks, the next one got no answer in time: a 200 with the
+    count of those moved and "complete": false, not a 503 (they are back in the queue)."""
+    tasks = [await dead_letter(redis, keys, f"u{n}", BIG, "boom") for n in range(40)]
+    paused = PausedAfterOneScript(redis, 1500)
+    server = Dashboard(replace(settings, redis_timeout_s=0.3), paused, static, redis_server)
+    try:
+        status, document = await server.act("/dashboard/api/dead/requeue-all")
+        assert status == 200, document
+        assert document["complete"] is False
+        assert 0 < document["requeued"] < 40
+        assert document["requeued"] <= await redis.llen(keys.pending)
+    finally:
+        await server.port.stopListening()
+
+    async def settled() -> bool:
+        return await redis.llen(keys.pending) + await redis.llen(keys.dead) == 40
+
+    await eventually(settled, timeout=5)
+    queued = set(await redis.lrange(keys.pending, 0, -1))
+    dead = dead_ids(await redis.lrange(keys.dead, 0, -1))
+    assert len(queued) + len(set(dead)) == 40, "nothing lost, nothing duplicated"
+    assert {t.id for t in tasks} == {json.loads(q)["id"] for q in queued} | set(dead)
 
 
 @pytest_twisted.ensureDeferred
