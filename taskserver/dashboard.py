@@ -175,8 +175,12 @@ class DashboardRoutes:
 
     @app.route(LOGIN_PATH, methods=["POST"])
     def login(self, request: IRequest) -> bytes:
-        """The form's token, right: the cookie, and on to the page; wrong: 403 and the form."""
-        self._refuse_cross_site(request)
+        """The form's token, right: the cookie, and on to the page; wrong: 403 and the form
+        (refused as another site's too, with the reason)."""
+        try:
+            self._refuse_cross_site(request)
+        except ApiError as refused:
+            return self._login_page(request, refused.status, refused.message)
         if self._token is None or self._cookie is None:
             return self._login_page(request, 403, _NO_TOKEN_NEEDED)
         try:
@@ -362,22 +366,43 @@ class DashboardRoutes:
             raise ApiError(403, "cross_site", "refused: the Origin is not this server's")
 
     def _is_own_origin(self, request: IRequest, origins: Sequence[bytes]) -> bool:
-        """Is the one Origin this server's own: the scheme and the Host of the request?
+        """Is the one Origin this server's own: the scheme and the host of the request?
 
-        Behind a trusted proxy that ends TLS the scheme is the one it
-        forwards (X-Forwarded-Proto).
+        Behind a trusted proxy (TRUSTED_PROXY) the scheme and host it forwards
+        count too (X-Forwarded-Proto and -Host, Forwarded's proto= and host=,
+        the right-most value: the one that proxy wrote): nginx's ``proxy_pass
+        http://127.0.0.1:8000`` sends that as Host, not the browser's.
         """
         hosts = request.requestHeaders.getRawHeaders(b"host")
         if len(origins) != 1 or hosts is None or len(hosts) != 1:
             return False
-        schemes = {"https" if request.isSecure() else "http"}
-        peer = str(getattr(request.getClientAddress(), "host", ""))
-        forwarded_proto = request.requestHeaders.getRawHeaders(b"x-forwarded-proto")
-        if forwarded_proto and any(_in(peer, n) for n in self._trusted_proxies):
-            schemes.add(forwarded_proto[-1].decode("latin-1").split(",")[-1].strip().lower())
-        host = hosts[0].decode("latin-1").strip().lower()
-        origin = origins[0].decode("latin-1").strip().lower()
-        return origin in {f"{scheme}://{host}" for scheme in schemes}
+        schemes, names = {"https" if request.isSecure() else "http"}, {_lower(hosts[0])}
+        if self._from_trusted_proxy(request):
+            schemes |= self._forwarded(request, b"x-forwarded-proto", "proto")
+            names |= self._forwarded(request, b"x-forwarded-host", "host")
+        origin = _lower(origins[0])
+        return origin in {f"{scheme}://{name}" for scheme in schemes for name in names}
+
+    def _from_trusted_proxy(self, request: IRequest) -> bool:
+        return any(_in(_peer(request), network) for network in self._trusted_proxies)
+
+    @staticmethod
+    def _forwarded(request: IRequest, header: bytes, parameter: str) -> set[str]:
+        """What the nearest proxy says in ``header`` and in Forwarded's ``parameter=``.
+
+        The last value of each (a proxy appends its own after the client's); a
+        quote or anything unreadable is no value at all.
+        """
+        found = set()
+        values = request.requestHeaders.getRawHeaders(header)
+        if values:
+            found.add(_lower(values[-1].split(b",")[-1]))
+        for line in (request.requestHeaders.getRawHeaders(b"forwarded") or [])[-1:]:
+            for pair in _lower(line.split(b",")[-1]).split(";"):
+                name, _, value = pair.partition("=")
+                if name.strip() == parameter:
+                    found.add(value.strip().strip('"'))
+        return {value for value in found if value and '"' not in value and " " not in value}
 
     # ---------------------------------------------------------- answers
 
@@ -471,6 +496,14 @@ def _is_empty_object(content_type: bytes | None, body: bytes) -> bool:
         return is_json_media_type(content_type) and json.loads(body) == {}
     except ValueError:
         return False
+
+
+def _lower(value: bytes) -> str:
+    return value.decode("latin-1").strip().lower()
+
+
+def _peer(request: IRequest) -> str:
+    return str(getattr(request.getClientAddress(), "host", ""))
 
 
 def _in(peer: str, network: Network) -> bool:

@@ -334,8 +334,42 @@ async def test_the_login_form_refuses_another_site(dashboard: Callable[..., Dash
         {"Content-Type": "application/x-www-form-urlencoded", "Origin": "http://evil.example"},
         f"token={TOKEN}".encode(),
     )
-    assert (response.code, json_of(body)["error"]) == (403, "cross_site")
+    assert response.code == 403
+    assert response.headers.getRawHeaders("Content-Type") == ["text/html; charset=utf-8"]
+    assert b"<form" in body and b"the Origin is not this server&#x27;s" in body, body
     assert response.headers.getRawHeaders("Set-Cookie") is None
+
+
+#: What nginx's ``proxy_pass http://127.0.0.1:PORT`` sends for https://tasks.example.com.
+BEHIND_NGINX = [
+    {"X-Forwarded-Host": "tasks.example.com", "X-Forwarded-Proto": "https"},
+    {"Forwarded": "for=203.0.113.9;host=tasks.example.com;proto=https"},
+]
+
+
+@pytest.mark.parametrize("forwarded", BEHIND_NGINX)
+@pytest_twisted.ensureDeferred
+async def test_behind_a_trusted_proxy_its_forwarded_host_is_the_origin(
+    dashboard: Callable[..., Dashboard], forwarded: dict[str, str]
+) -> None:
+    """The browser's Origin is the public name; the Host the proxy sends is its upstream."""
+    origin = {"Origin": "https://tasks.example.com", **forwarded}
+    form = {**origin, "Content-Type": "application/x-www-form-urlencoded"}
+    token = f"token={TOKEN}".encode()
+    server = dashboard(admin_token=TOKEN, trusted_proxies=("127.0.0.1",))
+    response, _ = await server.post("/dashboard/login", form, token)
+    assert response.code == 303
+    bearer = {"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "203.0.113.9"}
+    code, document = await server.act("/dashboard/api/dead/purge", **bearer, **origin)
+    assert (code, document) == (200, {"purged": 0})
+    evil = {**origin, "Origin": "https://evil.example"}
+    code, document = await server.act("/dashboard/api/dead/purge", **bearer, **evil)
+    assert (code, document["error"]) == (403, "cross_site"), "the forwarded host, no other"
+    untrusted = dashboard(admin_token=TOKEN)
+    response, _ = await untrusted.post("/dashboard/login", form, token)
+    assert response.code == 403, "from anyone but a trusted proxy the header means nothing"
+    code, document = await untrusted.act("/dashboard/api/dead/purge", **bearer, **origin)
+    assert (code, document["error"]) == (403, "cross_site")
 
 
 @pytest_twisted.ensureDeferred
