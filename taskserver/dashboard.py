@@ -5,8 +5,10 @@ Who may look: a loopback client (:func:`clientip.is_loopback_request`, the
 guard of ``/kill``), or, when ADMIN_TOKEN is set, whoever sends it as
 ``Authorization: Bearer`` or holds the login cookie, and nobody else, loopback
 included. The cookie and the CSRF token are HMACs of the token (or, without
-one, of a secret the master hands every child): every child of a cluster, and
-every host with the same ADMIN_TOKEN, agrees on them without shared state.
+one, of a secret the master hands every child); the cookie signs its issue time
+and lasts SESSION_MAX_AGE_S (POST /dashboard/logout clears it): every child of a
+cluster, and every host with the same ADMIN_TOKEN, agrees on them without
+shared state.
 
 What may act (requeue, purge): POST only, with the session's CSRF token in
 ``X-CSRF-Token``, and no sign that another site's page sent it (an
@@ -75,6 +77,10 @@ LOGIN_FILE = "login.html"
 #: Where the server writes the login page's message (the file's empty paragraph).
 LOGIN_MESSAGE_SLOT = '<p id="login-message"></p>'
 COOKIE_NAME = b"taskserver_admin"
+#: How long a login lasts: the cookie's Max-Age, and the oldest issue time it is taken with.
+SESSION_MAX_AGE_S = 12 * 3600
+#: How far ahead of this host's clock an issue time may be (another host of the cluster).
+SESSION_CLOCK_SKEW_S = 60
 DASHBOARD_PATH = "/dashboard"
 LOGIN_PATH = "/dashboard/login"
 #: How often the page polls (what /dashboard/api/session tells it).
@@ -89,6 +95,14 @@ AnswerError = Callable[[IRequest, Failure], bytes]
 def derived_secret(key: str, purpose: str) -> str:
     """HMAC-SHA256 of ``purpose`` under ``key``, hex: the cookie and the CSRF token."""
     return hmac.new(key.encode("utf-8"), purpose.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def session_cookie(token: str, issued_s: int) -> str:
+    """The login cookie's value: its issue time, signed (``<issued>.<HMAC>``).
+
+    Any host with the same ADMIN_TOKEN checks it, and its age, without shared state.
+    """
+    return f"{issued_s}.{derived_secret(token, f'session:{issued_s}')}"
 
 
 class DashboardRoutes:
@@ -131,7 +145,6 @@ class DashboardRoutes:
         self._tiers = configured_tiers(settings)
         self._redis_label = redis_label
         self._embedded = embedded
-        self._cookie = derived_secret(self._token, "session") if self._token else None
         self._csrf = derived_secret(self._token or cluster_secret, "csrf")
         folder = static if static is not None else files("taskserver") / "static"
         self._files = {name: _read(folder, name) for name in (*STATIC_FILES, PAGE_FILE, LOGIN_FILE)}
@@ -181,7 +194,7 @@ class DashboardRoutes:
             self._refuse_cross_site(request)
         except ApiError as refused:
             return self._login_page(request, refused.status, refused.message)
-        if self._token is None or self._cookie is None:
+        if self._token is None:
             return self._login_page(request, 403, _NO_TOKEN_NEEDED)
         try:
             form = parse_qs(read_body(request).decode("utf-8", "replace"), max_num_fields=10)
@@ -190,13 +203,29 @@ class DashboardRoutes:
         given = (form.get("token") or [""])[0].encode("utf-8")
         if not hmac.compare_digest(given, self._token.encode("utf-8")):
             return self._login_page(request, 403, "Wrong token.")
-        secure = "; Secure" if request.isSecure() else ""
+        cookie = session_cookie(self._token, int(self._clock.seconds()))
+        self._set_cookie(request, cookie, SESSION_MAX_AGE_S)
+        return _redirect(request, DASHBOARD_PATH)
+
+    @app.route(f"{DASHBOARD_PATH}/logout", methods=["POST"])
+    def logout(self, request: IRequest) -> bytes:
+        """The login cookie cleared (an action of the page: its CSRF token, same-origin)."""
+        self._refuse_cross_site(request)
+        self._check_csrf(request)
+        self._set_cookie(request, "", 0)
+        return respond(request, 200, {"logged_out": True})
+
+    def _set_cookie(self, request: IRequest, value: str, max_age_s: int) -> None:
+        """``Secure`` when the browser's connection is https: ours, or a trusted proxy's."""
+        https = request.isSecure() or (
+            self._from_trusted_proxy(request)
+            and "https" in self._forwarded(request, b"x-forwarded-proto", "proto")
+        )
         request.setHeader(
             b"set-cookie",
-            f"{COOKIE_NAME.decode()}={self._cookie}; HttpOnly; SameSite=Strict; "
-            f"Path={DASHBOARD_PATH}{secure}".encode("ascii"),
+            f"{COOKIE_NAME.decode()}={value}; Max-Age={max_age_s}; HttpOnly; SameSite=Strict; "
+            f"Path={DASHBOARD_PATH}{'; Secure' if https else ''}".encode("ascii"),
         )
-        return _redirect(request, DASHBOARD_PATH)
 
     # ---------------------------------------------------------- JSON: reads
 
@@ -314,7 +343,7 @@ class DashboardRoutes:
         A wrong bearer token is an error (403), not a stranger: the client
         meant to authenticate and should hear that it failed.
         """
-        if self._token is None or self._cookie is None:
+        if self._token is None:
             headers = request.requestHeaders.getRawHeaders
             peer = str(getattr(request.getClientAddress(), "host", ""))
             return "loopback" if is_loopback_request(peer, headers, self._trusted_proxies) else None
@@ -326,9 +355,21 @@ class DashboardRoutes:
                 403, "forbidden", "wrong token: send Authorization: Bearer <ADMIN_TOKEN>"
             )
         cookie = request.getCookie(COOKIE_NAME)
-        if cookie is not None and hmac.compare_digest(cookie, self._cookie.encode("ascii")):
+        if cookie is not None and self._is_valid_cookie(cookie):
             return "cookie"
         return None
+
+    def _is_valid_cookie(self, cookie: bytes) -> bool:
+        """Signed with ADMIN_TOKEN, issued less than SESSION_MAX_AGE_S ago."""
+        assert self._token is not None
+        issued, _, _ = cookie.partition(b".")
+        if not _DIGITS.fullmatch(issued):
+            return False
+        age = self._clock.seconds() - int(issued)
+        if not -SESSION_CLOCK_SKEW_S <= age <= SESSION_MAX_AGE_S:
+            return False
+        expected = session_cookie(self._token, int(issued)).encode("ascii")
+        return hmac.compare_digest(cookie, expected)
 
     def _guard(self, request: IRequest) -> str:
         """The guard of every JSON endpoint: 401 for a stranger."""
@@ -344,14 +385,17 @@ class DashboardRoutes:
         if self._read_only:
             raise ApiError(403, "read_only", "the dashboard is read-only (DASHBOARD_READ_ONLY)")
         self._refuse_cross_site(request)
+        self._check_csrf(request)
+        body = read_body(request)
+        if body.strip() and not _is_empty_object(request.getHeader(b"content-type"), body):
+            raise ApiError(400, "invalid_body", "an action takes no body, or {}")
+
+    def _check_csrf(self, request: IRequest) -> None:
         given = request.getHeader(b"x-csrf-token") or b""
         if not hmac.compare_digest(given, self._csrf.encode("ascii")):
             raise ApiError(
                 403, "invalid_csrf_token", "send X-CSRF-Token from /dashboard/api/session"
             )
-        body = read_body(request)
-        if body.strip() and not _is_empty_object(request.getHeader(b"content-type"), body):
-            raise ApiError(400, "invalid_body", "an action takes no body, or {}")
 
     def _refuse_cross_site(self, request: IRequest) -> None:
         """403 unless every sign says this server's own page (or no browser) sent the request."""

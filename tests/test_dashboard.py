@@ -25,6 +25,7 @@ from taskserver.dashboard import (
     SECURITY_HEADERS,
     DashboardRoutes,
     derived_secret,
+    session_cookie,
 )
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
@@ -312,10 +313,13 @@ async def test_the_login_form_sets_the_cookie(dashboard: Callable[..., Dashboard
     right, _ = await server.post("/dashboard/login", as_form, f"token={TOKEN}".encode())
     assert right.code == 303
     assert right.headers.getRawHeaders("Location") == ["/dashboard"]
-    cookie = derived_secret(TOKEN, "session")
-    assert right.headers.getRawHeaders("Set-Cookie") == [
-        f"taskserver_admin={cookie}; HttpOnly; SameSite=Strict; Path=/dashboard"
-    ]
+    [set_cookie] = right.headers.getRawHeaders("Set-Cookie")
+    cookie = re.fullmatch(
+        r"taskserver_admin=([0-9]+\.[0-9a-f]{64}); Max-Age=43200; HttpOnly; SameSite=Strict; "
+        r"Path=/dashboard",
+        set_cookie,
+    )[1]  # type: ignore[index]
+    assert abs(int(cookie.partition(".")[0]) - reactor.seconds()) < 5, "signed: issued now"
     with_cookie = {**remote, "Cookie": f"taskserver_admin={cookie}"}
     response, body = await server.get("/dashboard/api/session", with_cookie)
     assert (response.code, json_of(body)["auth"]) == (200, "cookie")
@@ -324,6 +328,40 @@ async def test_the_login_form_sets_the_cookie(dashboard: Callable[..., Dashboard
     stale = {**remote, "Cookie": "taskserver_admin=" + "0" * 64}
     response, _ = await server.get("/dashboard/api/session", stale)
     assert response.code == 401, "a wrong cookie is no login: the page goes to the form"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_login_cookie_expires_is_secure_behind_https_and_logout_clears_it(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    server = dashboard(admin_token=TOKEN, trusted_proxies=("127.0.0.1",))
+    now = int(reactor.seconds())
+    fresh, old = session_cookie(TOKEN, now - 60), session_cookie(TOKEN, now - 12 * 3600 - 1)
+    relabelled = f"{now}.{old.partition('.')[2]}"  # an old signature with a new time
+    for cookie, code in [(fresh, 200), (old, 401), (relabelled, 401), ("x." + "0" * 64, 401)]:
+        response, _ = await server.get(
+            "/dashboard/api/session", {"Cookie": f"taskserver_admin={cookie}"}
+        )
+        assert response.code == code, cookie
+    assert derived_secret(TOKEN, "session") not in fresh, "not one constant value forever"
+
+    form = {"Content-Type": "application/x-www-form-urlencoded", "X-Forwarded-Proto": "https"}
+    response, _ = await server.post("/dashboard/login", form, f"token={TOKEN}".encode())
+    assert response.headers.getRawHeaders("Set-Cookie")[0].endswith("; Secure")
+    untrusted = dashboard(admin_token=TOKEN)
+    response, _ = await untrusted.post("/dashboard/login", form, f"token={TOKEN}".encode())
+    assert not response.headers.getRawHeaders("Set-Cookie")[0].endswith("; Secure")
+
+    csrf = derived_secret(TOKEN, "csrf")
+    response, body = await server.post("/dashboard/logout", {"X-CSRF-Token": "0" * 64})
+    assert (response.code, json_of(body)["error"]) == (403, "invalid_csrf_token")
+    assert response.headers.getRawHeaders("Set-Cookie") is None
+    response, body = await server.post("/dashboard/logout", {"X-CSRF-Token": csrf})
+    assert (response.code, json_of(body)) == (200, {"logged_out": True})
+    assert response.headers.getRawHeaders("Set-Cookie") == [
+        "taskserver_admin=; Max-Age=0; HttpOnly; SameSite=Strict; Path=/dashboard"
+    ]
+    assert_security_headers(response)
 
 
 @pytest_twisted.ensureDeferred
