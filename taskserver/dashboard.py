@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import html
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.resources import files
@@ -46,12 +47,19 @@ from twisted.web.resource import Resource
 
 from taskserver import deadletters
 from taskserver.api import is_json_media_type, status_document
-from taskserver.clientip import Network, is_loopback_request, parse_address, parse_networks
-from taskserver.config import Settings
-from taskserver.httpserver import ApiError, read_body, respond
+from taskserver.clientip import (
+    Network,
+    client_address,
+    is_loopback_request,
+    parse_address,
+    parse_networks,
+)
+from taskserver.config import RateTier, Settings
+from taskserver.httpserver import ApiError, Headers, read_body, respond
 from taskserver.keys import Keys
 from taskserver.metrics import configured_tiers
 from taskserver.queue import TaskQueue
+from taskserver.ratelimit import RateLimiter
 from taskserver.redisclient import within
 from taskserver.stats import read_stats
 from taskserver.task import TASK_ID
@@ -83,6 +91,9 @@ SESSION_MAX_AGE_S = 12 * 3600
 SESSION_CLOCK_SKEW_S = 60
 DASHBOARD_PATH = "/dashboard"
 LOGIN_PATH = "/dashboard/login"
+#: Wrong tokens (login form or bearer) a client address may send: a guess a second at
+#: most, and ADMIN_TOKEN should be long and random anyway (the README says so).
+AUTH_TIERS = (RateTier("dashboard-auth", 10, 60_000),)
 #: How often the page polls (what /dashboard/api/session tells it).
 POLL_INTERVAL_S = 2
 DEAD_PAGE_DEFAULT_LIMIT = 50
@@ -143,6 +154,9 @@ class DashboardRoutes:
             ",".join(settings.trusted_proxies)
         )
         self._tiers = configured_tiers(settings)
+        self._auth_limiter = RateLimiter(
+            redis, keys, AUTH_TIERS, settings.redis_timeout_s, clock, Keys.ip_rate
+        )
         self._redis_label = redis_label
         self._embedded = embedded
         self._csrf = derived_secret(self._token or cluster_secret, "csrf")
@@ -167,8 +181,8 @@ class DashboardRoutes:
         return _redirect(request, DASHBOARD_PATH)
 
     @app.route(DASHBOARD_PATH, methods=["GET"])
-    def page(self, request: IRequest) -> bytes:
-        if self._who(request) is None:
+    async def page(self, request: IRequest) -> bytes:
+        if await self._who(request) is None:
             return _redirect(request, LOGIN_PATH)
         return self._file(request, PAGE_FILE, "text/html; charset=utf-8")
 
@@ -187,7 +201,7 @@ class DashboardRoutes:
         return self._login_page(request, 200, "")
 
     @app.route(LOGIN_PATH, methods=["POST"])
-    def login(self, request: IRequest) -> bytes:
+    async def login(self, request: IRequest) -> bytes:
         """The form's token, right: the cookie, and on to the page; wrong: 403 and the form
         (refused as another site's too, with the reason)."""
         try:
@@ -201,8 +215,13 @@ class DashboardRoutes:
         except ValueError:  # more fields than any login form has
             form = {}
         given = (form.get("token") or [""])[0].encode("utf-8")
-        if not hmac.compare_digest(given, self._token.encode("utf-8")):
-            return self._login_page(request, 403, "Wrong token.")
+        try:
+            await self._refuse_if_guessing(request)
+            if not hmac.compare_digest(given, self._token.encode("utf-8")):
+                await self._charge_failure(request)
+                return self._login_page(request, 403, "Wrong token.")
+        except ApiError as refused:
+            return self._login_page(request, refused.status, refused.message, refused.headers)
         cookie = session_cookie(self._token, int(self._clock.seconds()))
         self._set_cookie(request, cookie, SESSION_MAX_AGE_S)
         return _redirect(request, DASHBOARD_PATH)
@@ -230,8 +249,8 @@ class DashboardRoutes:
     # ---------------------------------------------------------- JSON: reads
 
     @app.route(f"{DASHBOARD_PATH}/api/session", methods=["GET"])
-    def session(self, request: IRequest) -> bytes:
-        auth = self._guard(request)
+    async def session(self, request: IRequest) -> bytes:
+        auth = await self._guard(request)
         return respond(
             request,
             200,
@@ -250,7 +269,7 @@ class DashboardRoutes:
         Counts by LLEN and ZCARD in one script call, whatever the queue's
         length; 503 when Redis does not answer (the page says "Redis down").
         """
-        self._guard(request)
+        await self._guard(request)
         stats = await read_stats(
             self._redis,
             self._keys,
@@ -265,7 +284,7 @@ class DashboardRoutes:
     @app.route(f"{DASHBOARD_PATH}/api/dead", methods=["GET"])
     async def dead(self, request: IRequest) -> bytes:
         """A page of the dead letters, newest first: one bounded LRANGE, whatever the length."""
-        self._guard(request)
+        await self._guard(request)
         offset = _int_argument(request, b"offset", 0, 0, 10**15)
         limit = _int_argument(request, b"limit", DEAD_PAGE_DEFAULT_LIMIT, 1, DEAD_PAGE_MAX_LIMIT)
         reading = deadletters.page(self._redis, self._keys, offset, limit)
@@ -279,7 +298,7 @@ class DashboardRoutes:
     @app.route(f"{DASHBOARD_PATH}/api/task/<task_id>", methods=["GET"])
     async def task(self, request: IRequest, task_id: str) -> bytes:
         """The document ``GET /api/v1/task/<task_id>`` answers."""
-        self._guard(request)
+        await self._guard(request)
         record = await self._queue.status(task_id) if TASK_ID.match(task_id) else None
         if record is None:
             raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
@@ -289,7 +308,7 @@ class DashboardRoutes:
 
     @app.route(f"{DASHBOARD_PATH}/api/dead/<task_id>/requeue", methods=["POST"])
     async def requeue_one(self, request: IRequest, task_id: str) -> bytes:
-        self._authorise_action(request)
+        await self._authorise_action(request)
         moved = 0
         if TASK_ID.match(task_id):
             moved = await self._requeue([task_id])
@@ -299,7 +318,7 @@ class DashboardRoutes:
 
     @app.route(f"{DASHBOARD_PATH}/api/dead/requeue-all", methods=["POST"])
     async def requeue_all(self, request: IRequest) -> bytes:
-        self._authorise_action(request)
+        await self._authorise_action(request)
         try:
             moved = await self._requeue([])
         except deadletters.RequeueIncomplete as e:
@@ -308,7 +327,7 @@ class DashboardRoutes:
 
     @app.route(f"{DASHBOARD_PATH}/api/dead/purge", methods=["POST"])
     async def purge(self, request: IRequest) -> bytes:
-        self._authorise_action(request)
+        await self._authorise_action(request)
         purging = deadletters.purge(self._redis, self._keys)
         purged = await within(defer.Deferred.fromCoroutine(purging), self._timeout_s, self._clock)
         return respond(request, 200, {"purged": purged})
@@ -337,7 +356,7 @@ class DashboardRoutes:
 
     # ---------------------------------------------------------- the guard
 
-    def _who(self, request: IRequest) -> str | None:
+    async def _who(self, request: IRequest) -> str | None:
         """How this request is let in ("loopback", "token", "cookie"); None: it is not.
 
         A wrong bearer token is an error (403), not a stranger: the client
@@ -349,8 +368,10 @@ class DashboardRoutes:
             return "loopback" if is_loopback_request(peer, headers, self._trusted_proxies) else None
         given = request.getHeader(b"authorization")
         if given is not None:
+            await self._refuse_if_guessing(request)
             if hmac.compare_digest(given, f"Bearer {self._token}".encode()):
                 return "token"
+            await self._charge_failure(request)
             raise ApiError(
                 403, "forbidden", "wrong token: send Authorization: Bearer <ADMIN_TOKEN>"
             )
@@ -371,17 +392,43 @@ class DashboardRoutes:
         expected = session_cookie(self._token, int(issued)).encode("ascii")
         return hmac.compare_digest(cookie, expected)
 
-    def _guard(self, request: IRequest) -> str:
+    async def _refuse_if_guessing(self, request: IRequest) -> None:
+        """429 while this client's failed attempts at the token are over AUTH_TIERS.
+
+        Checked before the token is: over the limit, a right guess is refused
+        like a wrong one, or the answers would still tell them apart.
+        """
+        for key, tier in zip(
+            self._auth_limiter.counters(self._client(request)), AUTH_TIERS, strict=True
+        ):
+            used = await within(self._redis.get(key), self._timeout_s, self._clock)
+            if used is not None and int(used) >= tier.limit:
+                pttl = self._redis.execute_command("PTTL", key)
+                left_ms = await within(pttl, self._timeout_s, self._clock)
+                if int(left_ms) > 0:
+                    raise _too_many_attempts(math.ceil(int(left_ms) / 1000))
+
+    async def _charge_failure(self, request: IRequest) -> None:
+        """A wrong token, counted against its client's address; 429 if that is one too many."""
+        decision = await self._auth_limiter.check(self._client(request))
+        if not decision.allowed:
+            raise _too_many_attempts(decision.retry_after_s)
+
+    def _client(self, request: IRequest) -> str:
+        headers = request.requestHeaders.getRawHeaders
+        return client_address(_peer(request), headers, self._trusted_proxies)
+
+    async def _guard(self, request: IRequest) -> str:
         """The guard of every JSON endpoint: 401 for a stranger."""
-        who = self._who(request)
+        who = await self._who(request)
         if who is None:
             needs = "ADMIN_TOKEN (bearer or login)" if self._token else "a loopback client"
             raise ApiError(401, "unauthorized", f"the dashboard needs {needs}")
         return who
 
-    def _authorise_action(self, request: IRequest) -> None:
+    async def _authorise_action(self, request: IRequest) -> None:
         """An action: a guarded, same-origin request with the CSRF token, not in read-only mode."""
-        self._guard(request)
+        await self._guard(request)
         if self._read_only:
             raise ApiError(403, "read_only", "the dashboard is read-only (DASHBOARD_READ_ONLY)")
         self._refuse_cross_site(request)
@@ -456,13 +503,26 @@ class DashboardRoutes:
             raise ApiError(404, "not_found", f"{name} is missing from this installation")
         return _answer(request, 200, content_type, body)
 
-    def _login_page(self, request: IRequest, status: int, message: str) -> bytes:
+    def _login_page(
+        self, request: IRequest, status: int, message: str, headers: Headers = ()
+    ) -> bytes:
         form = self._files[LOGIN_FILE]
         if form is None:
             raise ApiError(404, "not_found", f"{LOGIN_FILE} is missing from this installation")
         slot = LOGIN_MESSAGE_SLOT.encode()
         filled = f'<p id="login-message">{html.escape(message)}</p>'.encode()
+        for name, value in headers:
+            request.setHeader(name.encode("ascii"), value.encode("ascii"))
         return _answer(request, status, "text/html; charset=utf-8", form.replace(slot, filled, 1))
+
+
+def _too_many_attempts(retry_after_s: int) -> ApiError:
+    return ApiError(
+        429,
+        "too_many_attempts",
+        f"too many wrong tokens from this address; retry in {retry_after_s} s",
+        [("Retry-After", str(max(1, retry_after_s)))],
+    )
 
 
 _NO_TOKEN_NEEDED = (

@@ -419,6 +419,36 @@ async def test_without_a_token_the_login_page_says_none_is_needed(
     assert b'<p id="login-message">No ADMIN_TOKEN is set' in body
 
 
+@pytest_twisted.ensureDeferred
+async def test_guessing_the_token_is_limited_per_client_address(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    """10 wrong tokens a minute (form or bearer) from one address, then 429 with
+    Retry-After, even for the right one (or the answers would tell them apart)."""
+    server = dashboard(admin_token=TOKEN, trusted_proxies=("127.0.0.1",))
+    guesser = {"X-Forwarded-For": "203.0.113.9"}
+    form = {**guesser, "Content-Type": "application/x-www-form-urlencoded"}
+    for n in range(10):
+        if n % 2:
+            response, _ = await server.post("/dashboard/login", form, f"token=guess{n}".encode())
+        else:
+            bearer = {**guesser, "Authorization": f"Bearer guess{n}"}
+            response, _ = await server.get("/dashboard/api/session", bearer)
+        assert response.code == 403, n
+    right = {**guesser, "Authorization": f"Bearer {TOKEN}"}
+    response, body = await server.get("/dashboard/api/session", right)
+    assert (response.code, json_of(body)["error"]) == (429, "too_many_attempts")
+    assert 50 <= int(response.headers.getRawHeaders("Retry-After")[0]) <= 60
+    assert_security_headers(response)
+    response, body = await server.post("/dashboard/login", form, f"token={TOKEN}".encode())
+    assert response.code == 429 and b"too many wrong tokens" in body and b"<form" in body
+    assert response.headers.getRawHeaders("Retry-After") is not None
+    assert response.headers.getRawHeaders("Set-Cookie") is None
+    someone_else = {"X-Forwarded-For": "203.0.113.10", "Authorization": f"Bearer {TOKEN}"}
+    response, _ = await server.get("/dashboard/api/session", someone_else)
+    assert response.code == 200, "another address is not held up"
+
+
 # ------------------------------------------------------------------ CSRF and read-only
 
 
