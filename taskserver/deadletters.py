@@ -39,6 +39,9 @@ PURGE_DEAD = load("purge_dead")
 DEAD_PAGE = load("dead_page")
 #: The payload as the dashboard lists it: its JSON text cut to this many characters.
 PAYLOAD_EXCERPT_CHARS = 200
+#: Of a payload's text, what the page script sends: enough bytes for PAYLOAD_EXCERPT_CHARS
+#: characters of any width, and one more to tell whether there were more.
+EXCERPT_BYTES = 4 * PAYLOAD_EXCERPT_CHARS + 1
 
 #: How a multi-call operation awaits each of its Redis calls (with a deadline, say).
 Bound = Callable[[defer.Deferred[Any]], Awaitable[Any]]
@@ -71,10 +74,31 @@ async def page(redis: Any, keys: Keys, offset: int, limit: int) -> tuple[int, li
     """The list's length and the entries ``offset`` to ``offset + limit - 1`` (newest first).
 
     Each item is what the dashboard shows of an entry (:func:`item`). One
-    script call: the length and the page are read at the same moment.
+    script call: the length and the page are read at the same moment, and of
+    each payload only the first EXCERPT_BYTES leave Redis.
     """
-    total, entries = await DEAD_PAGE(redis, [keys.dead], [offset, limit])
-    return int(total), [item(entry) for entry in entries]
+    total, *flat = await DEAD_PAGE(redis, [keys.dead], [offset, limit, EXCERPT_BYTES])
+    rows = [flat[i : i + 4] for i in range(0, len(flat), 4)]
+    return int(total), [_page_item(*row) for row in rows]
+
+
+def _page_item(fields: str, head: str, payload: str, cut: int) -> dict[str, Any]:
+    """An item from the page script's parts of an entry (cut -1: the entry whole)."""
+    if int(cut) < 0:
+        return item(fields)
+    try:
+        document, task = json.loads(fields), json.loads(head)
+        shown = payload[:PAYLOAD_EXCERPT_CHARS]
+        return {
+            "task_id": str(task["id"]),
+            "user_id": str(task["user_id"]),
+            "attempts": int(document.get("attempts", 0)),
+            "error": str(document.get("error", "")),
+            "failed_at_ms": int(document.get("failed_at_ms", 0)),
+            "payload_excerpt": shown + "…" if int(cut) or len(payload) > len(shown) else shown,
+        }
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return _unreadable(fields)
 
 
 def item(entry: str) -> dict[str, Any]:
@@ -97,14 +121,18 @@ def item(entry: str) -> dict[str, Any]:
             ),
         }
     except (ValueError, TypeError, KeyError, AttributeError):
-        return {
-            "task_id": "",
-            "user_id": "",
-            "attempts": 0,
-            "error": "not a dead-letter entry written by taskserver",
-            "failed_at_ms": 0,
-            "payload_excerpt": excerpt(entry),
-        }
+        return _unreadable(entry)
+
+
+def _unreadable(entry: str) -> dict[str, Any]:
+    return {
+        "task_id": "",
+        "user_id": "",
+        "attempts": 0,
+        "error": "not a dead-letter entry written by taskserver",
+        "failed_at_ms": 0,
+        "payload_excerpt": excerpt(entry),
+    }
 
 
 def excerpt(text: str) -> str:

@@ -785,6 +785,33 @@ async def test_the_payload_excerpt_is_cut_at_200_characters(
     assert json_of(body)["items"][0]["payload_excerpt"] == excerpt
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_page_script_sends_only_an_excerpt_of_each_payload(
+    redis: Any, keys: Keys
+) -> None:
+    """Listed exactly as the whole entry decoded would be (:func:`deadletters.item`), but
+    of a 60 KB payload not much more than the excerpt leaves Redis."""
+    payloads = [
+        BIG,
+        {"a": 1, "queued_at": "x", ',"payload":': 2, "n": [1, 2, 3]},
+        "😀" * 199 + "é" * 10,
+        "é" * 400,
+        "x" * 200,
+        [],
+        None,
+        12345678901234567890,
+    ]
+    for payload in payloads:
+        await dead_letter(redis, keys, 'u","payload":1,"x', payload, 'e","task":{}')
+    await redis.lpush(keys.dead, "not an entry " + "z" * 300)
+    entries = await redis.lrange(keys.dead, 0, -1)
+    reply = await deadletters.DEAD_PAGE(redis, [keys.dead], [0, 50, deadletters.EXCERPT_BYTES])
+    assert sum(len(str(part).encode()) for part in reply) < 9 * 1500, "excerpts, not entries"
+    total, items = await deadletters.page(redis, keys, 0, 50)
+    assert total == len(payloads) + 1
+    assert items == [deadletters.item(entry) for entry in entries]
+
+
 def test_an_entry_taskserver_did_not_write_is_listed_as_such() -> None:
     item = deadletters.item("not json " + "y" * 300)
     assert item["task_id"] == "" and item["error"].startswith("not a dead-letter entry")
