@@ -28,7 +28,7 @@ from taskserver.cluster.embedded import read_embedded_address
 from taskserver.config import ConfigError, RedisAddress, Settings, load_settings
 from taskserver.deadletters import dead_letters, purge, requeue
 from taskserver.keys import Keys
-from taskserver.metrics import IP_TIER
+from taskserver.metrics import configured_tiers
 from taskserver.redisclient import connect
 from taskserver.stats import address_label, read_stats
 
@@ -119,8 +119,7 @@ async def run(reactor: Any, arguments: argparse.Namespace, settings: Settings) -
     try:
         if arguments.command == "stats":
             address, embedded = redis_address(settings), settings.redis is None
-            tiers = [tier.name for tier in settings.rate_limits]
-            tiers += [IP_TIER] if settings.ip_rate_limits else []
+            tiers = configured_tiers(settings)
             report = await stats(redis, keys, reactor, address, embedded, tiers)
             if arguments.json:
                 print(json.dumps(report, indent=2))

@@ -427,6 +427,7 @@ class TaskAPI:
 
     @app.route("/", methods=["GET"], endpoint="home")
     @app.route("/dashboard", branch=True, endpoint="dashboard")
+    @app.route("/dashboard/", endpoint="dashboard_slash")
     def dashboard(self, request: IRequest) -> Resource:
         """The dashboard's own routes (:mod:`taskserver.dashboard`), if this server has one."""
         if self._dashboard is None:
@@ -586,6 +587,8 @@ class TaskResource(Resource):
 
     def render(self, request: server.Request) -> Any:
         if request.path != ENQUEUE_PATH:
+            if self._api._dashboard is not None:  # its headers on all its answers, errors too
+                self._api._dashboard.secure(request)
             if not _utf8_url(request):  # Klein would answer it in HTML, and log a traceback
                 error = ApiError(400, "bad_request", "the path and Host must be UTF-8")
                 return self._answer_now(request, Failure(error))

@@ -5,16 +5,19 @@ Who may look: a loopback client (:func:`clientip.is_loopback_request`, the
 guard of ``/kill``), or, when ADMIN_TOKEN is set, whoever sends it as
 ``Authorization: Bearer`` or holds the login cookie, and nobody else, loopback
 included. The cookie and the CSRF token are HMACs of the token (or, without
-one, of a secret the master hands every child): every child of a cluster, and
-every host with the same ADMIN_TOKEN, agrees on them without shared state.
+one, of a secret the master hands every child); the cookie signs its issue time
+and lasts SESSION_MAX_AGE_S (POST /dashboard/logout clears it): every child of a
+cluster, and every host with the same ADMIN_TOKEN, agrees on them without
+shared state.
 
 What may act (requeue, purge): POST only, with the session's CSRF token in
 ``X-CSRF-Token``, and no sign that another site's page sent it (an
 ``Origin`` other than this server's own, a ``Sec-Fetch-Site`` other than
 same-origin or none); never in read-only mode (DASHBOARD_READ_ONLY).
 
-Every answer carries the security headers (no inline script or style, no
-framing, no sniffing, no referrer, no caching). Errors are JSON, answered by
+Every answer under /dashboard (and of ``/``), errors included, carries the
+security headers (no inline script or style, no framing, no sniffing, no
+referrer, no caching). Errors are JSON, answered by
 the API's one mapping (:meth:`TaskAPI.answer_error`); the login page is the
 only HTML error.
 """
@@ -25,6 +28,7 @@ import hashlib
 import hmac
 import html
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.resources import files
@@ -43,11 +47,19 @@ from twisted.web.resource import Resource
 
 from taskserver import deadletters
 from taskserver.api import is_json_media_type, status_document
-from taskserver.clientip import Network, is_loopback_request, parse_address, parse_networks
-from taskserver.config import Settings
-from taskserver.httpserver import ApiError, read_body, respond
+from taskserver.clientip import (
+    Network,
+    client_address,
+    is_loopback_request,
+    parse_address,
+    parse_networks,
+)
+from taskserver.config import RateTier, Settings
+from taskserver.httpserver import ApiError, Headers, read_body, respond
 from taskserver.keys import Keys
+from taskserver.metrics import configured_tiers
 from taskserver.queue import TaskQueue
+from taskserver.ratelimit import RateLimiter
 from taskserver.redisclient import within
 from taskserver.stats import read_stats
 from taskserver.task import TASK_ID
@@ -73,8 +85,15 @@ LOGIN_FILE = "login.html"
 #: Where the server writes the login page's message (the file's empty paragraph).
 LOGIN_MESSAGE_SLOT = '<p id="login-message"></p>'
 COOKIE_NAME = b"taskserver_admin"
+#: How long a login lasts: the cookie's Max-Age, and the oldest issue time it is taken with.
+SESSION_MAX_AGE_S = 12 * 3600
+#: How far ahead of this host's clock an issue time may be (another host of the cluster).
+SESSION_CLOCK_SKEW_S = 60
 DASHBOARD_PATH = "/dashboard"
 LOGIN_PATH = "/dashboard/login"
+#: Wrong tokens (login form or bearer) a client address may send: a guess a second at
+#: most, and ADMIN_TOKEN should be long and random anyway (the README says so).
+AUTH_TIERS = (RateTier("dashboard-auth", 10, 60_000),)
 #: How often the page polls (what /dashboard/api/session tells it).
 POLL_INTERVAL_S = 2
 DEAD_PAGE_DEFAULT_LIMIT = 50
@@ -87,6 +106,14 @@ AnswerError = Callable[[IRequest, Failure], bytes]
 def derived_secret(key: str, purpose: str) -> str:
     """HMAC-SHA256 of ``purpose`` under ``key``, hex: the cookie and the CSRF token."""
     return hmac.new(key.encode("utf-8"), purpose.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def session_cookie(token: str, issued_s: int) -> str:
+    """The login cookie's value: its issue time, signed (``<issued>.<HMAC>``).
+
+    Any host with the same ADMIN_TOKEN checks it, and its age, without shared state.
+    """
+    return f"{issued_s}.{derived_secret(token, f'session:{issued_s}')}"
 
 
 class DashboardRoutes:
@@ -126,9 +153,12 @@ class DashboardRoutes:
         self._trusted_proxies: Sequence[Network] = parse_networks(
             ",".join(settings.trusted_proxies)
         )
+        self._tiers = configured_tiers(settings)
+        self._auth_limiter = RateLimiter(
+            redis, keys, AUTH_TIERS, settings.redis_timeout_s, clock, Keys.ip_rate
+        )
         self._redis_label = redis_label
         self._embedded = embedded
-        self._cookie = derived_secret(self._token, "session") if self._token else None
         self._csrf = derived_secret(self._token or cluster_secret, "csrf")
         folder = static if static is not None else files("taskserver") / "static"
         self._files = {name: _read(folder, name) for name in (*STATIC_FILES, PAGE_FILE, LOGIN_FILE)}
@@ -145,9 +175,14 @@ class DashboardRoutes:
     def home(self, request: IRequest) -> bytes:
         return _redirect(request, DASHBOARD_PATH)
 
+    @app.route(f"{DASHBOARD_PATH}/", methods=["GET"])
+    def slash(self, request: IRequest) -> bytes:
+        """``/dashboard/`` is the page too: one URL for it, the one without the slash."""
+        return _redirect(request, DASHBOARD_PATH)
+
     @app.route(DASHBOARD_PATH, methods=["GET"])
-    def page(self, request: IRequest) -> bytes:
-        if self._who(request) is None:
+    async def page(self, request: IRequest) -> bytes:
+        if await self._who(request) is None:
             return _redirect(request, LOGIN_PATH)
         return self._file(request, PAGE_FILE, "text/html; charset=utf-8")
 
@@ -166,31 +201,56 @@ class DashboardRoutes:
         return self._login_page(request, 200, "")
 
     @app.route(LOGIN_PATH, methods=["POST"])
-    def login(self, request: IRequest) -> bytes:
-        """The form's token, right: the cookie, and on to the page; wrong: 403 and the form."""
-        self._refuse_cross_site(request)
-        if self._token is None or self._cookie is None:
+    async def login(self, request: IRequest) -> bytes:
+        """The form's token, right: the cookie, and on to the page; wrong: 403 and the form
+        (refused as another site's too, with the reason)."""
+        try:
+            self._refuse_cross_site(request)
+        except ApiError as refused:
+            return self._login_page(request, refused.status, refused.message)
+        if self._token is None:
             return self._login_page(request, 403, _NO_TOKEN_NEEDED)
         try:
             form = parse_qs(read_body(request).decode("utf-8", "replace"), max_num_fields=10)
         except ValueError:  # more fields than any login form has
             form = {}
         given = (form.get("token") or [""])[0].encode("utf-8")
-        if not hmac.compare_digest(given, self._token.encode("utf-8")):
-            return self._login_page(request, 403, "Wrong token.")
-        secure = "; Secure" if request.isSecure() else ""
+        try:
+            await self._refuse_if_guessing(request)
+            if not hmac.compare_digest(given, self._token.encode("utf-8")):
+                await self._charge_failure(request)
+                return self._login_page(request, 403, "Wrong token.")
+        except ApiError as refused:
+            return self._login_page(request, refused.status, refused.message, refused.headers)
+        cookie = session_cookie(self._token, int(self._clock.seconds()))
+        self._set_cookie(request, cookie, SESSION_MAX_AGE_S)
+        return _redirect(request, DASHBOARD_PATH)
+
+    @app.route(f"{DASHBOARD_PATH}/logout", methods=["POST"])
+    def logout(self, request: IRequest) -> bytes:
+        """The login cookie cleared (an action of the page: its CSRF token, same-origin)."""
+        self._refuse_cross_site(request)
+        self._check_csrf(request)
+        self._set_cookie(request, "", 0)
+        return respond(request, 200, {"logged_out": True})
+
+    def _set_cookie(self, request: IRequest, value: str, max_age_s: int) -> None:
+        """``Secure`` when the browser's connection is https: ours, or a trusted proxy's."""
+        https = request.isSecure() or (
+            self._from_trusted_proxy(request)
+            and "https" in self._forwarded(request, b"x-forwarded-proto", "proto")
+        )
         request.setHeader(
             b"set-cookie",
-            f"{COOKIE_NAME.decode()}={self._cookie}; HttpOnly; SameSite=Strict; "
-            f"Path={DASHBOARD_PATH}{secure}".encode("ascii"),
+            f"{COOKIE_NAME.decode()}={value}; Max-Age={max_age_s}; HttpOnly; SameSite=Strict; "
+            f"Path={DASHBOARD_PATH}{'; Secure' if https else ''}".encode("ascii"),
         )
-        return _redirect(request, DASHBOARD_PATH)
 
     # ---------------------------------------------------------- JSON: reads
 
     @app.route(f"{DASHBOARD_PATH}/api/session", methods=["GET"])
-    def session(self, request: IRequest) -> bytes:
-        auth = self._guard(request)
+    async def session(self, request: IRequest) -> bytes:
+        auth = await self._guard(request)
         return respond(
             request,
             200,
@@ -209,7 +269,7 @@ class DashboardRoutes:
         Counts by LLEN and ZCARD in one script call, whatever the queue's
         length; 503 when Redis does not answer (the page says "Redis down").
         """
-        self._guard(request)
+        await self._guard(request)
         stats = await read_stats(
             self._redis,
             self._keys,
@@ -219,12 +279,12 @@ class DashboardRoutes:
             embedded=self._embedded,
             history=True,
         )
-        return respond(request, 200, stats.overview(read_only=self._read_only))
+        return respond(request, 200, stats.overview(read_only=self._read_only, tiers=self._tiers))
 
     @app.route(f"{DASHBOARD_PATH}/api/dead", methods=["GET"])
     async def dead(self, request: IRequest) -> bytes:
         """A page of the dead letters, newest first: one bounded LRANGE, whatever the length."""
-        self._guard(request)
+        await self._guard(request)
         offset = _int_argument(request, b"offset", 0, 0, 10**15)
         limit = _int_argument(request, b"limit", DEAD_PAGE_DEFAULT_LIMIT, 1, DEAD_PAGE_MAX_LIMIT)
         reading = deadletters.page(self._redis, self._keys, offset, limit)
@@ -238,7 +298,7 @@ class DashboardRoutes:
     @app.route(f"{DASHBOARD_PATH}/api/task/<task_id>", methods=["GET"])
     async def task(self, request: IRequest, task_id: str) -> bytes:
         """The document ``GET /api/v1/task/<task_id>`` answers."""
-        self._guard(request)
+        await self._guard(request)
         record = await self._queue.status(task_id) if TASK_ID.match(task_id) else None
         if record is None:
             raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
@@ -248,26 +308,40 @@ class DashboardRoutes:
 
     @app.route(f"{DASHBOARD_PATH}/api/dead/<task_id>/requeue", methods=["POST"])
     async def requeue_one(self, request: IRequest, task_id: str) -> bytes:
-        self._authorise_action(request)
+        await self._authorise_action(request)
         moved = 0
         if TASK_ID.match(task_id):
-            moved = await deadletters.requeue(self._redis, self._keys, [task_id], self._bound)
+            moved = await self._requeue([task_id])
         if not moved:
             raise ApiError(404, "not_dead", "this task is not in the dead letters")
         return respond(request, 200, {"requeued": moved})
 
     @app.route(f"{DASHBOARD_PATH}/api/dead/requeue-all", methods=["POST"])
     async def requeue_all(self, request: IRequest) -> bytes:
-        self._authorise_action(request)
-        moved = await deadletters.requeue(self._redis, self._keys, [], self._bound)
+        await self._authorise_action(request)
+        try:
+            moved = await self._requeue([])
+        except deadletters.RequeueIncomplete as e:
+            return respond(request, 200, {"requeued": e.requeued, "complete": False})
         return respond(request, 200, {"requeued": moved})
 
     @app.route(f"{DASHBOARD_PATH}/api/dead/purge", methods=["POST"])
     async def purge(self, request: IRequest) -> bytes:
-        self._authorise_action(request)
+        await self._authorise_action(request)
         purging = deadletters.purge(self._redis, self._keys)
         purged = await within(defer.Deferred.fromCoroutine(purging), self._timeout_s, self._clock)
         return respond(request, 200, {"purged": purged})
+
+    async def _requeue(self, task_ids: list[str]) -> int:
+        """A requeue, each of its calls with a request's deadline.
+
+        What a failed call means for the answer: when earlier calls moved
+        tasks, a 200 with their count and ``"complete": false`` (those are
+        back in the queue; the list shows what is left); when the first call
+        fails, 503 as any Redis failure (it may have run: a retry never moves
+        a task twice).
+        """
+        return await deadletters.requeue(self._redis, self._keys, task_ids, self._bound)
 
     def _bound(self, call: defer.Deferred[Any]) -> Awaitable[Any]:
         """Each Redis call of a requeue (there are many) gets the deadline of one request."""
@@ -282,50 +356,93 @@ class DashboardRoutes:
 
     # ---------------------------------------------------------- the guard
 
-    def _who(self, request: IRequest) -> str | None:
+    async def _who(self, request: IRequest) -> str | None:
         """How this request is let in ("loopback", "token", "cookie"); None: it is not.
 
         A wrong bearer token is an error (403), not a stranger: the client
         meant to authenticate and should hear that it failed.
         """
-        if self._token is None or self._cookie is None:
+        if self._token is None:
             headers = request.requestHeaders.getRawHeaders
             peer = str(getattr(request.getClientAddress(), "host", ""))
             return "loopback" if is_loopback_request(peer, headers, self._trusted_proxies) else None
         given = request.getHeader(b"authorization")
         if given is not None:
+            await self._refuse_if_guessing(request)
             if hmac.compare_digest(given, f"Bearer {self._token}".encode()):
                 return "token"
+            await self._charge_failure(request)
             raise ApiError(
                 403, "forbidden", "wrong token: send Authorization: Bearer <ADMIN_TOKEN>"
             )
         cookie = request.getCookie(COOKIE_NAME)
-        if cookie is not None and hmac.compare_digest(cookie, self._cookie.encode("ascii")):
+        if cookie is not None and self._is_valid_cookie(cookie):
             return "cookie"
         return None
 
-    def _guard(self, request: IRequest) -> str:
+    def _is_valid_cookie(self, cookie: bytes) -> bool:
+        """Signed with ADMIN_TOKEN, issued less than SESSION_MAX_AGE_S ago."""
+        assert self._token is not None
+        issued, _, _ = cookie.partition(b".")
+        if not _DIGITS.fullmatch(issued):
+            return False
+        age = self._clock.seconds() - int(issued)
+        if not -SESSION_CLOCK_SKEW_S <= age <= SESSION_MAX_AGE_S:
+            return False
+        expected = session_cookie(self._token, int(issued)).encode("ascii")
+        return hmac.compare_digest(cookie, expected)
+
+    async def _refuse_if_guessing(self, request: IRequest) -> None:
+        """429 while this client's failed attempts at the token are over AUTH_TIERS.
+
+        Checked before the token is: over the limit, a right guess is refused
+        like a wrong one, or the answers would still tell them apart.
+        """
+        for key, tier in zip(
+            self._auth_limiter.counters(self._client(request)), AUTH_TIERS, strict=True
+        ):
+            used = await within(self._redis.get(key), self._timeout_s, self._clock)
+            if used is not None and int(used) >= tier.limit:
+                pttl = self._redis.execute_command("PTTL", key)
+                left_ms = await within(pttl, self._timeout_s, self._clock)
+                if int(left_ms) > 0:
+                    raise _too_many_attempts(math.ceil(int(left_ms) / 1000))
+
+    async def _charge_failure(self, request: IRequest) -> None:
+        """A wrong token, counted against its client's address; 429 if that is one too many."""
+        decision = await self._auth_limiter.check(self._client(request))
+        if not decision.allowed:
+            raise _too_many_attempts(decision.retry_after_s)
+
+    def _client(self, request: IRequest) -> str:
+        headers = request.requestHeaders.getRawHeaders
+        return client_address(_peer(request), headers, self._trusted_proxies)
+
+    async def _guard(self, request: IRequest) -> str:
         """The guard of every JSON endpoint: 401 for a stranger."""
-        who = self._who(request)
+        who = await self._who(request)
         if who is None:
             needs = "ADMIN_TOKEN (bearer or login)" if self._token else "a loopback client"
             raise ApiError(401, "unauthorized", f"the dashboard needs {needs}")
         return who
 
-    def _authorise_action(self, request: IRequest) -> None:
+    async def _authorise_action(self, request: IRequest) -> None:
         """An action: a guarded, same-origin request with the CSRF token, not in read-only mode."""
-        self._guard(request)
+        await self._guard(request)
         if self._read_only:
             raise ApiError(403, "read_only", "the dashboard is read-only (DASHBOARD_READ_ONLY)")
         self._refuse_cross_site(request)
+        self._check_csrf(request)
+        body = read_body(request)
+        if body.strip() and not _is_empty_object(request.getHeader(b"content-type"), body):
+            raise ApiError(400, "invalid_body", "an action takes no body, or {}")
+
+    def _check_csrf(self, request: IRequest) -> None:
         given = request.getHeader(b"x-csrf-token") or b""
         if not hmac.compare_digest(given, self._csrf.encode("ascii")):
             raise ApiError(
                 403, "invalid_csrf_token", "send X-CSRF-Token from /dashboard/api/session"
             )
-        body = read_body(request)
-        if body.strip() and not _is_empty_object(request.getHeader(b"content-type"), body):
-            raise ApiError(400, "invalid_body", "an action takes no body, or {}")
 
     def _refuse_cross_site(self, request: IRequest) -> None:
         """403 unless every sign says this server's own page (or no browser) sent the request."""
@@ -340,22 +457,43 @@ class DashboardRoutes:
             raise ApiError(403, "cross_site", "refused: the Origin is not this server's")
 
     def _is_own_origin(self, request: IRequest, origins: Sequence[bytes]) -> bool:
-        """Is the one Origin this server's own: the scheme and the Host of the request?
+        """Is the one Origin this server's own: the scheme and the host of the request?
 
-        Behind a trusted proxy that ends TLS the scheme is the one it
-        forwards (X-Forwarded-Proto).
+        Behind a trusted proxy (TRUSTED_PROXY) the scheme and host it forwards
+        count too (X-Forwarded-Proto and -Host, Forwarded's proto= and host=,
+        the right-most value: the one that proxy wrote): nginx's ``proxy_pass
+        http://127.0.0.1:8000`` sends that as Host, not the browser's.
         """
         hosts = request.requestHeaders.getRawHeaders(b"host")
         if len(origins) != 1 or hosts is None or len(hosts) != 1:
             return False
-        schemes = {"https" if request.isSecure() else "http"}
-        peer = str(getattr(request.getClientAddress(), "host", ""))
-        forwarded_proto = request.requestHeaders.getRawHeaders(b"x-forwarded-proto")
-        if forwarded_proto and any(_in(peer, n) for n in self._trusted_proxies):
-            schemes.add(forwarded_proto[-1].decode("latin-1").split(",")[-1].strip().lower())
-        host = hosts[0].decode("latin-1").strip().lower()
-        origin = origins[0].decode("latin-1").strip().lower()
-        return origin in {f"{scheme}://{host}" for scheme in schemes}
+        schemes, names = {"https" if request.isSecure() else "http"}, {_lower(hosts[0])}
+        if self._from_trusted_proxy(request):
+            schemes |= self._forwarded(request, b"x-forwarded-proto", "proto")
+            names |= self._forwarded(request, b"x-forwarded-host", "host")
+        origin = _lower(origins[0])
+        return origin in {f"{scheme}://{name}" for scheme in schemes for name in names}
+
+    def _from_trusted_proxy(self, request: IRequest) -> bool:
+        return any(_in(_peer(request), network) for network in self._trusted_proxies)
+
+    @staticmethod
+    def _forwarded(request: IRequest, header: bytes, parameter: str) -> set[str]:
+        """What the nearest proxy says in ``header`` and in Forwarded's ``parameter=``.
+
+        The last value of each (a proxy appends its own after the client's); a
+        quote or anything unreadable is no value at all.
+        """
+        found = set()
+        values = request.requestHeaders.getRawHeaders(header)
+        if values:
+            found.add(_lower(values[-1].split(b",")[-1]))
+        for line in (request.requestHeaders.getRawHeaders(b"forwarded") or [])[-1:]:
+            for pair in _lower(line.split(b",")[-1]).split(";"):
+                name, _, value = pair.partition("=")
+                if name.strip() == parameter:
+                    found.add(value.strip().strip('"'))
+        return {value for value in found if value and '"' not in value and " " not in value}
 
     # ---------------------------------------------------------- answers
 
@@ -365,13 +503,26 @@ class DashboardRoutes:
             raise ApiError(404, "not_found", f"{name} is missing from this installation")
         return _answer(request, 200, content_type, body)
 
-    def _login_page(self, request: IRequest, status: int, message: str) -> bytes:
+    def _login_page(
+        self, request: IRequest, status: int, message: str, headers: Headers = ()
+    ) -> bytes:
         form = self._files[LOGIN_FILE]
         if form is None:
             raise ApiError(404, "not_found", f"{LOGIN_FILE} is missing from this installation")
         slot = LOGIN_MESSAGE_SLOT.encode()
         filled = f'<p id="login-message">{html.escape(message)}</p>'.encode()
+        for name, value in headers:
+            request.setHeader(name.encode("ascii"), value.encode("ascii"))
         return _answer(request, status, "text/html; charset=utf-8", form.replace(slot, filled, 1))
+
+
+def _too_many_attempts(retry_after_s: int) -> ApiError:
+    return ApiError(
+        429,
+        "too_many_attempts",
+        f"too many wrong tokens from this address; retry in {retry_after_s} s",
+        [("Retry-After", str(max(1, retry_after_s)))],
+    )
 
 
 _NO_TOKEN_NEEDED = (
@@ -393,9 +544,21 @@ class DashboardResource(Resource):
         super().__init__()
         self._routes = routes
 
+    @staticmethod
+    def secure(request: IRequest) -> None:
+        """The security headers, if the request is the dashboard's (``/`` or under /dashboard).
+
+        The API calls it before anything else answers, so that its own
+        errors (a path that is not UTF-8, say) carry them too.
+        """
+        path = request.path
+        if path in (b"/", DASHBOARD_PATH.encode()) or path.startswith(
+            b"%s/" % DASHBOARD_PATH.encode()
+        ):
+            for name, value in SECURITY_HEADERS:
+                request.setHeader(name, value)
+
     def render(self, request: server.Request) -> Any:
-        for name, value in SECURITY_HEADERS:
-            request.setHeader(name, value)
         request.postpath = (request.prepath or []) + (request.postpath or [])
         request.prepath = []
         return self._routes.render(request)
@@ -437,6 +600,14 @@ def _is_empty_object(content_type: bytes | None, body: bytes) -> bool:
         return is_json_media_type(content_type) and json.loads(body) == {}
     except ValueError:
         return False
+
+
+def _lower(value: bytes) -> str:
+    return value.decode("latin-1").strip().lower()
+
+
+def _peer(request: IRequest) -> str:
+    return str(getattr(request.getClientAddress(), "host", ""))
 
 
 def _in(peer: str, network: Network) -> bool:

@@ -26,6 +26,8 @@ from twisted.web.iweb import IRequest
 from taskserver.metrics import Tally, route_label
 
 MAX_BODY_BYTES = 64 * 1024
+#: What every JSON answer says it is: the body is always UTF-8 (:func:`json_body`).
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 
 Headers = Iterable[tuple[str, str]]
 
@@ -55,7 +57,7 @@ def respond(
     status: int,
     document: dict[str, Any],
     headers: Headers = (),
-    content_type: str = "application/json",
+    content_type: str = JSON_CONTENT_TYPE,
 ) -> bytes:
     """Set the status and headers of a JSON answer; returns its body."""
     request.setResponseCode(status, HTTPStatus(status).phrase.encode("ascii"))
@@ -174,9 +176,9 @@ class CountingChannel(http.HTTPChannel):
         body = json_body(error.document())
         phrase = HTTPStatus(error.status).phrase.encode("ascii")
         self.transport.write(  # type: ignore[union-attr]
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+            b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nCache-Control: no-store\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
-            % (error.status, phrase, len(body), body)
+            % (error.status, phrase, JSON_CONTENT_TYPE.encode("ascii"), len(body), body)
         )
         self.loseConnection()
 

@@ -32,6 +32,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from taskserver.config import Settings
 from taskserver.keys import Keys
 from taskserver.logthrottle import WarningThrottle
 from taskserver.redisclient import within
@@ -86,6 +87,14 @@ HTTP_REQUESTS = "http_requests"
 RATE_LIMITED = "rate_limited"
 #: The tier every per-address limit counts as.
 IP_TIER = "ip"
+
+
+def configured_tiers(settings: Settings) -> list[str]:
+    """The tiers a refusal can be counted under, as configured: what ``rate_limited`` shows
+    (with 0 before a tier's first refusal) in admin ``stats`` and the dashboard alike."""
+    return [tier.name for tier in settings.rate_limits] + (
+        [IP_TIER] if settings.ip_rate_limits else []
+    )
 
 
 def field(name: str, labels: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> str:

@@ -15,16 +15,17 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor
 
-from conftest import RunningServer, unused_port
+from conftest import RunningServer, eventually, unused_port
 from harness import Twistd
 from taskserver import deadletters
 from taskserver.api import TaskAPI
-from taskserver.config import RedisAddress, Settings
+from taskserver.config import RateTier, RedisAddress, Settings
 from taskserver.dashboard import (
     LOGIN_MESSAGE_SLOT,
     SECURITY_HEADERS,
     DashboardRoutes,
     derived_secret,
+    session_cookie,
 )
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
@@ -187,7 +188,7 @@ async def test_only_the_allow_listed_files_are_served(
 ) -> None:
     response, body = await dashboard().get(f"/dashboard/static/{name}")
     assert (response.code, json_of(body)["error"]) == (404, "not_found")
-    assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+    assert response.headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]
     assert_security_headers(response)
 
 
@@ -312,10 +313,13 @@ async def test_the_login_form_sets_the_cookie(dashboard: Callable[..., Dashboard
     right, _ = await server.post("/dashboard/login", as_form, f"token={TOKEN}".encode())
     assert right.code == 303
     assert right.headers.getRawHeaders("Location") == ["/dashboard"]
-    cookie = derived_secret(TOKEN, "session")
-    assert right.headers.getRawHeaders("Set-Cookie") == [
-        f"taskserver_admin={cookie}; HttpOnly; SameSite=Strict; Path=/dashboard"
-    ]
+    [set_cookie] = right.headers.getRawHeaders("Set-Cookie")
+    cookie = re.fullmatch(
+        r"taskserver_admin=([0-9]+\.[0-9a-f]{64}); Max-Age=43200; HttpOnly; SameSite=Strict; "
+        r"Path=/dashboard",
+        set_cookie,
+    )[1]  # type: ignore[index]
+    assert abs(int(cookie.partition(".")[0]) - reactor.seconds()) < 5, "signed: issued now"
     with_cookie = {**remote, "Cookie": f"taskserver_admin={cookie}"}
     response, body = await server.get("/dashboard/api/session", with_cookie)
     assert (response.code, json_of(body)["auth"]) == (200, "cookie")
@@ -327,6 +331,40 @@ async def test_the_login_form_sets_the_cookie(dashboard: Callable[..., Dashboard
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_login_cookie_expires_is_secure_behind_https_and_logout_clears_it(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    server = dashboard(admin_token=TOKEN, trusted_proxies=("127.0.0.1",))
+    now = int(reactor.seconds())
+    fresh, old = session_cookie(TOKEN, now - 60), session_cookie(TOKEN, now - 12 * 3600 - 1)
+    relabelled = f"{now}.{old.partition('.')[2]}"  # an old signature with a new time
+    for cookie, code in [(fresh, 200), (old, 401), (relabelled, 401), ("x." + "0" * 64, 401)]:
+        response, _ = await server.get(
+            "/dashboard/api/session", {"Cookie": f"taskserver_admin={cookie}"}
+        )
+        assert response.code == code, cookie
+    assert derived_secret(TOKEN, "session") not in fresh, "not one constant value forever"
+
+    form = {"Content-Type": "application/x-www-form-urlencoded", "X-Forwarded-Proto": "https"}
+    response, _ = await server.post("/dashboard/login", form, f"token={TOKEN}".encode())
+    assert response.headers.getRawHeaders("Set-Cookie")[0].endswith("; Secure")
+    untrusted = dashboard(admin_token=TOKEN)
+    response, _ = await untrusted.post("/dashboard/login", form, f"token={TOKEN}".encode())
+    assert not response.headers.getRawHeaders("Set-Cookie")[0].endswith("; Secure")
+
+    csrf = derived_secret(TOKEN, "csrf")
+    response, body = await server.post("/dashboard/logout", {"X-CSRF-Token": "0" * 64})
+    assert (response.code, json_of(body)["error"]) == (403, "invalid_csrf_token")
+    assert response.headers.getRawHeaders("Set-Cookie") is None
+    response, body = await server.post("/dashboard/logout", {"X-CSRF-Token": csrf})
+    assert (response.code, json_of(body)) == (200, {"logged_out": True})
+    assert response.headers.getRawHeaders("Set-Cookie") == [
+        "taskserver_admin=; Max-Age=0; HttpOnly; SameSite=Strict; Path=/dashboard"
+    ]
+    assert_security_headers(response)
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_login_form_refuses_another_site(dashboard: Callable[..., Dashboard]) -> None:
     server = dashboard(admin_token=TOKEN)
     response, body = await server.post(
@@ -334,8 +372,42 @@ async def test_the_login_form_refuses_another_site(dashboard: Callable[..., Dash
         {"Content-Type": "application/x-www-form-urlencoded", "Origin": "http://evil.example"},
         f"token={TOKEN}".encode(),
     )
-    assert (response.code, json_of(body)["error"]) == (403, "cross_site")
+    assert response.code == 403
+    assert response.headers.getRawHeaders("Content-Type") == ["text/html; charset=utf-8"]
+    assert b"<form" in body and b"the Origin is not this server&#x27;s" in body, body
     assert response.headers.getRawHeaders("Set-Cookie") is None
+
+
+#: What nginx's ``proxy_pass http://127.0.0.1:PORT`` sends for https://tasks.example.com.
+BEHIND_NGINX = [
+    {"X-Forwarded-Host": "tasks.example.com", "X-Forwarded-Proto": "https"},
+    {"Forwarded": "for=203.0.113.9;host=tasks.example.com;proto=https"},
+]
+
+
+@pytest.mark.parametrize("forwarded", BEHIND_NGINX)
+@pytest_twisted.ensureDeferred
+async def test_behind_a_trusted_proxy_its_forwarded_host_is_the_origin(
+    dashboard: Callable[..., Dashboard], forwarded: dict[str, str]
+) -> None:
+    """The browser's Origin is the public name; the Host the proxy sends is its upstream."""
+    origin = {"Origin": "https://tasks.example.com", **forwarded}
+    form = {**origin, "Content-Type": "application/x-www-form-urlencoded"}
+    token = f"token={TOKEN}".encode()
+    server = dashboard(admin_token=TOKEN, trusted_proxies=("127.0.0.1",))
+    response, _ = await server.post("/dashboard/login", form, token)
+    assert response.code == 303
+    bearer = {"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "203.0.113.9"}
+    code, document = await server.act("/dashboard/api/dead/purge", **bearer, **origin)
+    assert (code, document) == (200, {"purged": 0})
+    evil = {**origin, "Origin": "https://evil.example"}
+    code, document = await server.act("/dashboard/api/dead/purge", **bearer, **evil)
+    assert (code, document["error"]) == (403, "cross_site"), "the forwarded host, no other"
+    untrusted = dashboard(admin_token=TOKEN)
+    response, _ = await untrusted.post("/dashboard/login", form, token)
+    assert response.code == 403, "from anyone but a trusted proxy the header means nothing"
+    code, document = await untrusted.act("/dashboard/api/dead/purge", **bearer, **origin)
+    assert (code, document["error"]) == (403, "cross_site")
 
 
 @pytest_twisted.ensureDeferred
@@ -345,6 +417,36 @@ async def test_without_a_token_the_login_page_says_none_is_needed(
     response, body = await dashboard().get("/dashboard/login")
     assert response.code == 200
     assert b'<p id="login-message">No ADMIN_TOKEN is set' in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_guessing_the_token_is_limited_per_client_address(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    """10 wrong tokens a minute (form or bearer) from one address, then 429 with
+    Retry-After, even for the right one (or the answers would tell them apart)."""
+    server = dashboard(admin_token=TOKEN, trusted_proxies=("127.0.0.1",))
+    guesser = {"X-Forwarded-For": "203.0.113.9"}
+    form = {**guesser, "Content-Type": "application/x-www-form-urlencoded"}
+    for n in range(10):
+        if n % 2:
+            response, _ = await server.post("/dashboard/login", form, f"token=guess{n}".encode())
+        else:
+            bearer = {**guesser, "Authorization": f"Bearer guess{n}"}
+            response, _ = await server.get("/dashboard/api/session", bearer)
+        assert response.code == 403, n
+    right = {**guesser, "Authorization": f"Bearer {TOKEN}"}
+    response, body = await server.get("/dashboard/api/session", right)
+    assert (response.code, json_of(body)["error"]) == (429, "too_many_attempts")
+    assert 50 <= int(response.headers.getRawHeaders("Retry-After")[0]) <= 60
+    assert_security_headers(response)
+    response, body = await server.post("/dashboard/login", form, f"token={TOKEN}".encode())
+    assert response.code == 429 and b"too many wrong tokens" in body and b"<form" in body
+    assert response.headers.getRawHeaders("Retry-After") is not None
+    assert response.headers.getRawHeaders("Set-Cookie") is None
+    someone_else = {"X-Forwarded-For": "203.0.113.10", "Authorization": f"Bearer {TOKEN}"}
+    response, _ = await server.get("/dashboard/api/session", someone_else)
+    assert response.code == 200, "another address is not held up"
 
 
 # ------------------------------------------------------------------ CSRF and read-only
@@ -458,29 +560,168 @@ async def test_requeue_one_all_and_purge_change_the_lists(
     assert await redis.llen(keys.pending) == 4, "purge leaves the queue alone"
 
 
+def small_windows(monkeypatch: pytest.MonkeyPatch, chunk: int, overlap: int) -> None:
+    """Each scan call one LRANGE of ``chunk`` entries (any byte counts as the budget)."""
+    monkeypatch.setattr(deadletters, "SCAN_CHUNK", chunk)
+    monkeypatch.setattr(deadletters, "SCAN_BYTES", 1)
+    monkeypatch.setattr(deadletters, "SCAN_OVERLAP", overlap)
+
+
+def dead_ids(entries: list[str]) -> list[str]:
+    return [json.loads(entry)["task"]["id"] for entry in entries]
+
+
 @pytest_twisted.ensureDeferred
-async def test_requeue_by_id_scans_in_bounded_calls_and_misses_nothing(
+async def test_requeue_by_id_finds_a_task_while_tasks_die_into_a_full_list(
     redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Named tasks on both sides of each call's window, two found in the first window:
-    the next window starts that much earlier, so the entry after them is still seen."""
-    monkeypatch.setattr(deadletters, "SCAN_BATCH", 100)
-    tasks = [await dead_letter(redis, keys, f"u{n}", {"n": n}, "boom") for n in range(300)]
-    named = [tasks[n] for n in (0, 99, 100, 101, 199, 200, 299)]
-    calls = []
-    real = deadletters.REQUEUE_DEAD
+    """At DEAD_LETTER_MAX every death pushes an entry at the head and trims one at the
+    tail (lua/lib/dead_letter.lua): a scan counted from the tail skipped one a call."""
+    small_windows(monkeypatch, chunk=5, overlap=1)
+    queue = TaskQueue(redis, keys, 3600, 1.0, reactor, 1, dead_letter_max=40)
+    tasks = [await really_dead(queue, redis, f"u{n}") for n in range(40)]
+    target = tasks[17]  # 23rd from the head; from the tail, in the slot the old scan skipped
+    calls, died = 0, []
 
-    def counted(*arguments: Any) -> Any:
-        calls.append(arguments)
-        return real(*arguments)
+    async def tasks_die_meanwhile(call: defer.Deferred[Any]) -> Any:
+        nonlocal calls
+        answer = await call
+        calls += 1
+        if not int(answer[0]):  # not found yet: a task dies before the next call
+            died.append(await really_dead(queue, redis, f"meanwhile-{calls}"))
+        return answer
 
-    monkeypatch.setattr(deadletters, "REQUEUE_DEAD", counted)
-    assert await deadletters.requeue(redis, keys, [t.id for t in reversed(named)]) == 7
-    assert len(calls) == 3, "three windows of 100 (the last one finds the newest task)"
+    assert await redis.llen(keys.dead) == 40, "the list is at its cap"
+    assert await deadletters.requeue(redis, keys, [target.id], tasks_die_meanwhile) == 1
+    assert calls >= 4, "several calls, a death between each two"
+    assert await redis.lrange(keys.pending, 0, -1) == [target.to_json()]
+    assert (await queue.status(target.id) or {})["status"] == "queued"
+    newest_first = [t.id for t in reversed(tasks + died)][:40]
+    assert dead_ids(await redis.lrange(keys.dead, 0, -1)) == [
+        task_id for task_id in newest_first if task_id != target.id
+    ], "the rest as they were: nothing lost but what the cap trimmed, nothing twice"
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeue_by_id_survives_another_requeue_by_id_meanwhile(
+    redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another requeue removes an entry the scan has passed: the rest move up one place,
+    and the next call starts SCAN_OVERLAP earlier so that it still sees the one there."""
+    small_windows(monkeypatch, chunk=5, overlap=1)
+    tasks = [await dead_letter(redis, keys, f"u{n}", {"n": n}, "boom") for n in range(30)]
+    target = tasks[24]  # 6th from the head: the first entry the second call reads
+    others: list[int] = []
+
+    async def another_requeue_meanwhile(call: defer.Deferred[Any]) -> Any:
+        answer = await call
+        if not others:
+            others.append(await deadletters.requeue(redis, keys, [tasks[29].id]))
+        return answer
+
+    assert await deadletters.requeue(redis, keys, [target.id], another_requeue_meanwhile) == 1
+    assert others == [1]
+    assert sorted(await redis.lrange(keys.pending, 0, -1)) == sorted(
+        [target.to_json(), tasks[29].to_json()]
+    )
+    dead = dead_ids(await redis.lrange(keys.dead, 0, -1))
+    assert dead == [t.id for t in reversed(tasks) if t not in (target, tasks[29])]
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeue_by_id_takes_several_in_bounded_calls_each_once(
+    redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small_windows(monkeypatch, chunk=10, overlap=3)
+    tasks = [await dead_letter(redis, keys, f"u{n}", {"n": n}, "boom") for n in range(100)]
+    named = [tasks[n] for n in (0, 9, 10, 11, 50, 98, 99)]
+    ids = [t.id for t in named]
+    assert await deadletters.requeue(redis, keys, [*ids, ids[0], "f" * 32]) == 7
+    assert sorted(await redis.lrange(keys.pending, 0, -1)) == sorted(t.to_json() for t in named)
+    assert await redis.llen(keys.dead) == 93
+    assert await deadletters.requeue(redis, keys, [tasks[0].id]) == 0, "not dead any more"
+
+
+#: Entries as large as a task gets (a body of MAX_BODY_BYTES is at most a 64 KiB payload).
+BIG = "x" * 60_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_requeue_call_reads_a_bounded_number_of_bytes(redis: Any, keys: Keys) -> None:
+    """40 entries of 60 KB (2.4 MB): no call, scanning or moving, copies much more than
+    SCAN_BYTES into Lua (SCAN_BATCH entries per call made it ~320 MB at 5,000)."""
+    tasks = [await dead_letter(redis, keys, f"u{n}", BIG, "boom") for n in range(40)]
+    entry_bytes = len(await redis.lindex(keys.dead, 0))
+    answers: list[Any] = []
+
+    async def recorded(call: defer.Deferred[Any]) -> Any:
+        answers.append(await call)
+        return answers[-1]
+
+    assert await deadletters.requeue(redis, keys, [tasks[0].id], recorded) == 1
+    scans = [a for a in answers if isinstance(a, list)]
+    assert len(scans) >= 2, "the oldest is more than one call away"
+    for _moved, scanned, *_ in scans:
+        assert int(scanned) * entry_bytes <= deadletters.SCAN_BYTES + 16 * entry_bytes
+    assert [int(a[2]) for a in scans[:-1]] == [0] * (len(scans) - 1), "the end comes last"
+    answers.clear()
+    assert await deadletters.requeue(redis, keys, [], recorded) == 39
+    moves = [a for a in answers if isinstance(a, list)]
+    assert len(moves) >= 2
+    for _moved, taken, _at_end in moves:
+        assert (int(taken) - 1) * entry_bytes < deadletters.SCAN_BYTES
     oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
-    assert oldest_first == [t.to_json() for t in named], "oldest first, each once"
-    assert await redis.llen(keys.dead) == 293
-    assert await deadletters.requeue(redis, keys, [tasks[0].id, "f" * 32]) == 0
+    assert oldest_first == [tasks[0].to_json()] + [t.to_json() for t in tasks[1:]]
+
+
+class PausedAfterOneScript:
+    """Redis that stops answering scripts (CLIENT PAUSE WRITE) after its first one answered."""
+
+    def __init__(self, real: Any, pause_ms: int) -> None:
+        self._real = real
+        self._pause_ms = pause_ms
+        self.paused = False
+
+    async def _evalsha(self, *arguments: Any) -> Any:
+        answer = await self._real.evalsha(*arguments)
+        if not self.paused:
+            self.paused = True
+            await self._real.execute_command("CLIENT", "PAUSE", str(self._pause_ms), "WRITE")
+        return answer
+
+    def evalsha(self, *arguments: Any) -> defer.Deferred[Any]:
+        return defer.Deferred.fromCoroutine(self._evalsha(*arguments))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_requeue_all_cut_short_by_a_timeout_says_what_it_did(
+    settings: Settings, redis: Any, keys: Keys, static: Path, redis_server: RedisAddress
+) -> None:
+    """Its first call moved tasks, the next one got no answer in time: a 200 with the
+    count of those moved and "complete": false, not a 503 (they are back in the queue)."""
+    tasks = [await dead_letter(redis, keys, f"u{n}", BIG, "boom") for n in range(40)]
+    paused = PausedAfterOneScript(redis, 1500)
+    server = Dashboard(replace(settings, redis_timeout_s=0.3), paused, static, redis_server)
+    try:
+        status, document = await server.act("/dashboard/api/dead/requeue-all")
+        assert status == 200, document
+        assert document["complete"] is False
+        assert 0 < document["requeued"] < 40
+        assert document["requeued"] <= await redis.llen(keys.pending)
+    finally:
+        await server.port.stopListening()
+
+    async def settled() -> bool:
+        return await redis.llen(keys.pending) + await redis.llen(keys.dead) == 40
+
+    await eventually(settled, timeout=5)
+    queued = set(await redis.lrange(keys.pending, 0, -1))
+    dead = dead_ids(await redis.lrange(keys.dead, 0, -1))
+    assert len(queued) + len(set(dead)) == 40, "nothing lost, nothing duplicated"
+    assert {t.id for t in tasks} == {json.loads(q)["id"] for q in queued} | set(dead)
 
 
 @pytest_twisted.ensureDeferred
@@ -522,7 +763,7 @@ async def test_bad_paging_is_a_json_400(dashboard: Callable[..., Dashboard], que
     response, body = await dashboard().get(f"/dashboard/api/dead?{query}")
     assert response.code == 400
     assert json_of(body)["error"] == "invalid_paging"
-    assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+    assert response.headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]
 
 
 @pytest.mark.parametrize(
@@ -542,6 +783,33 @@ async def test_the_payload_excerpt_is_cut_at_200_characters(
     await dead_letter(redis, keys, "u", payload, "boom")
     _, body = await dashboard().get("/dashboard/api/dead")
     assert json_of(body)["items"][0]["payload_excerpt"] == excerpt
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_page_script_sends_only_an_excerpt_of_each_payload(
+    redis: Any, keys: Keys
+) -> None:
+    """Listed exactly as the whole entry decoded would be (:func:`deadletters.item`), but
+    of a 60 KB payload not much more than the excerpt leaves Redis."""
+    payloads = [
+        BIG,
+        {"a": 1, "queued_at": "x", ',"payload":': 2, "n": [1, 2, 3]},
+        "😀" * 199 + "é" * 10,
+        "é" * 400,
+        "x" * 200,
+        [],
+        None,
+        12345678901234567890,
+    ]
+    for payload in payloads:
+        await dead_letter(redis, keys, 'u","payload":1,"x', payload, 'e","task":{}')
+    await redis.lpush(keys.dead, "not an entry " + "z" * 300)
+    entries = await redis.lrange(keys.dead, 0, -1)
+    reply = await deadletters.DEAD_PAGE(redis, [keys.dead], [0, 50, deadletters.EXCERPT_BYTES])
+    assert sum(len(str(part).encode()) for part in reply) < 9 * 1500, "excerpts, not entries"
+    total, items = await deadletters.page(redis, keys, 0, 50)
+    assert total == len(payloads) + 1
+    assert items == [deadletters.item(entry) for entry in entries]
 
 
 def test_an_entry_taskserver_did_not_write_is_listed_as_such() -> None:
@@ -567,7 +835,7 @@ async def test_client_values_stay_data_in_every_json_answer(
     for task, xss in zip(tasks, XSS, strict=True):
         await server.queue.enqueue(task)
         response, body = await server.get(f"/dashboard/api/task/{task.id}")
-        assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+        assert response.headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]
         assert json_of(body)["user_id"] == xss
         assert_security_headers(response)
 
@@ -597,6 +865,11 @@ async def test_the_overview_counts_the_queue(
     assert (document["queue"]["processing"], document["queue"]["delayed"]) == (0, 0)
     assert document["queue"]["oldest_pending_age_s"] is not None
     assert document["read_only"] is True
+    assert document["rate_limited"] == {"1s": 0, "60s": 0}, "the configured tiers, none refused"
+    response, body = await dashboard(ip_rate_limits=(RateTier("ip10s", 5, 10_000),)).get(
+        "/dashboard/api/overview"
+    )
+    assert json_of(body)["rate_limited"] == {"1s": 0, "60s": 0, "ip": 0}
     assert document["redis"]["address"] == f"{redis_server.host}:{redis_server.port}"
     assert (document["redis"]["embedded"], document["redis"]["up"]) == (False, True)
 
@@ -694,3 +967,20 @@ def test_every_child_of_a_cluster_gives_the_same_csrf_token(
     assert len(tokens) == 2, "both children answered"
     assert len(set(tokens.values())) == 1, tokens
     assert server.stop() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_trailing_slash_redirects_and_every_answer_has_the_headers(
+    dashboard: Callable[..., Dashboard],
+) -> None:
+    server = dashboard()
+    response, _ = await server.get("/dashboard/")
+    assert (response.code, response.headers.getRawHeaders("Location")) == (303, ["/dashboard"])
+    assert_security_headers(response)
+    for path in ("/dashboard//", "/dashboard/api/", "/dashboard/nothing/at/all", "/dashboard/%ff"):
+        response, _ = await server.get(path)
+        assert response.code in (400, 404), path
+        assert_security_headers(response)
+    response, _ = await server.post("/dashboard/")
+    assert response.code == 405
+    assert_security_headers(response)

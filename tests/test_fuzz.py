@@ -212,7 +212,8 @@ def test_any_request_gets_a_json_answer_and_never_a_5xx(
 
 def assert_json_answer(method: str, status: int, headers: dict[str, str], answer: bytes) -> None:
     if answer:
-        assert headers["content-type"] in ("application/json", "application/problem+json")
+        json_types = ("application/json; charset=utf-8", "application/problem+json")
+        assert headers["content-type"] in json_types
         assert isinstance(json.loads(answer), dict)
     else:
         assert method == "HEAD", (status, "an empty answer")

@@ -266,7 +266,7 @@ def test_paths_klein_cannot_route_get_a_json_4xx_and_log_nothing(
     answer = connection.transport.value()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d " % status), answer[:300]
-    assert b"\r\nContent-Type: application/json\r\n" in head
+    assert b"\r\nContent-Type: application/json; charset=utf-8\r\n" in head
     if code is None:  # HEAD: the same headers, no body
         assert body == b""
     else:
@@ -388,7 +388,7 @@ async def test_accepted_task(server: RunningServer) -> None:
     assert document["user_id"] == "user123" and document["status"] == "queued"
     headers = response.headers
     assert headers.getRawHeaders("Location") == [f"/api/v1/task/{document['task_id']}"]
-    assert headers.getRawHeaders("Content-Type") == ["application/json"]
+    assert headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]
     assert headers.getRawHeaders("RateLimit-Policy") == ['"1s";q=1;w=1, "60s";q=20;w=60']
     assert headers.getRawHeaders("RateLimit") == ['"1s";r=0;t=1, "60s";r=19;t=60']
     assert headers.getRawHeaders("X-RateLimit-Remaining") == ["0"]
@@ -453,7 +453,7 @@ async def test_errors_are_json(
     response, document = await post(server, body, headers)
     assert response.code == status
     assert document["error"] == code and document["message"]
-    assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+    assert response.headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]
 
 
 @pytest_twisted.ensureDeferred
