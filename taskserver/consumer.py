@@ -159,7 +159,8 @@ class ConsumerService(Service):
     def pause(self) -> None:
         """Start no task until :meth:`resume`; the tasks wait in the queue.
 
-        A blocking pop under way still lands (at most one task, within POP_WAIT_S).
+        A blocking pop under way still lands (at most one task, within POP_WAIT_S);
+        a fetch under way that finds nothing does not block in a pop.
         """
         self._paused = True
 
@@ -290,7 +291,7 @@ class ConsumerService(Service):
                 )
                 alone, drain = batch.alone, batch.wait
                 fetched: list[tuple[str, int | None]] = list(batch.tasks)
-                if not fetched and not drain:
+                if not fetched and not drain and not self._paused:
                     raw = await self._queue.fetch(
                         self._blocking, self._queue.keys.pending, processing, POP_WAIT_S
                     )

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import re
 import subprocess
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -113,12 +114,24 @@ def test_a_full_disk_delays_lines_never_loses_them(
             what="/readyz 200 again on every worker",
         )
         assert_in_order_per_worker(small_disk)
+        wait_for(
+            lambda: write_errors(server) >= 1,
+            timeout=10,
+            what="taskserver_task_log_write_errors_total counted in /metrics",
+        )
         output = server.output
         assert output.count("the task log") and output.count("cannot be written") == 1, output
         assert output.count("is writable again") == 1
         assert output.count("workers stop fetching until") == 1
     finally:
         server.stop()
+
+
+def write_errors(server: Twistd) -> float:
+    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(r"^taskserver_task_log_write_errors_total (\S+)$", text, re.MULTILINE)
+    return float(match[1]) if match else 0.0
 
 
 def assert_in_order_per_worker(log_dir: Path) -> None:

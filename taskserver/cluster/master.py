@@ -26,7 +26,13 @@ from typing import IO, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, task
-from twisted.logger import ILogObserver, Logger, globalLogPublisher, textFileLogObserver
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    globalLogPublisher,
+    textFileLogObserver,
+)
 from twisted.python.logfile import LogFile
 
 from taskserver.cluster.balance import Scoreboard
@@ -55,6 +61,21 @@ SERVER_LOG_MAX_BYTES = 10_000_000
 SERVER_LOG_ROTATED_FILES = 5
 #: How long the master keeps trying to give a dead child's tasks back (then the reaper will).
 RECLAIM_RETRY_FOR_S = 30.0
+
+
+def unless_the_disk_refuses(observer: ILogObserver) -> ILogObserver:
+    """``observer``, dropping the events its file cannot take (twistd.log on a full disk).
+
+    twistd.log shares LOG_DIR with tasks.log. Without this, every event
+    logged while the disk is full would come back as a traceback from the
+    log publisher; twistd's own log (stdout with ``-n``) still has them.
+    """
+
+    def observe(event: LogEvent) -> None:
+        with contextlib.suppress(OSError):
+            observer(event)
+
+    return cast(ILogObserver, observe)
 
 
 class Master(Service):
@@ -147,7 +168,7 @@ class Master(Service):
             maxRotatedFiles=SERVER_LOG_ROTATED_FILES,
         )
         self._log_observer = without_reconnect_attempts(
-            textFileLogObserver(cast(IO[str], self._log_file))
+            unless_the_disk_refuses(textFileLogObserver(cast(IO[str], self._log_file)))
         )
         globalLogPublisher.addObserver(self._log_observer)
 
