@@ -206,12 +206,26 @@ class TaskLogWriter:
 
     def write_lines(self, lines: list[str]) -> None:
         """Write ``lines`` now, or keep them behind the lines already waiting."""
-        self._pending.extend(f"{line}\n".encode() for line in lines)
-        if self._retry is None:
-            self._drain()
-        else:
+        if self._retry is not None:
+            self._pending.extend(f"{line}\n".encode() for line in lines)
             self._late += len(lines)
             self._check_pressure()
+            return
+        if self._pending:
+            self._pending.extend(f"{line}\n".encode() for line in lines)
+            self._drain()
+            return
+        # Nothing waits (the usual case): the whole turn's lines in one buffer, one write.
+        data = "".join(f"{line}\n" for line in lines).encode()
+        try:
+            written = self._file.write(data)
+        except OSError as e:
+            self._pending.extend(data.splitlines(keepends=True))
+            self._failed(e)
+            return
+        if written < len(data):
+            self._pending.extend(data[written:].splitlines(keepends=True))
+            self._drain()
 
     def _drain(self) -> None:
         pending = self._pending
