@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -198,6 +199,7 @@ class TaskLogWriter:
         self.unwritable: str | None = None
         #: Past the bound: the children should not fetch.
         self.pressing = False
+        self._drain_waiters: list[defer.Deferred[None]] = []
 
     @property
     def backlog(self) -> int:
@@ -285,7 +287,18 @@ class TaskLogWriter:
             )
             self._on_change()
 
+    def drained(self) -> defer.Deferred[None]:
+        """Fires once no line waits (at once if none does); what a stopping master awaits."""
+        if not self._pending:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred(self._drain_waiters.remove)
+        self._drain_waiters.append(waiter)
+        return waiter
+
     def _recovered(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         if self._unwritable_since is None:
             return
         self.log.info(

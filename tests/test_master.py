@@ -202,3 +202,42 @@ def test_a_full_disk_drops_twistd_log_events_without_a_traceback_each() -> None:
     observer({"log_format": "refused"})
     observer({"log_format": "taken"})
     assert seen == ["refused", "taken"]
+
+
+def stop_with_a_full_disk(tmp_path: Path, frees_up: bool) -> tuple[FaultyFile, list[str]]:
+    """Three lines the disk refuses, then a stop; the disk frees up halfway through, or not."""
+    reactor, master = started(tmp_path)
+    assert master._task_log is not None
+    disk = FaultyFile()
+    master._task_log._file = disk
+    master._queue_for_reclaims = lambda: None  # type: ignore[method-assign,assignment,return-value]
+    disk.failing = errno.ENOSPC
+    records = b"".join(task_record(f"line {n}").encode() + b"\n" for n in range(3))
+    with capturedLogs() as logged:
+        reactor.process(1).say(RECORDS_FD, records)
+        stopped = master.stopService()
+        for n in (1, 2):
+            reactor.process(n).exit(0)
+        reactor.advance(SHUTDOWN_TIMEOUT_S / 2)
+        assert reactor.process(0).signals == [], "Redis waits: the master is still writing"
+        if frees_up:
+            disk.failing = None
+        for _ in range(int(SHUTDOWN_TIMEOUT_S / tasklog.RETRY_MAX_S) + 1):
+            reactor.advance(tasklog.RETRY_MAX_S)
+        assert reactor.process(0).signals == ["TERM"]
+        reactor.process(0).exit(0)
+    assert stopped.called
+    return disk, [formatEvent(e) for e in logged if e["log_level"] >= LogLevel.warn]
+
+
+def test_a_stop_waits_for_the_lines_a_full_disk_holds_back(tmp_path: Path) -> None:
+    disk, warnings = stop_with_a_full_disk(tmp_path, frees_up=True)
+    assert disk.lines() == ["line 0", "line 1", "line 2"]
+    assert "waiting up to 2 s for 3 task-log line(s) the disk has not taken yet" in warnings
+    assert not [w for w in warnings if "lost" in w]
+
+
+def test_a_stop_gives_up_on_a_disk_that_stays_full_and_says_so(tmp_path: Path) -> None:
+    disk, warnings = stop_with_a_full_disk(tmp_path, frees_up=False)
+    assert disk.lines() == [] and disk.closed
+    assert "3 task-log line(s) could not be written before the stop and are lost" in warnings

@@ -273,3 +273,17 @@ def test_close_tries_once_more_and_says_what_is_lost() -> None:
         globalLogPublisher.removeObserver(events.append)
     assert file.closed and not clock.getDelayedCalls()
     assert any("lost" in e.get("log_format", "") and e.get("n") == 2 for e in events)
+
+
+def test_drained_fires_once_the_waiting_lines_are_out() -> None:
+    file = FaultyFile()
+    writer, clock, _ = writer_for(file)
+    assert writer.drained().called, "nothing waits"
+    file.failing = errno.EIO
+    writer.write_lines(numbered(0, 3))
+    drained = writer.drained()
+    clock.advance(5.0)
+    assert not drained.called
+    file.failing = None
+    retry_until_written(clock, writer)
+    assert drained.called and file.lines() == numbered(0, 3)

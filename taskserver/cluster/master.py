@@ -485,6 +485,22 @@ class Master(Service):
             self._queue_for_reclaims()
         await self._metrics.stopService()
 
+    async def _task_log_written(self) -> None:
+        """The children are gone: give lines a full disk holds back up to SHUTDOWN_TIMEOUT."""
+        writer = self._task_log
+        if writer is None:
+            return
+        self._task_lines.flush()
+        if not writer.backlog:
+            return
+        self.log.warn(
+            "waiting up to {s:g} s for {n} task-log line(s) the disk has not taken yet",
+            s=self._settings.shutdown_timeout_s,
+            n=writer.backlog,
+        )
+        with contextlib.suppress(defer.TimeoutError):
+            await writer.drained().addTimeout(self._settings.shutdown_timeout_s, self._reactor)
+
     def _what_was_killed(self) -> list[str]:
         """What a stop had to SIGKILL: work maybe not given back, an AOF maybe not synced."""
         killed = list(self.supervisor.killed) if self.supervisor is not None else []
@@ -497,6 +513,7 @@ class Master(Service):
         try:
             if self.supervisor is not None:
                 await self.supervisor.stopService()
+            await self._task_log_written()
             await self._flush_metrics()
             await self._close_pool()
         finally:
