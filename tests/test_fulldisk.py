@@ -5,6 +5,7 @@ bound the workers stop fetching and /readyz says why; free it: every
 accepted task's line is in the log exactly once, each worker's lines in
 the order it finished them, and /readyz is 200 again. Needs a tmpfs mount
 (root, or a machine that allows it); skipped with the reason otherwise.
+Every wait has a deadline; together they stay under 60 s after start-up.
 """
 
 from __future__ import annotations
@@ -89,12 +90,12 @@ def test_a_full_disk_delays_lines_never_loses_them(
         server.wait_until_ready(WORKERS)
         filler = fill(small_disk)
         load = Load(server, threads=4, limit=TASKS, users="fulldisk")
-        load.finish(timeout=40)
+        load.finish(timeout=15)
         assert load.done() and len(load.accepted) == TASKS, f"{load.failed} POSTs failed"
 
         _, document = wait_for(
             lambda: (answer := readyz(server))[0] == 503 and answer,
-            timeout=20,
+            timeout=10,
             what="/readyz answering 503 once the bound is reached",
         )
         assert document["error"] == "task_log_unwritable", document
@@ -105,18 +106,18 @@ def test_a_full_disk_delays_lines_never_loses_them(
         assert logged_task_ids(small_disk) == {}, "nothing reached the full disk"
 
         filler.unlink()
-        counts = wait_until_logged(small_disk, set(load.accepted), timeout=30)
+        counts = wait_until_logged(small_disk, set(load.accepted), timeout=15)
         assert set(counts) == set(load.accepted)
         assert [t for t, n in counts.items() if n != 1] == [], "each line exactly once"
         wait_for(
             lambda: all(readyz(server)[0] == 200 for _ in range(6)),
-            timeout=10,
+            timeout=5,
             what="/readyz 200 again on every worker",
         )
         assert_in_order_per_worker(small_disk)
         wait_for(
             lambda: write_errors(server) >= 1,
-            timeout=10,
+            timeout=5,
             what="taskserver_task_log_write_errors_total counted in /metrics",
         )
         output = server.output

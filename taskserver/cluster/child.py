@@ -70,6 +70,8 @@ from taskserver.tasklog import TaskLog
 API_POOL_SIZE = 4
 #: How long a stopping child waits for its open HTTP connections to finish.
 DRAIN_TIMEOUT_S = 5.0
+#: Retry-After on /readyz while fetching is paused (the master retries the task log each second).
+FETCH_PAUSED_RETRY_AFTER_S = 5
 
 
 class ChildService(Service):
@@ -140,7 +142,12 @@ class ChildService(Service):
         """Why /readyz answers 503 though Redis answers: fetching is paused."""
         if self._fetch_paused is None:
             return None
-        return ApiError(503, "task_log_unwritable", self._fetch_paused, [("Retry-After", "5")])
+        return ApiError(
+            503,
+            "task_log_unwritable",
+            self._fetch_paused,
+            [("Retry-After", str(FETCH_PAUSED_RETRY_AFTER_S))],
+        )
 
     def startService(self) -> None:
         super().startService()
