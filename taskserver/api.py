@@ -250,6 +250,7 @@ class TaskAPI:
         metrics_token: str | None = None,
         tally: Tally | None = None,
         dashboard: DashboardRoutes | None = None,
+        not_ready: Callable[[], ApiError | None] = lambda: None,
     ) -> None:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
@@ -260,6 +261,7 @@ class TaskAPI:
         ``read_stats()`` reads the cluster's numbers (:func:`taskserver.stats.read_stats`
         with its Redis, keys and labels bound); None turns GET /metrics off.
         ``tally`` counts the process's requests, admissions and refusals.
+        ``not_ready()`` is why /readyz should fail though Redis answers, or None.
         """
         #: None unless it has tiers: the request path then does not even call it.
         self._ip_limiter = ip_limiter if ip_limiter is not None and ip_limiter.active else None
@@ -271,6 +273,7 @@ class TaskAPI:
         self._kill = kill
         self._kill_token = kill_token
         self._read_stats = read_stats
+        self._not_ready = not_ready
         self._metrics_token = metrics_token
         self._warnings = WarningThrottle(self.log, clock)
         self.tally = tally if tally is not None else Tally()
@@ -422,6 +425,9 @@ class TaskAPI:
 
     @app.route("/readyz", methods=["GET"])
     async def readyz(self, request: IRequest) -> bytes:
+        refusal = self._not_ready()
+        if refusal is not None:
+            raise refusal
         await self._queue.ping()
         return respond(request, 200, {"status": "ready"})
 

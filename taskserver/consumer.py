@@ -136,6 +136,8 @@ class ConsumerService(Service):
         self.consumer_ids = consumer_ids_of(self.process_id)
         self._concurrency = concurrency
         self._stopping = False
+        #: Fetch nothing (the task log is full); running tasks finish, timers carry on.
+        self._paused = False
         self._dispatcher: defer.Deferred[None] | None = None
         self._running: dict[defer.Deferred[None], str] = {}
         #: Finished tasks whose acknowledgement is on its way (their entries are still held).
@@ -149,6 +151,22 @@ class ConsumerService(Service):
     def in_flight(self) -> int:
         """Tasks running now."""
         return len(self._running)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Start no task until :meth:`resume`; the tasks wait in the queue.
+
+        A blocking pop under way still lands (at most one task, within POP_WAIT_S);
+        a fetch under way that finds nothing does not block in a pop.
+        """
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake_dispatcher()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -260,7 +278,7 @@ class ConsumerService(Service):
                 self._concurrency - len(self._running),
                 2 * self._concurrency - len(self._running) - len(self._acking),
             )
-            if room <= 0 or (not self._idle and (alone or drain)):
+            if room <= 0 or self._paused or (not self._idle and (alone or drain)):
                 self._slot_freed = defer.Deferred()
                 await self._slot_freed
                 continue
@@ -273,7 +291,7 @@ class ConsumerService(Service):
                 )
                 alone, drain = batch.alone, batch.wait
                 fetched: list[tuple[str, int | None]] = list(batch.tasks)
-                if not fetched and not drain:
+                if not fetched and not drain and not self._paused:
                     raw = await self._queue.fetch(
                         self._blocking, self._queue.keys.pending, processing, POP_WAIT_S
                     )

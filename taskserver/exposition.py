@@ -35,6 +35,7 @@ COUNTERS = {
     "tasks_dead": "Tasks moved to the dead-letter list.",
     "tasks_reclaimed": "Tasks returned to the queue from a consumer whose process died.",
     "worker_restarts": "Cluster children restarted by their master.",
+    "task_log_write_errors": "Failed attempts to write the task log (its lines are kept, retried).",
 }
 #: Histograms: name -> (HELP, label names).
 HISTOGRAMS = {

@@ -79,6 +79,8 @@ TASKS_RETRIED = "tasks_retried"
 TASKS_DEAD = "tasks_dead"
 TASKS_RECLAIMED = "tasks_reclaimed"
 WORKER_RESTARTS = "worker_restarts"
+#: Failed attempts to write the task log (each retry that fails counts again).
+TASK_LOG_WRITE_ERRORS = "task_log_write_errors"
 #: Histogram names.
 TASK_DURATION = "task_duration_seconds"
 TASK_WAIT = "task_wait_seconds"

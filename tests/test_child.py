@@ -8,10 +8,27 @@ from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
 
-from taskserver.cluster.child import DRAIN_TIMEOUT_S, ChildService, log_observer, records_pipe
-from taskserver.cluster.protocol import READY, TASK, parse_record, task_record, worker_process_id
+from taskserver.cluster.child import (
+    DRAIN_TIMEOUT_S,
+    ChildService,
+    _read_config_line,
+    log_observer,
+    master_record,
+    records_pipe,
+)
+from taskserver.cluster.lifeline import ParentWatch
+from taskserver.cluster.protocol import (
+    READY,
+    RESUME,
+    TASK,
+    parse_record,
+    pause_record,
+    task_record,
+    worker_process_id,
+)
 from taskserver.ids import consumer_ids_of, new_process_id, process_of
 
 
@@ -122,3 +139,45 @@ def test_a_child_logs_info_and_above_without_reconnect_attempts() -> None:
         "[taskserver.consumer.ConsumerService#warn] heartbeat failed: Redis did not answer "
         "within 1.0 s",
     ]
+
+
+def test_records_after_the_configuration_reach_the_child_in_order() -> None:
+    """fd 0: the configuration line, then pause/resume records, however the reads cut them."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b'{"seat": 1}\n' + pause_record("the disk is full").encode() + b"\nres")
+        config, rest = _read_config_line(read_end)
+        assert config == {"seat": 1}
+        lines: list[str] = []
+        gone: list[bool] = []
+        watch = ParentWatch(
+            read_end, lambda: gone.append(True), MemoryReactor(), lines.append, already_read=rest
+        )
+        watch.startReading()
+        assert lines == ["pause the disk is full"], "what came with the configuration"
+        os.write(write_end, b"ume\n")
+        watch.doRead()
+        assert lines == ["pause the disk is full", RESUME]
+        os.close(write_end)
+        write_end = -1
+        assert watch.doRead() is not None, "end-of-file: the master is gone"
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def test_pause_and_resume_records_switch_readiness() -> None:
+    child = stopping_child(FakeSite(0), Clock())
+    assert child._not_ready() is None
+    master_record(child, pause_record("the task log cannot be written (No space left on device)"))
+    refusal = child._not_ready()
+    assert refusal is not None and refusal.status == 503
+    assert refusal.document() == {
+        "error": "task_log_unwritable",
+        "message": "the task log cannot be written (No space left on device)",
+    }
+    master_record(child, "something new")  # a record this child does not know: ignored
+    assert child._not_ready() is not None
+    master_record(child, RESUME)
+    assert child._not_ready() is None

@@ -11,7 +11,7 @@ import pytest_twisted
 import txredisapi
 from twisted.internet import defer, reactor
 
-from conftest import connect_raw, eventually
+from conftest import connect_raw, eventually, sleep
 from taskserver import admin
 from taskserver.config import RedisAddress
 from taskserver.consumer import ConsumerService, backoff_s
@@ -490,3 +490,44 @@ async def test_an_outcome_that_cannot_be_recorded_gives_the_task_back(
     assert broke and attempts == [1, 2]
     assert await redis.llen(keys.processing(service.consumer_ids[0])) == 0
     assert await redis.zcard(keys.delayed) == 0 and await redis.llen(keys.pending) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_paused_consumer_starts_nothing_until_resumed(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    """Back-pressure from a full task log: the tasks wait in the queue, then run."""
+    seen: list[str] = []
+    service = consumers(lambda task: seen.append(task["id"]))
+    service.pause()  # while its first fetch is on its way: it finds nothing, pops nothing
+    waiting = [await enqueue(queue) for _ in range(3)]
+    # Long enough for a few fetches of an unpaused dispatcher (it fetches within one turn).
+    await sleep(0.3)
+    assert seen == [], "nothing started while paused"
+    assert await redis.llen(keys.pending) == 3
+    service.resume()
+    for task in waiting:
+        await eventually(status_is(queue, task, "completed"))
+    assert seen == [task.id for task in waiting]
+    assert len(log_lines(tmp_path)) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_running_when_fetching_pauses_finishes_and_logs_its_line(
+    consumers: Factory, queue: TaskQueue, tmp_path: Path
+) -> None:
+    gate: defer.Deferred[None] = defer.Deferred()
+    started: list[str] = []
+
+    def held(task: dict[str, Any]) -> defer.Deferred[None]:
+        started.append(task["id"])
+        return gate
+
+    service = consumers(held, concurrency=1)
+    task = await enqueue(queue)
+    await eventually(lambda: defer.succeed(started == [task.id]))
+    service.pause()
+    gate.callback(None)
+    await eventually(status_is(queue, task, "completed"))
+    [line] = log_lines(tmp_path)
+    assert f"task_id={task.id} status=completed" in line

@@ -65,6 +65,7 @@ def reading(**overrides: Any) -> ClusterStats:
             "tasks_dead": 1,
             "tasks_reclaimed": 3,
             "worker_restarts": 2,
+            "task_log_write_errors": 5,
             "rate_limited|tier=1/1s": 6,
             "rate_limited|tier=ip": 1,
             "http_requests|code=202|route=/api/v1/task": 10,
@@ -101,6 +102,7 @@ def test_the_counters_are_exposed_with_their_totals_and_labels() -> None:
         ("tasks_dead", 1),
         ("tasks_reclaimed", 3),
         ("worker_restarts", 2),
+        ("task_log_write_errors", 5),
     ):
         assert families[f"taskserver_{name}"].type == "counter"
         assert value(families, f"taskserver_{name}_total") == expected

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fake_process import FakeProcess, FakeProcessReactor
+from test_tasklog import FaultyFile
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
+from taskserver import tasklog
 from taskserver.cluster.embedded import STOP_TIMEOUT_S, read_embedded_address
 from taskserver.cluster.listener import bind_listener
-from taskserver.cluster.master import Master
+from taskserver.cluster.master import Master, unless_the_disk_refuses
+from taskserver.cluster.protocol import RECORDS_FD, task_record
 from taskserver.cluster.supervisor import KILL_GRACE_S
 from taskserver.config import Settings
+from taskserver.metrics import add_into
+from taskserver.tasklog import TASK_LOG_BACKLOG_LINES
 
 WORKERS = 2
 SHUTDOWN_TIMEOUT_S = 2.0
@@ -141,3 +149,95 @@ def test_a_clean_stop_exits_0(tmp_path: Path) -> None:
         stop_all(reactor, master, slow_child=False)
     assert "taskserver stopped" in [formatEvent(e) for e in logged]
     assert "after" not in reactor.triggers
+
+
+def config_of(master: Master) -> dict[str, Any]:
+    """The configuration a child spawned now would get."""
+    assert master.supervisor is not None
+    return json.loads(master._config_for(master.supervisor.workers[0]))  # type: ignore[no-any-return]
+
+
+def test_a_full_task_log_pauses_every_child_and_resumes_them_once_its_lines_are_out(
+    tmp_path: Path,
+) -> None:
+    """The master's side of back-pressure: the pause and resume records on each child's fd 0."""
+    reactor, master = started(tmp_path)
+    writer = master._task_log
+    assert writer is not None
+    disk = FaultyFile()
+    writer._file = disk
+    opened: list[bool] = []
+    master._queue_for_reclaims = lambda: opened.append(True)  # type: ignore[method-assign]
+    configured = {n: len(reactor.process(n).stdin) for n in (1, 2)}
+    disk.failing = errno.ENOSPC
+    with capturedLogs():
+        for n in range(TASK_LOG_BACKLOG_LINES):
+            reactor.process(1 + n % 2).say(RECORDS_FD, task_record(f"line {n}").encode() + b"\n")
+        reactor.advance(0)
+        assert opened, "the pool opens so that the write errors reach the metrics"
+        said = {n: reactor.process(n).stdin[configured[n] :] for n in (1, 2)}
+        assert said[1] == said[2] and said[1].startswith(b"pause the task log cannot be written")
+        assert said[1].endswith(b"\n") and said[1].count(b"\n") == 1
+        assert config_of(master)["fetch_paused"].startswith("the task log cannot be written")
+        disk.failing = None
+        reactor.advance(tasklog.RETRY_MAX_S)
+    said = {n: reactor.process(n).stdin[configured[n] :] for n in (1, 2)}
+    assert said[1].endswith(b"\nresume\n") and said[2].endswith(b"\nresume\n")
+    assert disk.lines() == [f"line {n}" for n in range(TASK_LOG_BACKLOG_LINES)]
+    assert config_of(master)["fetch_paused"] is None, "a child started now fetches"
+    counted = master.tally.take()
+    add_into(counted, master._metrics._unsent)  # what a flush on no pool kept for the next
+    assert counted["task_log_write_errors"] >= 1
+
+
+def test_a_full_disk_drops_twistd_log_events_without_a_traceback_each() -> None:
+    seen: list[str] = []
+
+    def full_disk(event: Any) -> None:
+        seen.append(event["log_format"])
+        if event["log_format"] == "refused":
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    observer = unless_the_disk_refuses(full_disk)
+    observer({"log_format": "refused"})
+    observer({"log_format": "taken"})
+    assert seen == ["refused", "taken"]
+
+
+def stop_with_a_full_disk(tmp_path: Path, frees_up: bool) -> tuple[FaultyFile, list[str]]:
+    """Three lines the disk refuses, then a stop; the disk frees up halfway through, or not."""
+    reactor, master = started(tmp_path)
+    assert master._task_log is not None
+    disk = FaultyFile()
+    master._task_log._file = disk
+    master._queue_for_reclaims = lambda: None  # type: ignore[method-assign,assignment,return-value]
+    disk.failing = errno.ENOSPC
+    records = b"".join(task_record(f"line {n}").encode() + b"\n" for n in range(3))
+    with capturedLogs() as logged:
+        reactor.process(1).say(RECORDS_FD, records)
+        stopped = master.stopService()
+        for n in (1, 2):
+            reactor.process(n).exit(0)
+        reactor.advance(SHUTDOWN_TIMEOUT_S / 2)
+        assert reactor.process(0).signals == [], "Redis waits: the master is still writing"
+        if frees_up:
+            disk.failing = None
+        for _ in range(int(SHUTDOWN_TIMEOUT_S / tasklog.RETRY_MAX_S) + 1):
+            reactor.advance(tasklog.RETRY_MAX_S)
+        assert reactor.process(0).signals == ["TERM"]
+        reactor.process(0).exit(0)
+    assert stopped.called
+    return disk, [formatEvent(e) for e in logged if e["log_level"] >= LogLevel.warn]
+
+
+def test_a_stop_waits_for_the_lines_a_full_disk_holds_back(tmp_path: Path) -> None:
+    disk, warnings = stop_with_a_full_disk(tmp_path, frees_up=True)
+    assert disk.lines() == ["line 0", "line 1", "line 2"]
+    assert "waiting up to 2 s for 3 task-log line(s) the disk has not taken yet" in warnings
+    assert not [w for w in warnings if "lost" in w]
+
+
+def test_a_stop_gives_up_on_a_disk_that_stays_full_and_says_so(tmp_path: Path) -> None:
+    disk, warnings = stop_with_a_full_disk(tmp_path, frees_up=False)
+    assert disk.lines() == [] and disk.closed
+    assert "3 task-log line(s) could not be written before the stop and are lost" in warnings

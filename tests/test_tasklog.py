@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import io
+import errno
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.python import logfile
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
 
-from taskserver.tasklog import TaskLog, TaskLogFile, task_line
+from taskserver import tasklog
+from taskserver.metrics import Tally
+from taskserver.tasklog import TaskLog, TaskLogFile, TaskLogWriter, task_line
 
 LINE = re.compile(
     r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z user_id=("[^"\\]*(?:\\.[^"\\]*)*") '
@@ -63,26 +67,223 @@ def test_rotates_by_size_without_losing_lines(tmp_path: Path) -> None:
 
 
 def test_several_lines_in_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One system call per write_lines(): counted where the bytes leave Python.
-
-    The LogFile opens its file unbuffered, so each ``write`` of that raw file is
-    one write(2); what the lines go through on their way there does not matter.
-    """
-    writes: list[int] = []
-
-    class CountingFile(io.FileIO):
-        def write(self, data: Any) -> int:
-            writes.append(len(data))
-            return super().write(data)
-
-    def counting_open(path: str, mode: str, buffering: int) -> io.FileIO:
-        assert buffering == 0, "unbuffered: one write(2) per write"
-        return CountingFile(path, mode)
-
-    monkeypatch.setattr(logfile, "open", counting_open, raising=False)
+    """One system call per write_lines(): counted where the bytes leave Python."""
     log_file = TaskLogFile(tmp_path, 1_000_000)
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: Any) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(tasklog.os, "write", counting_write)
     log_file.write_lines(["first line", "second line"])
     log_file.write_line("third line")
     log_file.close()
     assert writes == [len("first line\nsecond line\n"), len("third line\n")], "one per call"
     assert (tmp_path / "tasks.log").read_text() == "first line\nsecond line\nthird line\n"
+
+
+def test_a_deleted_log_is_created_again_on_reopen(tmp_path: Path) -> None:
+    """An operator who deletes tasks.log to free space gets a new one, not a held inode."""
+    log_file = TaskLogFile(tmp_path, 1_000_000)
+    log_file.write_line("before")
+    (tmp_path / "tasks.log").unlink()
+    log_file.reopen()
+    log_file.write_line("after")
+    log_file.close()
+    assert (tmp_path / "tasks.log").read_text() == "after\n"
+
+
+# ---------------------------------------------------------------- a full disk, faked
+
+
+class FaultyFile:
+    """A task-log file whose writes do what the test scripts, then write whole.
+
+    Each scripted outcome is an ``OSError`` errno (the write fails, nothing
+    written) or an int ``n`` (a short write: only ``n`` bytes land).
+    """
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.script: list[tuple[str, int]] = []
+        self.attempts = 0
+        self.reopened = 0
+        self.closed = False
+        self.failing: int | None = None  # every write fails with this errno until cleared
+
+    def write(self, data: bytes) -> int:
+        self.attempts += 1
+        if self.failing is not None:
+            raise OSError(self.failing, os.strerror(self.failing))
+        if self.script:
+            what, n = self.script.pop(0)
+            if what == "fail":
+                raise OSError(n, os.strerror(n))
+            self.data += data[:n]
+            return n
+        self.data += data
+        return len(data)
+
+    def reopen(self) -> None:
+        self.reopened += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+    def lines(self) -> list[str]:
+        text = self.data.decode()
+        assert not text or text.endswith("\n"), f"a torn last line: {text[-40:]!r}"
+        return text.splitlines()
+
+
+def writer_for(
+    file: FaultyFile, bound: int = 10, tally: Tally | None = None
+) -> tuple[TaskLogWriter, Clock, list[tuple[str | None, bool]]]:
+    clock = Clock()
+    changes: list[tuple[str | None, bool]] = []
+    writer = TaskLogWriter(file, clock, bound=bound, tally=tally)
+    writer._on_change = lambda: changes.append((writer.unwritable, writer.pressing))
+    return writer, clock, changes
+
+
+def numbered(first: int, last: int) -> list[str]:
+    return [f"line {n:04d} of a task" for n in range(first, last)]
+
+
+def retry_until_written(clock: Clock, writer: TaskLogWriter, most_s: float = 60.0) -> None:
+    waited = 0.0
+    while writer.backlog and waited < most_s:
+        clock.advance(0.05)
+        waited += 0.05
+
+
+def test_failed_writes_are_retried_in_order_and_once() -> None:
+    file = FaultyFile()
+    tally = Tally()
+    writer, clock, changes = writer_for(file, tally=tally)
+    file.script = [("fail", errno.ENOSPC)] * 3
+    writer.write_lines(numbered(0, 3))
+    assert writer.unwritable == "No space left on device" and writer.backlog == 3
+    writer.write_lines(numbered(3, 5))  # waits behind, no write of its own
+    assert file.attempts == 1, "a line arriving during the back-off does not write"
+    retry_until_written(clock, writer)
+    assert file.lines() == numbered(0, 5)
+    assert file.attempts == 4 and file.reopened == 3
+    assert tally.take() == {"task_log_write_errors": 3}
+    assert changes == [("No space left on device", False), (None, False)]
+    assert writer.unwritable is None
+
+
+def test_a_line_cut_short_is_completed_not_written_again() -> None:
+    file = FaultyFile()
+    writer, clock, _ = writer_for(file)
+    # Half of the first line lands, then the disk is full, twice.
+    file.script = [("short", 7), ("fail", errno.ENOSPC), ("short", 30), ("fail", errno.EIO)]
+    writer.write_lines(numbered(0, 4))
+    assert file.data == numbered(0, 1)[0][:7].encode()
+    retry_until_written(clock, writer)
+    assert file.lines() == numbered(0, 4), "no torn line, no line twice"
+
+
+def test_the_retries_back_off_up_to_a_cap() -> None:
+    file = FaultyFile()
+    writer, clock, _ = writer_for(file)
+    file.failing = errno.EROFS
+    writer.write_lines(numbered(0, 1))
+    clock.advance(60.0)  # 60 s of a read-only file system: attempts at most RETRY_MAX_S apart
+    for _ in range(100):
+        clock.advance(tasklog.RETRY_MAX_S)
+    attempts = file.attempts
+    assert 100 <= attempts <= 100 + 60 / tasklog.RETRY_MAX_S + 10, attempts
+    file.failing = None
+    clock.advance(tasklog.RETRY_MAX_S)
+    assert file.lines() == numbered(0, 1)
+
+
+def test_past_the_bound_fetching_pauses_and_resumes_once_the_lines_are_out() -> None:
+    file = FaultyFile()
+    writer, clock, changes = writer_for(file, bound=10)
+    file.failing = errno.ENOSPC
+    for first in range(0, 9, 3):
+        writer.write_lines(numbered(first, first + 3))
+    assert not writer.pressing and writer.backlog == 9
+    writer.write_lines(numbered(9, 10))
+    assert writer.pressing, "the bound is reached: back-pressure"
+    # Tasks that were running still finish: their lines are kept, past the bound.
+    writer.write_lines(numbered(10, 25))
+    assert writer.backlog == 25
+    clock.advance(10.0)
+    assert writer.pressing, "still unwritable"
+    file.failing = None
+    retry_until_written(clock, writer)
+    assert not writer.pressing and writer.unwritable is None
+    assert file.lines() == numbered(0, 25)
+    assert changes == [
+        ("No space left on device", False),
+        ("No space left on device", True),
+        (None, False),
+    ]
+
+
+def test_one_log_line_when_unwritable_and_one_when_it_recovers() -> None:
+    file = FaultyFile()
+    writer, clock, _ = writer_for(file, bound=1000)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        file.failing = errno.ENOSPC
+        writer.write_lines(numbered(0, 5))
+        for _ in range(30):
+            clock.advance(1.0)
+        file.failing = None
+        retry_until_written(clock, writer)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    ours = [e for e in events if e.get("log_namespace", "").startswith("taskserver.tasklog")]
+    assert file.attempts > 10
+    assert [e["log_level"] for e in ours] == [LogLevel.error, LogLevel.info], ours
+    assert not any("log_failure" in e for e in ours), "no traceback"
+
+
+def test_large_backlogs_go_out_in_bounded_writes() -> None:
+    file = FaultyFile()
+    writer, clock, _ = writer_for(file, bound=10**9)
+    file.failing = errno.ENOSPC
+    line = "x" * 999
+    writer.write_lines([line] * 3000)  # about 3 MB
+    file.failing = None
+    attempts = file.attempts
+    retry_until_written(clock, writer)
+    assert file.attempts - attempts == 3
+    assert file.lines() == [line] * 3000
+
+
+def test_close_tries_once_more_and_says_what_is_lost() -> None:
+    file = FaultyFile()
+    writer, clock, _ = writer_for(file)
+    file.failing = errno.ENOSPC
+    writer.write_lines(numbered(0, 2))
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        writer.close()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert file.closed and not clock.getDelayedCalls()
+    assert any("lost" in e.get("log_format", "") and e.get("n") == 2 for e in events)
+
+
+def test_drained_fires_once_the_waiting_lines_are_out() -> None:
+    file = FaultyFile()
+    writer, clock, _ = writer_for(file)
+    assert writer.drained().called, "nothing waits"
+    file.failing = errno.EIO
+    writer.write_lines(numbered(0, 3))
+    drained = writer.drained()
+    clock.advance(5.0)
+    assert not drained.called
+    file.failing = None
+    retry_until_written(clock, writer)
+    assert drained.called and file.lines() == numbered(0, 3)

@@ -498,6 +498,24 @@ async def test_health_and_readiness(server: RunningServer) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_readiness_fails_while_the_task_log_is_full(server: RunningServer) -> None:
+    """The master paused fetching: /readyz says why (503); /healthz and POST carry on."""
+    server.child.pause_fetching("the task log cannot be written (No space left on device)")
+    response = await treq.get(server.url + "/readyz")
+    assert response.code == 503
+    assert json.loads(await response.content()) == {
+        "error": "task_log_unwritable",
+        "message": "the task log cannot be written (No space left on device)",
+    }
+    assert response.headers.getRawHeaders("Retry-After") == ["5"]
+    assert (await treq.get(server.url + "/healthz")).code == 200
+    accepted, _ = await post(server, b'{"user_id": "while-paused"}')
+    assert accepted.code == 202, "tasks are still accepted: they wait in the queue"
+    server.child.resume_fetching()
+    assert (await treq.get(server.url + "/readyz")).code == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_redis_down_gives_503_quickly_and_health_stays_up(
     start_server: Callable[..., RunningServer],
 ) -> None:

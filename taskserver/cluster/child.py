@@ -44,16 +44,19 @@ from taskserver.cluster.lifeline import ParentWatch, detach_from_parent_session
 from taskserver.cluster.protocol import (
     CONFIG_FD,
     LISTENER_FD,
+    PAUSE,
     READY,
     RECORDS_FD,
+    RESUME,
     SCOREBOARD_FD,
+    parse_record,
     task_record,
 )
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
 from taskserver.dashboard import DashboardRoutes
-from taskserver.httpserver import TaskSite
+from taskserver.httpserver import ApiError, TaskSite
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
 from taskserver.metrics import MetricsFlusher, Tally, worker_entry
@@ -67,6 +70,8 @@ from taskserver.tasklog import TaskLog
 API_POOL_SIZE = 4
 #: How long a stopping child waits for its open HTTP connections to finish.
 DRAIN_TIMEOUT_S = 5.0
+#: Retry-After on /readyz while fetching is paused (the master retries the task log each second).
+FETCH_PAUSED_RETRY_AFTER_S = 5
 
 
 class ChildService(Service):
@@ -91,8 +96,12 @@ class ChildService(Service):
         tally: Tally | None = None,
         restarts: int = 0,
         dashboard_secret: str | None = None,
+        fetch_paused: str | None = None,
     ) -> None:
-        """``tally`` counts this child's work; ``restarts``: how often its slot was restarted."""
+        """``tally`` counts this child's work; ``restarts``: how often its slot was restarted.
+
+        ``fetch_paused``: why the consumers start paused (see :meth:`pause_fetching`).
+        """
         self._settings = settings
         self.tally = tally if tally is not None else Tally()
         self._restarts = restarts
@@ -116,6 +125,29 @@ class ChildService(Service):
         self.site: TaskSite | None = None
         self.consumers: ConsumerService | None = None
         self.queue: TaskQueue | None = None
+        self._fetch_paused = fetch_paused
+
+    def pause_fetching(self, why: str) -> None:
+        """Fetch no task (the master's task log is full) and say ``why`` on /readyz."""
+        self._fetch_paused = why
+        if self.consumers is not None:
+            self.consumers.pause()
+
+    def resume_fetching(self) -> None:
+        self._fetch_paused = None
+        if self.consumers is not None:
+            self.consumers.resume()
+
+    def _not_ready(self) -> ApiError | None:
+        """Why /readyz answers 503 though Redis answers: fetching is paused."""
+        if self._fetch_paused is None:
+            return None
+        return ApiError(
+            503,
+            "task_log_unwritable",
+            self._fetch_paused,
+            [("Retry-After", str(FETCH_PAUSED_RETRY_AFTER_S))],
+        )
 
     def startService(self) -> None:
         super().startService()
@@ -165,6 +197,7 @@ class ChildService(Service):
             ),
             metrics_token=settings.metrics_token,
             tally=self.tally,
+            not_ready=self._not_ready,
             dashboard=DashboardRoutes(
                 api,
                 keys,
@@ -206,6 +239,8 @@ class ChildService(Service):
             retry_backoff_s=settings.retry_backoff_s,
             tally=self.tally,
         )
+        if self._fetch_paused is not None:
+            self.consumers.pause()
         self.consumers.startService()
         self._metrics = MetricsFlusher(
             self.tally,
@@ -288,16 +323,27 @@ class ChildService(Service):
 # ---------------------------------------------------------------------- the child program
 
 
-def _read_config_line(fd: int) -> dict[str, Any]:
+def _read_config_line(fd: int) -> tuple[dict[str, Any], bytes]:
+    """The configuration, and what was read after it (records the master sent since)."""
     data = b""
-    while not data.endswith(b"\n"):
+    while b"\n" not in data:
         chunk = os.read(fd, 65536)
         if not chunk:
             raise SystemExit(
                 "taskserver child: the master closed the pipe before the configuration"
             )
         data += chunk
-    return json.loads(data)
+    line, _, rest = data.partition(b"\n")
+    return json.loads(line), rest
+
+
+def master_record(service: ChildService, line: str) -> None:
+    """Act on one record from the master (fd 0): pause or resume fetching."""
+    kind, body = parse_record(line)
+    if kind == PAUSE:
+        service.pause_fetching(body)
+    elif kind == RESUME:
+        service.resume_fetching()
 
 
 def records_pipe(fd: int, clock: IReactorTime) -> TurnBuffer[str]:
@@ -357,7 +403,7 @@ def _stop(reactor: Any) -> None:
 
 def main() -> None:
     """``python -m taskserver.cluster.child``: run one cluster child until told to stop."""
-    config = _read_config_line(CONFIG_FD)
+    config, after_config = _read_config_line(CONFIG_FD)
     detach_from_parent_session(config["master_pid"])
     from twisted.internet import reactor
 
@@ -378,8 +424,15 @@ def main() -> None:
         process_id=config["process_id"],
         restarts=config.get("restarts", 0),
         dashboard_secret=config.get("dashboard_secret"),
+        fetch_paused=config.get("fetch_paused"),
     )
-    watch = ParentWatch(CONFIG_FD, lambda: _stop(reactor), reactor)
+    watch = ParentWatch(
+        CONFIG_FD,
+        lambda: _stop(reactor),
+        reactor,
+        on_line=functools.partial(master_record, service),
+        already_read=after_config,
+    )
 
     def start() -> None:
         _tune_garbage_collector()

@@ -43,19 +43,45 @@ def tied_command(arguments: list[str]) -> list[str]:
 
 
 class ParentWatch(abstract.FileDescriptor):
-    """Reads a pipe from the parent; calls ``on_gone`` at end-of-file (the parent exited)."""
+    """Reads a pipe from the parent; calls ``on_gone`` at end-of-file (the parent exited).
 
-    def __init__(self, fd: int, on_gone: Callable[[], None], reactor: Any) -> None:
+    Each whole line the parent writes goes to ``on_line`` (without its
+    newline); ``already_read`` is what was read from the pipe before, after
+    the last line consumed (it is handled as soon as reading starts).
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        on_gone: Callable[[], None],
+        reactor: Any,
+        on_line: Callable[[str], None] = lambda line: None,
+        already_read: bytes = b"",
+    ) -> None:
         super().__init__(reactor)
         self._fd = fd
         self._on_gone = on_gone
+        self._on_line = on_line
+        self._partial = b""
+        self._already_read = already_read
         fdesc.setNonBlocking(fd)
 
     def fileno(self) -> int:
         return self._fd
 
+    def startReading(self) -> None:
+        already, self._already_read = self._already_read, b""
+        if already:
+            self._received(already)
+        super().startReading()
+
     def doRead(self) -> Any:
-        return fdesc.readFromFD(self._fd, lambda data: None)
+        return fdesc.readFromFD(self._fd, self._received)
+
+    def _received(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self._on_line(line.decode("utf-8", "replace"))
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)

@@ -26,13 +26,26 @@ from typing import IO, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, task
-from twisted.logger import ILogObserver, Logger, globalLogPublisher, textFileLogObserver
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    globalLogPublisher,
+    textFileLogObserver,
+)
 from twisted.python.logfile import LogFile
 
 from taskserver.cluster.balance import Scoreboard
 from taskserver.cluster.embedded import EmbeddedRedis, write_embedded_address
 from taskserver.cluster.listener import describe
-from taskserver.cluster.protocol import LISTENER_FD, SCOREBOARD_FD, TASK, worker_process_id
+from taskserver.cluster.protocol import (
+    LISTENER_FD,
+    RESUME,
+    SCOREBOARD_FD,
+    TASK,
+    pause_record,
+    worker_process_id,
+)
 from taskserver.cluster.supervisor import Supervisor, Worker
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, settings_to_json
@@ -41,13 +54,28 @@ from taskserver.keys import Keys
 from taskserver.metrics import TASKS_DEAD, TASKS_RECLAIMED, MetricsFlusher, Tally
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import RedisUnavailable, connect, without_reconnect_attempts
-from taskserver.tasklog import TaskLogFile
+from taskserver.tasklog import TaskLogFile, TaskLogWriter
 
 SERVER_LOG_NAME = "twistd.log"
 SERVER_LOG_MAX_BYTES = 10_000_000
 SERVER_LOG_ROTATED_FILES = 5
 #: How long the master keeps trying to give a dead child's tasks back (then the reaper will).
 RECLAIM_RETRY_FOR_S = 30.0
+
+
+def unless_the_disk_refuses(observer: ILogObserver) -> ILogObserver:
+    """``observer``, dropping the events its file cannot take (twistd.log on a full disk).
+
+    twistd.log shares LOG_DIR with tasks.log. Without this, every event
+    logged while the disk is full would come back as a traceback from the
+    log publisher; twistd's own log (stdout with ``-n``) still has them.
+    """
+
+    def observe(event: LogEvent) -> None:
+        with contextlib.suppress(OSError):
+            observer(event)
+
+    return cast(ILogObserver, observe)
 
 
 class Master(Service):
@@ -88,7 +116,9 @@ class Master(Service):
         self._dashboard_secret = secrets.token_hex(32)
         self._log_observer: ILogObserver | None = None
         self._log_file: LogFile | None = None
-        self._task_log: TaskLogFile | None = None
+        self._task_log: TaskLogWriter | None = None
+        #: Why the children were told to stop fetching (the task log is full), if they were.
+        self._fetch_paused: str | None = None
         #: The task-log lines that arrive in one turn, written together.
         self._task_lines: TurnBuffer[str] = TurnBuffer(self._write_task_lines, reactor)
         #: The master's own pool, open only while it gives a dead child's tasks back.
@@ -120,7 +150,12 @@ class Master(Service):
         # After the reactor's own handlers are installed ("during startup").
         self._reactor.callWhenRunning(self._take_stop_signals)
         self._start_server_log()
-        self._task_log = TaskLogFile(self._settings.log_dir, self._settings.task_log_max_bytes)
+        self._task_log = TaskLogWriter(
+            TaskLogFile(self._settings.log_dir, self._settings.task_log_max_bytes),
+            self._reactor,
+            on_change=self._task_log_changed,
+            tally=self.tally,
+        )
         defer.Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
 
     def _start_server_log(self) -> None:
@@ -133,7 +168,7 @@ class Master(Service):
             maxRotatedFiles=SERVER_LOG_ROTATED_FILES,
         )
         self._log_observer = without_reconnect_attempts(
-            textFileLogObserver(cast(IO[str], self._log_file))
+            unless_the_disk_refuses(textFileLogObserver(cast(IO[str], self._log_file)))
         )
         globalLogPublisher.addObserver(self._log_observer)
 
@@ -224,6 +259,8 @@ class Master(Service):
     def _redis_back(self) -> None:
         if self.running:
             self._redis_up = True
+            if self._holding_pool():
+                self._queue_for_reclaims()
 
     def _start_failed(self, failure: Any) -> None:
         if not self.running:
@@ -257,6 +294,7 @@ class Master(Service):
             "master_pid": os.getpid(),
             "restarts": self.supervisor.restart_counts.get(worker.slot, 0),
             "dashboard_secret": self._dashboard_secret,
+            "fetch_paused": self._fetch_paused,
         }
         return json.dumps(config).encode("utf-8") + b"\n"
 
@@ -274,6 +312,50 @@ class Master(Service):
     def _write_task_lines(self, lines: list[str]) -> None:
         if self._task_log is not None:
             self._task_log.write_lines(lines)
+
+    def _task_log_changed(self) -> None:
+        """The task log became unwritable, pressing, or writable again: tell whom it concerns.
+
+        The children stop fetching while it presses, and start again once
+        its lines are out. While it is unwritable the master's pool stays
+        open, so its write-error count reaches the metrics every second.
+        """
+        writer = self._task_log
+        if writer is None:
+            return
+        paused = (
+            f"the task log cannot be written ({writer.unwritable}); tasks wait in the queue "
+            "until its lines are out"
+            if writer.pressing
+            else None
+        )
+        if (paused is None) != (self._fetch_paused is None):
+            self._fetch_paused = paused
+            self._tell_children(RESUME if paused is None else pause_record(paused))
+        if writer.unwritable is not None:
+            if self._redis_up and self.redis is not None and self.running:
+                self._queue_for_reclaims()
+        elif self._pool is not None:
+            defer.Deferred.fromCoroutine(self._release_pool())
+
+    async def _release_pool(self) -> None:
+        """The last counts of a task-log outage; then the pool closes, unless a reclaim needs it."""
+        await self._metrics.flush()
+        if not self._reclaiming and not self._holding_pool():
+            self._close_pool()
+
+    def _holding_pool(self) -> bool:
+        """Does the task log's outage keep the pool open (for its metrics)?"""
+        return self._task_log is not None and self._task_log.unwritable is not None
+
+    def _tell_children(self, record: str) -> None:
+        """Send a record to every live child on its fd 0 (one it has already exited from: lost)."""
+        if self.supervisor is None:
+            return
+        data = f"{record}\n".encode()
+        for worker in self.supervisor.live:
+            with contextlib.suppress(AttributeError, KeyError, OSError):
+                worker.transport.write(data)
 
     def _child_exited(self, worker: Worker) -> None:
         if self._scoreboard is not None:
@@ -295,7 +377,7 @@ class Master(Service):
                 await self._metrics.flush()  # the pool closes next: now or at the next reclaim
         finally:
             self._reclaiming -= 1
-            if not self._reclaiming:
+            if not self._reclaiming and not self._holding_pool():
                 self._close_pool()
 
     async def _give_back(self, worker: Worker) -> None:
@@ -403,6 +485,22 @@ class Master(Service):
             self._queue_for_reclaims()
         await self._metrics.stopService()
 
+    async def _task_log_written(self) -> None:
+        """The children are gone: give lines a full disk holds back up to SHUTDOWN_TIMEOUT."""
+        writer = self._task_log
+        if writer is None:
+            return
+        self._task_lines.flush()
+        if not writer.backlog:
+            return
+        self.log.warn(
+            "waiting up to {s:g} s for {n} task-log line(s) the disk has not taken yet",
+            s=self._settings.shutdown_timeout_s,
+            n=writer.backlog,
+        )
+        with contextlib.suppress(defer.TimeoutError):
+            await writer.drained().addTimeout(self._settings.shutdown_timeout_s, self._reactor)
+
     def _what_was_killed(self) -> list[str]:
         """What a stop had to SIGKILL: work maybe not given back, an AOF maybe not synced."""
         killed = list(self.supervisor.killed) if self.supervisor is not None else []
@@ -415,6 +513,7 @@ class Master(Service):
         try:
             if self.supervisor is not None:
                 await self.supervisor.stopService()
+            await self._task_log_written()
             await self._flush_metrics()
             await self._close_pool()
         finally:
@@ -429,6 +528,7 @@ class Master(Service):
         self._task_lines.flush()
         if self._task_log is not None:
             self._task_log.close()
+            self._task_log = None
         killed = self._what_was_killed()
         if killed:
             self.log.error(

@@ -9,7 +9,9 @@ drift apart. A child is spawned with these file descriptors:
 fd    what
 ====  =====================================================================
 0     a pipe from the master: first line, this child's JSON configuration;
-      then end-of-file when the master exits
+      then one record per line, ``pause <why>`` (stop fetching tasks: the
+      task log cannot take more lines) and ``resume``; end-of-file when the
+      master exits
 1, 2  log output, relayed by the master into its log, tagged with the child
 3     the shared listening socket
 4     the connection-balancing scoreboard (see :mod:`taskserver.cluster.balance`)
@@ -17,6 +19,13 @@ fd    what
       ``task <line>`` per finished task (the master is the single writer of
       tasks.log)
 ====  =====================================================================
+
+Pause and resume travel on fd 0, not in the scoreboard's shared memory:
+the master pushes them when its state changes, so a paused child polls
+nothing and resumes the moment it is told, the scoreboard's layout (which
+every seat's balancing reads) stays as it is, and a child spawned during
+a pause learns it from its configuration (``fetch_paused``), ahead of any
+later record on the same pipe.
 
 Process ids are built by :func:`worker_process_id` in the format of
 :mod:`taskserver.ids`.
@@ -33,9 +42,17 @@ LISTENER_FD = 3
 SCOREBOARD_FD = 4
 RECORDS_FD = 5
 
-#: Record kinds on RECORDS_FD.
+#: Record kinds on RECORDS_FD (child to master).
 READY = "ready"
 TASK = "task"
+#: Record kinds on CONFIG_FD after the configuration (master to child).
+PAUSE = "pause"
+RESUME = "resume"
+
+
+def pause_record(why: str) -> str:
+    """The record that stops a child fetching tasks, and says why (for its /readyz)."""
+    return f"{PAUSE} {why}"
 
 
 def task_record(line: str) -> str:
@@ -44,7 +61,7 @@ def task_record(line: str) -> str:
 
 
 def parse_record(record: str) -> tuple[str, str]:
-    """``(kind, body)`` of one record line: ``("ready", "")``, ``("task", "<line>")``."""
+    """``(kind, body)`` of one record line: ``("ready", "")``, ``("task", "<line>")``, ..."""
     kind, _, body = record.partition(" ")
     return kind, body
 

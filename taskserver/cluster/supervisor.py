@@ -208,6 +208,11 @@ class Supervisor(Service):
             [defer.Deferred.fromCoroutine(self._retire(worker)) for worker in list(self._live)]
         )
 
+    @property
+    def live(self) -> list[Worker]:
+        """Every child not exited yet, also one a rolling restart is about to retire."""
+        return list(self._live)
+
     @staticmethod
     def seats_for(count: int) -> int:
         """Scoreboard seats for ``count`` slots: two each (see the class docstring)."""
