@@ -36,6 +36,7 @@ from taskserver.cluster.protocol import LISTENER_FD, SCOREBOARD_FD, TASK, worker
 from taskserver.cluster.supervisor import Supervisor, Worker
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, settings_to_json
+from taskserver.durability import StartupCheck, embedded_appendfsync
 from taskserver.ids import consumer_ids_of
 from taskserver.keys import Keys
 from taskserver.metrics import TASKS_DEAD, TASKS_RECLAIMED, MetricsFlusher, Tally
@@ -77,6 +78,7 @@ class Master(Service):
                 password=secrets.token_urlsafe(24),
                 on_down=self._redis_down,
                 on_back=self._redis_back,
+                appendfsync=embedded_appendfsync(settings),
             )
             if redis_binary
             else None
@@ -142,6 +144,7 @@ class Master(Service):
         self.redis = await self._redis_address()
         if not self.running:
             return  # stopped while the embedded Redis started: start nothing more
+        await StartupCheck(settings, self._reactor).run(self.redis)  # DURABILITY it can keep
         self._scoreboard = Scoreboard.create(Supervisor.seats_for(settings.workers))
         self.supervisor = Supervisor(
             self._reactor,
