@@ -7,9 +7,15 @@ start-up and fault tests, the real ``twistd -n taskserver``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import os
+import re
+import signal
 import subprocess
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,7 @@ import valkey
 from twisted.internet import defer, reactor
 
 from conftest import connect_raw, unused_port
-from harness import Twistd, wait_for
+from harness import Twistd, alive, logged_task_ids, wait_for
 from taskserver.api import TaskAPI
 from taskserver.cluster.embedded import find_server_binary, read_embedded_address
 from taskserver.config import ConfigError, RedisAddress, load_settings
@@ -273,3 +279,150 @@ def test_wait_replicas_without_a_replica_answers_503_until_one_connects(
     wait_for(accepted, timeout=30, what="a 202 once the replica is connected")
     assert "replica(s) again: POST accepts tasks" in master.output
     assert master.stop() == 0
+
+
+# ------------------------------------------------------------------ the fault suite
+
+#: Seconds of load per mode, and the embedded Redis SIGKILLed about every KILL_EVERY_S.
+LOAD_S = 9.0
+KILL_EVERY_S = 2.5
+BACK = re.compile(r"embedded Redis is back \(pid (\d+)\)")
+
+
+class TimedLoad:
+    """POSTs from distinct users on a few threads until stopped; every 202 with its time."""
+
+    def __init__(self, server: Twistd, threads: int = 4) -> None:
+        self.server = server
+        self.accepted: list[tuple[float, str]] = []
+        self.refused: Counter[int | str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._next = 0
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                n, self._next = self._next, self._next + 1
+            try:
+                code, body = self.server.request("POST", "/api/v1/task", {"user_id": f"k-{n}"})
+            except OSError as e:
+                code, body = type(e).__name__, {}  # type: ignore[assignment]
+            with self._lock:
+                if code == 202:
+                    self.accepted.append((time.monotonic(), body["task_id"]))
+                else:
+                    self.refused[code] += 1
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.accepted)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def longest_gap_s(self) -> float:
+        """The longest stretch without a 202: how long POSTs answered 503 around a kill."""
+        times = sorted(t for t, _ in self.accepted)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+def kill_redis_under_load(workdir: Path, durability: str) -> dict[str, Any]:
+    """One mode: a 2-child cluster on the embedded Redis, the Redis SIGKILLed under load."""
+    workdir.mkdir()
+    server = Twistd(
+        workdir,
+        {
+            "WORKERS": "2",
+            "DURABILITY": durability,
+            "RATE_LIMITS": "",
+            "TASK_HANDLER": "sample_handlers:slow",
+            "SLOW_HANDLER_S": "0.002",
+            "HEARTBEAT_TTL": "2",
+            "SHUTDOWN_TIMEOUT": "2",
+        },
+    )
+    try:
+        server.wait_until_ready(2)
+        embedded = read_embedded_address(workdir / "data")
+        assert embedded is not None
+        load = TimedLoad(server)
+        started, kills = time.monotonic(), 0
+        while time.monotonic() - started < LOAD_S:
+            flowing = load.count()
+            wait_for(lambda n=flowing: load.count() > n + 20, timeout=30, what="202s flowing")
+            time.sleep(KILL_EVERY_S)  # when to strike: test input, not synchronisation
+            backs = BACK.findall(server.output)
+            restarts = len(backs)
+            pid = int(backs[-1]) if backs else server.redis_pid()
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+            wait_for(
+                lambda n=restarts: len(BACK.findall(server.output)) > n,
+                timeout=30,
+                what="the embedded Redis restarted",
+            )
+        flowing = load.count()
+        wait_for(lambda: load.count() > flowing + 20, timeout=30, what="202s after the last kill")
+        load.stop()
+        accepted = {task_id for _, task_id in load.accepted}
+        client = valkey.Valkey(port=embedded.port, password=embedded.password)
+
+        def unsettled() -> set[str]:
+            """Accepted tasks whose record says neither completed nor dead (lost: no record)."""
+            ordered = sorted(accepted)
+            pipe = client.pipeline(transaction=False)
+            for task_id in ordered:
+                pipe.hget(f"taskserver:{{q}}:task:{task_id}", "status")
+            statuses = pipe.execute()
+            return {
+                task_id
+                for task_id, status in zip(ordered, statuses, strict=True)
+                if status not in (b"completed", b"dead")
+            }
+
+        with contextlib.suppress(AssertionError):  # what is left is counted below
+            wait_for(lambda: not unsettled(), timeout=30, what="every accepted task settled")
+        left = unsettled()
+        logged = logged_task_ids(workdir / "logs")
+        figures = {
+            "durability": durability,
+            "kills": kills,
+            "accepted": len(accepted),
+            "refused": dict(load.refused),
+            "lost": len(left),
+            "duplicates": sum(n - 1 for task_id, n in logged.items() if task_id in accepted),
+            "longest_503_window_s": round(load.longest_gap_s(), 2),
+        }
+        print(f"\nembedded Redis SIGKILLed under load: {figures}")
+        assert server.stop() == 0
+        return figures
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
+        redis_pids = [int(p) for p in BACK.findall(server.output)]
+        for pid in redis_pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_sigkilled_embedded_redis_loses_no_task_with_fsync(tmp_path: Path) -> None:
+    """fsync: every task that got a 202 completes (or is dead-lettered), across the kills.
+
+    With write the loss is counted and printed, not asserted: a SIGKILL leaves what
+    Redis wrote in the kernel's page cache, so it rarely loses anything; a power cut
+    would lose what was not yet fsynced (up to a second).
+    """
+    fsync = kill_redis_under_load(tmp_path / "fsync", "fsync")
+    assert fsync["kills"] >= 3
+    assert fsync["accepted"] > 100
+    assert fsync["lost"] == 0, fsync
+    write = kill_redis_under_load(tmp_path / "write", "write")
+    assert write["kills"] >= 3
+    print(f"\nDURABILITY=write lost {write['lost']} of {write['accepted']} accepted tasks")
