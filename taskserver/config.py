@@ -91,8 +91,8 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
 
 def _durability(text: str) -> str:
     value = text.strip().lower()
-    if value not in ("auto", "write", "fsync"):
-        raise ConfigError(f"expected write, fsync or auto, got {text!r}")
+    if value not in ("write", "fsync"):
+        raise ConfigError(f"expected write or fsync, got {text!r}")
     return value
 
 
@@ -329,9 +329,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "durability",
         "DURABILITY",
-        "auto",
-        "what a 202 waits for: write (Redis applied it) or fsync (in its AOF on disk); "
-        "auto: fsync on the embedded Redis, write on REDIS_URL",
+        "write",
+        "what a 202 waits for: write (Redis applied it) or fsync (in its AOF on disk)",
         _durability,
     ),
     Option(

@@ -34,8 +34,6 @@ from taskserver.scripts import Script
 
 WRITE = "write"
 FSYNC = "fsync"
-#: The default: ``fsync`` on the embedded Redis, ``write`` on a configured one.
-AUTO = "auto"
 #: How often a child asks Redis how many replicas it has (WAIT_REPLICAS > 0).
 REPLICA_CHECK_EVERY_S = 1.0
 
@@ -85,21 +83,15 @@ class Durability:
 WRITE_ONLY = Durability()
 
 
-def mode_of(settings: Settings) -> str:
-    """DURABILITY as it applies: ``auto`` is ``fsync`` on the embedded Redis, else ``write``."""
-    if settings.durability == AUTO:
-        return FSYNC if settings.redis is None else WRITE
-    return settings.durability
-
-
 def durability_of(settings: Settings) -> Durability:
-    fsync = mode_of(settings) == FSYNC
+    """What the settings ask for; on the embedded Redis the server itself fsyncs (see above)."""
+    fsync = settings.durability == FSYNC
     return Durability(fsync, settings.wait_replicas, server_fsyncs=fsync and settings.redis is None)
 
 
 def embedded_appendfsync(settings: Settings) -> str:
     """The embedded Redis's ``appendfsync``: ``always`` when a 202 means "on disk"."""
-    return "always" if mode_of(settings) == FSYNC else "everysec"
+    return "always" if settings.durability == FSYNC else "everysec"
 
 
 async def call_then_wait(

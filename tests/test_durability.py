@@ -70,15 +70,16 @@ def test_a_wait_is_satisfied_only_by_what_was_asked() -> None:
     assert Durability(replicas=2).satisfied(2) and not Durability(replicas=2).satisfied(1)
 
 
-def test_auto_is_fsync_on_the_embedded_redis_only() -> None:
-    embedded = load_settings({}, {})
-    external = load_settings({}, {"REDIS_URL": "redis://127.0.0.1:1/0"})
+def test_fsync_is_the_server_s_own_on_the_embedded_redis_only() -> None:
+    assert durability_of(load_settings({}, {})) == Durability(), "write is the default"
+    assert embedded_appendfsync(load_settings({}, {})) == "everysec"
+    embedded = load_settings({}, {"DURABILITY": "fsync"})
     assert durability_of(embedded) == Durability(fsync=True, server_fsyncs=True)
     assert embedded_appendfsync(embedded) == "always"
-    assert durability_of(external) == Durability(fsync=False)
-    assert embedded_appendfsync(load_settings({}, {"DURABILITY": "write"})) == "everysec"
-    fsync_external = load_settings({}, {"REDIS_URL": "redis://h/0", "DURABILITY": "fsync"})
-    assert durability_of(fsync_external) == Durability(fsync=True)
+    external = load_settings({}, {"REDIS_URL": "redis://h/0", "DURABILITY": "fsync"})
+    assert durability_of(external) == Durability(fsync=True), "WAITAOF after each turn"
+    replicas = load_settings({}, {"REDIS_URL": "redis://h/0", "WAIT_REPLICAS": "2"})
+    assert durability_of(replicas) == Durability(replicas=2)
     with pytest.raises(ConfigError, match="DURABILITY"):
         load_settings({}, {"DURABILITY": "paranoid"})
     with pytest.raises(ConfigError, match="WAIT_REPLICAS"):
@@ -256,7 +257,7 @@ def test_wait_replicas_without_a_replica_answers_503_until_one_connects(
 ) -> None:
     """The embedded valkey with no replica: a warning, POSTs 503 (nothing written); a real
     replica connects, and POSTs are accepted without a restart."""
-    master = twistd(WORKERS="1", WAIT_REPLICAS="1", RATE_LIMITS="")
+    master = twistd(WORKERS="1", WAIT_REPLICAS="1", DURABILITY="fsync", RATE_LIMITS="")
     master.wait_until_ready(1)
     assert "WAIT_REPLICAS=1 but Redis has 0 replica(s) connected" in master.output
     code, body = master.request("POST", "/api/v1/task", {"user_id": "early"})
@@ -265,8 +266,7 @@ def test_wait_replicas_without_a_replica_answers_503_until_one_connects(
     assert embedded is not None
     primary = valkey.Valkey(port=embedded.port, password=embedded.password)
     assert primary.llen("taskserver:{q}:pending") == 0, "a refused POST writes nothing"
-    # DURABILITY is fsync here (the default on the embedded Redis): WAITAOF 1 1 counts
-    # a replica once it has the write in its own append-only file.
+    # With fsync, WAITAOF 1 1 counts a replica once the write is in its own append-only file.
     scratch_redis(
         "--replicaof", "127.0.0.1", str(embedded.port), "--masterauth", str(embedded.password),
         "--appendonly", "yes", "--repl-diskless-load", "disabled",
