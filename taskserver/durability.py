@@ -172,35 +172,33 @@ async def check_redis(
     return await connected_replicas(redis, timeout_s, clock) if durability.replicas else 0
 
 
-class StartupCheck:
-    """The master's check before it starts its children (one connection, closed after)."""
+_log = Logger(namespace="taskserver.durability")
 
-    log = Logger(namespace="taskserver.durability")
 
-    def __init__(self, settings: Settings, clock: IReactorTime) -> None:
-        self._settings = settings
-        self._clock = clock
+async def check_at_start(settings: Settings, address: RedisAddress, clock: IReactorTime) -> None:
+    """The master's check before it starts its children (one connection, closed after).
 
-    async def run(self, address: RedisAddress) -> None:
-        """ConfigError if Redis cannot honour the settings; a warning if it cannot yet."""
-        settings, durability = self._settings, durability_of(self._settings)
-        if not durability.fsync and not durability.replicas:
-            return
-        redis = connect(address, 1, settings.redis_timeout_s)
-        try:
-            replicas = await check_redis(redis, durability, settings.redis_timeout_s, self._clock)
-        except RedisUnavailable as e:
-            self.log.warn("could not check that Redis can keep DURABILITY ({error})", error=e)
-            return
-        finally:
-            await redis.disconnect()
-        if replicas < durability.replicas:
-            self.log.warn(
-                "WAIT_REPLICAS={n} but Redis has {have} replica(s) connected: "
-                "POST answers 503 until {n} are",
-                n=durability.replicas,
-                have=replicas,
-            )
+    ConfigError if Redis cannot honour the settings; a warning if it cannot yet
+    (too few replicas), or if Redis does not answer (the children will wait for it).
+    """
+    durability = durability_of(settings)
+    if not durability.fsync and not durability.replicas:
+        return
+    redis = connect(address, 1, settings.redis_timeout_s)
+    try:
+        replicas = await check_redis(redis, durability, settings.redis_timeout_s, clock)
+    except RedisUnavailable as e:
+        _log.warn("could not check that Redis can keep DURABILITY ({error})", error=e)
+        return
+    finally:
+        await redis.disconnect()
+    if replicas < durability.replicas:
+        _log.warn(
+            "WAIT_REPLICAS={n} but Redis has {have} replica(s) connected: "
+            "POST answers 503 until {n} are",
+            n=durability.replicas,
+            have=replicas,
+        )
 
 
 class ReplicaWatch(Service):

@@ -36,7 +36,7 @@ from taskserver.cluster.protocol import LISTENER_FD, SCOREBOARD_FD, TASK, worker
 from taskserver.cluster.supervisor import Supervisor, Worker
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, settings_to_json
-from taskserver.durability import StartupCheck, embedded_appendfsync
+from taskserver.durability import check_at_start, embedded_appendfsync
 from taskserver.ids import consumer_ids_of
 from taskserver.keys import Keys
 from taskserver.metrics import TASKS_DEAD, TASKS_RECLAIMED, MetricsFlusher, Tally
@@ -142,9 +142,9 @@ class Master(Service):
     async def _start(self) -> None:
         settings = self._settings
         self.redis = await self._redis_address()
+        await check_at_start(settings, self.redis, self._reactor)  # DURABILITY it can keep
         if not self.running:
             return  # stopped while the embedded Redis started: start nothing more
-        await StartupCheck(settings, self._reactor).run(self.redis)  # DURABILITY it can keep
         self._scoreboard = Scoreboard.create(Supervisor.seats_for(settings.workers))
         self.supervisor = Supervisor(
             self._reactor,
