@@ -1,8 +1,9 @@
 """``make bench``: taskserver against the floor, for 1 and for all workers, on loopback.
 
 For each worker count it runs the floor (bench/floor.py) and then taskserver
-(the real ``twistd -n taskserver``, embedded Redis, default settings) under
-the same wrk load: 64 connections, every request from a distinct user. It
+(the real ``twistd -n taskserver``, embedded Redis, default settings), once
+per DURABILITY mode (``write`` and ``fsync``, side by side), under the same
+wrk load: 64 connections, every request from a distinct user. It
 reports accepted requests/s, latency percentiles and non-2xx answers,
 end-to-end tasks/s (accepted tasks over the time until the last one is in
 the task log), the backlog when the load stops, CPU per accepted request
@@ -15,6 +16,7 @@ are what to compare across runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,8 @@ LISTENING = re.compile(r"listening on http://\S+:(\d+)")
 class Result:
     server: str
     workers: int
+    #: taskserver's DURABILITY (and which Redis: the embedded one, or an external one).
+    durability: str = "-"
     requests_per_s: float = 0.0
     p50_ms: float = 0.0
     p90_ms: float = 0.0
@@ -158,11 +163,13 @@ CLIENT_COMMANDS = {
 class Redis:
     """A Redis-protocol server like the embedded one (AOF, noeviction), for the floor."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, appendfsync: str = "everysec") -> None:
         self.port = free_port()
         (workdir / "redis").mkdir()
         self.process = subprocess.Popen(
-            server_arguments(find_server_binary(None), self.port, workdir / "redis"),
+            server_arguments(
+                find_server_binary(None), self.port, workdir / "redis", appendfsync=appendfsync
+            ),
             stdout=subprocess.DEVNULL,
         )
         self.client = valkey.Valkey(port=self.port)
@@ -206,10 +213,18 @@ def bench_floor(workers: int, seconds: float, workdir: Path) -> Result:
         redis.stop()
 
 
-def bench_taskserver(workers: int, seconds: float, workdir: Path) -> Result:
+def bench_taskserver(
+    workers: int, seconds: float, workdir: Path, durability: str, external: str | None
+) -> Result:
+    """``external``: run on a Redis of our own with that ``appendfsync`` (REDIS_URL), not the
+    embedded one; there ``fsync`` is a WAITAOF after each turn's script."""
     twistd = str(Path(sys.executable).parent / "twistd")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "TASK_"))}
     env.update({"PORT": "0", "INTERFACE": "127.0.0.1", "WORKERS": str(workers)})
+    env["DURABILITY"] = durability
+    own_redis = Redis(workdir, external) if external else None
+    if own_redis is not None:
+        env["REDIS_URL"] = f"redis://127.0.0.1:{own_redis.port}/0"
     env["TASK_LOG_MAX_BYTES"] = str(10**10)  # one file to count lines in: no rotation mid-run
     log = open(workdir / "twistd.out", "w+")  # noqa: SIM115
     server = subprocess.Popen(
@@ -225,13 +240,18 @@ def bench_taskserver(workers: int, seconds: float, workdir: Path) -> Result:
         output = lambda: Path(log.name).read_text()  # noqa: E731
         wait_for(lambda: output().count(") ready") >= workers, 60, "taskserver ready")
         port = int(LISTENING.search(output())[1])  # type: ignore[index]
-        redis_pid, redis_port = map(int, EMBEDDED_REDIS.search(output()).groups())  # type: ignore[union-attr]
-        embedded = read_embedded_address(workdir / "data")  # its password
-        client = valkey.Valkey(port=redis_port, password=embedded.password if embedded else None)
+        if own_redis is not None:
+            redis_pid, client = own_redis.process.pid, own_redis.client
+        else:
+            redis_pid, redis_port = map(int, EMBEDDED_REDIS.search(output()).groups())  # type: ignore[union-attr]
+            embedded = read_embedded_address(workdir / "data")  # its password
+            password = embedded.password if embedded else None
+            client = valkey.Valkey(port=redis_port, password=password)
         pids = [server.pid, *map(int, WORKER_STARTED.findall(output()))]
         run_wrk(port, 2, 64)  # warm-up
         wait_for(lambda: client.llen("taskserver:{q}:pending") == 0, 60, "warm-up drained")
-        result = Result("taskserver", workers)
+        where = f", external Redis (appendfsync {external})" if external else ""
+        result = Result("taskserver", workers, durability + where)
         before_lines, before_calls = lines(), commandstats(client)
         before_cpu = (cpu_ticks(pids), cpu_ticks([redis_pid]))
         started = time.monotonic()
@@ -256,6 +276,8 @@ def bench_taskserver(workers: int, seconds: float, workdir: Path) -> Result:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+        if own_redis is not None:
+            own_redis.stop()
 
 
 def fill(result: Result, out: dict[str, Any], server_ticks: int, redis_ticks: int) -> None:
@@ -277,10 +299,10 @@ def fill(result: Result, out: dict[str, Any], server_ticks: int, redis_ticks: in
 
 def report(results: list[Result]) -> str:
     lines = [
-        "| server | workers | accepted req/s | p50 / p90 / p99 ms | non-2xx | conns per child "
-        "| server CPU ms/req | Redis CPU ms/req | Redis calls/task (round trips) "
+        "| server | workers | durability | accepted req/s | p50 / p90 / p99 ms | non-2xx "
+        "| conns per child | server CPU ms/req | Redis CPU ms/req | Redis calls/task (round trips) "
         "| tasks/s end to end | done during load | backlog at end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     floors = {r.workers: r for r in results if r.server == "floor"}
     for r in results:
@@ -289,7 +311,7 @@ def report(results: list[Result]) -> str:
             ratio = f" ({r.requests_per_s / floors[r.workers].requests_per_s:.2f} x floor)"
         e2e = f"{r.tasks_per_s_end_to_end:,.0f}" if r.server == "taskserver" else "-"
         lines.append(
-            f"| {r.server} | {r.workers} | {r.requests_per_s:,.0f}{ratio} "
+            f"| {r.server} | {r.workers} | {r.durability} | {r.requests_per_s:,.0f}{ratio} "
             f"| {r.p50_ms:.1f} / {r.p90_ms:.1f} / {r.p99_ms:.1f} | {r.non_2xx} "
             f"| {'/'.join(map(str, r.connections_per_child))} "
             f"| {r.server_cpu_ms_per_request:.3f} | {r.redis_cpu_ms_per_request:.3f} "
@@ -303,17 +325,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="load per run")
     parser.add_argument("--workers", default=f"1,{os.cpu_count() or 1}")
+    parser.add_argument(
+        "--durability", default="write,fsync", help="taskserver's DURABILITY modes, side by side"
+    )
+    parser.add_argument(
+        "--external-redis",
+        choices=("everysec", "always"),
+        help="run taskserver on a Redis of the bench's own with this appendfsync, not the embedded",
+    )
+    parser.add_argument("--no-floor", action="store_true", help="taskserver only")
     arguments = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("bench: wrk is missing: apt-get install wrk (Debian's package)")
     counts = sorted({int(n) for n in arguments.workers.split(",")})
     results = []
+    modes = [mode.strip() for mode in arguments.durability.split(",") if mode.strip()]
     for workers in counts:
-        for bench in (bench_floor, bench_taskserver):
+        runs: list[Callable[[Path], Result]] = (
+            []
+            if arguments.no_floor
+            else [functools.partial(bench_floor, workers, arguments.seconds)]
+        )
+        runs += [
+            functools.partial(
+                bench_taskserver, workers, arguments.seconds,
+                durability=mode, external=arguments.external_redis,
+            )
+            for mode in modes
+        ]  # fmt: skip
+        for run in runs:
             with tempfile.TemporaryDirectory(prefix="taskserver-bench-") as workdir:
-                result = bench(workers, arguments.seconds, Path(workdir))
+                result = run(Path(workdir))
                 print(
-                    f"{result.server}, {workers} worker(s): {result.requests_per_s:,.0f} req/s",
+                    f"{result.server} ({result.durability}), {workers} worker(s): "
+                    f"{result.requests_per_s:,.0f} req/s, p99 {result.p99_ms:.1f} ms",
                     flush=True,
                 )
                 results.append(result)

@@ -36,6 +36,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RoutingException
 
 from taskserver.clientip import Network, client_address, is_cross_site, is_loopback_request
+from taskserver.durability import DurabilityTimeout
 from taskserver.exposition import exposition
 from taskserver.httpserver import (
     ApiError,
@@ -522,6 +523,19 @@ class TaskAPI:
         error = failure.value
         if isinstance(error, ApiError):
             return respond(request, error.status, error.document(), error.headers)
+        if isinstance(error, DurabilityTimeout):
+            # The one ambiguous answer: the task was written, its durability is unknown.
+            self._warnings.warn(f"answered 503 durability_timeout: {error}")
+            return respond(
+                request,
+                503,
+                {
+                    "error": "durability_timeout",
+                    "message": "the task may or may not exist: it was written, but not confirmed "
+                    "durable in time; retry with the same Idempotency-Key",
+                },
+                [("Retry-After", str(UNAVAILABLE_RETRY_AFTER_S))],
+            )
         if isinstance(error, RedisUnavailable):
             self._warnings.warn(f"answered 503: {error}")
             return respond(

@@ -89,6 +89,13 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _durability(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("write", "fsync"):
+        raise ConfigError(f"expected write or fsync, got {text!r}")
+    return value
+
+
 def _text(text: str) -> str:
     return text.strip()
 
@@ -320,6 +327,20 @@ OPTIONS: tuple[Option, ...] = (
         field="redis_timeout_s",
     ),
     Option(
+        "durability",
+        "DURABILITY",
+        "write",
+        "what a 202 waits for: write (Redis applied it) or fsync (in its AOF on disk)",
+        _durability,
+    ),
+    Option(
+        "wait_replicas",
+        "WAIT_REPLICAS",
+        "0",
+        "replicas that must have a task before its 202 (WAIT / WAITAOF)",
+        _int_in(0, 64),
+    ),
+    Option(
         "handler", "TASK_HANDLER", DEFAULT_HANDLER, "module:function run for each task", _handler
     ),
     Option(
@@ -494,6 +515,8 @@ class Settings:
     key_prefix: str = _default("key_prefix")
     status_ttl_s: int = _default("status_ttl_s")
     redis_timeout_s: float = _default("redis_timeout_s")
+    durability: str = _default("durability")
+    wait_replicas: int = _default("wait_replicas")
     heartbeat_ttl_s: float = _default("heartbeat_ttl_s")
     shutdown_timeout_s: float = _default("shutdown_timeout_s")
     task_log_max_bytes: int = _default("task_log_max_bytes")

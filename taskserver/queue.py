@@ -17,9 +17,17 @@ from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from taskserver.coalesce import Coalescer
+from taskserver.durability import (
+    WRITE_ONLY,
+    Durability,
+    DurabilityTimeout,
+    ReplicasMissing,
+    call_then_wait,
+)
 from taskserver.ids import process_of
 from taskserver.keys import Keys
 from taskserver.ratelimit import Decision, RatePolicy
@@ -72,6 +80,8 @@ class Reclaimed(NamedTuple):
 
 #: One task on its way into ADMIT: the task, its text and user id (encoded), its counters.
 _Admission = tuple[Task, bytes, bytes, Sequence[str]]
+#: ADMIT's reply for one task, and whether the turn's wait (disk, replicas) was satisfied.
+_Admitted = tuple[Any, bool]
 
 Key = TypeVar("Key")
 Item = TypeVar("Item")
@@ -107,8 +117,15 @@ class TaskQueue:
         max_attempts: int = 3,
         dead_letter_max: int = 10_000,
         before_outcomes: Callable[[], None] = lambda: None,
+        durability: Durability = WRITE_ONLY,
+        refuse_admissions: Callable[[], ReplicasMissing | None] = lambda: None,
     ) -> None:
-        """``before_outcomes`` runs right before outcomes (COMPLETE, FAIL) are sent.
+        """``durability``: what an admission waits for before it counts (see
+        :mod:`taskserver.durability`); acknowledgements and outcomes never wait.
+        ``refuse_admissions()``: an error to raise instead of admitting (the
+        replicas WAIT_REPLICAS asks for are missing), or None.
+
+        ``before_outcomes`` runs right before outcomes (COMPLETE, FAIL) are sent.
 
         A child flushes its task-log lines there: its consumer writes a task's
         line before its outcome, but the two leave through buffers that are
@@ -119,6 +136,9 @@ class TaskQueue:
         task without its line.
         """
         self._before_outcomes = before_outcomes
+        self._durability = durability
+        self._wait = durability.wait_command(max(1, int(timeout_s * 1000)))
+        self._refuse_admissions = refuse_admissions
         self._redis = redis
         self.keys = keys
         self._status_ttl_ms = status_ttl_s * 1000
@@ -126,7 +146,7 @@ class TaskQueue:
         self._clock = clock
         self.max_attempts = max_attempts
         self._dead_letter_max = dead_letter_max
-        self._admissions: dict[tuple[int, ...], Coalescer[_Admission, Any]] = {}
+        self._admissions: dict[tuple[int, ...], Coalescer[_Admission, _Admitted]] = {}
         self._completions: dict[str, Coalescer[tuple[str, Task, str, str], Any]] = {}
 
     def _coalescer(
@@ -148,8 +168,13 @@ class TaskQueue:
 
         One script (ADMIT) runs the rate limit, the push and the status record,
         so "counted" and "enqueued" cannot disagree. Admissions made in the
-        same reactor turn under the same tiers share one call.
+        same reactor turn under the same tiers share one call, and one wait
+        for the disk or the replicas (DurabilityTimeout if it fell short: the
+        task exists, its durability is unknown).
         """
+        refused = self._refuse_admissions()
+        if refused is not None:
+            raise refused
         try:
             # Encoded here, not when the batch is sent, so one bad task fails alone. The
             # bytes go to Redis as they are: txredisapi encodes nothing a second time.
@@ -161,17 +186,33 @@ class TaskQueue:
         batch = self._coalescer(
             self._admissions, policy.arguments, partial(self._admit_many, policy.arguments)
         )
-        return policy.decide(await batch.submit((task, text, user_id, counters)))
+        reply, durable = await batch.submit((task, text, user_id, counters))
+        decision = policy.decide(reply)
+        if decision.allowed and not durable:
+            raise DurabilityTimeout(
+                f"task {task.id} was written, but not confirmed in "
+                f"{self._durability.describe()} within {self._timeout_s:g} s"
+            )
+        return decision
 
     async def _admit_many(
         self, tier_arguments: tuple[int, ...], tasks: list[_Admission]
-    ) -> list[Any]:
+    ) -> list[_Admitted]:
         keys = [self.keys.pending]
         args: list[Any] = [*tier_arguments, self._status_ttl_ms]
         for task, text, user_id, counters in tasks:
             keys += [*counters, self.keys.status(task.id)]
             args += [text, user_id, task.queued_at]
-        return list(await self._eval(ADMIT, keys, args))
+        if self._wait is None:
+            return [(reply, True) for reply in await self._eval(ADMIT, keys, args)]
+        # The script's deadline, then the wait's own (it answers at its timeout in Redis).
+        replies, waited = await within(
+            defer.ensureDeferred(call_then_wait(self._redis, ADMIT, keys, args, self._wait)),
+            2 * self._timeout_s,
+            self._clock,
+        )
+        durable = self._durability.satisfied(waited)
+        return [(reply, durable) for reply in replies]
 
     async def enqueue(self, task: Task) -> None:
         """Push the task and write its "queued" status, with no rate limit."""

@@ -56,6 +56,7 @@ from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
 from taskserver.dashboard import DashboardRoutes
+from taskserver.durability import ReplicasMissing, ReplicaWatch, durability_of
 from taskserver.httpserver import ApiError, TaskSite
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
@@ -122,6 +123,7 @@ class ChildService(Service):
         self._port: BalancedPort | None = None
         self._beat: task.LoopingCall | None = None
         self._link: RedisLinkWatch | None = None
+        self._replicas: ReplicaWatch | None = None
         self.site: TaskSite | None = None
         self.consumers: ConsumerService | None = None
         self.queue: TaskQueue | None = None
@@ -158,6 +160,12 @@ class ChildService(Service):
         self._link = RedisLinkWatch(api, reactor, settings.redis_timeout_s)
         self._link.startService()
         keys = Keys(settings.key_prefix)
+        durability = durability_of(settings)
+        if durability.replicas:
+            self._replicas = ReplicaWatch(
+                api, durability.replicas, reactor, settings.redis_timeout_s
+            )
+            self._replicas.startService()
         self.queue = TaskQueue(
             api,
             keys,
@@ -168,6 +176,8 @@ class ChildService(Service):
             settings.dead_letter_max,
             # A task's line leaves before the outcome that removes its task (see TaskQueue).
             before_outcomes=self._flush_task_sink,
+            durability=durability,
+            refuse_admissions=self._replicas_missing,
         )
         limiter = RatePolicy(keys, settings.rate_limits)  # admitted by the queue's one call
         kill = None if settings.disable_kill else self._kill
@@ -253,6 +263,11 @@ class ChildService(Service):
         )
         self._metrics.startService()
 
+    def _replicas_missing(self) -> ReplicasMissing | None:
+        """The 503 a POST gets while WAIT_REPLICAS asks for more replicas than Redis has."""
+        watch = self._replicas
+        return watch.refusal() if watch is not None and not watch.enough() else None
+
     def _worker_entry(self, started_at: float) -> dict[str, Any]:
         """This child's entry in the workers hash, as of now."""
         assert self.consumers is not None and self.site is not None
@@ -288,6 +303,8 @@ class ChildService(Service):
             await self._metrics.stopService()  # the last counts; our workers entry goes
         if self._link is not None:
             await self._link.stopService()
+        if self._replicas is not None:
+            await self._replicas.stopService()
         for pool in self._pools:
             await pool.disconnect()
         self._pools = []

@@ -157,11 +157,18 @@ def free_loopback_port() -> int:
 
 
 def server_arguments(
-    binary: str, port: int, data_dir: Path, *, config_from_stdin: bool = False
+    binary: str,
+    port: int,
+    data_dir: Path,
+    *,
+    config_from_stdin: bool = False,
+    appendfsync: str = "everysec",
 ) -> list[str]:
     """The command line; with ``config_from_stdin`` the server first reads settings from stdin.
 
     Secrets (``requirepass``) go that way: a command line is visible to every local user.
+    ``appendfsync``: ``always`` for DURABILITY=fsync (the server fsyncs its AOF
+    once per event-loop pass, before it replies), else ``everysec``.
     """
     return [
         binary,
@@ -171,7 +178,7 @@ def server_arguments(
         "--protected-mode", "yes",
         "--dir", str(data_dir.resolve()),
         "--appendonly", "yes",
-        "--appendfsync", "everysec",
+        "--appendfsync", appendfsync,
         "--save", "",
         "--maxmemory-policy", "noeviction",
         "--daemonize", "no",
@@ -291,8 +298,10 @@ class EmbeddedRedis(Service):
         password: str | None = None,
         on_down: Callable[[], None] = lambda: None,
         on_back: Callable[[], None] = lambda: None,
+        appendfsync: str = "everysec",
     ) -> None:
         self.binary = binary
+        self._appendfsync = appendfsync
         self._data_dir = data_dir
         self._reactor: IReactorProcess = reactor
         self._clock: IReactorTime = reactor
@@ -350,7 +359,13 @@ class EmbeddedRedis(Service):
         with_password = self._password is not None
         # Its own session (Ctrl-C reaches us, and we stop it last) and tied to our life.
         arguments = tied_command(
-            server_arguments(self.binary, port, self._data_dir, config_from_stdin=with_password)
+            server_arguments(
+                self.binary,
+                port,
+                self._data_dir,
+                config_from_stdin=with_password,
+                appendfsync=self._appendfsync,
+            )
         )
         try:
             transport = self._reactor.spawnProcess(

@@ -49,6 +49,7 @@ from taskserver.cluster.protocol import (
 from taskserver.cluster.supervisor import Supervisor, Worker
 from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, settings_to_json
+from taskserver.durability import check_at_start, embedded_appendfsync
 from taskserver.ids import consumer_ids_of
 from taskserver.keys import Keys
 from taskserver.metrics import TASKS_DEAD, TASKS_RECLAIMED, MetricsFlusher, Tally
@@ -105,6 +106,7 @@ class Master(Service):
                 password=secrets.token_urlsafe(24),
                 on_down=self._redis_down,
                 on_back=self._redis_back,
+                appendfsync=embedded_appendfsync(settings),
             )
             if redis_binary
             else None
@@ -175,6 +177,7 @@ class Master(Service):
     async def _start(self) -> None:
         settings = self._settings
         self.redis = await self._redis_address()
+        await check_at_start(settings, self.redis, self._reactor)  # DURABILITY it can keep
         if not self.running:
             return  # stopped while the embedded Redis started: start nothing more
         self._scoreboard = Scoreboard.create(Supervisor.seats_for(settings.workers))

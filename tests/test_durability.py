@@ -1,0 +1,428 @@
+"""DURABILITY and WAIT_REPLICAS: what a 202 waits for, the checks at start-up, the fault suite.
+
+Against real Redis-protocol servers (valkey-server on loopback) and, for the
+start-up and fault tests, the real ``twistd -n taskserver``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+import valkey
+from twisted.internet import defer, reactor
+
+from conftest import connect_raw, unused_port
+from harness import Twistd, alive, logged_task_ids, wait_for
+from taskserver.api import TaskAPI
+from taskserver.cluster.embedded import find_server_binary, read_embedded_address
+from taskserver.config import ConfigError, RedisAddress, load_settings
+from taskserver.durability import (
+    Durability,
+    DurabilityTimeout,
+    check_redis,
+    durability_of,
+    embedded_appendfsync,
+)
+from taskserver.idempotency import IdempotencyKeys
+from taskserver.keys import Keys
+from taskserver.queue import TaskQueue
+from taskserver.ratelimit import RatePolicy
+from taskserver.task import Task
+
+# ------------------------------------------------------------------ pure logic
+
+
+def test_what_each_setting_waits_for() -> None:
+    assert Durability().wait_command(500) is None, "write: the script's reply is the 202"
+    assert Durability(fsync=True).wait_command(500) == ("WAITAOF", 1, 0, 500)
+    assert Durability(fsync=True, server_fsyncs=True).wait_command(500) is None, (
+        "appendfsync always: the reply itself comes after the fsync"
+    )
+    assert Durability(fsync=True, replicas=2, server_fsyncs=True).wait_command(500) == (
+        "WAITAOF",
+        1,
+        2,
+        500,
+    )
+    assert Durability(replicas=1).wait_command(500) == ("WAIT", 1, 500)
+
+
+def test_a_wait_is_satisfied_only_by_what_was_asked() -> None:
+    assert Durability(fsync=True).satisfied([1, 0])
+    assert not Durability(fsync=True).satisfied([0, 0])
+    assert not Durability(fsync=True, replicas=1).satisfied([1, 0])
+    assert Durability(fsync=True, replicas=1).satisfied([1, 1])
+    assert Durability(replicas=2).satisfied(2) and not Durability(replicas=2).satisfied(1)
+
+
+def test_fsync_is_the_server_s_own_on_the_embedded_redis_only() -> None:
+    assert durability_of(load_settings({}, {})) == Durability(), "write is the default"
+    assert embedded_appendfsync(load_settings({}, {})) == "everysec"
+    embedded = load_settings({}, {"DURABILITY": "fsync"})
+    assert durability_of(embedded) == Durability(fsync=True, server_fsyncs=True)
+    assert embedded_appendfsync(embedded) == "always"
+    external = load_settings({}, {"REDIS_URL": "redis://h/0", "DURABILITY": "fsync"})
+    assert durability_of(external) == Durability(fsync=True), "WAITAOF after each turn"
+    replicas = load_settings({}, {"REDIS_URL": "redis://h/0", "WAIT_REPLICAS": "2"})
+    assert durability_of(replicas) == Durability(replicas=2)
+    with pytest.raises(ConfigError, match="DURABILITY"):
+        load_settings({}, {"DURABILITY": "paranoid"})
+    with pytest.raises(ConfigError, match="WAIT_REPLICAS"):
+        load_settings({}, {"WAIT_REPLICAS": "-1"})
+
+
+# ------------------------------------------------------------------ a real Redis
+
+
+def commandstats(address: RedisAddress, command: str) -> int:
+    client = valkey.Valkey(host=address.host, port=address.port, password=address.password)
+    stats = client.info("commandstats").get(f"cmdstat_{command}", {"calls": 0})
+    return int(stats["calls"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_waitaof_covers_every_admission_of_a_turn(
+    redis_server: RedisAddress, keys: Keys
+) -> None:
+    pool = connect_raw(redis_server, poolsize=3)
+    queue = TaskQueue(pool, keys, 60, 2.0, reactor, durability=Durability(fsync=True))
+    try:
+        await queue.enqueue(Task.new("loads-the-script", None, reactor.seconds()))
+        before = commandstats(redis_server, "waitaof")
+        tasks = [Task.new(f"u{n}", None, reactor.seconds()) for n in range(20)]
+        decisions = await defer.gatherResults(
+            [defer.ensureDeferred(queue.enqueue(task)) for task in tasks]
+        )
+        assert len(decisions) == 20
+        assert commandstats(redis_server, "waitaof") - before == 1, "one wait per turn"
+        statuses = [await queue.status(task.id) for task in tasks]
+        assert all(s is not None and s["status"] == "queued" for s in statuses)
+    finally:
+        await pool.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_wait_survives_a_forgotten_script(
+    redis_server: RedisAddress, redis: Any, keys: Keys
+) -> None:
+    pool = connect_raw(redis_server, poolsize=2)
+    queue = TaskQueue(pool, keys, 60, 2.0, reactor, durability=Durability(fsync=True))
+    try:
+        await queue.enqueue(Task.new("first", None, reactor.seconds()))
+        await redis.execute_command("SCRIPT", "FLUSH")
+        task = Task.new("after-flush", None, reactor.seconds())
+        await queue.enqueue(task)
+        assert (await queue.status(task.id) or {}).get("status") == "queued"
+    finally:
+        await pool.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wait_not_done_in_time_is_an_ambiguous_503_and_a_retry_is_safe(
+    redis_server: RedisAddress, keys: Keys
+) -> None:
+    """WAIT 1 on a primary without a replica: the task is written, the 503 says "maybe";
+    the same request again with its Idempotency-Key answers that task (200), no second one."""
+    timeout_s = 0.3
+    pool = connect_raw(redis_server, poolsize=2)
+    queue = TaskQueue(pool, keys, 60, timeout_s, reactor, durability=Durability(replicas=1))
+    api = TaskAPI(
+        RatePolicy(keys, ()),
+        queue,
+        IdempotencyKeys(pool, keys, timeout_s, reactor, 60),
+        reactor,
+    )
+    port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}/api/v1/task"
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "k-1"}
+    try:
+        started = reactor.seconds()
+        first = await treq.post(url, json={"user_id": "alice"}, headers=headers)
+        waited = reactor.seconds() - started
+        body = await first.json()
+        assert first.code == 503, body
+        assert body["error"] == "durability_timeout"
+        assert "may or may not exist" in body["message"]
+        assert first.headers.getRawHeaders("Retry-After") == ["2"]
+        assert timeout_s * 0.9 <= waited < 10 * timeout_s, waited
+        pending = await pool.lrange(keys.pending, 0, -1)
+        assert len(pending) == 1, "the task was written"
+        task_id = json.loads(pending[0])["id"]
+
+        again = await treq.post(url, json={"user_id": "alice"}, headers=headers)
+        replayed = await again.json()
+        assert again.code == 200, replayed
+        assert replayed["task_id"] == task_id
+        assert again.headers.getRawHeaders("Idempotent-Replayed") == ["true"]
+        assert len(await pool.lrange(keys.pending, 0, -1)) == 1, "no second task"
+        with pytest.raises(DurabilityTimeout):
+            await queue.enqueue(Task.new("bob", None, reactor.seconds()))
+    finally:
+        await port.stopListening()
+        await pool.disconnect()
+
+
+class ScratchRedis:
+    """A valkey-server of the test's own, with extra arguments (AOF off, a command removed)."""
+
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.port = unused_port()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [find_server_binary(None), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(data_dir), "--save", "", *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.address = RedisAddress("127.0.0.1", self.port)
+        client = valkey.Valkey(port=self.port)
+
+        def answers() -> bool:
+            with contextlib.suppress(valkey.ConnectionError):
+                return bool(client.ping())
+            return False
+
+        wait_for(answers, what="scratch Redis answering")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(20)
+
+
+@pytest.fixture
+def scratch_redis(tmp_path: Path) -> Iterator[Callable[..., ScratchRedis]]:
+    started: list[ScratchRedis] = []
+
+    def start(*extra: str) -> ScratchRedis:
+        server = ScratchRedis(tmp_path / f"scratch-{len(started)}", *extra)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--appendonly", "no"), "append-only file turned off"),
+        (("--appendonly", "yes", "--rename-command", "WAITAOF", ""), "needs WAITAOF"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_fsync_is_refused_by_a_redis_that_cannot_keep_it(
+    scratch_redis: Callable[..., ScratchRedis], extra: tuple[str, ...], message: str
+) -> None:
+    server = scratch_redis(*extra)
+    pool = connect_raw(server.address, poolsize=1)
+    try:
+        with pytest.raises(ConfigError, match=message):
+            await check_redis(pool, Durability(fsync=True), 1.0, reactor)
+        assert await check_redis(pool, Durability(), 1.0, reactor) == 0, "write needs nothing"
+    finally:
+        await pool.disconnect()
+
+
+def test_start_up_stops_with_one_line_when_redis_cannot_fsync(
+    twistd: Callable[..., Twistd], scratch_redis: Callable[..., ScratchRedis]
+) -> None:
+    server = scratch_redis("--appendonly", "no")
+    master = twistd(REDIS_URL=f"redis://127.0.0.1:{server.port}/0", DURABILITY="fsync")
+    assert master.process.wait(60) == 1
+    refusals = [line for line in master.output.splitlines() if "could not start" in line]
+    assert len(refusals) == 1, master.output
+    assert "DURABILITY=fsync: Redis has its append-only file turned off" in refusals[0]
+    assert "Traceback" not in master.output
+    assert "worker-" not in master.output, "no child was started"
+
+
+def test_wait_replicas_without_a_replica_answers_503_until_one_connects(
+    twistd: Callable[..., Twistd], scratch_redis: Callable[..., ScratchRedis], tmp_path: Path
+) -> None:
+    """The embedded valkey with no replica: a warning, POSTs 503 (nothing written); a real
+    replica connects, and POSTs are accepted without a restart."""
+    master = twistd(WORKERS="1", WAIT_REPLICAS="1", DURABILITY="fsync", RATE_LIMITS="")
+    master.wait_until_ready(1)
+    assert "WAIT_REPLICAS=1 but Redis has 0 replica(s) connected" in master.output
+    code, body = master.request("POST", "/api/v1/task", {"user_id": "early"})
+    assert code == 503 and body["error"] == "redis_unavailable", body
+    embedded = read_embedded_address(tmp_path / "data")
+    assert embedded is not None
+    primary = valkey.Valkey(port=embedded.port, password=embedded.password)
+    assert primary.llen("taskserver:{q}:pending") == 0, "a refused POST writes nothing"
+    # With fsync, WAITAOF 1 1 counts a replica once the write is in its own append-only file.
+    scratch_redis(
+        "--replicaof", "127.0.0.1", str(embedded.port), "--masterauth", str(embedded.password),
+        "--appendonly", "yes", "--repl-diskless-load", "disabled",
+    )  # fmt: skip
+
+    def accepted() -> bool:
+        code, _ = master.request("POST", "/api/v1/task", {"user_id": f"late-{time.time_ns()}"})
+        return code == 202
+
+    wait_for(accepted, timeout=30, what="a 202 once the replica is connected")
+    assert "replica(s) again: POST accepts tasks" in master.output
+    assert master.stop() == 0
+
+
+# ------------------------------------------------------------------ the fault suite
+
+#: Seconds of load per mode, and the embedded Redis SIGKILLed about every KILL_EVERY_S.
+LOAD_S = 9.0
+KILL_EVERY_S = 2.5
+BACK = re.compile(r"embedded Redis is back \(pid (\d+)\)")
+
+
+class TimedLoad:
+    """POSTs from distinct users on a few threads until stopped; every 202 with its time."""
+
+    def __init__(self, server: Twistd, threads: int = 4) -> None:
+        self.server = server
+        self.accepted: list[tuple[float, str]] = []
+        self.refused: Counter[int | str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._next = 0
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                n, self._next = self._next, self._next + 1
+            try:
+                code, body = self.server.request("POST", "/api/v1/task", {"user_id": f"k-{n}"})
+            except OSError as e:
+                code, body = type(e).__name__, {}  # type: ignore[assignment]
+            with self._lock:
+                if code == 202:
+                    self.accepted.append((time.monotonic(), body["task_id"]))
+                else:
+                    self.refused[code] += 1
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.accepted)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def longest_gap_s(self) -> float:
+        """The longest stretch without a 202: how long POSTs answered 503 around a kill."""
+        times = sorted(t for t, _ in self.accepted)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+def kill_redis_under_load(workdir: Path, durability: str) -> dict[str, Any]:
+    """One mode: a 2-child cluster on the embedded Redis, the Redis SIGKILLed under load."""
+    workdir.mkdir()
+    server = Twistd(
+        workdir,
+        {
+            "WORKERS": "2",
+            "DURABILITY": durability,
+            "RATE_LIMITS": "",
+            "TASK_HANDLER": "sample_handlers:slow",
+            "SLOW_HANDLER_S": "0.002",
+            "HEARTBEAT_TTL": "2",
+            "SHUTDOWN_TIMEOUT": "2",
+        },
+    )
+    try:
+        server.wait_until_ready(2)
+        embedded = read_embedded_address(workdir / "data")
+        assert embedded is not None
+        load = TimedLoad(server)
+        started, kills = time.monotonic(), 0
+        while time.monotonic() - started < LOAD_S:
+            flowing = load.count()
+            wait_for(lambda n=flowing: load.count() > n + 20, timeout=30, what="202s flowing")
+            time.sleep(KILL_EVERY_S)  # when to strike: test input, not synchronisation
+            backs = BACK.findall(server.output)
+            restarts = len(backs)
+            pid = int(backs[-1]) if backs else server.redis_pid()
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+            wait_for(
+                lambda n=restarts: len(BACK.findall(server.output)) > n,
+                timeout=30,
+                what="the embedded Redis restarted",
+            )
+        flowing = load.count()
+        wait_for(lambda: load.count() > flowing + 20, timeout=30, what="202s after the last kill")
+        load.stop()
+        accepted = {task_id for _, task_id in load.accepted}
+        client = valkey.Valkey(port=embedded.port, password=embedded.password)
+
+        def unsettled() -> set[str]:
+            """Accepted tasks whose record says neither completed nor dead (lost: no record)."""
+            ordered = sorted(accepted)
+            pipe = client.pipeline(transaction=False)
+            for task_id in ordered:
+                pipe.hget(f"taskserver:{{q}}:task:{task_id}", "status")
+            statuses = pipe.execute()
+            return {
+                task_id
+                for task_id, status in zip(ordered, statuses, strict=True)
+                if status not in (b"completed", b"dead")
+            }
+
+        with contextlib.suppress(AssertionError):  # what is left is counted below
+            wait_for(lambda: not unsettled(), timeout=30, what="every accepted task settled")
+        left = unsettled()
+        logged = logged_task_ids(workdir / "logs")
+        figures = {
+            "durability": durability,
+            "kills": kills,
+            "accepted": len(accepted),
+            "refused": dict(load.refused),
+            "lost": len(left),
+            "duplicates": sum(n - 1 for task_id, n in logged.items() if task_id in accepted),
+            "longest_503_window_s": round(load.longest_gap_s(), 2),
+        }
+        print(f"\nembedded Redis SIGKILLed under load: {figures}")
+        assert server.stop() == 0
+        return figures
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
+        redis_pids = [int(p) for p in BACK.findall(server.output)]
+        for pid in redis_pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_sigkilled_embedded_redis_loses_no_task_with_fsync(tmp_path: Path) -> None:
+    """fsync: every task that got a 202 completes (or is dead-lettered), across the kills.
+
+    With write the loss is counted and printed, not asserted: a SIGKILL leaves what
+    Redis wrote in the kernel's page cache, so it rarely loses anything; a power cut
+    would lose what was not yet fsynced (up to a second).
+    """
+    fsync = kill_redis_under_load(tmp_path / "fsync", "fsync")
+    assert fsync["kills"] >= 3
+    assert fsync["accepted"] > 100
+    assert fsync["lost"] == 0, fsync
+    write = kill_redis_under_load(tmp_path / "write", "write")
+    assert write["kills"] >= 3
+    print(f"\nDURABILITY=write lost {write['lost']} of {write['accepted']} accepted tasks")
