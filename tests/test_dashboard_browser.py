@@ -312,7 +312,8 @@ def test_sign_in_with_admin_token_then_read_only_shows_no_actions(
     browser: WebDriver, twistd: Callable[..., Twistd], marker: Path
 ) -> None:
     """ADMIN_TOKEN: the page sends a stranger to the form, whose cookie lets the right token in.
-    DASHBOARD_READ_ONLY: the dead letters are listed, with no button that would change them."""
+    DASHBOARD_READ_ONLY: the dead letters are listed, with no button that would change them.
+    Sign out: the form again, and the page closed until the token is given again."""
     settings = {"WORKERS": "1", "ADMIN_TOKEN": ADMIN_TOKEN, "DASHBOARD_READ_ONLY": "true"}
     server = twistd(**{**CLUSTER_SETTINGS, **settings})
     server.wait_until_ready(1)
@@ -333,6 +334,11 @@ def test_sign_in_with_admin_token_then_read_only_shows_no_actions(
         assert not row.find_elements(By.CSS_SELECTOR, "button.requeue")
         for action in ("requeue-all", "purge"):
             assert not browser.find_element(By.ID, action).is_displayed(), action
+        # Sign out (not an action on the queue: read-only mode keeps it) clears the cookie.
+        browser.find_element(By.ID, "logout").click()
+        wait(browser, lambda d: d.current_url == server.url + "/dashboard/login", "the login form")
+        browser.get(server.url + "/dashboard")
+        assert browser.current_url == server.url + "/dashboard/login"
     finally:
         entries = browser.get_log("browser")
         browser.get("about:blank")

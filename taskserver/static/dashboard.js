@@ -443,6 +443,7 @@
   // --- start -----------------------------------------------------------------------------------
 
   function wire() {
+    byId("logout").addEventListener("click", logout);
     byId("dead-prev").addEventListener("click", () => page(-1));
     byId("dead-next").addEventListener("click", () => page(1));
     byId("requeue-all").addEventListener("click", () =>
@@ -467,6 +468,12 @@
     });
   }
 
+  async function logout() {
+    const { status, body } = await request("POST", "/dashboard/logout");
+    if (status === 200) window.location.assign("/dashboard/login");
+    else report(`sign out failed: ${failure(body, status)}`);
+  }
+
   async function loadSession() {
     const { status, body } = await request("GET", "/dashboard/api/session");
     if (status !== 200) {
@@ -480,6 +487,7 @@
     document.body.classList.toggle("read-only", state.readOnly);
     for (const node of document.querySelectorAll(".action")) node.hidden = state.readOnly;
     setText("mode", `${state.readOnly ? "read-only · " : ""}access: ${body.auth}`);
+    byId("logout").hidden = body.auth !== "cookie";
     schedule(0);
   }
 
