@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -145,7 +146,11 @@ class RecordingRedis:
 
     def deltas(self, n: int) -> dict[str, int]:
         args = self.calls[n][1]
-        return {args[i]: args[i + 1] for i in range(5, len(args), 2)}
+        return {args[i]: args[i + 1] for i in range(7, len(args), 2)}
+
+    def batch(self, n: int) -> int:
+        """The number of the batch call ``n`` sent."""
+        return int(self.calls[n][1][5])
 
 
 def test_the_flusher_sends_once_a_second_and_never_two_at_once() -> None:
@@ -170,7 +175,8 @@ def test_the_flusher_sends_once_a_second_and_never_two_at_once() -> None:
     assert stopped.called
 
 
-def test_a_failed_flush_keeps_its_deltas_and_warns_once_per_window() -> None:
+def test_a_failed_flush_is_sent_again_as_it_was_and_warns_once_per_window() -> None:
+    """Redis may have applied a batch whose answer was lost: the same batch goes again."""
     clock, tally, redis = Clock(), Tally(), RecordingRedis()
     flusher = MetricsFlusher(tally, lambda: redis, Keys("p"), clock, 0.5)
     flusher.startService()
@@ -179,18 +185,39 @@ def test_a_failed_flush_keeps_its_deltas_and_warns_once_per_window() -> None:
             tally.count("tasks_enqueued")
             clock.advance(0.5)  # the deadline of the flush before: it fails
             clock.advance(0.5)  # the next flush
-            assert redis.deltas(second)["tasks_enqueued"] == second + 1
+            assert redis.deltas(second) == {"tasks_enqueued": 1}
+            assert redis.batch(second) == 1
             if second == 2:
                 tally.count("tasks_dead")  # counted while a flush is on its way
-        assert redis.deltas(4) == {"tasks_enqueued": 5, "tasks_dead": 1}
         assert flusher.has_unsent()
         redis.calls[4][2].callback(0)
+        assert len(redis.calls) == 6, "what was counted meanwhile goes right after, apart"
+        assert redis.deltas(5) == {"tasks_enqueued": 4, "tasks_dead": 1}
+        assert redis.batch(5) == 2
+        redis.calls[5][2].callback(0)
     assert not flusher.has_unsent()
     warnings = [formatEvent(e) for e in logged if e["log_level"] == LogLevel.warn]
     assert warnings == [
-        "could not add metrics to Redis (kept for the next try): Redis did not answer within 0.5 s"
+        "could not add metrics to Redis (sent again next time): Redis did not answer within 0.5 s"
     ]
     flusher.stopService()
+
+
+def test_a_stop_waits_for_a_flush_made_outside_the_loop() -> None:
+    """The master flushes after a reclaim too; a stop lets that finish, then flushes last."""
+    clock, tally, redis = Clock(), Tally(), RecordingRedis()
+    flusher = MetricsFlusher(tally, lambda: redis, Keys("p"), clock, 2.0)
+    flusher.startService()
+    tally.count("worker_restarts")
+    aside = defer.Deferred.fromCoroutine(flusher.flush())
+    stopped = flusher.stopService()
+    assert len(redis.calls) == 1 and not stopped.called, "the stop waits for that flush"
+    redis.calls[0][2].errback(ConnectionError("pool closed"))
+    assert aside.called
+    assert len(redis.calls) == 2, "then the last flush sends the batch again"
+    assert redis.deltas(1) == {"worker_restarts": 1} and redis.batch(1) == 1
+    redis.calls[1][2].callback(0)
+    assert stopped.called and not flusher.has_unsent()
 
 
 def test_the_flusher_waits_while_it_has_no_connection() -> None:
@@ -226,8 +253,13 @@ def test_a_worker_entry_is_this_process() -> None:
 # ------------------------------------------------------------------ the script, in Redis
 
 
-def script_keys(keys: Keys) -> list[str]:
-    return [keys.metrics, keys.workers, keys.metrics_history, keys.metrics_sampled]
+def script_keys(keys: Keys, process: str = "test") -> list[str]:
+    applied = f"{keys.metrics}:applied:{process}"
+    return [keys.metrics, keys.workers, keys.metrics_history, keys.metrics_sampled, applied]
+
+
+#: The script's batch numbers for :func:`add`'s callers that do not care.
+_batches = itertools.count(1)
 
 
 async def add(
@@ -237,8 +269,10 @@ async def add(
     worker_id: str = "",
     entry: str = "",
     history: int = 180,
+    batch: int | None = None,
 ) -> int:
-    args: list[Any] = [worker_id, entry, history, 4900, 60_000]
+    number = next(_batches) if batch is None else batch
+    args: list[Any] = [worker_id, entry, history, 4900, 60_000, number, 3_600_000]
     for name, n in deltas.items():
         args += [name, n]
     return int(await ADD_METRICS(redis, script_keys(keys), args))
@@ -258,6 +292,16 @@ async def test_the_script_adds_deltas_to_the_totals(redis: Any, keys: Keys) -> N
         "tasks_completed": "5",
         "http_requests|code=202|route=/api/v1/task": "3",
     }
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_script_applies_each_batch_of_a_process_once(redis: Any, keys: Keys) -> None:
+    await add(redis, keys, {"tasks_completed": 10}, batch=1)
+    await add(redis, keys, {"tasks_completed": 10}, batch=1)  # its answer was lost: again
+    await add(redis, keys, {"tasks_completed": 1}, batch=2)
+    assert await redis.hget(keys.metrics, "tasks_completed") == "11"
+    ttl = await redis.execute_command("PTTL", script_keys(keys)[4])
+    assert 0 < ttl <= metrics.APPLIED_FORGOTTEN_AFTER_MS, "a dead process's number goes"
 
 
 @pytest_twisted.ensureDeferred
@@ -349,6 +393,32 @@ async def test_a_flush_that_failed_is_sent_with_the_next(
     assert await redis.hgetall(keys.metrics) == {"tasks_enqueued": "3"}
     assert await flusher.flush() and await redis.hgetall(keys.metrics) == {"tasks_enqueued": "3"}
     await nowhere.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_applied_after_its_deadline_is_not_counted_again(
+    redis: Any, keys: Keys, redis_server: RedisAddress
+) -> None:
+    """The flush gives up waiting, Redis runs it later anyway; the re-sent batch is skipped."""
+    flushing = connect_raw(redis_server, poolsize=1)
+    await flushing.ping()
+    tally = Tally()
+    flusher = MetricsFlusher(tally, lambda: flushing, keys, reactor, 0.2)
+    tally.count("tasks_enqueued")
+    assert await flusher.flush()  # the script is loaded now
+    tally.count("tasks_completed", 10)
+    # A slow reply ahead of ours on the one connection: the flush's answer comes too late.
+    slow = flushing.execute_command("BLPOP", keys.metrics + ":nothing", "0.5")
+    assert not await flusher.flush()
+    await slow
+
+    async def applied() -> bool:
+        return await redis.hget(keys.metrics, "tasks_completed") == "10"
+
+    await eventually(applied)
+    assert await flusher.flush()
+    assert await redis.hget(keys.metrics, "tasks_completed") == "10"
+    await flushing.disconnect()
 
 
 @pytest_twisted.ensureDeferred
