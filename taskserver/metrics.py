@@ -93,6 +93,9 @@ HTTP_REQUESTS = "http_requests"
 RATE_LIMITED = "rate_limited"
 #: The tier every per-address limit counts as.
 IP_TIER = "ip"
+#: The code a request is counted with when its connection closed before its
+#: answer (nginx's "client closed request"); no answer carries it.
+CLIENT_CLOSED_REQUEST = 499
 
 
 def field(name: str, labels: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> str:

@@ -529,6 +529,26 @@ def test_the_channel_s_own_answers_count_as_other() -> None:
     }
 
 
+def test_a_request_whose_client_went_away_counts_once_as_499() -> None:
+    clock = Clock()
+    api, queue, _ = fake_api(clock=clock)
+    connection = Connection(api, clock)
+    queue.pending_status = defer.Deferred()  # the answer never comes
+    connection.send(b"GET /api/v1/task/" + b"a" * 32 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    clock.advance(5.0)
+    connection.close()
+    assert api.tally.take() == {
+        "http_requests|code=499|route=/api/v1/task/{task_id}": 1,
+        "http_request_duration_seconds_bucket|route=/api/v1/task/{task_id}|le=5.0": 1,
+        "http_request_duration_seconds_count|route=/api/v1/task/{task_id}": 1,
+        "http_request_duration_seconds_sum_us|route=/api/v1/task/{task_id}": 5_000_000,
+    }
+    answered = Connection(api, clock)
+    answered.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+    answered.close()  # the second one's headers never all arrived: no route, not counted
+    assert request_counts(api.tally) == {"http_requests|code=200|route=/healthz": 1}
+
+
 async def metrics_hash(redis: Any, keys: Keys) -> dict[str, int]:
     return {name: int(n) for name, n in (await redis.hgetall(keys.metrics)).items()}
 
