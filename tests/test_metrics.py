@@ -21,7 +21,9 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from conftest import RunningServer, connect_raw, eventually, unused_port
 from harness import Twistd, alive, wait_for
 from taskserver import metrics
-from taskserver.config import RateTier, RedisAddress
+from taskserver.cluster.listener import bind_listener
+from taskserver.cluster.master import Master
+from taskserver.config import RateTier, RedisAddress, Settings
 from taskserver.keys import Keys
 from taskserver.metrics import (
     ADD_METRICS,
@@ -547,6 +549,29 @@ def test_a_request_whose_client_went_away_counts_once_as_499() -> None:
     answered.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
     answered.close()  # the second one's headers never all arrived: no route, not counted
     assert request_counts(api.tally) == {"http_requests|code=200|route=/healthz": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_master_flushes_a_restart_counted_while_redis_was_down(
+    settings: Settings, redis: Any, keys: Keys, redis_server: RedisAddress
+) -> None:
+    """No second death needed: the master opens its pool for counts once Redis is back."""
+    listener = bind_listener("127.0.0.1", 0)
+    master = Master(settings, listener, reactor)
+    master.redis = redis_server
+    master.running = True  # as started, without its children and embedded Redis
+    try:
+        master._redis_down()
+        master.tally.count("worker_restarts")  # a child restarted while Redis was away
+        assert not await master._metrics.flush()
+        master._redis_back()
+        assert await master._metrics.flush()
+        assert await redis.hget(keys.metrics, "worker_restarts") == "1"
+        assert master._pool is None, "closed again: no standing pool"
+    finally:
+        master.running = False
+        await master._close_pool()
+        listener.close()
 
 
 async def metrics_hash(redis: Any, keys: Keys) -> dict[str, int]:
