@@ -24,6 +24,7 @@ from taskserver import metrics
 from taskserver.cluster.listener import bind_listener
 from taskserver.cluster.master import Master
 from taskserver.config import RateTier, RedisAddress, Settings
+from taskserver.consumer import ConsumerService
 from taskserver.keys import Keys
 from taskserver.metrics import (
     ADD_METRICS,
@@ -36,8 +37,10 @@ from taskserver.metrics import (
     route_label,
     worker_entry,
 )
-from taskserver.queue import TaskQueue
+from taskserver.queue import Batch, Reclaimed, TaskQueue
+from taskserver.redisclient import RedisUnavailable
 from taskserver.task import Task
+from taskserver.tasklog import TaskLog
 
 # ------------------------------------------------------------------ pure logic
 
@@ -572,6 +575,66 @@ async def test_the_master_flushes_a_restart_counted_while_redis_was_down(
         master.running = False
         await master._close_pool()
         listener.close()
+
+
+class UnmarkableQueue:
+    """One task, fetched by the blocking pop; marking it started fails (Redis away)."""
+
+    def __init__(self, raw: str) -> None:
+        self.keys = Keys("unmarkable")
+        self.raw: str | None = raw
+        self.completed: list[str] = []
+
+    async def heartbeat(self, *args: Any) -> None:
+        pass
+
+    async def reap(self, own_process_id: str) -> Reclaimed:
+        return Reclaimed(0, 0)
+
+    async def promote(self) -> None:
+        pass
+
+    async def fetch_batch(self, *args: Any, **kwargs: Any) -> Batch:
+        return Batch([])
+
+    async def fetch(self, *args: Any) -> str | None:
+        raw, self.raw = self.raw, None
+        if raw is None:
+            await defer.Deferred()  # nothing more: waits, as an empty queue
+        return raw
+
+    async def mark_started(self, task: Task, started_at: str) -> int:
+        raise RedisUnavailable("Redis did not answer within 1.0 s")
+
+    async def complete(self, consumer_id: str, raw: str, *args: Any) -> bool:
+        self.completed.append(raw)
+        return True
+
+
+def test_no_wait_is_observed_when_the_start_could_not_be_marked() -> None:
+    """Then the attempt number is a guess from the task's text: a retry's looks like a first."""
+    clock, tally = Clock(), Tally()
+    raw = Task.new("u", {}, 0.0).to_json()
+    queue = UnmarkableQueue(raw)
+    consumer = ConsumerService(
+        queue=queue,  # type: ignore[arg-type]
+        blocking_redis=None,
+        handler=lambda task: None,
+        task_log=TaskLog(lambda line: None, 1),
+        concurrency=1,
+        heartbeat_ttl_s=10.0,
+        shutdown_timeout_s=1.0,
+        clock=clock,
+        tally=tally,
+    )
+    with capturedLogs():
+        consumer.startService()
+        clock.advance(0.1)
+    assert queue.completed == [raw]
+    counts = tally.take()
+    assert counts.get("tasks_completed") == 1
+    assert "task_wait_seconds_count" not in counts
+    assert counts["task_duration_seconds_count"] == 1
 
 
 async def metrics_hash(redis: Any, keys: Keys) -> dict[str, int]:
