@@ -484,8 +484,8 @@ class ConsumerService(Service):
     def _log_gone(self, task_: Task) -> None:
         """The outcome found no entry to remove, so it recorded nothing (and that is right)."""
         self.log.info(
-            "task {task_id}: its entry had already left the processing list (an earlier try "
-            "of the same write landed, or a reaper gave it back to run again); nothing recorded",
+            "task {task_id}: its entry had already left the processing list (a reaper gave "
+            "it back to run again, or its record expired); nothing recorded",
             task_id=task_.id,
         )
 
