@@ -402,6 +402,7 @@ class ConsumerService(Service):
             await self._until_done(lambda: self._queue.drop(consumer_id, raw))
             return
         started = self._clock.seconds()
+        marked = True
         if attempts is None:
             try:
                 attempts = await self._queue.mark_started(task_, iso_utc(started))
@@ -409,8 +410,8 @@ class ConsumerService(Service):
                 self.log.warn(
                     "could not mark task {task_id} processing: {error}", task_id=task_.id, error=e
                 )
-                attempts = task_.attempts + 1
-        if attempts == 1:
+                attempts, marked = task_.attempts + 1, False  # a guess: no wait observed
+        if attempts == 1 and marked:
             queued = queued_seconds(task_.queued_at)
             if queued is not None:
                 self._tally.observe(TASK_WAIT, started - queued)
@@ -501,8 +502,8 @@ class ConsumerService(Service):
     def _log_gone(self, task_: Task) -> None:
         """The outcome found no entry to remove, so it recorded nothing (and that is right)."""
         self.log.info(
-            "task {task_id}: its entry had already left the processing list (an earlier try "
-            "of the same write landed, or a reaper gave it back to run again); nothing recorded",
+            "task {task_id}: its entry had already left the processing list (a reaper gave "
+            "it back to run again, or its record expired); nothing recorded",
             task_id=task_.id,
         )
 

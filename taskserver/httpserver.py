@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 
-from taskserver.metrics import Tally, route_label
+from taskserver.metrics import CLIENT_CLOSED_REQUEST, Tally, route_label
 
 MAX_BODY_BYTES = 64 * 1024
 #: What every JSON answer says it is: the body is always UTF-8 (:func:`json_body`).
@@ -136,6 +136,9 @@ class CountingChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_read_deadline()
+        for request in self.requests:
+            if not request.finished:  # finish() sets it before requestDone counts
+                self.site.abandoned(request)
         super().connectionLost(reason)
         self.site.connection_closed(self)
 
@@ -240,6 +243,17 @@ class TaskSite(server.Site):
         now = self.clock.seconds()
         started = getattr(request, "headers_at", now)
         self.tally.request(route_label(request.method, request.path), request.code, now - started)
+
+    def abandoned(self, request: http.Request) -> None:
+        """Count a request whose connection closed before its answer: 499, timed until now.
+
+        The client went away (or a drain gave up on it); a request whose
+        headers never all arrived has no route and is not counted.
+        """
+        started = getattr(request, "headers_at", None)
+        if started is not None:
+            route = route_label(request.method, request.path)
+            self.tally.request(route, CLIENT_CLOSED_REQUEST, self.clock.seconds() - started)
 
     def connection_opened(self, channel: CountingChannel) -> None:
         self.channels.add(channel)

@@ -7,8 +7,10 @@ was counted since its last successful flush to the cluster's totals in Redis
 (``keys.metrics``, HINCRBY only), in one script call per second, so the
 totals are the whole cluster's whichever process reads them, and never go
 down when a process restarts: a SIGKILLed process loses at most its last
-second of counts. A flush that fails (Redis away) keeps its deltas for the
-next one.
+second of counts. A flush that fails (Redis away, or no answer in time) is
+sent again, the same batch under the same number, until Redis answers: the
+script applies each batch of a process once, so a batch Redis applied whose
+answer was lost is not counted twice.
 
 A field of ``keys.metrics`` is the metric's name (without the ``taskserver_``
 prefix and the ``_total`` suffix) and its labels, sorted:
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import uuid
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -38,7 +41,7 @@ from taskserver.logthrottle import WarningThrottle
 from taskserver.redisclient import within
 from taskserver.scripts import load
 
-#: KEYS: metrics, workers, history, sampled. ARGV: see lua/add_metrics.lua.
+#: KEYS: metrics, workers, history, sampled, applied. ARGV: see lua/add_metrics.lua.
 ADD_METRICS = load("add_metrics")
 
 #: Upper bounds (seconds) of the duration histograms' buckets; a last one, ``+Inf``, follows.
@@ -70,6 +73,10 @@ SAMPLE_EVERY_MS = 4900
 HISTORY_LENGTH = 180
 #: A workers entry not refreshed for this long is removed (its process died).
 WORKER_FORGOTTEN_AFTER_MS = 60_000
+#: How long the script remembers the last batch number it applied for a process
+#: (refreshed by each flush): a batch re-sent after a silence longer than this
+#: would be counted again, so it is far longer than any Redis outage we ride out.
+APPLIED_FORGOTTEN_AFTER_MS = 3_600_000
 
 #: Counter names (fields without labels).
 TASKS_ENQUEUED = "tasks_enqueued"
@@ -89,6 +96,9 @@ HTTP_REQUESTS = "http_requests"
 RATE_LIMITED = "rate_limited"
 #: The tier every per-address limit counts as.
 IP_TIER = "ip"
+#: The code a request is counted with when its connection closed before its
+#: answer (nginx's "client closed request"); no answer carries it.
+CLIENT_CLOSED_REQUEST = 499
 
 
 def configured_tiers(settings: Settings) -> list[str]:
@@ -229,21 +239,18 @@ class Tally:
         return taken
 
 
-def add_into(totals: dict[str, int], more: Mapping[str, int]) -> None:
-    """``totals`` += ``more``, field by field."""
-    for name, n in more.items():
-        totals[name] = totals.get(name, 0) + n
-
-
 class MetricsFlusher(Service):
     """Adds a Tally's counts to the totals in Redis every second, and once at a stop.
 
-    One script call per flush (lua/add_metrics.lua) carries every delta
-    since the last successful flush, and, for a child, its workers entry.
-    A failed flush keeps its deltas: they go with the next one. (If Redis
-    applied a call whose answer was lost, those deltas are counted twice:
-    a total may run ahead, it never goes down.) Failures are logged through
-    a WarningThrottle, not once a second.
+    One script call per flush (lua/add_metrics.lua) carries a batch: every
+    delta counted since the batch before was applied, numbered per process.
+    A batch that failed or got no answer in time is sent again as it is,
+    under its number, until Redis answers; counts made meanwhile wait for the
+    next batch. Redis may have applied a call whose answer was lost: the
+    script skips a number it has already applied, so a total is never counted
+    twice. Flushes never overlap (the loop's, the master's own, the last one):
+    each waits for the one before. Failures are logged through a
+    WarningThrottle, not once a second.
     """
 
     log = Logger()
@@ -259,12 +266,15 @@ class MetricsFlusher(Service):
         worker_id: str | None = None,
         worker: Callable[[], dict[str, Any]] | None = None,
         every_s: float = FLUSH_EVERY_S,
+        flushed: Callable[[], None] = lambda: None,
     ) -> None:
         """``redis()`` gives the connection to flush on, or None to skip a flush (kept for later).
 
-        ``worker_id`` and ``worker()`` (the entry's fields but ``seen_at``)
-        make each flush write this process's workers entry; a clean stop
-        removes it. The master has none.
+        It is called only when there is something to send. ``worker_id`` and
+        ``worker()`` (the entry's fields but ``seen_at``) make each flush
+        write this process's workers entry; a clean stop removes it. The
+        master has none. ``flushed()`` is called after each flush Redis
+        answered.
         """
         self._tally = tally
         self._redis = redis
@@ -274,16 +284,20 @@ class MetricsFlusher(Service):
         self._worker_id = worker_id
         self._worker = worker
         self._every_s = every_s
-        self._unsent: dict[str, int] = {}
-        #: Flushes sent and not answered yet.
-        self._sending = 0
+        self._flushed = flushed
+        #: Where the script keeps the number of this process's last applied batch.
+        self._applied_key = f"{keys.metrics}:applied:{uuid.uuid4().hex}"
+        #: The batch sent and not acknowledged yet, and its number.
+        self._batch: dict[str, int] | None = None
+        self._seq = 0
+        self._lock = defer.DeferredLock()
         self._loop: task.LoopingCall | None = None
         self._looping: defer.Deferred[Any] | None = None
         self._warnings = WarningThrottle(self.log, clock)
 
     def has_unsent(self) -> bool:
-        """Are there counts that Redis does not have yet (flushes on their way included)?"""
-        return bool(self._unsent) or bool(self._sending) or self._tally.has_counts()
+        """Are there counts that Redis does not have yet (a batch on its way included)?"""
+        return self._batch is not None or self._tally.has_counts()
 
     def startService(self) -> None:
         super().startService()
@@ -296,7 +310,7 @@ class MetricsFlusher(Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        """Wait for a flush under way, then the last one (bounded by the Redis timeout)."""
+        """Stop the loop; the last flush waits for the flushes under way (each bounded)."""
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
@@ -306,44 +320,64 @@ class MetricsFlusher(Service):
         await self.flush(final=True)
 
     async def flush(self, final: bool = False) -> bool:
-        """Send the counts since the last successful flush; True if Redis has them now.
+        """Send the batch not yet acknowledged, or a new one; True if Redis has every count.
 
         ``final``: the process stops cleanly, so its workers entry goes.
         """
-        add_into(self._unsent, self._tally.take())
+        await self._lock.acquire()
+        try:
+            resending = self._batch is not None
+            if not await self._send(final):
+                return False
+            if resending and self._tally.has_counts() and not await self._send(final):
+                return False  # the counts that waited for the re-sent batch, now
+        finally:
+            self._lock.release()
+        self._flushed()
+        return True
+
+    async def _send(self, final: bool) -> bool:
+        """Send one batch (a new one unless one awaits its answer); True once Redis has it."""
+        if self._batch is None and not self._tally.has_counts() and self._worker_id is None:
+            return True
         redis = self._redis()
-        if redis is None or (not self._unsent and self._worker_id is None):
-            return not self._unsent
-        deltas = self._unsent
+        if redis is None:
+            return False  # no batch taken: later counts join this one
+        if self._batch is None:
+            self._batch = self._tally.take()
+            self._seq += 1
         args: list[Any] = [
             self._worker_id or "",
             "" if final or self._worker is None else json.dumps(self._worker()),
             HISTORY_LENGTH,
             SAMPLE_EVERY_MS,
             WORKER_FORGOTTEN_AFTER_MS,
+            self._seq,
+            APPLIED_FORGOTTEN_AFTER_MS,
         ]
-        for name, n in deltas.items():
+        for name, n in self._batch.items():
             args += [name, n]
         keys = self._keys
-        self._unsent = {}
-        self._sending += 1
         try:
             await within(
                 ADD_METRICS(
                     redis,
-                    [keys.metrics, keys.workers, keys.metrics_history, keys.metrics_sampled],
+                    [
+                        keys.metrics,
+                        keys.workers,
+                        keys.metrics_history,
+                        keys.metrics_sampled,
+                        self._applied_key,
+                    ],
                     args,
                 ),
                 self._timeout_s,
                 self._clock,
             )
         except Exception as e:
-            add_into(deltas, self._unsent)  # counted while this flush was on its way
-            self._unsent = deltas
-            self._warnings.warn(f"could not add metrics to Redis (kept for the next try): {e}")
+            self._warnings.warn(f"could not add metrics to Redis (sent again next time): {e}")
             return False
-        finally:
-            self._sending -= 1
+        self._batch = None
         return True
 
 

@@ -282,8 +282,9 @@ class TaskQueue:
     ) -> bool:
         """Acknowledge and record success: the entry leaves the processing list.
 
-        Returns False (and records nothing) if the entry was no longer there: a
-        replay of a call whose reply was lost, or a reaper took it back (then the
+        True if the success is recorded, by this call or by an earlier try of it
+        whose reply was lost (so it is counted once). False (and records nothing)
+        if the entry was no longer there otherwise: a reaper took it back (then the
         task runs again and records its own outcome). The completions of one
         consumer in the same reactor turn share one call.
         """
@@ -316,8 +317,10 @@ class TaskQueue:
     ) -> str:
         """Acknowledge a failed attempt and record it; returns its failure_outcome().
 
-        Returns :data:`GONE` (and writes nothing) if the entry was no longer in
-        the processing list, so a replay never retries or dead-letters a task twice.
+        A replay (an earlier try landed, its reply was lost) writes nothing and
+        returns that try's outcome, so a task is never retried or dead-lettered
+        twice and its failure is still counted. Returns :data:`GONE` (and writes
+        nothing) if the entry had left the processing list otherwise (a reaper).
         """
         outcome = self.failure_outcome(attempts)
         self._before_outcomes()

@@ -144,6 +144,8 @@ class Histogram:
         start, below = (0.0, 0) if index == 0 else buckets[index - 1]
         if index == 0 and end <= 0:
             return end
+        if count == below:  # rank 0 in an empty bucket (quantile 0): nothing to interpolate
+            return start
         return start + (end - start) * (rank - below) / (count - below)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -20,7 +21,10 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from conftest import RunningServer, connect_raw, eventually, unused_port
 from harness import Twistd, alive, wait_for
 from taskserver import metrics
-from taskserver.config import RateTier, RedisAddress
+from taskserver.cluster.listener import bind_listener
+from taskserver.cluster.master import Master
+from taskserver.config import RateTier, RedisAddress, Settings
+from taskserver.consumer import ConsumerService
 from taskserver.keys import Keys
 from taskserver.metrics import (
     ADD_METRICS,
@@ -33,8 +37,10 @@ from taskserver.metrics import (
     route_label,
     worker_entry,
 )
-from taskserver.queue import TaskQueue
+from taskserver.queue import Batch, Reclaimed, TaskQueue
+from taskserver.redisclient import RedisUnavailable
 from taskserver.task import Task
+from taskserver.tasklog import TaskLog
 
 # ------------------------------------------------------------------ pure logic
 
@@ -145,7 +151,11 @@ class RecordingRedis:
 
     def deltas(self, n: int) -> dict[str, int]:
         args = self.calls[n][1]
-        return {args[i]: args[i + 1] for i in range(5, len(args), 2)}
+        return {args[i]: args[i + 1] for i in range(7, len(args), 2)}
+
+    def batch(self, n: int) -> int:
+        """The number of the batch call ``n`` sent."""
+        return int(self.calls[n][1][5])
 
 
 def test_the_flusher_sends_once_a_second_and_never_two_at_once() -> None:
@@ -170,7 +180,8 @@ def test_the_flusher_sends_once_a_second_and_never_two_at_once() -> None:
     assert stopped.called
 
 
-def test_a_failed_flush_keeps_its_deltas_and_warns_once_per_window() -> None:
+def test_a_failed_flush_is_sent_again_as_it_was_and_warns_once_per_window() -> None:
+    """Redis may have applied a batch whose answer was lost: the same batch goes again."""
     clock, tally, redis = Clock(), Tally(), RecordingRedis()
     flusher = MetricsFlusher(tally, lambda: redis, Keys("p"), clock, 0.5)
     flusher.startService()
@@ -179,18 +190,39 @@ def test_a_failed_flush_keeps_its_deltas_and_warns_once_per_window() -> None:
             tally.count("tasks_enqueued")
             clock.advance(0.5)  # the deadline of the flush before: it fails
             clock.advance(0.5)  # the next flush
-            assert redis.deltas(second)["tasks_enqueued"] == second + 1
+            assert redis.deltas(second) == {"tasks_enqueued": 1}
+            assert redis.batch(second) == 1
             if second == 2:
                 tally.count("tasks_dead")  # counted while a flush is on its way
-        assert redis.deltas(4) == {"tasks_enqueued": 5, "tasks_dead": 1}
         assert flusher.has_unsent()
         redis.calls[4][2].callback(0)
+        assert len(redis.calls) == 6, "what was counted meanwhile goes right after, apart"
+        assert redis.deltas(5) == {"tasks_enqueued": 4, "tasks_dead": 1}
+        assert redis.batch(5) == 2
+        redis.calls[5][2].callback(0)
     assert not flusher.has_unsent()
     warnings = [formatEvent(e) for e in logged if e["log_level"] == LogLevel.warn]
     assert warnings == [
-        "could not add metrics to Redis (kept for the next try): Redis did not answer within 0.5 s"
+        "could not add metrics to Redis (sent again next time): Redis did not answer within 0.5 s"
     ]
     flusher.stopService()
+
+
+def test_a_stop_waits_for_a_flush_made_outside_the_loop() -> None:
+    """The master flushes after a reclaim too; a stop lets that finish, then flushes last."""
+    clock, tally, redis = Clock(), Tally(), RecordingRedis()
+    flusher = MetricsFlusher(tally, lambda: redis, Keys("p"), clock, 2.0)
+    flusher.startService()
+    tally.count("worker_restarts")
+    aside = defer.Deferred.fromCoroutine(flusher.flush())
+    stopped = flusher.stopService()
+    assert len(redis.calls) == 1 and not stopped.called, "the stop waits for that flush"
+    redis.calls[0][2].errback(ConnectionError("pool closed"))
+    assert aside.called
+    assert len(redis.calls) == 2, "then the last flush sends the batch again"
+    assert redis.deltas(1) == {"worker_restarts": 1} and redis.batch(1) == 1
+    redis.calls[1][2].callback(0)
+    assert stopped.called and not flusher.has_unsent()
 
 
 def test_the_flusher_waits_while_it_has_no_connection() -> None:
@@ -226,8 +258,13 @@ def test_a_worker_entry_is_this_process() -> None:
 # ------------------------------------------------------------------ the script, in Redis
 
 
-def script_keys(keys: Keys) -> list[str]:
-    return [keys.metrics, keys.workers, keys.metrics_history, keys.metrics_sampled]
+def script_keys(keys: Keys, process: str = "test") -> list[str]:
+    applied = f"{keys.metrics}:applied:{process}"
+    return [keys.metrics, keys.workers, keys.metrics_history, keys.metrics_sampled, applied]
+
+
+#: The script's batch numbers for :func:`add`'s callers that do not care.
+_batches = itertools.count(1)
 
 
 async def add(
@@ -237,8 +274,10 @@ async def add(
     worker_id: str = "",
     entry: str = "",
     history: int = 180,
+    batch: int | None = None,
 ) -> int:
-    args: list[Any] = [worker_id, entry, history, 4900, 60_000]
+    number = next(_batches) if batch is None else batch
+    args: list[Any] = [worker_id, entry, history, 4900, 60_000, number, 3_600_000]
     for name, n in deltas.items():
         args += [name, n]
     return int(await ADD_METRICS(redis, script_keys(keys), args))
@@ -258,6 +297,16 @@ async def test_the_script_adds_deltas_to_the_totals(redis: Any, keys: Keys) -> N
         "tasks_completed": "5",
         "http_requests|code=202|route=/api/v1/task": "3",
     }
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_script_applies_each_batch_of_a_process_once(redis: Any, keys: Keys) -> None:
+    await add(redis, keys, {"tasks_completed": 10}, batch=1)
+    await add(redis, keys, {"tasks_completed": 10}, batch=1)  # its answer was lost: again
+    await add(redis, keys, {"tasks_completed": 1}, batch=2)
+    assert await redis.hget(keys.metrics, "tasks_completed") == "11"
+    ttl = await redis.execute_command("PTTL", script_keys(keys)[4])
+    assert 0 < ttl <= metrics.APPLIED_FORGOTTEN_AFTER_MS, "a dead process's number goes"
 
 
 @pytest_twisted.ensureDeferred
@@ -349,6 +398,32 @@ async def test_a_flush_that_failed_is_sent_with_the_next(
     assert await redis.hgetall(keys.metrics) == {"tasks_enqueued": "3"}
     assert await flusher.flush() and await redis.hgetall(keys.metrics) == {"tasks_enqueued": "3"}
     await nowhere.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_applied_after_its_deadline_is_not_counted_again(
+    redis: Any, keys: Keys, redis_server: RedisAddress
+) -> None:
+    """The flush gives up waiting, Redis runs it later anyway; the re-sent batch is skipped."""
+    flushing = connect_raw(redis_server, poolsize=1)
+    await flushing.ping()
+    tally = Tally()
+    flusher = MetricsFlusher(tally, lambda: flushing, keys, reactor, 0.2)
+    tally.count("tasks_enqueued")
+    assert await flusher.flush()  # the script is loaded now
+    tally.count("tasks_completed", 10)
+    # A slow reply ahead of ours on the one connection: the flush's answer comes too late.
+    slow = flushing.execute_command("BLPOP", keys.metrics + ":nothing", "0.5")
+    assert not await flusher.flush()
+    await slow
+
+    async def applied() -> bool:
+        return await redis.hget(keys.metrics, "tasks_completed") == "10"
+
+    await eventually(applied)
+    assert await flusher.flush()
+    assert await redis.hget(keys.metrics, "tasks_completed") == "10"
+    await flushing.disconnect()
 
 
 @pytest_twisted.ensureDeferred
@@ -457,6 +532,109 @@ def test_the_channel_s_own_answers_count_as_other() -> None:
         "http_requests|code=400|route=other": 1,
         "http_requests|code=408|route=other": 1,
     }
+
+
+def test_a_request_whose_client_went_away_counts_once_as_499() -> None:
+    clock = Clock()
+    api, queue, _ = fake_api(clock=clock)
+    connection = Connection(api, clock)
+    queue.pending_status = defer.Deferred()  # the answer never comes
+    connection.send(b"GET /api/v1/task/" + b"a" * 32 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    clock.advance(5.0)
+    connection.close()
+    assert api.tally.take() == {
+        "http_requests|code=499|route=/api/v1/task/{task_id}": 1,
+        "http_request_duration_seconds_bucket|route=/api/v1/task/{task_id}|le=5.0": 1,
+        "http_request_duration_seconds_count|route=/api/v1/task/{task_id}": 1,
+        "http_request_duration_seconds_sum_us|route=/api/v1/task/{task_id}": 5_000_000,
+    }
+    answered = Connection(api, clock)
+    answered.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+    answered.close()  # the second one's headers never all arrived: no route, not counted
+    assert request_counts(api.tally) == {"http_requests|code=200|route=/healthz": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_master_flushes_a_restart_counted_while_redis_was_down(
+    settings: Settings, redis: Any, keys: Keys, redis_server: RedisAddress
+) -> None:
+    """No second death needed: the master opens its pool for counts once Redis is back."""
+    listener = bind_listener("127.0.0.1", 0)
+    master = Master(settings, listener, reactor)
+    master.redis = redis_server
+    master.running = True  # as started, without its children and embedded Redis
+    try:
+        master._redis_down()
+        master.tally.count("worker_restarts")  # a child restarted while Redis was away
+        assert not await master._metrics.flush()
+        master._redis_back()
+        assert await master._metrics.flush()
+        assert await redis.hget(keys.metrics, "worker_restarts") == "1"
+        assert master._pool is None, "closed again: no standing pool"
+    finally:
+        master.running = False
+        await master._close_pool()
+        listener.close()
+
+
+class UnmarkableQueue:
+    """One task, fetched by the blocking pop; marking it started fails (Redis away)."""
+
+    def __init__(self, raw: str) -> None:
+        self.keys = Keys("unmarkable")
+        self.raw: str | None = raw
+        self.completed: list[str] = []
+
+    async def heartbeat(self, *args: Any) -> None:
+        pass
+
+    async def reap(self, own_process_id: str) -> Reclaimed:
+        return Reclaimed(0, 0)
+
+    async def promote(self) -> None:
+        pass
+
+    async def fetch_batch(self, *args: Any, **kwargs: Any) -> Batch:
+        return Batch([])
+
+    async def fetch(self, *args: Any) -> str | None:
+        raw, self.raw = self.raw, None
+        if raw is None:
+            await defer.Deferred()  # nothing more: waits, as an empty queue
+        return raw
+
+    async def mark_started(self, task: Task, started_at: str) -> int:
+        raise RedisUnavailable("Redis did not answer within 1.0 s")
+
+    async def complete(self, consumer_id: str, raw: str, *args: Any) -> bool:
+        self.completed.append(raw)
+        return True
+
+
+def test_no_wait_is_observed_when_the_start_could_not_be_marked() -> None:
+    """Then the attempt number is a guess from the task's text: a retry's looks like a first."""
+    clock, tally = Clock(), Tally()
+    raw = Task.new("u", {}, 0.0).to_json()
+    queue = UnmarkableQueue(raw)
+    consumer = ConsumerService(
+        queue=queue,  # type: ignore[arg-type]
+        blocking_redis=None,
+        handler=lambda task: None,
+        task_log=TaskLog(lambda line: None, 1),
+        concurrency=1,
+        heartbeat_ttl_s=10.0,
+        shutdown_timeout_s=1.0,
+        clock=clock,
+        tally=tally,
+    )
+    with capturedLogs():
+        consumer.startService()
+        clock.advance(0.1)
+    assert queue.completed == [raw]
+    counts = tally.take()
+    assert counts.get("tasks_completed") == 1
+    assert "task_wait_seconds_count" not in counts
+    assert counts["task_duration_seconds_count"] == 1
 
 
 async def metrics_hash(redis: Any, keys: Keys) -> dict[str, int]:

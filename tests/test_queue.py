@@ -329,7 +329,7 @@ async def test_a_replayed_fail_of_the_last_attempt_dead_letters_the_task_once(
     """FAIL ran, its reply was lost, the consumer sends it again: one dead-letter entry."""
     task, raw = await start(queue, redis)
     assert await queue.fail("p#0", raw, task, 2, "boom", 0.0, "t", 1.0) == "dead"
-    assert await queue.fail("p#0", raw, task, 2, "boom", 0.0, "t", 1.0) == GONE
+    assert await queue.fail("p#0", raw, task, 2, "boom", 0.0, "t", 1.0) == "dead", "counted"
     assert await redis.llen(keys.dead) == 1
     assert await admin.requeue(redis, keys, []) == 1
     assert await redis.lrange(keys.pending, 0, -1) == [raw], "one copy back in the queue"
@@ -342,7 +342,7 @@ async def test_a_fail_replayed_after_its_retry_was_promoted_queues_one_copy(
     task, raw = await start(queue, redis)
     assert await queue.fail("p#0", raw, task, 1, "boom", 0.0, "t", 1.0) == "retrying"
     assert await queue.promote() == 1  # any process, meanwhile
-    assert await queue.fail("p#0", raw, task, 1, "boom", 0.0, "t", 1.0) == GONE
+    assert await queue.fail("p#0", raw, task, 1, "boom", 0.0, "t", 1.0) == "retrying"
     assert await queue.promote() == 0
     assert await redis.lrange(keys.pending, 0, -1) == [raw]
     assert await redis.zcard(keys.delayed) == 0
@@ -372,6 +372,7 @@ async def test_a_replayed_complete_does_not_bring_an_expired_record_back(
 ) -> None:
     task, raw = await start(queue, redis)
     assert await queue.complete("p#0", raw, task, "t", 1.0) is True
+    assert await queue.complete("p#0", raw, task, "t", 1.0) is True, "replayed: still counted"
     await redis.delete(keys.status(task.id))  # as if STATUS_TTL had passed
     assert await queue.complete("p#0", raw, task, "t", 1.0) is False
     assert await queue.status(task.id) is None

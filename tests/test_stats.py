@@ -56,6 +56,10 @@ def test_a_rank_in_the_inf_bucket_gives_the_largest_finite_bound() -> None:
     assert histogram((1.0, 2.0, 4.0), (1, 0, 0, 5)).quantile(0.5) == 4.0
 
 
+def test_quantile_0_with_an_empty_first_bucket_is_its_start() -> None:
+    assert histogram((1.0, 2.0), (0, 3, 0)).quantile(0) == 0.0
+
+
 def test_an_empty_histogram_has_no_quantile() -> None:
     assert histogram((1.0,), (0, 0)).quantile(0.5) is None
 

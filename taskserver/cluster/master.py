@@ -133,14 +133,15 @@ class Master(Service):
         self.supervisor: Supervisor | None = None
         #: The signal (SIGTERM, SIGINT) that asked us to stop, if one did.
         self._stop_signal: int | None = None
-        #: The master's own counts (restarts, reclaims), flushed while its pool is open.
+        #: The master's own counts (restarts, reclaims), flushed on its pool.
         self.tally = tally if tally is not None else Tally()
         self._metrics = MetricsFlusher(
             self.tally,
-            lambda: self._pool,
+            self._metrics_connection,
             Keys(settings.key_prefix),
             reactor,
             settings.redis_timeout_s,
+            flushed=self._metrics_flushed,
         )
 
     # ------------------------------------------------------------ start
@@ -244,6 +245,17 @@ class Master(Service):
             settings.dead_letter_max,
         )
         return self._queue
+
+    def _metrics_connection(self) -> Any:
+        """The pool for counts to flush: opened for them if Redis is believed up."""
+        if self._pool is None and self.running and self._redis_up and self.redis is not None:
+            self._queue_for_reclaims()
+        return self._pool
+
+    def _metrics_flushed(self) -> None:
+        """The counts are in Redis: no pool kept open for nothing."""
+        if not self._reclaiming:
+            self._close_pool()
 
     def _close_pool(self) -> defer.Deferred[None]:
         pool, self._pool, self._queue = self._pool, None, None
@@ -377,7 +389,7 @@ class Master(Service):
         try:
             await self._give_back(worker)
             if self._pool is not None:
-                await self._metrics.flush()  # the pool closes next: now or at the next reclaim
+                await self._metrics.flush()  # else its loop opens a pool once Redis is up
         finally:
             self._reclaiming -= 1
             if not self._reclaiming and not self._holding_pool():

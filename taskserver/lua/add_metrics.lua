@@ -1,16 +1,24 @@
 -- uses: now_ms
--- KEYS: metrics, workers, history, sampled.
+-- KEYS: metrics, workers, history, sampled, applied (this process's last batch number).
 -- ARGV: worker id ('' for none), worker entry (JSON without seen_at; '' removes the
 --       entry: a clean stop), history length, sample every ms, forget workers after
---       ms, then field_1, delta_1, ... field_n, delta_n.
--- Adds the deltas to the totals (HINCRBY only), writes the worker's entry with
+--       ms, batch number, forget the batch number after ms, then field_1, delta_1,
+--       ... field_n, delta_n.
+-- Adds the deltas to the totals (HINCRBY only) unless this batch number was
+-- already applied (a re-sent batch whose first answer was lost), writes the worker's entry with
 -- seen_at from the Redis clock, removes entries not refreshed for a while (their
 -- process died), and, at most once per sample period cluster-wide (the first
 -- flush that finds the marker gone), pushes a sample of the task totals to the
 -- history, newest first, capped. Returns 1 if it took a sample, else 0.
-for i = 6, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+local batch = tonumber(ARGV[6])
+local applied = tonumber(redis.call('GET', KEYS[5]) or '0')
+if batch > applied then
+  for i = 8, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+  applied = batch
 end
+redis.call('SET', KEYS[5], applied, 'PX', ARGV[7])
 local now = now_ms()
 if ARGV[1] ~= '' then
   if ARGV[2] == '' then

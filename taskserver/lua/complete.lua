@@ -5,8 +5,9 @@
 -- tasks that finish in order are) and, only if the entry was still there, records it:
 -- a replay (its reply was lost) or an entry a reaper took back (the task runs again
 -- and records its own outcome) writes nothing, so no expired record comes back and no
--- later run's status is overwritten. Several tasks per call (coalesce.py). Returns
--- what LREM removed, per task.
+-- later run's status is overwritten. Several tasks per call (coalesce.py). Returns,
+-- per task, 1 if this success is recorded: now, or by an earlier try of this same call
+-- (the record says completed at this attempt's finished_at); else 0.
 local removed = {}
 for i = 2, #KEYS do
   local a = 5 * (i - 2) + 2
@@ -14,6 +15,9 @@ for i = 2, #KEYS do
   if n > 0 then
     record_outcome(KEYS[i], 'completed', nil, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
                    ARGV[a + 4], ARGV[1])
+  else
+    local record = redis.call('HMGET', KEYS[i], 'status', 'finished_at')
+    if record[1] == 'completed' and record[2] == ARGV[a + 1] then n = 1 end
   end
   removed[#removed + 1] = n
 end

@@ -7,8 +7,14 @@
 -- schedule a retry (due time from the Redis clock) or dead-letter the task. Only if
 -- the entry was still there: a replay of this call (its reply was lost) or a reaper
 -- that took the entry back must not add a second copy of the task. Then it does
--- nothing and returns 'gone'; else the outcome.
-if redis.call('LREM', KEYS[2], 1, ARGV[1]) == 0 then return 'gone' end
+-- nothing and returns the outcome if an earlier try of this same call recorded it
+-- (the record has this outcome at this attempt's finished_at), else 'gone'; else the
+-- outcome.
+if redis.call('LREM', KEYS[2], 1, ARGV[1]) == 0 then
+  local record = redis.call('HMGET', KEYS[1], 'status', 'finished_at')
+  if record[1] == ARGV[3] and record[2] == ARGV[6] then return ARGV[3] end
+  return 'gone'
+end
 local outcome = ARGV[3]
 if outcome == 'retrying' then
   redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[4]), ARGV[1])
