@@ -293,11 +293,18 @@ class Scraper:
         return by_child
 
     def scrape_each_child(self) -> dict[int, Families]:
-        """A scrape from each child reached on new connections (a dying one may not answer)."""
+        """A scrape from each child reached on new connections (a dying one may not answer).
+
+        One scrape per child, in the order they were taken (the dict's order): a
+        second scrape of a child would take the first one's place in that order,
+        and a later total would then seem to come before an earlier one.
+        """
         by_child = self.open()
         answers = {}
         try:
             for connection, pid in by_child.items():
+                if pid in answers:
+                    continue
                 try:
                     connection.request("GET", "/metrics", headers={"Host": "localhost"})
                     response = connection.getresponse()
