@@ -21,7 +21,6 @@ from taskserver.cluster.master import Master, unless_the_disk_refuses
 from taskserver.cluster.protocol import RECORDS_FD, task_record
 from taskserver.cluster.supervisor import KILL_GRACE_S
 from taskserver.config import Settings
-from taskserver.metrics import add_into
 from taskserver.tasklog import TASK_LOG_BACKLOG_LINES
 
 WORKERS = 2
@@ -186,8 +185,8 @@ def test_a_full_task_log_pauses_every_child_and_resumes_them_once_its_lines_are_
     assert disk.lines() == [f"line {n}" for n in range(TASK_LOG_BACKLOG_LINES)]
     assert config_of(master)["fetch_paused"] is None, "a child started now fetches"
     counted = master.tally.take()
-    add_into(counted, master._metrics._unsent)  # what a flush on no pool kept for the next
-    assert counted["task_log_write_errors"] >= 1
+    kept = master._metrics._batch or {}  # what a flush on no pool kept for the next
+    assert counted.get("task_log_write_errors", 0) + kept.get("task_log_write_errors", 0) >= 1
 
 
 def test_a_full_disk_drops_twistd_log_events_without_a_traceback_each() -> None:
