@@ -24,6 +24,7 @@ until the lines are out (see :class:`TaskLogWriter`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -99,7 +100,10 @@ class TaskLogFile:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def write(self, data: bytes) -> int:
-        """Append what ``data`` can of ``data`` in one system call; the bytes written (> 0)."""
+        """Append what ``data`` can of ``data`` in one system call; the bytes written (> 0).
+
+        A rotation that fails raises ``OSError`` too, before anything is written.
+        """
         if self._at_line_end and self._size >= self._max_bytes:
             self._rotate()
         written = os.write(self._fd, data)
@@ -119,12 +123,36 @@ class TaskLogFile:
         self._fd = fd
         self._size = os.fstat(fd).st_size
 
+    def _holds_path(self) -> bool:
+        """Is the file written still the one at :attr:`path` (not moved or deleted by someone)?"""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self._fd)
+        return (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino)
+
     def _rotate(self) -> None:
         """``tasks.log`` -> ``tasks.log.1`` -> ... -> ``tasks.log.10``, dropping the oldest.
 
-        A rotation that fails (a read-only directory) leaves the lines where
-        they were and the file growing; the next write tries again.
+        The new file is opened (as ``.tasks.log.next``) before anything is
+        renamed, so a rotation that cannot open it (EMFILE, ENOSPC, EDQUOT,
+        EACCES) raises ``OSError`` with every file as it was: the caller keeps
+        its lines and tries again, as for a full disk. Only the file at
+        :attr:`path` is rotated: if someone moved or deleted it, the path's
+        file (created anew if need be) is written instead.
         """
+        if not self._holds_path():
+            self.reopen()
+            if self._size < self._max_bytes:
+                return
+        next_path = self.path.with_name(f".{TASK_LOG_NAME}.next")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            fd = os.open(next_path, flags, 0o644)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot rotate it: {e.strerror}") from e
+        first_rotated = Path(f"{self.path}.1")
         try:
             for n in range(TASK_LOG_ROTATED_FILES, 0, -1):
                 older = Path(f"{self.path}.{n}")
@@ -134,10 +162,20 @@ class TaskLogFile:
                     older.unlink()
                 else:
                     older.rename(f"{self.path}.{n + 1}")
-            self.path.rename(f"{self.path}.1")
-            self.reopen()
-        except OSError:
-            return
+            self.path.rename(first_rotated)
+            try:
+                next_path.rename(self.path)
+            except OSError:
+                first_rotated.rename(self.path)
+                raise
+        except OSError as e:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                next_path.unlink()
+            raise OSError(e.errno, f"cannot rotate it: {e.strerror}") from e
+        os.close(self._fd)
+        self._fd = fd
+        self._size = 0
 
     def write_line(self, line: str) -> None:
         """Append one line (no newline inside it; callers pass task_line() output)."""

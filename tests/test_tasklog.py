@@ -287,3 +287,104 @@ def test_drained_fires_once_the_waiting_lines_are_out() -> None:
     file.failing = None
     retry_until_written(clock, writer)
     assert drained.called and file.lines() == numbered(0, 3)
+
+
+# ---------------------------------------------------------------- rotation that fails
+
+
+def rotated_in_order(log_dir: Path) -> list[Path]:
+    """tasks.log.10 ... tasks.log.1, tasks.log: oldest first, numbers compared as numbers."""
+
+    def age(path: Path) -> int:
+        suffix = path.name[len("tasks.log") :].lstrip(".")
+        return int(suffix) if suffix else 0
+
+    return sorted(log_dir.glob("tasks.log*"), key=age, reverse=True)
+
+
+def all_lines(log_dir: Path) -> list[str]:
+    return [line for path in rotated_in_order(log_dir) for line in path.read_text().splitlines()]
+
+
+def failing_opens(monkeypatch: pytest.MonkeyPatch, error: int) -> dict[str, bool]:
+    """While the returned switch is on, opening any file fails with ``error`` (EMFILE, ENOSPC)."""
+    switch = {"on": False}
+    real_open = os.open
+
+    def open_or_fail(path: Any, *args: Any, **kwargs: Any) -> int:
+        if switch["on"]:
+            raise OSError(error, os.strerror(error))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(tasklog.os, "open", open_or_fail)
+    return switch
+
+
+def test_a_rotation_that_cannot_open_the_new_file_keeps_the_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No new tasks.log (EMFILE): nothing is renamed or lost; the lines wait, then go out once."""
+    line_bytes = len(numbered(0, 1)[0]) + 1
+    clock = Clock()
+    changes: list[tuple[str | None, bool]] = []
+    writer = TaskLogWriter(TaskLogFile(tmp_path, 5 * line_bytes), clock, bound=10)
+    writer._on_change = lambda: changes.append((writer.unwritable, writer.pressing))
+    for n in range(15):  # tasks.log.2, tasks.log.1 and tasks.log, full: the next line rotates
+        writer.write_lines(numbered(n, n + 1))
+    before = {path.name: path.read_text() for path in tmp_path.glob("tasks.log*")}
+    assert sorted(before) == ["tasks.log", "tasks.log.1", "tasks.log.2"]
+    opens = failing_opens(monkeypatch, errno.EMFILE)
+    opens["on"] = True
+    for n in range(15, 35):
+        writer.write_lines(numbered(n, n + 1))
+        clock.advance(0.05)
+    writer.write_lines(numbered(35, 36))
+    assert {path.name: path.read_text() for path in tmp_path.glob("tasks.log*")} == before, (
+        "a failed rotation leaves every file as it was"
+    )
+    assert writer.backlog == 21 and writer.unwritable is not None and writer.pressing
+    opens["on"] = False
+    retry_until_written(clock, writer)
+    assert writer.backlog == 0 and not writer.pressing and writer.unwritable is None
+    assert all_lines(tmp_path) == numbered(0, 36), "all, in order, once"
+    assert [pressing for _, pressing in changes] == [False, True, False]
+    writer.close()
+
+
+def test_a_backlog_rotates_as_it_drains_even_when_a_rotation_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog written after a full disk rotates between its writes; a failed one only delays."""
+    line_bytes = len(numbered(0, 1)[0]) + 1
+    monkeypatch.setattr(tasklog, "MOST_BYTES_PER_WRITE", 5 * line_bytes)
+    clock = Clock()
+    writer = TaskLogWriter(TaskLogFile(tmp_path, 5 * line_bytes), clock, bound=1000)
+    real_write, real_open = os.write, os.open
+    disk_full = {"on": True}
+    rotations = {"opened": 0}
+
+    def write_or_fail(fd: int, data: Any) -> int:
+        if disk_full["on"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    def second_rotation_fails(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(".next"):
+            rotations["opened"] += 1
+            if rotations["opened"] == 2:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(tasklog.os, "write", write_or_fail)
+    monkeypatch.setattr(tasklog.os, "open", second_rotation_fails)
+    writer.write_lines(numbered(0, 30))
+    assert writer.backlog == 30 and list(tmp_path.glob("tasks.log*")) == [tmp_path / "tasks.log"]
+    disk_full["on"] = False
+    clock.advance(tasklog.RETRY_FIRST_S)  # 5 lines, a rotation, 5 lines, a rotation that fails
+    assert writer.backlog == 20 and writer.unwritable is not None
+    assert all_lines(tmp_path) == numbered(0, 10)
+    retry_until_written(clock, writer)
+    assert writer.backlog == 0 and writer.unwritable is None
+    assert all_lines(tmp_path) == numbered(0, 30), "all, in order, once"
+    assert len(list(tmp_path.glob("tasks.log*"))) == 6
+    writer.close()
