@@ -72,7 +72,9 @@ class TaskLogSink(Protocol):
 
     def write(self, data: bytes) -> int: ...
 
-    def reopen(self) -> None: ...
+    def reopen(self) -> bool:
+        """Open the path again; True if it is not the file written before (deleted, emptied)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -113,15 +115,22 @@ class TaskLogFile:
         self._at_line_end = data[written - 1 : written] == b"\n"
         return written
 
-    def reopen(self) -> None:
+    def reopen(self) -> bool:
         """Open the path again (after a failure): a log deleted to free space is created anew.
 
         Writing on to a deleted file would hold its space and lose its lines.
+        True if the path's file is not the one written before (deleted,
+        moved, or emptied): a line begun in that one has lost its head.
         """
         fd = self._open()
+        held, opened = os.fstat(self._fd), os.fstat(fd)
         os.close(self._fd)
         self._fd = fd
-        self._size = os.fstat(fd).st_size
+        self._size = opened.st_size
+        another = (held.st_dev, held.st_ino) != (opened.st_dev, opened.st_ino) or not self._size
+        if another:
+            self._at_line_end = True
+        return another
 
     def _holds_path(self) -> bool:
         """Is the file written still the one at :attr:`path` (not moved or deleted by someone)?"""
@@ -198,10 +207,13 @@ class TaskLogWriter:
     """The master's way into the task log: every line written, once, in order, whatever the disk.
 
     A write that fails (ENOSPC, EIO, a read-only remount) keeps the lines it
-    could not write, from the first byte not written, and tries again after
-    a capped back-off, reopening the file first; lines that arrive meanwhile
-    wait behind them. Nothing is ever dropped: past ``bound`` unwritten lines,
-    ``on_change`` is called with :attr:`pressing` set, and the master tells
+    could not write, and tries again after a capped back-off, reopening the
+    file first, from the first byte not written; lines that arrive meanwhile
+    wait behind them. A line cut short is kept whole until it is all out:
+    if the reopened file is another one (the old one deleted to free space),
+    the line is written again from its start, not as a headless tail.
+    Nothing is ever dropped: past ``bound`` unwritten lines, ``on_change``
+    is called with :attr:`pressing` set, and the master tells
     the children to stop fetching; lines of tasks already running still
     arrive and are kept. Once every kept line is out, :attr:`pressing` and
     :attr:`unwritable` clear and ``on_change`` is called again.
@@ -227,8 +239,10 @@ class TaskLogWriter:
         self._bound = bound
         self._on_change = on_change
         self._tally = tally if tally is not None else Tally()
-        #: Encoded lines not written yet; the first may be a tail (its head is in the file).
+        #: Encoded lines not written yet, whole: the first :attr:`_written` bytes of the
+        #: first one are in the file (a write the disk cut short).
         self._pending: deque[bytes] = deque()
+        self._written = 0
         self._failures = 0
         self._retry: IDelayedCall | None = None
         self._unwritable_since: float | None = None
@@ -264,7 +278,8 @@ class TaskLogWriter:
             self._failed(e)
             return
         if written < len(data):
-            self._pending.extend(data[written:].splitlines(keepends=True))
+            self._pending.extend(data.splitlines(keepends=True))
+            self._consume(written)
             self._drain()
 
     def _drain(self) -> None:
@@ -278,15 +293,20 @@ class TaskLogWriter:
                 size += len(line)
             chunk = pending[0] if count == 1 else b"".join(itertools.islice(pending, count))
             try:
-                written = self._file.write(chunk)
+                written = self._file.write(chunk[self._written :])
             except OSError as e:
                 self._failed(e)
                 return
-            while written and written >= len(pending[0]):
-                written -= len(pending.popleft())
-            if written:
-                pending[0] = pending[0][written:]
+            self._consume(written)
         self._recovered()
+
+    def _consume(self, written: int) -> None:
+        """Drop the lines the last write completed; remember how much of the next it wrote."""
+        written += self._written
+        pending = self._pending
+        while pending and written >= len(pending[0]):
+            written -= len(pending.popleft())
+        self._written = written
 
     def _failed(self, error: OSError) -> None:
         self._tally.count(TASK_LOG_WRITE_ERRORS)
@@ -310,10 +330,12 @@ class TaskLogWriter:
     def _try_again(self) -> None:
         self._retry = None
         try:
-            self._file.reopen()
+            another_file = self._file.reopen()
         except OSError as e:
             self._failed(e)
             return
+        if another_file:
+            self._written = 0  # the head of a line cut short went with the old file
         self._drain()
 
     def _check_pressure(self) -> None:

@@ -95,6 +95,45 @@ def test_a_deleted_log_is_created_again_on_reopen(tmp_path: Path) -> None:
     assert (tmp_path / "tasks.log").read_text() == "after\n"
 
 
+def test_reopen_says_whether_the_file_is_another_one(tmp_path: Path) -> None:
+    log_file = TaskLogFile(tmp_path, 1_000_000)
+    log_file.write_line("kept")
+    assert log_file.reopen() is False, "the same file"
+    (tmp_path / "tasks.log").unlink()
+    assert log_file.reopen() is True, "deleted: created anew"
+    log_file.write_line("more")
+    os.truncate(tmp_path / "tasks.log", 0)
+    assert log_file.reopen() is True, "emptied"
+    log_file.close()
+
+
+def test_deleting_the_log_mid_line_leaves_no_headless_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half a line written, the disk full, the operator deletes tasks.log: the line comes whole."""
+    clock = Clock()
+    writer = TaskLogWriter(TaskLogFile(tmp_path, 1_000_000), clock)
+    real_write = os.write
+    outcomes = ["half", "full"]
+
+    def filling_write(fd: int, data: Any) -> int:
+        what = outcomes.pop(0) if outcomes else "room"
+        if what == "half":
+            return real_write(fd, data[: len(data) // 2])
+        if what == "full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(tasklog.os, "write", filling_write)
+    writer.write_lines(numbered(0, 1))
+    assert writer.backlog == 1
+    (tmp_path / "tasks.log").unlink()
+    writer.write_lines(numbered(1, 2))
+    retry_until_written(clock, writer)
+    writer.close()
+    assert (tmp_path / "tasks.log").read_text().splitlines() == numbered(0, 2)
+
+
 # ---------------------------------------------------------------- a full disk, faked
 
 
@@ -112,6 +151,8 @@ class FaultyFile:
         self.reopened = 0
         self.closed = False
         self.failing: int | None = None  # every write fails with this errno until cleared
+        self.deleted = bytearray()  # what an operator deleted (the file is created anew on reopen)
+        self._another = False
 
     def write(self, data: bytes) -> int:
         self.attempts += 1
@@ -126,8 +167,16 @@ class FaultyFile:
         self.data += data
         return len(data)
 
-    def reopen(self) -> None:
+    def reopen(self) -> bool:
         self.reopened += 1
+        another, self._another = self._another, False
+        return another
+
+    def delete(self) -> None:
+        """The operator deletes tasks.log (to free space): what it held is gone."""
+        self.deleted += self.data
+        self.data = bytearray()
+        self._another = True
 
     def close(self) -> None:
         self.closed = True
@@ -185,6 +234,16 @@ def test_a_line_cut_short_is_completed_not_written_again() -> None:
     assert file.data == numbered(0, 1)[0][:7].encode()
     retry_until_written(clock, writer)
     assert file.lines() == numbered(0, 4), "no torn line, no line twice"
+
+
+def test_a_line_cut_short_in_a_deleted_file_is_written_whole_in_the_new_one() -> None:
+    file = FaultyFile()
+    writer, clock, _ = writer_for(file)
+    file.script = [("short", 7), ("fail", errno.ENOSPC)]
+    writer.write_lines(numbered(0, 2))
+    file.delete()
+    retry_until_written(clock, writer)
+    assert file.lines() == numbered(0, 2), "the line whole, not its headless tail"
 
 
 def test_the_retries_back_off_up_to_a_cap() -> None:
