@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from harness import TASK_LINE, Load, Twistd, logged_task_ids, wait_for, wait_until_logged
-from taskserver.tasklog import TASK_LOG_BACKLOG_LINES
+from taskserver.tasklog import TASK_LOG_BACKLOG_LINES, task_line
 
 #: Past the bound, so the workers must stop with tasks queued; all lines fit in 256 KB.
 TASKS = TASK_LOG_BACKLOG_LINES + 200
@@ -120,10 +120,7 @@ def test_a_full_disk_delays_lines_never_loses_them(
             timeout=5,
             what="taskserver_task_log_write_errors_total counted in /metrics",
         )
-        output = server.output
-        assert output.count("the task log") and output.count("cannot be written") == 1, output
-        assert output.count("is writable again") == 1
-        assert output.count("workers stop fetching until") == 1
+        assert_logged_once(server.output, THE_OUTAGE_LOG_LINES)
     finally:
         server.stop()
 
@@ -135,10 +132,33 @@ def write_errors(server: Twistd) -> float:
     return float(match[1]) if match else 0.0
 
 
+#: The outage's three lines in twistd.log (tasklog.TaskLogWriter): unwritable, pressing, recovered.
+THE_OUTAGE_LOG_LINES = (
+    "cannot be written (No space left on device): its lines are kept and retried",
+    "task-log lines wait to be written: the workers stop fetching until they are",
+    "the task log is writable again after",
+)
+
+
+def assert_logged_once(output: str, fragments: tuple[str, ...]) -> None:
+    counts = {fragment: output.count(fragment) for fragment in fragments}
+    assert all(n == 1 for n in counts.values()), f"each line once: {counts}\n{output}"
+
+
+def oldest_first(log_dir: Path) -> list[Path]:
+    """tasks.log.10 ... tasks.log.2, tasks.log.1, tasks.log: rotated numbers compared as numbers."""
+
+    def age(path: Path) -> int:
+        number = path.name.removeprefix("tasks.log").lstrip(".")
+        return int(number) if number else 0
+
+    return sorted(log_dir.glob("tasks.log*"), key=age, reverse=True)
+
+
 def assert_in_order_per_worker(log_dir: Path) -> None:
     """Each worker's lines are in the order it finished its tasks (their timestamps)."""
     finished: dict[str, list[str]] = defaultdict(list)
-    for path in sorted(log_dir.glob("tasks.log*"), reverse=True):  # .1 is older than tasks.log
+    for path in oldest_first(log_dir):
         for line in path.read_text().splitlines():
             assert TASK_LINE.match(line), line
             match = LINE_PID.search(line)
@@ -147,3 +167,37 @@ def assert_in_order_per_worker(log_dir: Path) -> None:
     assert len(finished) == WORKERS
     for pid, stamps in finished.items():
         assert stamps == sorted(stamps), f"worker {pid}'s lines out of order"
+
+
+def test_rotated_files_are_read_oldest_first_by_number(tmp_path: Path) -> None:
+    """tasks.log.10 is older than tasks.log.2 (a text sort puts it first the wrong way)."""
+    for number, name in enumerate(["tasks.log", *(f"tasks.log.{n}" for n in range(1, 11))]):
+        stamp = 1_795_813_218.0 - number
+        (tmp_path / name).write_text(
+            "".join(
+                task_line(
+                    finished=stamp + pid / 10,
+                    user_id="u",
+                    task_id=f"{number:032x}",
+                    status="completed",
+                    duration_ms=1,
+                    pid=pid,
+                )
+                + "\n"
+                for pid in range(1, WORKERS + 1)
+            )
+        )
+    assert [path.name for path in oldest_first(tmp_path)][:3] == [
+        "tasks.log.10",
+        "tasks.log.9",
+        "tasks.log.8",
+    ]
+    assert_in_order_per_worker(tmp_path)
+
+
+def test_each_outage_line_must_be_logged_exactly_once() -> None:
+    once = "\n".join(THE_OUTAGE_LOG_LINES)
+    assert_logged_once(once, THE_OUTAGE_LOG_LINES)
+    for missing_or_twice in (once.replace(THE_OUTAGE_LOG_LINES[1], ""), once + "\n" + once):
+        with pytest.raises(AssertionError):
+            assert_logged_once(missing_or_twice, THE_OUTAGE_LOG_LINES)
