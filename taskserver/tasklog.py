@@ -19,7 +19,9 @@ rotation.
 A line may come late, never not at all: when the disk is full (or fails,
 or goes read-only) the master keeps the lines and retries them, and past
 :data:`TASK_LOG_BACKLOG_LINES` waiting lines the workers stop fetching
-until the lines are out (see :class:`TaskLogWriter`).
+until the lines are out (see :class:`TaskLogWriter`). The kept lines are
+in the master's memory only: a master that crashes meanwhile loses them
+(their tasks stay completed in Redis; the README says how to tell).
 """
 
 from __future__ import annotations
