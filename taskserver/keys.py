@@ -100,6 +100,10 @@ class Keys:
         """Exists (short TTL) while the latest history sample is recent: one sampler at a time."""
         return f"{self._queue_tag}:metrics:sampled"
 
+    def metrics_applied(self, flusher_id: str) -> str:
+        """The number of one flusher's last applied batch (one a process, expiring when idle)."""
+        return f"{self.metrics}:applied:{flusher_id}"
+
     @property
     def workers(self) -> str:
         """Hash of live processes: process id -> JSON (pid, host, uptime, in flight, ...)."""

@@ -286,7 +286,7 @@ class MetricsFlusher(Service):
         self._every_s = every_s
         self._flushed = flushed
         #: Where the script keeps the number of this process's last applied batch.
-        self._applied_key = f"{keys.metrics}:applied:{uuid.uuid4().hex}"
+        self._applied_key = keys.metrics_applied(uuid.uuid4().hex)
         #: The batch sent and not acknowledged yet, and its number.
         self._batch: dict[str, int] | None = None
         self._seq = 0

@@ -47,14 +47,15 @@ def monitoring_keys(prefix: str) -> set[str]:
 
 
 async def count_keys(redis: Any, prefix: str) -> int:
-    """The keys under ``prefix`` but the monitoring keys."""
+    """The keys under ``prefix`` but the monitoring keys (and each flusher's batch number)."""
     fixed = monitoring_keys(prefix)
     cursor, total = "0", 0
     while True:
         cursor, keys = await redis.execute_command(
             "SCAN", cursor, "MATCH", f"{prefix}:*", "COUNT", 1000
         )
-        total += len(set(keys) - fixed)
+        applied = Keys(prefix).metrics_applied("")  # one a process, not per task
+        total += len({key for key in set(keys) - fixed if not key.startswith(applied)})
         if cursor == "0":
             return total
 
