@@ -136,11 +136,13 @@ class CountingChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_read_deadline()
-        for request in self.requests:
-            if not request.finished:  # finish() sets it before requestDone counts
-                self.site.abandoned(request)
-        super().connectionLost(reason)
-        self.site.connection_closed(self)
+        try:
+            for request in self.requests:
+                if not request.finished:  # finish() sets it before requestDone counts
+                    self.site.abandoned(request)
+        finally:  # counting must never keep a closed connection in the site's set
+            super().connectionLost(reason)
+            self.site.connection_closed(self)
 
     def dataReceived(self, data: bytes) -> None:
         self._bytes_since_answer += len(data)
@@ -247,12 +249,13 @@ class TaskSite(server.Site):
     def abandoned(self, request: http.Request) -> None:
         """Count a request whose connection closed before its answer: 499, timed until now.
 
-        The client went away (or a drain gave up on it); a request whose
-        headers never all arrived has no route and is not counted.
+        The client went away; a request whose headers never all arrived is
+        not counted. One cut off in its body has no path yet (twisted.web sets
+        it once the body is in): it counts as route ``other``.
         """
         started = getattr(request, "headers_at", None)
         if started is not None:
-            route = route_label(request.method, request.path)
+            route = "other" if request.path is None else route_label(request.method, request.path)
             self.tally.request(route, CLIENT_CLOSED_REQUEST, self.clock.seconds() - started)
 
     def connection_opened(self, channel: CountingChannel) -> None:

@@ -554,6 +554,23 @@ def test_a_request_whose_client_went_away_counts_once_as_499() -> None:
     assert request_counts(api.tally) == {"http_requests|code=200|route=/healthz": 1}
 
 
+def test_a_client_gone_in_the_middle_of_its_body_counts_as_other_and_its_connection_closes() -> (
+    None
+):
+    """twisted.web sets a request's path only once its body is in: until then it has no route."""
+    clock = Clock()
+    api, _, _ = fake_api(clock=clock)
+    connection = Connection(api, clock)
+    closed: list[bool] = []
+    connection.site.on_close = lambda: closed.append(True)
+    connection.send(b'POST /api/v1/task HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"u')
+    assert connection.site.channels == {connection.channel}
+    clock.advance(1.0)
+    connection.close()
+    assert connection.site.channels == set() and closed == [True]
+    assert request_counts(api.tally) == {"http_requests|code=499|route=other": 1}
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_master_flushes_a_restart_counted_while_redis_was_down(
     settings: Settings, redis: Any, keys: Keys, redis_server: RedisAddress

@@ -253,8 +253,9 @@ class Master(Service):
         return self._pool
 
     def _metrics_flushed(self) -> None:
-        """The counts are in Redis: no pool kept open for nothing."""
-        if not self._reclaiming:
+        """The counts are in Redis: no pool kept open for nothing (a reclaim or the
+        task log's outage still needs it)."""
+        if not self._reclaiming and not self._holding_pool():
             self._close_pool()
 
     def _close_pool(self) -> defer.Deferred[None]:
