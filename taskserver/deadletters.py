@@ -30,9 +30,6 @@ REQUEUE_BATCH = 1000
 SCAN_BYTES = 1024 * 1024
 #: Entries per LRANGE of a scan for named tasks (the bytes are checked between them).
 SCAN_CHUNK = 100
-#: How far back each scan call starts from where the last one ended: another requeue by
-#: id that removes an entry already scanned moves the rest up one place meanwhile.
-SCAN_OVERLAP = 32
 #: The dead-letter list deleted and counted at once (lua/purge_dead.lua).
 PURGE_DEAD = load("purge_dead")
 #: One page of the list and its length, in one call (lua/dead_page.lua).
@@ -170,29 +167,28 @@ async def _requeue_named(redis: Any, keys: Keys, wanted: list[str], bound: Bound
     """Each named task's newest entry back to the queue, scanning from the newest end.
 
     Each call scans up to SCAN_BYTES, from an offset counted from the head,
-    where deaths meanwhile only make the next call re-read entries (see
-    lua/requeue_dead.lua); it starts SCAN_OVERLAP entries (at most half its
-    advance) before where the last one ended, for removals meanwhile by
-    another requeue by id. A task that is in the list is found, unless it
-    falls off the tail (DEAD_LETTER_MAX) first.
+    where deaths meanwhile only make the next call re-read entries; removals
+    meanwhile by another requeue by id are counted (Keys.dead_removed), and
+    the next call moves back by their number (see lua/requeue_dead.lua). A
+    task that is in the list is found, unless it falls off the tail
+    (DEAD_LETTER_MAX) first.
     """
-    total, start = 0, 0
+    total, start, removed = 0, 0, 0  # from the head, nothing to move back by
     while wanted:
-        arguments = [keys.status_prefix, 0, SCAN_BYTES, start, SCAN_CHUNK, *wanted]
-        moved, scanned, at_end, *found = await _call(redis, keys, arguments, bound, total)
+        arguments = [keys.status_prefix, 0, SCAN_BYTES, start, SCAN_CHUNK, removed, *wanted]
+        moved, _, at_end, start, removed, *found = await _call(redis, keys, arguments, bound, total)
         total += int(moved)
         wanted = [task_id for task_id in wanted if task_id not in set(found)]
         if int(at_end):
             break
-        advance = int(scanned) - int(moved)
-        start += advance - min(SCAN_OVERLAP, advance // 2)
     return total
 
 
 async def _call(redis: Any, keys: Keys, arguments: list[Any], bound: Bound, done: int) -> Any:
     """One REQUEUE_DEAD call; its failure after ``done`` tasks moved is RequeueIncomplete."""
+    names = [keys.dead, keys.pending, keys.dead_removed]
     try:
-        return await bound(REQUEUE_DEAD(redis, [keys.dead, keys.pending], arguments))
+        return await bound(REQUEUE_DEAD(redis, names, arguments))
     except Exception as e:
         if done:
             raise RequeueIncomplete(done, e) from e

@@ -65,6 +65,15 @@ class Keys:
         return f"{self._queue_tag}:dead"
 
     @property
+    def dead_removed(self) -> str:
+        """How many entries requeue by id ever removed from the list's middle (an integer).
+
+        A scan over several calls moves back by its growth: those removals move
+        the entries it has not read yet toward the head (lua/requeue_dead.lua).
+        """
+        return f"{self._queue_tag}:dead_removed"
+
+    @property
     def consumers(self) -> str:
         """Set of registered consumer ids, so a reaper can find dead ones."""
         return f"{self._queue_tag}:consumers"

@@ -560,11 +560,10 @@ async def test_requeue_one_all_and_purge_change_the_lists(
     assert await redis.llen(keys.pending) == 4, "purge leaves the queue alone"
 
 
-def small_windows(monkeypatch: pytest.MonkeyPatch, chunk: int, overlap: int) -> None:
+def small_windows(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
     """Each scan call one LRANGE of ``chunk`` entries (any byte counts as the budget)."""
     monkeypatch.setattr(deadletters, "SCAN_CHUNK", chunk)
     monkeypatch.setattr(deadletters, "SCAN_BYTES", 1)
-    monkeypatch.setattr(deadletters, "SCAN_OVERLAP", overlap)
 
 
 def dead_ids(entries: list[str]) -> list[str]:
@@ -577,7 +576,7 @@ async def test_requeue_by_id_finds_a_task_while_tasks_die_into_a_full_list(
 ) -> None:
     """At DEAD_LETTER_MAX every death pushes an entry at the head and trims one at the
     tail (lua/lib/dead_letter.lua): a scan counted from the tail skipped one a call."""
-    small_windows(monkeypatch, chunk=5, overlap=1)
+    small_windows(monkeypatch, chunk=5)
     queue = TaskQueue(redis, keys, 3600, 1.0, reactor, 1, dead_letter_max=40)
     tasks = [await really_dead(queue, redis, f"u{n}") for n in range(40)]
     target = tasks[17]  # 23rd from the head; from the tail, in the slot the old scan skipped
@@ -607,8 +606,8 @@ async def test_requeue_by_id_survives_another_requeue_by_id_meanwhile(
     redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another requeue removes an entry the scan has passed: the rest move up one place,
-    and the next call starts SCAN_OVERLAP earlier so that it still sees the one there."""
-    small_windows(monkeypatch, chunk=5, overlap=1)
+    and the next call starts one earlier (Keys.dead_removed) so that it still sees it."""
+    small_windows(monkeypatch, chunk=5)
     tasks = [await dead_letter(redis, keys, f"u{n}", {"n": n}, "boom") for n in range(30)]
     target = tasks[24]  # 6th from the head: the first entry the second call reads
     others: list[int] = []
@@ -632,7 +631,7 @@ async def test_requeue_by_id_survives_another_requeue_by_id_meanwhile(
 async def test_requeue_by_id_takes_several_in_bounded_calls_each_once(
     redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    small_windows(monkeypatch, chunk=10, overlap=3)
+    small_windows(monkeypatch, chunk=10)
     tasks = [await dead_letter(redis, keys, f"u{n}", {"n": n}, "boom") for n in range(100)]
     named = [tasks[n] for n in (0, 9, 10, 11, 50, 98, 99)]
     ids = [t.id for t in named]
@@ -672,6 +671,47 @@ async def test_a_requeue_call_reads_a_bounded_number_of_bytes(redis: Any, keys: 
         assert (int(taken) - 1) * entry_bytes < deadletters.SCAN_BYTES
     oldest_first = list(reversed(await redis.lrange(keys.pending, 0, -1)))
     assert oldest_first == [tasks[0].to_json()] + [t.to_json() for t in tasks[1:]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeue_by_id_finds_a_task_after_others_ahead_of_it_were_requeued(
+    redis: Any, keys: Keys
+) -> None:
+    """Entries of 60 KB: a call scans ~18. Between the first two calls another requeue
+    by id removes the 10 newest, moving the target 10 places up, in front of where an
+    overlap of half the first call's advance resumed: it answered "not dead"."""
+    tasks = [await dead_letter(redis, keys, f"u{n}", BIG, "boom") for n in range(100)]
+    newest_first = list(reversed(tasks))
+    target, others = newest_first[18], newest_first[:10]
+    answers: list[Any] = []
+
+    async def another_requeue_meanwhile(call: defer.Deferred[Any]) -> Any:
+        answers.append(await call)
+        if len(answers) == 1:
+            assert await deadletters.requeue(redis, keys, [t.id for t in others]) == 10
+        return answers[-1]
+
+    assert await deadletters.requeue(redis, keys, [target.id], another_requeue_meanwhile) == 1
+    assert int(answers[0][0]) == 0, "the first call did not reach the target"
+    assert len(answers) >= 2
+    pending = await redis.lrange(keys.pending, 0, -1)
+    assert sorted(pending) == sorted(t.to_json() for t in [*others, target]), "each once"
+    assert dead_ids(await redis.lrange(keys.dead, 0, -1)) == [
+        t.id for t in newest_first if t not in (target, *others)
+    ], "the rest as they were"
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeue_by_id_takes_no_task_named_like_a_number_it_passes(
+    redis: Any, keys: Keys
+) -> None:
+    """Each scan call passes the removal count (0 at first) before the ids: it is no id."""
+    task = await dead_letter(redis, keys, "u", {"n": 1}, "boom")
+    entry = '{"error":"boom","attempts":3,"failed_at_ms":1,"task":{"id":"0","user_id":"u"}}'
+    await redis.lpush(keys.dead, entry)
+    assert await deadletters.requeue(redis, keys, [task.id]) == 1
+    assert await redis.lrange(keys.pending, 0, -1) == [task.to_json()]
+    assert await redis.lrange(keys.dead, 0, -1) == [entry]
 
 
 class PausedAfterOneScript:

@@ -1,6 +1,7 @@
 -- uses: dead_letter, status
--- taskserver-admin requeue, and the dashboard's. KEYS: dead, pending.
--- ARGV: status key prefix, most, most bytes; then (most = 0) start, chunk and the task ids.
+-- taskserver-admin requeue, and the dashboard's. KEYS: dead, pending, dead removed.
+-- ARGV: status key prefix, most, most bytes; then (most = 0) start, chunk, removed and
+-- the task ids.
 -- Moves dead tasks back to the queue, each exactly the text that died, with a fresh set
 -- of attempts (record_requeued). The status keys come from the tasks' ids, as in
 -- fetch_batch.lua. Work per call is bounded by entries and by bytes (the entries read
@@ -17,10 +18,13 @@
 --   A named task's entry is removed (LREM of its exact text) in the same call that
 --   finds it. Counting from the head is what makes a scan over several calls miss
 --   nothing: deaths meanwhile push at the head (the next call re-reads, never skips),
---   and trims and requeue-all take from the tail (no offset moves). Only a removal
---   before `start` shifts it, by one an entry: deadletters.py overlaps its calls.
---   An entry's id is read in place; only a named task's entry is cut apart.
---   Returns {moved, scanned, at end, the ids found...}.
+--   trims and requeue-all take from the tail, and purge deletes all (no offset moves;
+--   the scan then ends). Only these LREMs remove from the middle, each moving the
+--   entries behind it up one: each is counted in `dead removed`, and a call moves
+--   `start` back by how much that grew since `removed` (what the last call returned),
+--   so that it re-reads rather than skips. An entry's id is read in place; only a
+--   named task's entry is cut apart.
+--   Returns {moved, scanned, at end, next start, removed, the ids found...}.
 -- The task's id: read from the front of the text as Task.to_json writes it (no need to
 -- decode a whole payload), else decoded.
 local function task_id(raw)
@@ -73,10 +77,14 @@ if ARGV[2] ~= '0' then
 end
 
 local wanted, left = {}, 0
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   if not wanted[ARGV[i]] then wanted[ARGV[i]], left = true, left + 1 end
 end
 local start, chunk = tonumber(ARGV[4]), tonumber(ARGV[5])
+local removed = tonumber(redis.call('GET', KEYS[3]) or '0')
+local since = removed - tonumber(ARGV[6])
+-- Fewer than last time: the counter was deleted by hand; start again from the head.
+if since < 0 then start = 0 else start = math.max(0, start - since) end
 local scanned, bytes, at_end, found, raws = 0, 0, 0, {}, {}
 local size = math.min(chunk, FIRST_CHUNK)
 while left > 0 and bytes < most_bytes do
@@ -107,4 +115,5 @@ while left > 0 and bytes < most_bytes do
   end
 end
 for i = moved, 1, -1 do requeue(raws[i], found[i]) end  -- the oldest first, as they died
-return {moved, scanned, at_end, unpack(found)}
+if moved > 0 then removed = redis.call('INCRBY', KEYS[3], moved) end
+return {moved, scanned, at_end, start + scanned - moved, removed, unpack(found)}
