@@ -59,6 +59,12 @@ def test_every_script_touches_one_slot() -> None:
         keys.status_prefix + "f" * 32,
         keys.rate("alice", "1s"),
         keys.rate("bob", "60s"),
+        keys.dead_removed,
+        keys.metrics,
+        keys.metrics_history,
+        keys.metrics_sampled,
+        keys.metrics_applied("f" * 32),
+        keys.workers,
     ]
     assert {hash_tag(name) for name in queue_keys} == {"q"}
     assert hash_tag(keys.idempotency("alice", "k")) == user_hash("alice")
