@@ -308,6 +308,8 @@ class TaskAPI:
         user_id, payload = parse_task_body(request.getHeader(b"content-type"), body)
         key = idempotency_key(request.getHeader(b"idempotency-key"))
         task = Task.new(user_id, payload, self._clock.seconds())
+        # Before the claim: a sure refusal (replicas missing) must not hold the key.
+        self._queue.check_admissions()
         if key is not None:
             claim = Claim(task.id, fingerprint(user_id, payload), task.queued_at)
             earlier = await self._idempotency.claim(user_id, key, claim)

@@ -172,9 +172,7 @@ class TaskQueue:
         for the disk or the replicas (DurabilityTimeout if it fell short: the
         task exists, its durability is unknown).
         """
-        refused = self._refuse_admissions()
-        if refused is not None:
-            raise refused
+        self.check_admissions()
         try:
             # Encoded here, not when the batch is sent, so one bad task fails alone. The
             # bytes go to Redis as they are: txredisapi encodes nothing a second time.
@@ -194,6 +192,16 @@ class TaskQueue:
                 f"{self._durability.describe()} within {self._timeout_s:g} s"
             )
         return decision
+
+    def check_admissions(self) -> None:
+        """Raise what ``refuse_admissions()`` says (nothing is written then), or return.
+
+        Also called by the web layer before it claims an Idempotency-Key, so a
+        refused POST leaves no claim behind.
+        """
+        refused = self._refuse_admissions()
+        if refused is not None:
+            raise refused
 
     async def _admit_many(
         self, tier_arguments: tuple[int, ...], tasks: list[_Admission]

@@ -34,6 +34,7 @@ from taskserver.config import ConfigError, RedisAddress, load_settings
 from taskserver.durability import (
     Durability,
     DurabilityTimeout,
+    ReplicasMissing,
     check_redis,
     durability_of,
     embedded_appendfsync,
@@ -172,6 +173,32 @@ async def test_a_wait_not_done_in_time_is_an_ambiguous_503_and_a_retry_is_safe(
         assert len(await pool.lrange(keys.pending, 0, -1)) == 1, "no second task"
         with pytest.raises(DurabilityTimeout):
             await queue.enqueue(Task.new("bob", None, reactor.seconds()))
+    finally:
+        await port.stopListening()
+        await pool.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_post_refused_for_missing_replicas_leaves_its_idempotency_key_free(
+    redis_server: RedisAddress, keys: Keys
+) -> None:
+    """503 while replicas are missing claims nothing: the retry once they are back is a 202."""
+    missing: list[ReplicasMissing | None] = [ReplicasMissing("WAIT_REPLICAS=1 but 0 replicas")]
+    pool = connect_raw(redis_server, poolsize=2)
+    queue = TaskQueue(pool, keys, 60, 1.0, reactor, refuse_admissions=lambda: missing[0])
+    api = TaskAPI(
+        RatePolicy(keys, ()), queue, IdempotencyKeys(pool, keys, 1.0, reactor, 60), reactor
+    )
+    port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}/api/v1/task"
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "k-missing"}
+    try:
+        refused = await treq.post(url, json={"user_id": "alice"}, headers=headers)
+        assert refused.code == 503, await refused.text()
+        assert await pool.keys(f"{keys.prefix}:idem:*") == [], "no claim was written"
+        missing[0] = None  # the replicas are back
+        retried = await treq.post(url, json={"user_id": "alice"}, headers=headers)
+        assert retried.code == 202, await retried.text()
     finally:
         await port.stopListening()
         await pool.disconnect()
