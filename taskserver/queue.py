@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from taskserver.coalesce import Coalescer
 from taskserver.durability import (
@@ -63,6 +64,12 @@ STATUS_FIELDS = (
 )
 
 
+#: Admission waits (WAIT, WAITAOF) in flight at once per process: each holds a connection
+#: of the wait pool until Redis answers it; later turns queue behind and go out together.
+WAITS_IN_FLIGHT = 2
+#: Most admissions merged into one call from the turns queued behind the waits.
+MOST_PER_WAIT = 1024
+
 #: No tiers, so no counters: what enqueue() admits under.
 _UNLIMITED = RatePolicy(Keys(""), ())
 
@@ -82,6 +89,9 @@ class Reclaimed(NamedTuple):
 _Admission = tuple[Task, bytes, bytes, Sequence[str]]
 #: ADMIT's reply for one task, and whether the turn's wait (disk, replicas) was satisfied.
 _Admitted = tuple[Any, bool]
+
+#: One turn's admissions queued behind the waits in flight, and who waits for their replies.
+_Behind = tuple[list[_Admission], defer.Deferred[list[_Admitted]]]
 
 Key = TypeVar("Key")
 Item = TypeVar("Item")
@@ -119,9 +129,14 @@ class TaskQueue:
         before_outcomes: Callable[[], None] = lambda: None,
         durability: Durability = WRITE_ONLY,
         refuse_admissions: Callable[[], ReplicasMissing | None] = lambda: None,
+        wait_redis: Any = None,
     ) -> None:
         """``durability``: what an admission waits for before it counts (see
         :mod:`taskserver.durability`); acknowledgements and outcomes never wait.
+        ``wait_redis``: the pool the admissions that wait are sent on (default
+        ``redis``), with :data:`WAITS_IN_FLIGHT` connections: a wait holds its
+        connection until Redis answers it (up to the timeout), and on the
+        request pool it would starve heartbeats, outcomes and status reads.
         ``refuse_admissions()``: an error to raise instead of admitting (the
         replicas WAIT_REPLICAS asks for are missing), or None.
 
@@ -147,6 +162,10 @@ class TaskQueue:
         self.max_attempts = max_attempts
         self._dead_letter_max = dead_letter_max
         self._admissions: dict[tuple[int, ...], Coalescer[_Admission, _Admitted]] = {}
+        self._wait_redis = redis if wait_redis is None else wait_redis
+        self._waits = defer.DeferredSemaphore(WAITS_IN_FLIGHT)
+        #: Turns' admissions waiting for a free wait, by tier arguments, oldest first.
+        self._behind: dict[tuple[int, ...], list[_Behind]] = {}
         self._completions: dict[str, Coalescer[tuple[str, Task, str, str], Any]] = {}
 
     def _coalescer(
@@ -203,19 +222,70 @@ class TaskQueue:
         if refused is not None:
             raise refused
 
-    async def _admit_many(
+    def _admit_arguments(
         self, tier_arguments: tuple[int, ...], tasks: list[_Admission]
-    ) -> list[_Admitted]:
+    ) -> tuple[list[str], list[Any]]:
+        """ADMIT's KEYS and ARGV for these admissions."""
         keys = [self.keys.pending]
         args: list[Any] = [*tier_arguments, self._status_ttl_ms]
         for task, text, user_id, counters in tasks:
             keys += [*counters, self.keys.status(task.id)]
             args += [text, user_id, task.queued_at]
+        return keys, args
+
+    async def _admit_many(
+        self, tier_arguments: tuple[int, ...], tasks: list[_Admission]
+    ) -> list[_Admitted]:
+        """One turn's admissions: one call, then (if one is needed) behind the waits."""
         if self._wait is None:
+            keys, args = self._admit_arguments(tier_arguments, tasks)
             return [(reply, True) for reply in await self._eval(ADMIT, keys, args)]
+        answer: defer.Deferred[list[_Admitted]] = defer.Deferred()
+        self._behind.setdefault(tier_arguments, []).append((tasks, answer))
+        await self._waits.acquire()
+        try:
+            await self._send_behind(tier_arguments)
+        finally:
+            self._waits.release()
+        return await answer
+
+    async def _send_behind(self, tier_arguments: tuple[int, ...]) -> None:
+        """Send, as one call and one wait, the admissions queued under these tiers.
+
+        Each queued turn takes a wait; one that finds its admissions already
+        sent with an earlier turn's gives it back at once.
+        """
+        queued = self._behind.get(tier_arguments, [])
+        group: list[_Behind] = []
+        while queued and (
+            not group or sum(len(t) for t, _ in group) + len(queued[0][0]) <= MOST_PER_WAIT
+        ):
+            group.append(queued.pop(0))
+        if not queued:
+            self._behind.pop(tier_arguments, None)
+        if not group:
+            return
+        tasks = [admission for admitted, _ in group for admission in admitted]
+        try:
+            replies = await self._call_and_wait(tier_arguments, tasks)
+        except Exception:
+            failure = Failure()
+            for _, answer in group:
+                answer.errback(failure)
+            return
+        start = 0
+        for admitted, answer in group:
+            answer.callback(replies[start : start + len(admitted)])
+            start += len(admitted)
+
+    async def _call_and_wait(
+        self, tier_arguments: tuple[int, ...], tasks: list[_Admission]
+    ) -> list[_Admitted]:
+        assert self._wait is not None
+        keys, args = self._admit_arguments(tier_arguments, tasks)
         # The script's deadline, then the wait's own (it answers at its timeout in Redis).
         replies, waited = await within(
-            defer.ensureDeferred(call_then_wait(self._redis, ADMIT, keys, args, self._wait)),
+            defer.ensureDeferred(call_then_wait(self._wait_redis, ADMIT, keys, args, self._wait)),
             2 * self._timeout_s,
             self._clock,
         )

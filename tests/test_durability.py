@@ -24,11 +24,12 @@ import pytest
 import pytest_twisted
 import treq
 import valkey
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 
 from conftest import connect_raw, unused_port
 from harness import Twistd, alive, logged_task_ids, wait_for
 from taskserver.api import TaskAPI
+from taskserver.cluster.child import API_POOL_SIZE
 from taskserver.cluster.embedded import find_server_binary, read_embedded_address
 from taskserver.config import ConfigError, RedisAddress, load_settings
 from taskserver.durability import (
@@ -41,7 +42,7 @@ from taskserver.durability import (
 )
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
-from taskserver.queue import TaskQueue
+from taskserver.queue import ADMIT, WAITS_IN_FLIGHT, TaskQueue
 from taskserver.ratelimit import RatePolicy
 from taskserver.task import Task
 
@@ -176,6 +177,50 @@ async def test_a_wait_not_done_in_time_is_an_ambiguous_503_and_a_retry_is_safe(
     finally:
         await port.stopListening()
         await pool.disconnect()
+
+
+async def next_turn() -> None:
+    await task.deferLater(reactor, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_admissions_that_wait_leave_the_request_pool_to_everything_else(
+    redis_server: RedisAddress, redis: Any, keys: Keys
+) -> None:
+    """WAIT 1 with no replica: six turns of admissions wait a full timeout each, on the wait
+    pool, at most WAITS_IN_FLIGHT at once; meanwhile a status read and a completion on the
+    request pool (the child's 4 connections) answer at once. The turns queued behind the
+    waits go out together, and each ends in durability_timeout, not a starved 503."""
+    timeout_s = 1.0
+    api_pool = connect_raw(redis_server, poolsize=API_POOL_SIZE)
+    wait_pool = connect_raw(redis_server, poolsize=WAITS_IN_FLIGHT)
+    queue = TaskQueue(
+        api_pool, keys, 60, timeout_s, reactor, durability=Durability(replicas=1),
+        wait_redis=wait_pool,
+    )  # fmt: skip
+    done = Task.new("done", None, reactor.seconds())
+    await redis.lpush(keys.processing("c-1"), done.to_json())
+    await redis.execute_command("SCRIPT", "LOAD", ADMIT.source)  # no NOSCRIPT pass (2 waits)
+    waits_before = commandstats(redis_server, "wait")
+    try:
+        admissions = []
+        for n in range(6):  # one admission per reactor turn: six calls, six waits asked for
+            admissions.append(defer.ensureDeferred(queue.enqueue(Task.new(f"u{n}", None, 0))))
+            await next_turn()
+        started = reactor.seconds()
+        assert await queue.status("no-such-task") is None
+        assert await queue.complete("c-1", done.to_json(), done, "t", 1.0)
+        took = reactor.seconds() - started
+        assert took < timeout_s / 2, f"the request pool waited {took:.2f} s behind the waits"
+        assert not any(a.called for a in admissions), "the admissions were still waiting"
+        outcomes = await defer.DeferredList(admissions, consumeErrors=True)
+        errors = [type(failure.value) for ok, failure in outcomes]
+        assert errors == [DurabilityTimeout] * 6, errors
+        waits = commandstats(redis_server, "wait") - waits_before
+        assert waits <= 1 + WAITS_IN_FLIGHT, f"{waits} WAITs: the turns behind were not merged"
+    finally:
+        await api_pool.disconnect()
+        await wait_pool.disconnect()
 
 
 @pytest_twisted.ensureDeferred

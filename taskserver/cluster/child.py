@@ -61,13 +61,14 @@ from taskserver.httpserver import ApiError, TaskSite
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
 from taskserver.metrics import MetricsFlusher, Tally, worker_entry
-from taskserver.queue import TaskQueue
+from taskserver.queue import WAITS_IN_FLIGHT, TaskQueue
 from taskserver.ratelimit import RateLimiter, RatePolicy
 from taskserver.redisclient import RedisLinkWatch, connect, without_reconnect_attempts
 from taskserver.stats import address_label, read_stats
 from taskserver.tasklog import TaskLog
 
-#: Connections for request-path commands (pipelined; blocking pops have their own pool).
+#: Connections for request-path commands (pipelined; blocking pops have their own pool, and
+#: so do the admissions that wait for the disk or replicas: WAITS_IN_FLIGHT connections).
 API_POOL_SIZE = 4
 #: How long a stopping child waits for its open HTTP connections to finish.
 DRAIN_TIMEOUT_S = 5.0
@@ -161,6 +162,10 @@ class ChildService(Service):
         self._link.startService()
         keys = Keys(settings.key_prefix)
         durability = durability_of(settings)
+        waits = None
+        if durability.wait_command(1) is not None:  # admissions wait: not on the API pool
+            waits = connect(self._redis, WAITS_IN_FLIGHT, settings.redis_timeout_s)
+            self._pools.append(waits)
         if durability.replicas:
             self._replicas = ReplicaWatch(
                 api, durability.replicas, reactor, settings.redis_timeout_s
@@ -178,6 +183,7 @@ class ChildService(Service):
             before_outcomes=self._flush_task_sink,
             durability=durability,
             refuse_admissions=self._replicas_missing,
+            wait_redis=waits,
         )
         limiter = RatePolicy(keys, settings.rate_limits)  # admitted by the queue's one call
         kill = None if settings.disable_kill else self._kill
