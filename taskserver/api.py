@@ -365,7 +365,11 @@ class TaskAPI:
         self, request: IRequest, user_id: str, key: str, claim: Claim, earlier: Claim
     ) -> bytes | None:
         """A retried request: the task it created (200), 422 if the body differs, 409 if
-        that task does not exist yet; None if it never will (the key is ours now)."""
+        that task does not exist yet; None if it never will (the key is ours now).
+
+        The 200 waits as a 202 would (DURABILITY, WAIT_REPLICAS): a 503
+        durability_timeout again while the task is still not confirmed durable.
+        """
         if earlier.fingerprint != claim.fingerprint:
             raise ApiError(
                 422,
@@ -382,6 +386,8 @@ class TaskAPI:
                 "the first request with this Idempotency-Key has not finished; retry shortly",
                 [("Retry-After", "1")],
             )
+        # Its own admission may have answered 503 durability_timeout: 200 only once durable.
+        await self._queue.confirm_durable(earlier.task_id)
         return respond(
             request,
             200,

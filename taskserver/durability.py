@@ -129,6 +129,30 @@ async def call_then_wait(
     raise AssertionError("unreachable: the EVAL pass returns or raises")
 
 
+#: How long the replay probe's key lives (it holds nothing anybody reads).
+PROBE_TTL_MS = 60_000
+
+
+async def write_then_wait(redis: Any, probe_key: str, wait: tuple[Any, ...]) -> Any:
+    """A small write to ``probe_key``, then ``wait``, in one pipeline: the wait's reply.
+
+    Replication and AOF offsets only grow, so the wait covers every write made
+    before this one on any connection, such as an admission whose own wait
+    fell short: a replay answers its task only once it is as durable as a 202.
+    """
+    connection = await redis.pipeline()
+    connection.execute_command("SET", probe_key, "1", "PX", PROBE_TTL_MS)
+    connection.execute_command(*wait, apply_timeout=False)
+    try:
+        _, waited = await connection.execute_pipeline()
+    except defer.FirstError as e:
+        error = e.subFailure.value
+        if e.index == 1 and isinstance(error, txredisapi.ResponseError):
+            raise DurabilityTimeout(f"Redis refused {wait[0]}: {error}") from None
+        raise error from None
+    return waited
+
+
 def _info_fields(text: str) -> dict[str, str]:
     fields = {}
     for line in text.splitlines():

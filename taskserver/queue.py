@@ -28,6 +28,7 @@ from taskserver.durability import (
     DurabilityTimeout,
     ReplicasMissing,
     call_then_wait,
+    write_then_wait,
 )
 from taskserver.ids import process_of
 from taskserver.keys import Keys
@@ -291,6 +292,33 @@ class TaskQueue:
         )
         durable = self._durability.satisfied(waited)
         return [(reply, durable) for reply in replies]
+
+    async def confirm_durable(self, task_id: str) -> None:
+        """Return once what was written before now is as durable as a 202 promises.
+
+        For a replay of an admission whose own wait fell short (503
+        durability_timeout): a write and the same wait, on the wait pool, as
+        one of the waits in flight. DurabilityTimeout if it falls short again;
+        returns at once when admissions wait for nothing.
+        """
+        if self._wait is None:
+            return
+        await self._waits.acquire()
+        try:
+            waited = await within(
+                defer.ensureDeferred(
+                    write_then_wait(self._wait_redis, self.keys.durability_probe, self._wait)
+                ),
+                2 * self._timeout_s,
+                self._clock,
+            )
+        finally:
+            self._waits.release()
+        if not self._durability.satisfied(waited):
+            raise DurabilityTimeout(
+                f"task {task_id} exists, but was not confirmed in "
+                f"{self._durability.describe()} within {self._timeout_s:g} s"
+            )
 
     async def enqueue(self, task: Task) -> None:
         """Push the task and write its "queued" status, with no rate limit."""

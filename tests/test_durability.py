@@ -26,7 +26,7 @@ import treq
 import valkey
 from twisted.internet import defer, reactor, task
 
-from conftest import connect_raw, unused_port
+from conftest import connect_raw, eventually, unused_port
 from harness import Twistd, alive, logged_task_ids, wait_for
 from taskserver.api import TaskAPI
 from taskserver.cluster.child import API_POOL_SIZE
@@ -136,10 +136,11 @@ async def test_the_wait_survives_a_forgotten_script(
 
 @pytest_twisted.ensureDeferred
 async def test_a_wait_not_done_in_time_is_an_ambiguous_503_and_a_retry_is_safe(
-    redis_server: RedisAddress, keys: Keys
+    redis_server: RedisAddress, keys: Keys, scratch_redis: Callable[..., ScratchRedis]
 ) -> None:
     """WAIT 1 on a primary without a replica: the task is written, the 503 says "maybe";
-    the same request again with its Idempotency-Key answers that task (200), no second one."""
+    the same request again is a 503 again while the task is still not on a replica, and
+    once a replica is connected it answers that task (200), no second one."""
     timeout_s = 0.3
     pool = connect_raw(redis_server, poolsize=2)
     queue = TaskQueue(pool, keys, 60, timeout_s, reactor, durability=Durability(replicas=1))
@@ -166,14 +167,28 @@ async def test_a_wait_not_done_in_time_is_an_ambiguous_503_and_a_retry_is_safe(
         assert len(pending) == 1, "the task was written"
         task_id = json.loads(pending[0])["id"]
 
-        again = await treq.post(url, json={"user_id": "alice"}, headers=headers)
+        still = await treq.post(url, json={"user_id": "alice"}, headers=headers)
+        not_yet = await still.json()
+        assert (still.code, not_yet["error"]) == (503, "durability_timeout"), not_yet
+        assert len(await pool.lrange(keys.pending, 0, -1)) == 1, "no second task"
+        with pytest.raises(DurabilityTimeout):
+            await queue.enqueue(Task.new("bob", None, reactor.seconds()))
+
+        scratch_redis(
+            "--replicaof", redis_server.host, str(redis_server.port),
+            "--repl-diskless-load", "disabled",
+        )  # fmt: skip
+        again = await eventually(
+            lambda: treq.post(url, json={"user_id": "alice"}, headers=headers).addCallback(
+                lambda response: response if response.code != 503 else None
+            ),
+            timeout=30,
+        )
         replayed = await again.json()
         assert again.code == 200, replayed
         assert replayed["task_id"] == task_id
         assert again.headers.getRawHeaders("Idempotent-Replayed") == ["true"]
-        assert len(await pool.lrange(keys.pending, 0, -1)) == 1, "no second task"
-        with pytest.raises(DurabilityTimeout):
-            await queue.enqueue(Task.new("bob", None, reactor.seconds()))
+        assert len(await pool.lrange(keys.pending, 0, -1)) == 2, "alice's and bob's, no third"
     finally:
         await port.stopListening()
         await pool.disconnect()
