@@ -36,7 +36,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RoutingException
 
 from taskserver.clientip import Network, client_address, is_cross_site, is_loopback_request
-from taskserver.durability import DurabilityTimeout
+from taskserver.durability import AdmissionsRefused, DurabilityTimeout
 from taskserver.exposition import exposition
 from taskserver.httpserver import (
     ApiError,
@@ -542,6 +542,13 @@ class TaskAPI:
                     "message": "the task may or may not exist: it was written, but not confirmed "
                     "durable in time; retry with the same Idempotency-Key",
                 },
+                [("Retry-After", str(UNAVAILABLE_RETRY_AFTER_S))],
+            )
+        if isinstance(error, AdmissionsRefused):  # nothing written; the watch logged why
+            return respond(
+                request,
+                503,
+                {"error": "redis_unavailable", "message": f"{error}; retry shortly"},
                 [("Retry-After", str(UNAVAILABLE_RETRY_AFTER_S))],
             )
         if isinstance(error, RedisUnavailable):

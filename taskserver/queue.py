@@ -24,9 +24,10 @@ from twisted.python.failure import Failure
 from taskserver.coalesce import Coalescer
 from taskserver.durability import (
     WRITE_ONLY,
+    AdmissionsRefused,
     Durability,
     DurabilityTimeout,
-    ReplicasMissing,
+    WaitRefused,
     call_then_wait,
     write_then_wait,
 )
@@ -129,8 +130,9 @@ class TaskQueue:
         dead_letter_max: int = 10_000,
         before_outcomes: Callable[[], None] = lambda: None,
         durability: Durability = WRITE_ONLY,
-        refuse_admissions: Callable[[], ReplicasMissing | None] = lambda: None,
+        refuse_admissions: Callable[[], AdmissionsRefused | None] = lambda: None,
         wait_redis: Any = None,
+        wait_refused: Callable[[str], None] = lambda why: None,
     ) -> None:
         """``durability``: what an admission waits for before it counts (see
         :mod:`taskserver.durability`); acknowledgements and outcomes never wait.
@@ -139,7 +141,8 @@ class TaskQueue:
         connection until Redis answers it (up to the timeout), and on the
         request pool it would starve heartbeats, outcomes and status reads.
         ``refuse_admissions()``: an error to raise instead of admitting (the
-        replicas WAIT_REPLICAS asks for are missing), or None.
+        replicas WAIT_REPLICAS asks for are missing, Redis refused the wait), or
+        None. ``wait_refused(why)``: Redis answered a wait with an error.
 
         ``before_outcomes`` runs right before outcomes (COMPLETE, FAIL) are sent.
 
@@ -155,6 +158,7 @@ class TaskQueue:
         self._durability = durability
         self._wait = durability.wait_command(max(1, int(timeout_s * 1000)))
         self._refuse_admissions = refuse_admissions
+        self._wait_refused = wait_refused
         self._redis = redis
         self.keys = keys
         self._status_ttl_ms = status_ttl_s * 1000
@@ -285,11 +289,17 @@ class TaskQueue:
         assert self._wait is not None
         keys, args = self._admit_arguments(tier_arguments, tasks)
         # The script's deadline, then the wait's own (it answers at its timeout in Redis).
-        replies, waited = await within(
-            defer.ensureDeferred(call_then_wait(self._wait_redis, ADMIT, keys, args, self._wait)),
-            2 * self._timeout_s,
-            self._clock,
-        )
+        try:
+            replies, waited = await within(
+                defer.ensureDeferred(
+                    call_then_wait(self._wait_redis, ADMIT, keys, args, self._wait)
+                ),
+                2 * self._timeout_s,
+                self._clock,
+            )
+        except WaitRefused as e:
+            self._wait_refused(str(e))  # later POSTs are refused before they write
+            raise
         durable = self._durability.satisfied(waited)
         return [(reply, durable) for reply in replies]
 
@@ -312,6 +322,9 @@ class TaskQueue:
                 2 * self._timeout_s,
                 self._clock,
             )
+        except WaitRefused as e:
+            self._wait_refused(str(e))
+            raise
         finally:
             self._waits.release()
         if not self._durability.satisfied(waited):

@@ -25,8 +25,9 @@ import pytest_twisted
 import treq
 import valkey
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 
-from conftest import connect_raw, eventually, unused_port
+from conftest import RunningServer, connect_raw, eventually, unused_port
 from harness import Twistd, alive, logged_task_ids, wait_for
 from taskserver.api import TaskAPI
 from taskserver.cluster.child import API_POOL_SIZE
@@ -513,3 +514,60 @@ def test_a_sigkilled_embedded_redis_loses_no_task_with_fsync(tmp_path: Path) -> 
     write = kill_redis_under_load(tmp_path / "write", "write")
     assert write["kills"] >= 3
     print(f"\nDURABILITY=write lost {write['lost']} of {write['accepted']} accepted tasks")
+
+
+# ------------------------------------------------------------------ Redis refuses the wait
+
+
+async def post_task(server: RunningServer, user_id: str) -> tuple[int, dict[str, Any]]:
+    response = await treq.post(
+        server.url + "/api/v1/task",
+        json={"user_id": user_id},
+        headers={"Content-Type": "application/json"},
+    )
+    return response.code, await response.json()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wait_refused_by_redis_refuses_posts_until_it_is_accepted_again(
+    start_server: Callable[..., RunningServer], scratch_redis: Callable[..., ScratchRedis]
+) -> None:
+    """AOF turned off after start: WAITAOF answers an error. That POST's task was written (503
+    durability_timeout); later POSTs write nothing (503 redis_unavailable saying why), with
+    one log line, until the AOF is back and a re-check passes."""
+    redis = scratch_redis("--appendonly", "yes")
+    client = valkey.Valkey(port=redis.port)
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        server = start_server(redis=redis.address, durability="fsync", rate_limits=())
+        code, _ = await eventually(
+            lambda: defer.ensureDeferred(post_task(server, "before")).addCallback(
+                lambda answer: answer if answer[0] == 202 else None
+            )
+        )
+        client.config_set("appendonly", "no")
+        code, body = await post_task(server, "when-it-went")
+        assert (code, body["error"]) == (503, "durability_timeout"), body
+        pending = f"{server.settings.key_prefix}:{{q}}:pending"
+        written = client.llen(pending)
+        for n in range(3):
+            code, body = await post_task(server, f"refused-{n}")
+            assert (code, body["error"]) == (503, "redis_unavailable"), body
+            assert "append-only file turned off" in body["message"], body
+        assert client.llen(pending) == written, "a refused POST writes nothing"
+        assert sum("POST answers 503 until it accepts it again" in line for line in lines) == 1
+        client.config_set("appendonly", "yes")
+        await eventually(
+            lambda: defer.ensureDeferred(post_task(server, "after")).addCallback(
+                lambda answer: answer[0] == 202
+            ),
+            timeout=30,
+        )
+        assert any("accepts the wait DURABILITY needs again" in line for line in lines)
+    finally:
+        globalLogPublisher.removeObserver(observe)
