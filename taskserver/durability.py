@@ -175,8 +175,20 @@ def _info_fields(text: str) -> dict[str, str]:
     return fields
 
 
+class CannotCountReplicas(Exception):
+    """Redis refuses INFO (an ACL): the replicas are not counted, each admission's WAIT judges."""
+
+
+#: Said once (by the master, and by each child) when INFO is refused.
+CANNOT_COUNT = "cannot count replicas; WAIT decides"
+
+
 async def connected_replicas(redis: Any, timeout_s: float, clock: IReactorTime) -> int:
-    info = await within(redis.execute_command("INFO", "replication"), timeout_s, clock)
+    """How many replicas the primary has (INFO replication); CannotCountReplicas if refused."""
+    try:
+        info = await within(redis.execute_command("INFO", "replication"), timeout_s, clock)
+    except txredisapi.ResponseError as e:  # unavailability is RedisUnavailable, from within()
+        raise CannotCountReplicas(str(e).splitlines()[0][:160] if str(e) else "") from None
     return int(_info_fields(str(info)).get("connected_slaves", "0"))
 
 
@@ -253,6 +265,9 @@ async def check_at_start(settings: Settings, address: RedisAddress, clock: IReac
             error=e,
         )
         return
+    except CannotCountReplicas as e:
+        _log.warn("WAIT_REPLICAS: Redis refuses INFO ({error}): " + CANNOT_COUNT, error=e)
+        return
     finally:
         await redis.disconnect()
     if replicas < durability.replicas:
@@ -297,11 +312,15 @@ class DurabilityWatch(Service):
         #: Replicas connected at the last answer (None: no answer yet, or Redis unreachable).
         self.connected: int | None = None
         self._warned = False
+        #: Redis refuses INFO: the replicas are not counted (each admission's WAIT judges).
+        self.uncountable = False
         #: Why Redis cannot keep the promise (it refused the wait), or None.
         self.unfit: str | None = None
         self._wait_checked = False
 
     def enough(self) -> bool:
+        if self.uncountable:
+            return True
         return self.connected is not None and self.connected >= self.needed
 
     def startService(self) -> None:
@@ -355,9 +374,19 @@ class DurabilityWatch(Service):
         except RedisUnavailable:
             self.connected = None  # Redis's own outage is logged by RedisLinkWatch
             return
+        except CannotCountReplicas as e:
+            if not self.uncountable:
+                self.uncountable = True
+                self.log.warn(
+                    "WAIT_REPLICAS: Redis refuses INFO ({error}): " + CANNOT_COUNT, error=e
+                )
+            return
         except Exception:
             self.log.failure("asking Redis for its replicas")
             return
+        if self.uncountable:
+            self.uncountable = False
+            self.log.info("Redis answers INFO again: POST waits for counted replicas")
         if not self.enough() and not self._warned:
             self._warned = True
             self.log.warn(

@@ -369,6 +369,43 @@ def test_wait_replicas_without_a_replica_answers_503_until_one_connects(
     assert master.stop() == 0
 
 
+def test_wait_replicas_on_a_redis_that_refuses_info_lets_wait_decide(
+    twistd: Callable[..., Twistd], scratch_redis: Callable[..., ScratchRedis]
+) -> None:
+    """An ACL forbids INFO but allows WAIT: start-up goes on with one warning (master, child),
+    POST answers what WAIT says (no replica: durability_timeout; a replica: 202), and no
+    traceback is logged for the INFO the watch is refused every second."""
+    primary = scratch_redis("--appendonly", "yes")
+    valkey.Valkey(port=primary.port).execute_command(
+        "ACL", "SETUSER", "default", "on", "nopass", "~*", "&*", "+@all", "-info"
+    )
+    master = twistd(
+        REDIS_URL=f"redis://127.0.0.1:{primary.port}/0",
+        WAIT_REPLICAS="1",
+        WORKERS="1",
+        RATE_LIMITS="",
+        REDIS_TIMEOUT="0.5",
+    )
+    master.wait_until_ready(1)
+    wait_for(
+        lambda: master.output.count("cannot count replicas; WAIT decides") == 2,
+        what="the master's and the child's warning (the child's once its watch has asked)",
+    )
+    code, body = master.request("POST", "/api/v1/task", {"user_id": "no-replica"})
+    assert (code, body["error"]) == (503, "durability_timeout"), body
+    scratch_redis("--replicaof", "127.0.0.1", str(primary.port), "--repl-diskless-load", "disabled")
+
+    def accepted() -> bool:
+        code, _ = master.request("POST", "/api/v1/task", {"user_id": f"r-{time.time_ns()}"})
+        return code == 202
+
+    wait_for(accepted, timeout=30, what="a 202 once WAIT finds the replica")
+    # The watch asked for INFO every second meanwhile (several seconds: a replica's sync).
+    assert master.output.count("cannot count replicas; WAIT decides") == 2, master.output
+    assert "Traceback" not in master.output
+    assert master.stop() == 0
+
+
 # ------------------------------------------------------------------ the fault suite
 
 #: Seconds of load per mode, and the embedded Redis SIGKILLed about every KILL_EVERY_S.
