@@ -27,7 +27,7 @@ import valkey
 from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 
-from conftest import RunningServer, connect_raw, eventually, unused_port
+from conftest import RunningServer, connect_raw, eventually, sleep, unused_port
 from harness import Twistd, alive, logged_task_ids, wait_for
 from taskserver.api import TaskAPI
 from taskserver.cluster.child import API_POOL_SIZE
@@ -476,6 +476,10 @@ def kill_redis_under_load(workdir: Path, durability: str) -> dict[str, Any]:
         server.wait_until_ready(2)
         embedded = read_embedded_address(workdir / "data")
         assert embedded is not None
+        client = valkey.Valkey(port=embedded.port, password=embedded.password)
+        # What the mode means on the embedded Redis: fsync before every reply, or each second.
+        appendfsync = "always" if durability == "fsync" else "everysec"
+        assert client.config_get("appendfsync") == {"appendfsync": appendfsync}
         load = TimedLoad(server)
         started, kills = time.monotonic(), 0
         while time.monotonic() - started < LOAD_S:
@@ -496,7 +500,7 @@ def kill_redis_under_load(workdir: Path, durability: str) -> dict[str, Any]:
         wait_for(lambda: load.count() > flowing + 20, timeout=30, what="202s after the last kill")
         load.stop()
         accepted = {task_id for _, task_id in load.accepted}
-        client = valkey.Valkey(port=embedded.port, password=embedded.password)
+        assert client.config_get("appendfsync") == {"appendfsync": appendfsync}, "restarted"
 
         def unsettled() -> set[str]:
             """Accepted tasks whose record says neither completed nor dead (lost: no record)."""
@@ -608,3 +612,131 @@ async def test_a_wait_refused_by_redis_refuses_posts_until_it_is_accepted_again(
         assert any("accepts the wait DURABILITY needs again" in line for line in lines)
     finally:
         globalLogPublisher.removeObserver(observe)
+
+
+# ------------------------------------------------------------------ no 202 before the wait's reply
+
+
+def reply_end(data: bytes, start: int) -> int | None:
+    """Where the RESP reply that begins at ``start`` ends; None if it is not all there yet."""
+    line_end = data.find(b"\r\n", start)
+    if line_end < 0:
+        return None
+    kind, after = data[start : start + 1], line_end + 2
+    if kind in (b"+", b"-", b":"):
+        return after
+    count = int(data[start + 1 : line_end])
+    if count < 0:
+        return after
+    if kind == b"$":
+        return after + count + 2 if len(data) >= after + count + 2 else None
+    assert kind == b"*", data[start:]
+    for _ in range(count):
+        end = reply_end(data, after)
+        if end is None:
+            return None
+        after = end
+    return after
+
+
+class WaitReplyHoldingProxy:
+    """A TCP proxy to Redis that, once armed, holds back the reply to the next admission's
+    WAITAOF.
+
+    The connection that sends it gets its earlier replies (the script's) as they come;
+    from the WAITAOF's reply on, nothing until :meth:`release`. ``held`` fires once
+    Redis has answered the WAITAOF and that answer is held here.
+    """
+
+    def __init__(self, redis: RedisAddress) -> None:
+        from twisted.protocols import portforward
+
+        proxy = self
+        self.armed = False
+        self.held: defer.Deferred[None] = defer.Deferred()
+        self._holding: Any = None
+
+        class Client(portforward.ProxyClient):  # Redis's side
+            passing = 0
+            buffer = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                if proxy._holding is not self.peer:
+                    super().dataReceived(data)
+                    return
+                self.buffer += data
+                position = 0
+                while self.passing and (end := reply_end(self.buffer, position)) is not None:
+                    position, self.passing = end, self.passing - 1
+                if position:
+                    super().dataReceived(self.buffer[:position])
+                    self.buffer = self.buffer[position:]
+                answered = not self.passing and reply_end(self.buffer, 0) is not None
+                if answered and not proxy.held.called:
+                    proxy.held.callback(None)
+
+        class ClientFactory(portforward.ProxyClientFactory):
+            protocol = Client
+
+        class Server(portforward.ProxyServer):  # taskserver's side
+            clientProtocolFactory = ClientFactory
+
+            def dataReceived(self, data: bytes) -> None:
+                # An admission's pipeline (one write: script, then wait), not the
+                # child's own check of the wait (a WAITAOF alone).
+                admission = b"EVALSHA" in data and b"WAITAOF" in data
+                if proxy.armed and admission and self.peer is not None:
+                    proxy.armed, proxy._holding = False, self
+                    # Replies owed before the WAITAOF's: one per command sent before it
+                    # (the first command has no CRLF before it, the WAITAOF's header has).
+                    self.peer.passing = data[: data.index(b"WAITAOF")].count(b"\r\n*")
+                super().dataReceived(data)
+
+        factory = portforward.ProxyFactory(redis.host, redis.port)
+        factory.protocol = Server
+        factory.noisy = False
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.address = RedisAddress("127.0.0.1", self.port.getHost().port)
+
+    def release(self) -> None:
+        holding, self._holding = self._holding, None
+        if holding is not None and holding.peer is not None:
+            rest, holding.peer.buffer = holding.peer.buffer, b""
+            holding.transport.write(rest)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_202_is_sent_before_the_waitaof_reply(
+    start_server: Callable[..., RunningServer], redis_server: RedisAddress, redis: Any
+) -> None:
+    """DURABILITY=fsync on an external Redis: the script has run and its reply came, but
+    while WAITAOF's reply is held back the POST stays unanswered; released, it is a 202."""
+    proxy = WaitReplyHoldingProxy(redis_server)
+    try:
+        server = start_server(
+            redis=proxy.address, durability="fsync", rate_limits=(), redis_timeout_s=5.0
+        )
+        await eventually(
+            lambda: defer.ensureDeferred(post_task(server, "warm")).addCallback(
+                lambda answer: answer[0] == 202
+            )
+        )
+        proxy.armed = True
+        answers: list[Any] = []
+        posted = treq.post(
+            server.url + "/api/v1/task",
+            json={"user_id": "held"},
+            headers={"Content-Type": "application/json"},
+        )
+        posted.addCallback(lambda response: answers.append(response) or response)
+        await proxy.held
+        statuses = await redis.keys(f"{server.settings.key_prefix}:{{q}}:task:*")
+        assert len(statuses) == 2, "the script ran: the task exists (and the warm-up's)"
+        await sleep(0.3)  # the negative check's window: a 202 sent early would be here by now
+        assert answers == [], "answered before the WAITAOF's reply"
+        proxy.release()
+        response = await posted
+        assert response.code == 202, await response.text()
+    finally:
+        proxy.release()
+        await proxy.port.stopListening()
