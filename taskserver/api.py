@@ -36,7 +36,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RoutingException
 
 from taskserver.clientip import Network, client_address, is_cross_site, is_loopback_request
-from taskserver.durability import DurabilityTimeout
+from taskserver.durability import AdmissionsRefused, DurabilityTimeout
 from taskserver.exposition import exposition
 from taskserver.httpserver import (
     ApiError,
@@ -308,6 +308,8 @@ class TaskAPI:
         user_id, payload = parse_task_body(request.getHeader(b"content-type"), body)
         key = idempotency_key(request.getHeader(b"idempotency-key"))
         task = Task.new(user_id, payload, self._clock.seconds())
+        # Before the claim: a sure refusal (replicas missing) must not hold the key.
+        self._queue.check_admissions()
         if key is not None:
             claim = Claim(task.id, fingerprint(user_id, payload), task.queued_at)
             earlier = await self._idempotency.claim(user_id, key, claim)
@@ -363,7 +365,11 @@ class TaskAPI:
         self, request: IRequest, user_id: str, key: str, claim: Claim, earlier: Claim
     ) -> bytes | None:
         """A retried request: the task it created (200), 422 if the body differs, 409 if
-        that task does not exist yet; None if it never will (the key is ours now)."""
+        that task does not exist yet; None if it never will (the key is ours now).
+
+        The 200 waits as a 202 would (DURABILITY, WAIT_REPLICAS): a 503
+        durability_timeout again while the task is still not confirmed durable.
+        """
         if earlier.fingerprint != claim.fingerprint:
             raise ApiError(
                 422,
@@ -380,6 +386,8 @@ class TaskAPI:
                 "the first request with this Idempotency-Key has not finished; retry shortly",
                 [("Retry-After", "1")],
             )
+        # Its own admission may have answered 503 durability_timeout: 200 only once durable.
+        await self._queue.confirm_durable(earlier.task_id)
         return respond(
             request,
             200,
@@ -534,6 +542,13 @@ class TaskAPI:
                     "message": "the task may or may not exist: it was written, but not confirmed "
                     "durable in time; retry with the same Idempotency-Key",
                 },
+                [("Retry-After", str(UNAVAILABLE_RETRY_AFTER_S))],
+            )
+        if isinstance(error, AdmissionsRefused):  # nothing written; the watch logged why
+            return respond(
+                request,
+                503,
+                {"error": "redis_unavailable", "message": f"{error}; retry shortly"},
                 [("Retry-After", str(UNAVAILABLE_RETRY_AFTER_S))],
             )
         if isinstance(error, RedisUnavailable):

@@ -45,8 +45,21 @@ class DurabilityTimeout(Exception):
     """
 
 
-class ReplicasMissing(RedisUnavailable):
+class WaitRefused(DurabilityTimeout):
+    """Redis answered the wait with an error (AOF turned off, a failover to a node
+    without it, an ACL): the script ran, and no later admission can be confirmed."""
+
+
+class AdmissionsRefused(RedisUnavailable):
+    """POST is refused before anything is written; the message says why (a 503)."""
+
+
+class ReplicasMissing(AdmissionsRefused):
     """WAIT_REPLICAS asks for more replicas than the primary has: nothing was written."""
+
+
+class DurabilityUnfit(AdmissionsRefused):
+    """Redis refuses the wait DURABILITY/WAIT_REPLICAS needs: nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,7 @@ async def call_then_wait(
 ) -> tuple[Any, Any]:
     """Run ``script`` then ``wait`` in one pipeline on one connection: (script's, wait's reply).
 
-    A failed wait (an error reply) is a DurabilityTimeout: the script ran. A
+    A failed wait (an error reply) is a WaitRefused: the script ran. A
     NOSCRIPT (Redis forgot the script) sends the pipeline again with EVAL.
     """
     keys, args = list(keys), list(args)
@@ -123,10 +136,34 @@ async def call_then_wait(
             ):
                 continue
             if e.index == 1 and isinstance(error, txredisapi.ResponseError):
-                raise DurabilityTimeout(f"Redis refused {wait[0]}: {error}") from None
+                raise WaitRefused(str(error)) from None
             raise error from None
         return reply, waited
     raise AssertionError("unreachable: the EVAL pass returns or raises")
+
+
+#: How long the replay probe's key lives (it holds nothing anybody reads).
+PROBE_TTL_MS = 60_000
+
+
+async def write_then_wait(redis: Any, probe_key: str, wait: tuple[Any, ...]) -> Any:
+    """A small write to ``probe_key``, then ``wait``, in one pipeline: the wait's reply.
+
+    Replication and AOF offsets only grow, so the wait covers every write made
+    before this one on any connection, such as an admission whose own wait
+    fell short: a replay answers its task only once it is as durable as a 202.
+    """
+    connection = await redis.pipeline()
+    connection.execute_command("SET", probe_key, "1", "PX", PROBE_TTL_MS)
+    connection.execute_command(*wait, apply_timeout=False)
+    try:
+        _, waited = await connection.execute_pipeline()
+    except defer.FirstError as e:
+        error = e.subFailure.value
+        if e.index == 1 and isinstance(error, txredisapi.ResponseError):
+            raise WaitRefused(str(error)) from None
+        raise error from None
+    return waited
 
 
 def _info_fields(text: str) -> dict[str, str]:
@@ -138,9 +175,59 @@ def _info_fields(text: str) -> dict[str, str]:
     return fields
 
 
+class CannotCountReplicas(Exception):
+    """Redis refuses INFO (an ACL): the replicas are not counted, each admission's WAIT judges."""
+
+
+#: Said once (by the master, and by each child) when INFO is refused.
+CANNOT_COUNT = "cannot count replicas; WAIT decides"
+
+
 async def connected_replicas(redis: Any, timeout_s: float, clock: IReactorTime) -> int:
-    info = await within(redis.execute_command("INFO", "replication"), timeout_s, clock)
+    """How many replicas the primary has (INFO replication); CannotCountReplicas if refused."""
+    try:
+        info = await within(redis.execute_command("INFO", "replication"), timeout_s, clock)
+    except txredisapi.ResponseError as e:  # unavailability is RedisUnavailable, from within()
+        raise CannotCountReplicas(str(e).splitlines()[0][:160] if str(e) else "") from None
     return int(_info_fields(str(info)).get("connected_slaves", "0"))
+
+
+async def check_wait(
+    redis: Any, durability: Durability, timeout_s: float, clock: IReactorTime
+) -> None:
+    """Does this Redis accept the wait the admissions need? ConfigError in one line if not.
+
+    Sends that wait for no replica (``WAITAOF 1 0``, ``WAIT 0``): it answers at
+    once, or with the error every admission's wait would get.
+    """
+    timeout_ms = max(1, int(timeout_s * 1000))
+    wait: tuple[Any, ...]
+    if durability.fsync:
+        wait = ("WAITAOF", 1, 0, timeout_ms)
+    elif durability.replicas:
+        wait = ("WAIT", 0, timeout_ms)
+    else:
+        return
+    try:
+        await within(redis.execute_command(*wait), 2 * timeout_s, clock)
+    except txredisapi.ResponseError as e:
+        raise ConfigError(why_wait_refused(durability, str(e))) from None
+
+
+def why_wait_refused(durability: Durability, error: str) -> str:
+    """What an operator reads when Redis answers the admissions' wait with ``error``."""
+    first_line = error.splitlines()[0][:120] if error else ""
+    if not durability.fsync:
+        return f"WAIT_REPLICAS needs WAIT, which this Redis refuses ({first_line})"
+    if "appendonly" in error:
+        return (
+            "DURABILITY=fsync: Redis has its append-only file turned off "
+            "(set appendonly yes on it, or DURABILITY=write)"
+        )
+    return (
+        f"DURABILITY=fsync needs WAITAOF (Redis 7.2 or later), which this Redis refuses "
+        f"({first_line}); upgrade it, or set DURABILITY=write"
+    )
 
 
 async def check_redis(
@@ -152,23 +239,7 @@ async def check_redis(
     replicas come and go, and POST answers 503 until enough are there).
     """
     if durability.fsync:
-        try:
-            await within(
-                redis.execute_command("WAITAOF", 1, 0, max(1, int(timeout_s * 1000))),
-                2 * timeout_s,
-                clock,
-            )
-        except txredisapi.ResponseError as e:
-            text = str(e)
-            if "appendonly" in text:
-                raise ConfigError(
-                    "DURABILITY=fsync: Redis has its append-only file turned off "
-                    "(set appendonly yes on it, or DURABILITY=write)"
-                ) from None
-            raise ConfigError(
-                f"DURABILITY=fsync needs WAITAOF (Redis 7.2 or later), which this Redis refuses "
-                f"({text.splitlines()[0][:120]}); upgrade it, or set DURABILITY=write"
-            ) from None
+        await check_wait(redis, durability, timeout_s, clock)
     return await connected_replicas(redis, timeout_s, clock) if durability.replicas else 0
 
 
@@ -188,7 +259,14 @@ async def check_at_start(settings: Settings, address: RedisAddress, clock: IReac
     try:
         replicas = await check_redis(redis, durability, settings.redis_timeout_s, clock)
     except RedisUnavailable as e:
-        _log.warn("could not check that Redis can keep DURABILITY ({error})", error=e)
+        _log.warn(
+            "could not check that Redis can keep DURABILITY ({error}); "
+            "each child checks once it answers",
+            error=e,
+        )
+        return
+    except CannotCountReplicas as e:
+        _log.warn("WAIT_REPLICAS: Redis refuses INFO ({error}): " + CANNOT_COUNT, error=e)
         return
     finally:
         await redis.disconnect()
@@ -201,12 +279,17 @@ async def check_at_start(settings: Settings, address: RedisAddress, clock: IReac
         )
 
 
-class ReplicaWatch(Service):
-    """Knows whether the primary has the WAIT_REPLICAS it needs; asks every second.
+class DurabilityWatch(Service):
+    """Knows whether Redis can keep what a 202 promises now; asks every second.
 
-    Until its first answer it says no: a POST then gets a 503 rather than a
-    202 that no replica may have. One log line when replicas go missing, one
-    when there are enough again.
+    Two things, each with one log line when it goes wrong and one when it is
+    right again. The wait: checked when the child starts (the master's check
+    may have found Redis unreachable), and again every second after Redis
+    refused it (:meth:`wait_refused`: AOF turned off, a failover to a node
+    without it), POST refused meanwhile. The replicas (WAIT_REPLICAS): until
+    the first answer it says no, so a POST gets a 503 rather than a 202 that
+    no replica may have; if Redis refuses INFO (an ACL), it stops counting and
+    lets each admission's WAIT judge.
     """
 
     log = Logger()
@@ -214,13 +297,14 @@ class ReplicaWatch(Service):
     def __init__(
         self,
         redis: Any,
-        needed: int,
+        durability: Durability,
         clock: IReactorTime,
         timeout_s: float,
         every_s: float = REPLICA_CHECK_EVERY_S,
     ) -> None:
         self._redis = redis
-        self.needed = needed
+        self._durability = durability
+        self.needed = durability.replicas
         self._clock = clock
         self._timeout_s = timeout_s
         self._every_s = every_s
@@ -228,8 +312,15 @@ class ReplicaWatch(Service):
         #: Replicas connected at the last answer (None: no answer yet, or Redis unreachable).
         self.connected: int | None = None
         self._warned = False
+        #: Redis refuses INFO: the replicas are not counted (each admission's WAIT judges).
+        self.uncountable = False
+        #: Why Redis cannot keep the promise (it refused the wait), or None.
+        self.unfit: str | None = None
+        self._wait_checked = False
 
     def enough(self) -> bool:
+        if self.uncountable:
+            return True
         return self.connected is not None and self.connected >= self.needed
 
     def startService(self) -> None:
@@ -245,15 +336,57 @@ class ReplicaWatch(Service):
             loop.stop()
         return defer.succeed(None)
 
+    def wait_refused(self, error: str) -> None:
+        """An admission's wait got ``error``: refuse POSTs until a check passes."""
+        self._wait_checked = False
+        self._unfit(why_wait_refused(self._durability, error))
+
+    def _unfit(self, why: str) -> None:
+        if self.unfit is None:
+            self.log.warn("{why}: POST answers 503 until it accepts it again", why=why)
+        self.unfit = why
+
     async def check(self) -> None:
+        if not self._wait_checked:
+            await self._check_wait()
+        if self.needed:
+            await self._count_replicas()
+
+    async def _check_wait(self) -> None:
+        try:
+            await check_wait(self._redis, self._durability, self._timeout_s, self._clock)
+        except RedisUnavailable:
+            return  # Redis's own outage is logged by RedisLinkWatch; asked again next time
+        except ConfigError as e:
+            self._unfit(str(e))
+            return
+        except Exception:
+            self.log.failure("checking that Redis accepts the wait")
+            return
+        self._wait_checked = True
+        if self.unfit is not None:
+            self.unfit = None
+            self.log.info("Redis accepts the wait DURABILITY needs again: POST accepts tasks")
+
+    async def _count_replicas(self) -> None:
         try:
             self.connected = await connected_replicas(self._redis, self._timeout_s, self._clock)
         except RedisUnavailable:
             self.connected = None  # Redis's own outage is logged by RedisLinkWatch
             return
+        except CannotCountReplicas as e:
+            if not self.uncountable:
+                self.uncountable = True
+                self.log.warn(
+                    "WAIT_REPLICAS: Redis refuses INFO ({error}): " + CANNOT_COUNT, error=e
+                )
+            return
         except Exception:
             self.log.failure("asking Redis for its replicas")
             return
+        if self.uncountable:
+            self.uncountable = False
+            self.log.info("Redis answers INFO again: POST waits for counted replicas")
         if not self.enough() and not self._warned:
             self._warned = True
             self.log.warn(
@@ -268,8 +401,13 @@ class ReplicaWatch(Service):
                 "Redis has {have} replica(s) again: POST accepts tasks", have=self.connected
             )
 
-    def refusal(self) -> ReplicasMissing:
-        have = "an unknown number of" if self.connected is None else str(self.connected)
-        return ReplicasMissing(
-            f"WAIT_REPLICAS={self.needed} but Redis has {have} replica(s) connected"
-        )
+    def refusal(self) -> AdmissionsRefused | None:
+        """The 503 a POST gets now (nothing written), or None: admit."""
+        if self.unfit is not None:
+            return DurabilityUnfit(self.unfit)
+        if self.needed and not self.enough():
+            have = "an unknown number of" if self.connected is None else str(self.connected)
+            return ReplicasMissing(
+                f"WAIT_REPLICAS={self.needed} but Redis has {have} replica(s) connected"
+            )
+        return None

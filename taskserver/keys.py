@@ -46,6 +46,11 @@ class Keys:
         return f"{self.prefix}:{{q}}"
 
     @property
+    def durability_probe(self) -> str:
+        """A key written only to be waited for: a replay's WAIT/WAITAOF covers what came before."""
+        return f"{self._queue_tag}:durability-probe"
+
+    @property
     def pending(self) -> str:
         """The list tasks wait in: LPUSH on enqueue, RPOPLPUSH by consumers."""
         return f"{self._queue_tag}:pending"

@@ -19,14 +19,17 @@ from typing import Any, NamedTuple, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from taskserver.coalesce import Coalescer
 from taskserver.durability import (
     WRITE_ONLY,
+    AdmissionsRefused,
     Durability,
     DurabilityTimeout,
-    ReplicasMissing,
+    WaitRefused,
     call_then_wait,
+    write_then_wait,
 )
 from taskserver.ids import process_of
 from taskserver.keys import Keys
@@ -63,6 +66,12 @@ STATUS_FIELDS = (
 )
 
 
+#: Admission waits (WAIT, WAITAOF) in flight at once per process: each holds a connection
+#: of the wait pool until Redis answers it; later turns queue behind and go out together.
+WAITS_IN_FLIGHT = 2
+#: Most admissions merged into one call from the turns queued behind the waits.
+MOST_PER_WAIT = 1024
+
 #: No tiers, so no counters: what enqueue() admits under.
 _UNLIMITED = RatePolicy(Keys(""), ())
 
@@ -82,6 +91,9 @@ class Reclaimed(NamedTuple):
 _Admission = tuple[Task, bytes, bytes, Sequence[str]]
 #: ADMIT's reply for one task, and whether the turn's wait (disk, replicas) was satisfied.
 _Admitted = tuple[Any, bool]
+
+#: One turn's admissions queued behind the waits in flight, and who waits for their replies.
+_Behind = tuple[list[_Admission], defer.Deferred[list[_Admitted]]]
 
 Key = TypeVar("Key")
 Item = TypeVar("Item")
@@ -118,12 +130,19 @@ class TaskQueue:
         dead_letter_max: int = 10_000,
         before_outcomes: Callable[[], None] = lambda: None,
         durability: Durability = WRITE_ONLY,
-        refuse_admissions: Callable[[], ReplicasMissing | None] = lambda: None,
+        refuse_admissions: Callable[[], AdmissionsRefused | None] = lambda: None,
+        wait_redis: Any = None,
+        wait_refused: Callable[[str], None] = lambda why: None,
     ) -> None:
         """``durability``: what an admission waits for before it counts (see
         :mod:`taskserver.durability`); acknowledgements and outcomes never wait.
+        ``wait_redis``: the pool the admissions that wait are sent on (default
+        ``redis``), with :data:`WAITS_IN_FLIGHT` connections: a wait holds its
+        connection until Redis answers it (up to the timeout), and on the
+        request pool it would starve heartbeats, outcomes and status reads.
         ``refuse_admissions()``: an error to raise instead of admitting (the
-        replicas WAIT_REPLICAS asks for are missing), or None.
+        replicas WAIT_REPLICAS asks for are missing, Redis refused the wait), or
+        None. ``wait_refused(why)``: Redis answered a wait with an error.
 
         ``before_outcomes`` runs right before outcomes (COMPLETE, FAIL) are sent.
 
@@ -139,6 +158,7 @@ class TaskQueue:
         self._durability = durability
         self._wait = durability.wait_command(max(1, int(timeout_s * 1000)))
         self._refuse_admissions = refuse_admissions
+        self._wait_refused = wait_refused
         self._redis = redis
         self.keys = keys
         self._status_ttl_ms = status_ttl_s * 1000
@@ -147,6 +167,10 @@ class TaskQueue:
         self.max_attempts = max_attempts
         self._dead_letter_max = dead_letter_max
         self._admissions: dict[tuple[int, ...], Coalescer[_Admission, _Admitted]] = {}
+        self._wait_redis = redis if wait_redis is None else wait_redis
+        self._waits = defer.DeferredSemaphore(WAITS_IN_FLIGHT)
+        #: Turns' admissions waiting for a free wait, by tier arguments, oldest first.
+        self._behind: dict[tuple[int, ...], list[_Behind]] = {}
         self._completions: dict[str, Coalescer[tuple[str, Task, str, str], Any]] = {}
 
     def _coalescer(
@@ -172,9 +196,7 @@ class TaskQueue:
         for the disk or the replicas (DurabilityTimeout if it fell short: the
         task exists, its durability is unknown).
         """
-        refused = self._refuse_admissions()
-        if refused is not None:
-            raise refused
+        self.check_admissions()
         try:
             # Encoded here, not when the batch is sent, so one bad task fails alone. The
             # bytes go to Redis as they are: txredisapi encodes nothing a second time.
@@ -195,24 +217,121 @@ class TaskQueue:
             )
         return decision
 
-    async def _admit_many(
+    def check_admissions(self) -> None:
+        """Raise what ``refuse_admissions()`` says (nothing is written then), or return.
+
+        Also called by the web layer before it claims an Idempotency-Key, so a
+        refused POST leaves no claim behind.
+        """
+        refused = self._refuse_admissions()
+        if refused is not None:
+            raise refused
+
+    def _admit_arguments(
         self, tier_arguments: tuple[int, ...], tasks: list[_Admission]
-    ) -> list[_Admitted]:
+    ) -> tuple[list[str], list[Any]]:
+        """ADMIT's KEYS and ARGV for these admissions."""
         keys = [self.keys.pending]
         args: list[Any] = [*tier_arguments, self._status_ttl_ms]
         for task, text, user_id, counters in tasks:
             keys += [*counters, self.keys.status(task.id)]
             args += [text, user_id, task.queued_at]
+        return keys, args
+
+    async def _admit_many(
+        self, tier_arguments: tuple[int, ...], tasks: list[_Admission]
+    ) -> list[_Admitted]:
+        """One turn's admissions: one call, then (if one is needed) behind the waits."""
         if self._wait is None:
+            keys, args = self._admit_arguments(tier_arguments, tasks)
             return [(reply, True) for reply in await self._eval(ADMIT, keys, args)]
+        answer: defer.Deferred[list[_Admitted]] = defer.Deferred()
+        self._behind.setdefault(tier_arguments, []).append((tasks, answer))
+        await self._waits.acquire()
+        try:
+            await self._send_behind(tier_arguments)
+        finally:
+            self._waits.release()
+        return await answer
+
+    async def _send_behind(self, tier_arguments: tuple[int, ...]) -> None:
+        """Send, as one call and one wait, the admissions queued under these tiers.
+
+        Each queued turn takes a wait; one that finds its admissions already
+        sent with an earlier turn's gives it back at once.
+        """
+        queued = self._behind.get(tier_arguments, [])
+        group: list[_Behind] = []
+        while queued and (
+            not group or sum(len(t) for t, _ in group) + len(queued[0][0]) <= MOST_PER_WAIT
+        ):
+            group.append(queued.pop(0))
+        if not queued:
+            self._behind.pop(tier_arguments, None)
+        if not group:
+            return
+        tasks = [admission for admitted, _ in group for admission in admitted]
+        try:
+            replies = await self._call_and_wait(tier_arguments, tasks)
+        except Exception:
+            failure = Failure()
+            for _, answer in group:
+                answer.errback(failure)
+            return
+        start = 0
+        for admitted, answer in group:
+            answer.callback(replies[start : start + len(admitted)])
+            start += len(admitted)
+
+    async def _call_and_wait(
+        self, tier_arguments: tuple[int, ...], tasks: list[_Admission]
+    ) -> list[_Admitted]:
+        assert self._wait is not None
+        keys, args = self._admit_arguments(tier_arguments, tasks)
         # The script's deadline, then the wait's own (it answers at its timeout in Redis).
-        replies, waited = await within(
-            defer.ensureDeferred(call_then_wait(self._redis, ADMIT, keys, args, self._wait)),
-            2 * self._timeout_s,
-            self._clock,
-        )
+        try:
+            replies, waited = await within(
+                defer.ensureDeferred(
+                    call_then_wait(self._wait_redis, ADMIT, keys, args, self._wait)
+                ),
+                2 * self._timeout_s,
+                self._clock,
+            )
+        except WaitRefused as e:
+            self._wait_refused(str(e))  # later POSTs are refused before they write
+            raise
         durable = self._durability.satisfied(waited)
         return [(reply, durable) for reply in replies]
+
+    async def confirm_durable(self, task_id: str) -> None:
+        """Return once what was written before now is as durable as a 202 promises.
+
+        For a replay of an admission whose own wait fell short (503
+        durability_timeout): a write and the same wait, on the wait pool, as
+        one of the waits in flight. DurabilityTimeout if it falls short again;
+        returns at once when admissions wait for nothing.
+        """
+        if self._wait is None:
+            return
+        await self._waits.acquire()
+        try:
+            waited = await within(
+                defer.ensureDeferred(
+                    write_then_wait(self._wait_redis, self.keys.durability_probe, self._wait)
+                ),
+                2 * self._timeout_s,
+                self._clock,
+            )
+        except WaitRefused as e:
+            self._wait_refused(str(e))
+            raise
+        finally:
+            self._waits.release()
+        if not self._durability.satisfied(waited):
+            raise DurabilityTimeout(
+                f"task {task_id} exists, but was not confirmed in "
+                f"{self._durability.describe()} within {self._timeout_s:g} s"
+            )
 
     async def enqueue(self, task: Task) -> None:
         """Push the task and write its "queued" status, with no rate limit."""

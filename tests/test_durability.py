@@ -24,23 +24,26 @@ import pytest
 import pytest_twisted
 import treq
 import valkey
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 
-from conftest import connect_raw, unused_port
+from conftest import RunningServer, connect_raw, eventually, sleep, unused_port
 from harness import Twistd, alive, logged_task_ids, wait_for
 from taskserver.api import TaskAPI
+from taskserver.cluster.child import API_POOL_SIZE
 from taskserver.cluster.embedded import find_server_binary, read_embedded_address
 from taskserver.config import ConfigError, RedisAddress, load_settings
 from taskserver.durability import (
     Durability,
     DurabilityTimeout,
+    ReplicasMissing,
     check_redis,
     durability_of,
     embedded_appendfsync,
 )
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
-from taskserver.queue import TaskQueue
+from taskserver.queue import ADMIT, WAITS_IN_FLIGHT, TaskQueue
 from taskserver.ratelimit import RatePolicy
 from taskserver.task import Task
 
@@ -134,10 +137,11 @@ async def test_the_wait_survives_a_forgotten_script(
 
 @pytest_twisted.ensureDeferred
 async def test_a_wait_not_done_in_time_is_an_ambiguous_503_and_a_retry_is_safe(
-    redis_server: RedisAddress, keys: Keys
+    redis_server: RedisAddress, keys: Keys, scratch_redis: Callable[..., ScratchRedis]
 ) -> None:
     """WAIT 1 on a primary without a replica: the task is written, the 503 says "maybe";
-    the same request again with its Idempotency-Key answers that task (200), no second one."""
+    the same request again is a 503 again while the task is still not on a replica, and
+    once a replica is connected it answers that task (200), no second one."""
     timeout_s = 0.3
     pool = connect_raw(redis_server, poolsize=2)
     queue = TaskQueue(pool, keys, 60, timeout_s, reactor, durability=Durability(replicas=1))
@@ -164,14 +168,98 @@ async def test_a_wait_not_done_in_time_is_an_ambiguous_503_and_a_retry_is_safe(
         assert len(pending) == 1, "the task was written"
         task_id = json.loads(pending[0])["id"]
 
-        again = await treq.post(url, json={"user_id": "alice"}, headers=headers)
+        still = await treq.post(url, json={"user_id": "alice"}, headers=headers)
+        not_yet = await still.json()
+        assert (still.code, not_yet["error"]) == (503, "durability_timeout"), not_yet
+        assert len(await pool.lrange(keys.pending, 0, -1)) == 1, "no second task"
+        with pytest.raises(DurabilityTimeout):
+            await queue.enqueue(Task.new("bob", None, reactor.seconds()))
+
+        scratch_redis(
+            "--replicaof", redis_server.host, str(redis_server.port),
+            "--repl-diskless-load", "disabled",
+        )  # fmt: skip
+        again = await eventually(
+            lambda: treq.post(url, json={"user_id": "alice"}, headers=headers).addCallback(
+                lambda response: response if response.code != 503 else None
+            ),
+            timeout=30,
+        )
         replayed = await again.json()
         assert again.code == 200, replayed
         assert replayed["task_id"] == task_id
         assert again.headers.getRawHeaders("Idempotent-Replayed") == ["true"]
-        assert len(await pool.lrange(keys.pending, 0, -1)) == 1, "no second task"
-        with pytest.raises(DurabilityTimeout):
-            await queue.enqueue(Task.new("bob", None, reactor.seconds()))
+        assert len(await pool.lrange(keys.pending, 0, -1)) == 2, "alice's and bob's, no third"
+    finally:
+        await port.stopListening()
+        await pool.disconnect()
+
+
+async def next_turn() -> None:
+    await task.deferLater(reactor, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_admissions_that_wait_leave_the_request_pool_to_everything_else(
+    redis_server: RedisAddress, redis: Any, keys: Keys
+) -> None:
+    """WAIT 1 with no replica: six turns of admissions wait a full timeout each, on the wait
+    pool, at most WAITS_IN_FLIGHT at once; meanwhile a status read and a completion on the
+    request pool (the child's 4 connections) answer at once. The turns queued behind the
+    waits go out together, and each ends in durability_timeout, not a starved 503."""
+    timeout_s = 1.0
+    api_pool = connect_raw(redis_server, poolsize=API_POOL_SIZE)
+    wait_pool = connect_raw(redis_server, poolsize=WAITS_IN_FLIGHT)
+    queue = TaskQueue(
+        api_pool, keys, 60, timeout_s, reactor, durability=Durability(replicas=1),
+        wait_redis=wait_pool,
+    )  # fmt: skip
+    done = Task.new("done", None, reactor.seconds())
+    await redis.lpush(keys.processing("c-1"), done.to_json())
+    await redis.execute_command("SCRIPT", "LOAD", ADMIT.source)  # no NOSCRIPT pass (2 waits)
+    waits_before = commandstats(redis_server, "wait")
+    try:
+        admissions = []
+        for n in range(6):  # one admission per reactor turn: six calls, six waits asked for
+            admissions.append(defer.ensureDeferred(queue.enqueue(Task.new(f"u{n}", None, 0))))
+            await next_turn()
+        started = reactor.seconds()
+        assert await queue.status("no-such-task") is None
+        assert await queue.complete("c-1", done.to_json(), done, "t", 1.0)
+        took = reactor.seconds() - started
+        assert took < timeout_s / 2, f"the request pool waited {took:.2f} s behind the waits"
+        assert not any(a.called for a in admissions), "the admissions were still waiting"
+        outcomes = await defer.DeferredList(admissions, consumeErrors=True)
+        errors = [type(failure.value) for ok, failure in outcomes]
+        assert errors == [DurabilityTimeout] * 6, errors
+        waits = commandstats(redis_server, "wait") - waits_before
+        assert waits <= 1 + WAITS_IN_FLIGHT, f"{waits} WAITs: the turns behind were not merged"
+    finally:
+        await api_pool.disconnect()
+        await wait_pool.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_post_refused_for_missing_replicas_leaves_its_idempotency_key_free(
+    redis_server: RedisAddress, keys: Keys
+) -> None:
+    """503 while replicas are missing claims nothing: the retry once they are back is a 202."""
+    missing: list[ReplicasMissing | None] = [ReplicasMissing("WAIT_REPLICAS=1 but 0 replicas")]
+    pool = connect_raw(redis_server, poolsize=2)
+    queue = TaskQueue(pool, keys, 60, 1.0, reactor, refuse_admissions=lambda: missing[0])
+    api = TaskAPI(
+        RatePolicy(keys, ()), queue, IdempotencyKeys(pool, keys, 1.0, reactor, 60), reactor
+    )
+    port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}/api/v1/task"
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "k-missing"}
+    try:
+        refused = await treq.post(url, json={"user_id": "alice"}, headers=headers)
+        assert refused.code == 503, await refused.text()
+        assert await pool.keys(f"{keys.prefix}:idem:*") == [], "no claim was written"
+        missing[0] = None  # the replicas are back
+        retried = await treq.post(url, json={"user_id": "alice"}, headers=headers)
+        assert retried.code == 202, await retried.text()
     finally:
         await port.stopListening()
         await pool.disconnect()
@@ -281,6 +369,43 @@ def test_wait_replicas_without_a_replica_answers_503_until_one_connects(
     assert master.stop() == 0
 
 
+def test_wait_replicas_on_a_redis_that_refuses_info_lets_wait_decide(
+    twistd: Callable[..., Twistd], scratch_redis: Callable[..., ScratchRedis]
+) -> None:
+    """An ACL forbids INFO but allows WAIT: start-up goes on with one warning (master, child),
+    POST answers what WAIT says (no replica: durability_timeout; a replica: 202), and no
+    traceback is logged for the INFO the watch is refused every second."""
+    primary = scratch_redis("--appendonly", "yes")
+    valkey.Valkey(port=primary.port).execute_command(
+        "ACL", "SETUSER", "default", "on", "nopass", "~*", "&*", "+@all", "-info"
+    )
+    master = twistd(
+        REDIS_URL=f"redis://127.0.0.1:{primary.port}/0",
+        WAIT_REPLICAS="1",
+        WORKERS="1",
+        RATE_LIMITS="",
+        REDIS_TIMEOUT="0.5",
+    )
+    master.wait_until_ready(1)
+    wait_for(
+        lambda: master.output.count("cannot count replicas; WAIT decides") == 2,
+        what="the master's and the child's warning (the child's once its watch has asked)",
+    )
+    code, body = master.request("POST", "/api/v1/task", {"user_id": "no-replica"})
+    assert (code, body["error"]) == (503, "durability_timeout"), body
+    scratch_redis("--replicaof", "127.0.0.1", str(primary.port), "--repl-diskless-load", "disabled")
+
+    def accepted() -> bool:
+        code, _ = master.request("POST", "/api/v1/task", {"user_id": f"r-{time.time_ns()}"})
+        return code == 202
+
+    wait_for(accepted, timeout=30, what="a 202 once WAIT finds the replica")
+    # The watch asked for INFO every second meanwhile (several seconds: a replica's sync).
+    assert master.output.count("cannot count replicas; WAIT decides") == 2, master.output
+    assert "Traceback" not in master.output
+    assert master.stop() == 0
+
+
 # ------------------------------------------------------------------ the fault suite
 
 #: Seconds of load per mode, and the embedded Redis SIGKILLed about every KILL_EVERY_S.
@@ -351,6 +476,10 @@ def kill_redis_under_load(workdir: Path, durability: str) -> dict[str, Any]:
         server.wait_until_ready(2)
         embedded = read_embedded_address(workdir / "data")
         assert embedded is not None
+        client = valkey.Valkey(port=embedded.port, password=embedded.password)
+        # What the mode means on the embedded Redis: fsync before every reply, or each second.
+        appendfsync = "always" if durability == "fsync" else "everysec"
+        assert client.config_get("appendfsync") == {"appendfsync": appendfsync}
         load = TimedLoad(server)
         started, kills = time.monotonic(), 0
         while time.monotonic() - started < LOAD_S:
@@ -371,7 +500,7 @@ def kill_redis_under_load(workdir: Path, durability: str) -> dict[str, Any]:
         wait_for(lambda: load.count() > flowing + 20, timeout=30, what="202s after the last kill")
         load.stop()
         accepted = {task_id for _, task_id in load.accepted}
-        client = valkey.Valkey(port=embedded.port, password=embedded.password)
+        assert client.config_get("appendfsync") == {"appendfsync": appendfsync}, "restarted"
 
         def unsettled() -> set[str]:
             """Accepted tasks whose record says neither completed nor dead (lost: no record)."""
@@ -426,3 +555,188 @@ def test_a_sigkilled_embedded_redis_loses_no_task_with_fsync(tmp_path: Path) -> 
     write = kill_redis_under_load(tmp_path / "write", "write")
     assert write["kills"] >= 3
     print(f"\nDURABILITY=write lost {write['lost']} of {write['accepted']} accepted tasks")
+
+
+# ------------------------------------------------------------------ Redis refuses the wait
+
+
+async def post_task(server: RunningServer, user_id: str) -> tuple[int, dict[str, Any]]:
+    response = await treq.post(
+        server.url + "/api/v1/task",
+        json={"user_id": user_id},
+        headers={"Content-Type": "application/json"},
+    )
+    return response.code, await response.json()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wait_refused_by_redis_refuses_posts_until_it_is_accepted_again(
+    start_server: Callable[..., RunningServer], scratch_redis: Callable[..., ScratchRedis]
+) -> None:
+    """AOF turned off after start: WAITAOF answers an error. That POST's task was written (503
+    durability_timeout); later POSTs write nothing (503 redis_unavailable saying why), with
+    one log line, until the AOF is back and a re-check passes."""
+    redis = scratch_redis("--appendonly", "yes")
+    client = valkey.Valkey(port=redis.port)
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        server = start_server(redis=redis.address, durability="fsync", rate_limits=())
+        code, _ = await eventually(
+            lambda: defer.ensureDeferred(post_task(server, "before")).addCallback(
+                lambda answer: answer if answer[0] == 202 else None
+            )
+        )
+        client.config_set("appendonly", "no")
+        code, body = await post_task(server, "when-it-went")
+        assert (code, body["error"]) == (503, "durability_timeout"), body
+        pending = f"{server.settings.key_prefix}:{{q}}:pending"
+        written = client.llen(pending)
+        for n in range(3):
+            code, body = await post_task(server, f"refused-{n}")
+            assert (code, body["error"]) == (503, "redis_unavailable"), body
+            assert "append-only file turned off" in body["message"], body
+        assert client.llen(pending) == written, "a refused POST writes nothing"
+        assert sum("POST answers 503 until it accepts it again" in line for line in lines) == 1
+        client.config_set("appendonly", "yes")
+        await eventually(
+            lambda: defer.ensureDeferred(post_task(server, "after")).addCallback(
+                lambda answer: answer[0] == 202
+            ),
+            timeout=30,
+        )
+        assert any("accepts the wait DURABILITY needs again" in line for line in lines)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+# ------------------------------------------------------------------ no 202 before the wait's reply
+
+
+def reply_end(data: bytes, start: int) -> int | None:
+    """Where the RESP reply that begins at ``start`` ends; None if it is not all there yet."""
+    line_end = data.find(b"\r\n", start)
+    if line_end < 0:
+        return None
+    kind, after = data[start : start + 1], line_end + 2
+    if kind in (b"+", b"-", b":"):
+        return after
+    count = int(data[start + 1 : line_end])
+    if count < 0:
+        return after
+    if kind == b"$":
+        return after + count + 2 if len(data) >= after + count + 2 else None
+    assert kind == b"*", data[start:]
+    for _ in range(count):
+        end = reply_end(data, after)
+        if end is None:
+            return None
+        after = end
+    return after
+
+
+class WaitReplyHoldingProxy:
+    """A TCP proxy to Redis that, once armed, holds back the reply to the next admission's
+    WAITAOF.
+
+    The connection that sends it gets its earlier replies (the script's) as they come;
+    from the WAITAOF's reply on, nothing until :meth:`release`. ``held`` fires once
+    Redis has answered the WAITAOF and that answer is held here.
+    """
+
+    def __init__(self, redis: RedisAddress) -> None:
+        from twisted.protocols import portforward
+
+        proxy = self
+        self.armed = False
+        self.held: defer.Deferred[None] = defer.Deferred()
+        self._holding: Any = None
+
+        class Client(portforward.ProxyClient):  # Redis's side
+            passing = 0
+            buffer = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                if proxy._holding is not self.peer:
+                    super().dataReceived(data)
+                    return
+                self.buffer += data
+                position = 0
+                while self.passing and (end := reply_end(self.buffer, position)) is not None:
+                    position, self.passing = end, self.passing - 1
+                if position:
+                    super().dataReceived(self.buffer[:position])
+                    self.buffer = self.buffer[position:]
+                answered = not self.passing and reply_end(self.buffer, 0) is not None
+                if answered and not proxy.held.called:
+                    proxy.held.callback(None)
+
+        class ClientFactory(portforward.ProxyClientFactory):
+            protocol = Client
+
+        class Server(portforward.ProxyServer):  # taskserver's side
+            clientProtocolFactory = ClientFactory
+
+            def dataReceived(self, data: bytes) -> None:
+                # An admission's pipeline (one write: script, then wait), not the
+                # child's own check of the wait (a WAITAOF alone).
+                admission = b"EVALSHA" in data and b"WAITAOF" in data
+                if proxy.armed and admission and self.peer is not None:
+                    proxy.armed, proxy._holding = False, self
+                    # Replies owed before the WAITAOF's: one per command sent before it
+                    # (the first command has no CRLF before it, the WAITAOF's header has).
+                    self.peer.passing = data[: data.index(b"WAITAOF")].count(b"\r\n*")
+                super().dataReceived(data)
+
+        factory = portforward.ProxyFactory(redis.host, redis.port)
+        factory.protocol = Server
+        factory.noisy = False
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.address = RedisAddress("127.0.0.1", self.port.getHost().port)
+
+    def release(self) -> None:
+        holding, self._holding = self._holding, None
+        if holding is not None and holding.peer is not None:
+            rest, holding.peer.buffer = holding.peer.buffer, b""
+            holding.transport.write(rest)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_202_is_sent_before_the_waitaof_reply(
+    start_server: Callable[..., RunningServer], redis_server: RedisAddress, redis: Any
+) -> None:
+    """DURABILITY=fsync on an external Redis: the script has run and its reply came, but
+    while WAITAOF's reply is held back the POST stays unanswered; released, it is a 202."""
+    proxy = WaitReplyHoldingProxy(redis_server)
+    try:
+        server = start_server(
+            redis=proxy.address, durability="fsync", rate_limits=(), redis_timeout_s=5.0
+        )
+        await eventually(
+            lambda: defer.ensureDeferred(post_task(server, "warm")).addCallback(
+                lambda answer: answer[0] == 202
+            )
+        )
+        proxy.armed = True
+        answers: list[Any] = []
+        posted = treq.post(
+            server.url + "/api/v1/task",
+            json={"user_id": "held"},
+            headers={"Content-Type": "application/json"},
+        )
+        posted.addCallback(lambda response: answers.append(response) or response)
+        await proxy.held
+        statuses = await redis.keys(f"{server.settings.key_prefix}:{{q}}:task:*")
+        assert len(statuses) == 2, "the script ran: the task exists (and the warm-up's)"
+        await sleep(0.3)  # the negative check's window: a 202 sent early would be here by now
+        assert answers == [], "answered before the WAITAOF's reply"
+        proxy.release()
+        response = await posted
+        assert response.code == 202, await response.text()
+    finally:
+        proxy.release()
+        await proxy.port.stopListening()

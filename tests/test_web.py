@@ -124,6 +124,12 @@ class FakeQueue:
         self.admitted.append(task)
         return Decision(allowed=True, tiers=())
 
+    def check_admissions(self) -> None:
+        """Refuses nothing (no replicas to miss)."""
+
+    async def confirm_durable(self, task_id: str) -> None:
+        """Everything is durable enough here (DURABILITY=write, no replicas)."""
+
     async def status(self, task_id: str) -> dict[str, str] | None:
         if self.pending_status is not None:
             await self.pending_status

@@ -56,18 +56,19 @@ from taskserver.coalesce import TurnBuffer
 from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
 from taskserver.consumer import ConsumerService, Handler
 from taskserver.dashboard import DashboardRoutes
-from taskserver.durability import ReplicasMissing, ReplicaWatch, durability_of
+from taskserver.durability import AdmissionsRefused, DurabilityWatch, durability_of
 from taskserver.httpserver import ApiError, TaskSite
 from taskserver.idempotency import IdempotencyKeys
 from taskserver.keys import Keys
 from taskserver.metrics import MetricsFlusher, Tally, worker_entry
-from taskserver.queue import TaskQueue
+from taskserver.queue import WAITS_IN_FLIGHT, TaskQueue
 from taskserver.ratelimit import RateLimiter, RatePolicy
 from taskserver.redisclient import RedisLinkWatch, connect, without_reconnect_attempts
 from taskserver.stats import address_label, read_stats
 from taskserver.tasklog import TaskLog
 
-#: Connections for request-path commands (pipelined; blocking pops have their own pool).
+#: Connections for request-path commands (pipelined; blocking pops have their own pool, and
+#: so do the admissions that wait for the disk or replicas: WAITS_IN_FLIGHT connections).
 API_POOL_SIZE = 4
 #: How long a stopping child waits for its open HTTP connections to finish.
 DRAIN_TIMEOUT_S = 5.0
@@ -123,7 +124,7 @@ class ChildService(Service):
         self._port: BalancedPort | None = None
         self._beat: task.LoopingCall | None = None
         self._link: RedisLinkWatch | None = None
-        self._replicas: ReplicaWatch | None = None
+        self._durability: DurabilityWatch | None = None
         self.site: TaskSite | None = None
         self.consumers: ConsumerService | None = None
         self.queue: TaskQueue | None = None
@@ -161,11 +162,12 @@ class ChildService(Service):
         self._link.startService()
         keys = Keys(settings.key_prefix)
         durability = durability_of(settings)
-        if durability.replicas:
-            self._replicas = ReplicaWatch(
-                api, durability.replicas, reactor, settings.redis_timeout_s
-            )
-            self._replicas.startService()
+        waits = None
+        if durability.wait_command(1) is not None:  # admissions wait: not on the API pool
+            waits = connect(self._redis, WAITS_IN_FLIGHT, settings.redis_timeout_s)
+            self._pools.append(waits)
+            self._durability = DurabilityWatch(api, durability, reactor, settings.redis_timeout_s)
+            self._durability.startService()
         self.queue = TaskQueue(
             api,
             keys,
@@ -177,7 +179,9 @@ class ChildService(Service):
             # A task's line leaves before the outcome that removes its task (see TaskQueue).
             before_outcomes=self._flush_task_sink,
             durability=durability,
-            refuse_admissions=self._replicas_missing,
+            refuse_admissions=self._durability_refusal,
+            wait_redis=waits,
+            wait_refused=self._wait_refused,
         )
         limiter = RatePolicy(keys, settings.rate_limits)  # admitted by the queue's one call
         kill = None if settings.disable_kill else self._kill
@@ -263,10 +267,13 @@ class ChildService(Service):
         )
         self._metrics.startService()
 
-    def _replicas_missing(self) -> ReplicasMissing | None:
-        """The 503 a POST gets while WAIT_REPLICAS asks for more replicas than Redis has."""
-        watch = self._replicas
-        return watch.refusal() if watch is not None and not watch.enough() else None
+    def _durability_refusal(self) -> AdmissionsRefused | None:
+        """The 503 a POST gets while Redis cannot keep DURABILITY/WAIT_REPLICAS now."""
+        return self._durability.refusal() if self._durability is not None else None
+
+    def _wait_refused(self, why: str) -> None:
+        if self._durability is not None:
+            self._durability.wait_refused(why)
 
     def _worker_entry(self, started_at: float) -> dict[str, Any]:
         """This child's entry in the workers hash, as of now."""
@@ -303,8 +310,8 @@ class ChildService(Service):
             await self._metrics.stopService()  # the last counts; our workers entry goes
         if self._link is not None:
             await self._link.stopService()
-        if self._replicas is not None:
-            await self._replicas.stopService()
+        if self._durability is not None:
+            await self._durability.stopService()
         for pool in self._pools:
             await pool.disconnect()
         self._pools = []
