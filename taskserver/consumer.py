@@ -159,7 +159,8 @@ class ConsumerService(Service):
     def pause(self) -> None:
         """Start no task until :meth:`resume`; the tasks wait in the queue.
 
-        A blocking pop under way still lands (at most one task, within POP_WAIT_S);
+        What is under way still lands: a batch fetch (its tasks are marked
+        started with it) or a blocking pop (at most one task, within POP_WAIT_S);
         a fetch under way that finds nothing does not block in a pop.
         """
         self._paused = True
