@@ -84,16 +84,9 @@ def _page_item(fields: str, head: str, payload: str, cut: int) -> dict[str, Any]
     if int(cut) < 0:
         return item(fields)
     try:
-        document, task = json.loads(fields), json.loads(head)
         shown = payload[:PAYLOAD_EXCERPT_CHARS]
-        return {
-            "task_id": str(task["id"]),
-            "user_id": str(task["user_id"]),
-            "attempts": int(document.get("attempts", 0)),
-            "error": str(document.get("error", "")),
-            "failed_at_ms": int(document.get("failed_at_ms", 0)),
-            "payload_excerpt": shown + "…" if int(cut) or len(payload) > len(shown) else shown,
-        }
+        cut_short = int(cut) or len(payload) > len(shown)
+        return _item(json.loads(fields), json.loads(head), shown + "…" if cut_short else shown)
     except (ValueError, TypeError, KeyError, AttributeError):
         return _unreadable(fields)
 
@@ -107,18 +100,22 @@ def item(entry: str) -> dict[str, Any]:
     try:
         document = json.loads(entry)
         task = document["task"]
-        return {
-            "task_id": str(task["id"]),
-            "user_id": str(task["user_id"]),
-            "attempts": int(document.get("attempts", 0)),
-            "error": str(document.get("error", "")),
-            "failed_at_ms": int(document.get("failed_at_ms", 0)),
-            "payload_excerpt": excerpt(
-                json.dumps(task.get("payload"), ensure_ascii=False, separators=(",", ":"))
-            ),
-        }
+        payload = json.dumps(task.get("payload"), ensure_ascii=False, separators=(",", ":"))
+        return _item(document, task, excerpt(payload))
     except (ValueError, TypeError, KeyError, AttributeError):
         return _unreadable(entry)
+
+
+def _item(document: dict[str, Any], task: dict[str, Any], payload_excerpt: str) -> dict[str, Any]:
+    """The fields the dashboard lists of an entry (``document``) and its ``task``."""
+    return {
+        "task_id": str(task["id"]),
+        "user_id": str(task["user_id"]),
+        "attempts": int(document.get("attempts", 0)),
+        "error": str(document.get("error", "")),
+        "failed_at_ms": int(document.get("failed_at_ms", 0)),
+        "payload_excerpt": payload_excerpt,
+    }
 
 
 def _unreadable(entry: str) -> dict[str, Any]:
