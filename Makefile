@@ -36,7 +36,9 @@ clean:
 # The benchmark (issue 5): taskserver against a bare Klein + LPUSH floor, loopback only,
 # bounded (10 s of load per run). Needs wrk, from Debian's packages. Then the dashboard and
 # /metrics at 1,000,000 pending and 100,000 dead tasks (fails if a median is 0.5 s or more).
+# Then the embedded Redis's CPU per task (3 rounds of 5 s loads): what one primary can carry.
 bench: venv
 	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/dashboard_scale.py
+	$(BIN)/python bench/redis_cpu.py
