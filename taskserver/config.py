@@ -31,8 +31,25 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class SentinelAddress:
+    """One Redis Sentinel (REDIS_SENTINELS lists them)."""
+
+    host: str
+    port: int = 26379
+
+    def display(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class RedisAddress:
-    """Where an external Redis lives. Never printed with its password."""
+    """Where an external Redis lives. Never printed with its password.
+
+    With ``sentinels``, ``host`` and ``port`` are unused: the primary of
+    ``sentinel_master`` is asked of the sentinels before every connection
+    (taskserver/redisclient.py); ``username``, ``password``, ``db`` and
+    ``tls`` are the data nodes', and ``tls`` the sentinels' too.
+    """
 
     host: str
     port: int = 6379
@@ -40,6 +57,9 @@ class RedisAddress:
     password: str | None = field(default=None, repr=False)
     db: int = 0
     tls: bool = False
+    sentinels: tuple[SentinelAddress, ...] = ()
+    sentinel_master: str = "mymaster"
+    sentinel_password: str | None = field(default=None, repr=False)
 
     def display(self) -> str:
         """A URL safe for logs: the password is replaced by ``***``."""
@@ -47,6 +67,9 @@ class RedisAddress:
         auth = ""
         if self.username or self.password:
             auth = (self.username or "") + (":***" if self.password else "") + "@"
+        if self.sentinels:
+            nodes = ",".join(s.display() for s in self.sentinels)
+            return f"{scheme}+sentinel://{auth}{nodes}/{self.sentinel_master}/{self.db}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{auth}{host}:{self.port}/{self.db}"
 
@@ -195,6 +218,31 @@ def _ip_rate_limits(text: str) -> tuple[RateTier, ...]:
     )
 
 
+def _sentinels(text: str) -> tuple[SentinelAddress, ...]:
+    """``host:port,host:port`` (``[v6]:port``; the port defaults to 26379)."""
+    found = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            parts = urlsplit(f"//{item}")
+            port = parts.port or 26379
+        except ValueError as e:
+            raise ConfigError(f"{item!r} is not host:port ({e})") from None
+        if not parts.hostname or parts.path or parts.username or parts.password:
+            raise ConfigError(f"{item!r} is not host:port")
+        found.append(SentinelAddress(parts.hostname, port))
+    return tuple(found)
+
+
+def _sentinel_master(text: str) -> str:
+    """Sentinel's own rule for a master's name: letters, digits and ``.-_``."""
+    value = text.strip()
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", value):
+        raise ConfigError(f"expected a name of letters, digits and . - _, got {text!r}")
+    return value
+
+
 def parse_redis_url(text: str) -> RedisAddress:
     """Parse ``redis://[user[:password]@]host[:port][/db]`` (``rediss://`` for TLS)."""
     try:
@@ -282,7 +330,7 @@ OPTIONS: tuple[Option, ...] = (
         "redis_username",
         "REDIS_USERNAME",
         "",
-        "Redis ACL user, with REDIS_HOST",
+        "Redis ACL user, with REDIS_HOST or REDIS_SENTINELS",
         _text,
         field="redis",
     ),
@@ -290,7 +338,7 @@ OPTIONS: tuple[Option, ...] = (
         "redis_password",
         "REDIS_PASSWORD",
         "",
-        "Redis password, with REDIS_HOST",
+        "Redis password, with REDIS_HOST or REDIS_SENTINELS",
         _text,
         field="redis",
     ),
@@ -298,7 +346,7 @@ OPTIONS: tuple[Option, ...] = (
         "redis_db",
         "REDIS_DB",
         "0",
-        "Redis database number, with REDIS_HOST",
+        "Redis database number, with REDIS_HOST or REDIS_SENTINELS",
         _int_in(0, 1 << 16),
         field="redis",
     ),
@@ -306,9 +354,33 @@ OPTIONS: tuple[Option, ...] = (
         "redis_tls",
         "REDIS_TLS",
         "false",
-        "use TLS to REDIS_HOST (verified)",
+        "use TLS to REDIS_HOST, or to the sentinels and the nodes they name (verified)",
         _flag,
         flag=True,
+        field="redis",
+    ),
+    Option(
+        "redis_sentinels",
+        "REDIS_SENTINELS",
+        "",
+        "host:port,host:port,... of Redis Sentinels that name the primary (instead of REDIS_URL)",
+        _sentinels,
+        field="redis",
+    ),
+    Option(
+        "redis_sentinel_master",
+        "REDIS_SENTINEL_MASTER",
+        "mymaster",
+        "the primary's name at the sentinels, with REDIS_SENTINELS",
+        _sentinel_master,
+        field="redis",
+    ),
+    Option(
+        "redis_sentinel_password",
+        "REDIS_SENTINEL_PASSWORD",
+        "",
+        "the sentinels' password, with REDIS_SENTINELS (REDIS_PASSWORD is the data nodes')",
+        _text,
         field="redis",
     ),
     Option(
@@ -600,7 +672,10 @@ def settings_from_json(text: str) -> Settings:
 
 
 def _redis_address(values: Mapping[str, Any], given: Mapping[str, bool]) -> RedisAddress | None:
-    """REDIS_URL wins; else REDIS_HOST and friends; else None (embedded Redis)."""
+    """REDIS_SENTINELS, or REDIS_URL (which wins over REDIS_HOST and friends); else None
+    (embedded Redis)."""
+    if values["redis_sentinels"]:
+        return _sentinel_address(values, given)
     if values["redis_url"]:
         try:
             return parse_redis_url(values["redis_url"])
@@ -622,7 +697,38 @@ def _redis_address(values: Mapping[str, Any], given: Mapping[str, bool]) -> Redi
     ]
     if orphans:
         raise ConfigError(f"{', '.join(orphans)} set but REDIS_HOST is not")
+    sentinel_orphans = [
+        name.upper() for name in ("redis_sentinel_master", "redis_sentinel_password") if given[name]
+    ]
+    if sentinel_orphans:
+        raise ConfigError(f"{', '.join(sentinel_orphans)} set but REDIS_SENTINELS is not")
     return None
+
+
+def _sentinel_address(values: Mapping[str, Any], given: Mapping[str, bool]) -> RedisAddress:
+    """The sentinels name the primary: a fixed address of it would be a second truth."""
+    clashing = [name.upper() for name in ("redis_url", "redis_host", "redis_port") if given[name]]
+    if clashing:
+        raise ConfigError(
+            f"REDIS_SENTINELS and {', '.join(clashing)} both set: "
+            "with sentinels the primary's address comes from them; set one or the other"
+        )
+    return RedisAddress(
+        host="",
+        port=0,
+        username=values["redis_username"] or None,
+        password=values["redis_password"] or None,
+        db=values["redis_db"],
+        tls=values["redis_tls"],
+        sentinels=values["redis_sentinels"],
+        sentinel_master=values["redis_sentinel_master"],
+        sentinel_password=values["redis_sentinel_password"] or None,
+    )
+
+
+def redis_address_from_json(value: Mapping[str, Any]) -> RedisAddress:
+    """A RedisAddress from its ``asdict`` form (how the master hands it to a child)."""
+    return cast(RedisAddress, _from_json_value(RedisAddress, dict(value)))
 
 
 def resolve_handler(spec: str) -> Callable[[dict[str, Any]], Any]:

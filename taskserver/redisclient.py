@@ -27,6 +27,7 @@ from twisted.logger import (
 from zope.interface import implementer
 
 from taskserver.config import RedisAddress
+from taskserver.sentinel import primary_pool
 
 T = TypeVar("T")
 
@@ -52,6 +53,7 @@ _UNAVAILABLE_REPLIES = (
     "LOADING",
     "READONLY",
     "MASTERDOWN",
+    "UNBLOCKED",
     "BUSY",
     "TRYAGAIN",
     "CLUSTERDOWN",
@@ -68,7 +70,15 @@ def connect(address: RedisAddress, poolsize: int, reply_timeout_s: float | None)
     ``reply_timeout_s`` bounds every non-blocking command; blocking pops are
     exempt in txredisapi and use their own finite pop timeout instead.
     Numbers are not converted: a task id ``"42"`` must stay a string.
+    With ``address.sentinels`` the pool follows the primary they name
+    (taskserver/sentinel.py): every pool of every process is built here, so
+    every one of them follows it.
     """
+    if address.sentinels:
+        handler, factories = primary_pool(address, poolsize, CONNECT_TIMEOUT_S, reply_timeout_s)
+        for factory in factories:
+            _mend(factory)
+        return handler
     tls: Any = optionsForClientTLS(address.host) if address.tls else False
     handler = txredisapi.lazyConnectionPool(
         host=address.host,
@@ -87,18 +97,21 @@ def connect(address: RedisAddress, poolsize: int, reply_timeout_s: float | None)
     # txredisapi has no argument for its back-off: its documented class
     # attributes are set on the pool's factory, which the handler only holds
     # privately. This is the one place; tests/test_embedded.py breaks if it moves.
-    factory = handler._factory
+    _mend(handler._factory)
+    return handler
+
+
+def _mend(factory: Any) -> None:
+    """A capped back-off, and retrying forever, on one txredisapi factory."""
     factory.initialDelay = RECONNECT_INITIAL_DELAY_S
     factory.maxDelay = RECONNECT_MAX_DELAY_S
-    if address.password is not None:
-        # txredisapi stops reconnecting for good when AUTH fails or times out
-        # (RedisProtocol.connectionMade calls factory.stopTrying()). A refused
-        # AUTH is what a client meets when another process holds the port
-        # while the embedded Redis restarts, and a rotated password is fixed
-        # without a restart: keep trying. Our own disconnect() does not go
-        # through stopTrying. Same place, same test as the delays above.
-        factory.stopTrying = _keep_trying
-    return handler
+    # txredisapi stops reconnecting for good when AUTH fails or times out
+    # (RedisProtocol.connectionMade calls factory.stopTrying()). A refused
+    # AUTH is what a client meets when another process holds the port
+    # while the embedded Redis restarts, and a rotated password is fixed
+    # without a restart: keep trying. Our own disconnect() does not go
+    # through stopTrying. Same place, same test as the delays above.
+    factory.stopTrying = _keep_trying
 
 
 def _keep_trying() -> defer.Deferred[None]:

@@ -52,6 +52,9 @@ def test_every_option_sets_a_settings_field_and_every_field_has_an_option() -> N
         "redis_password",
         "redis_db",
         "redis_tls",
+        "redis_sentinels",
+        "redis_sentinel_master",
+        "redis_sentinel_password",
     ], "only the Redis address combines several options"
 
 

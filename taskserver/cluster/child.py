@@ -53,7 +53,13 @@ from taskserver.cluster.protocol import (
     task_record,
 )
 from taskserver.coalesce import TurnBuffer
-from taskserver.config import RedisAddress, Settings, resolve_handler, settings_from_json
+from taskserver.config import (
+    RedisAddress,
+    Settings,
+    redis_address_from_json,
+    resolve_handler,
+    settings_from_json,
+)
 from taskserver.consumer import ConsumerService, Handler
 from taskserver.dashboard import DashboardRoutes
 from taskserver.durability import AdmissionsRefused, DurabilityWatch, durability_of
@@ -436,7 +442,7 @@ def main() -> None:
     records = records_pipe(RECORDS_FD, reactor)
     service = ChildService(
         settings,
-        RedisAddress(**config["redis"]),
+        redis_address_from_json(config["redis"]),
         LISTENER_FD,
         config["address_family"],
         resolve_handler(settings.handler),
