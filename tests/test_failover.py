@@ -15,12 +15,15 @@ one replica gone, within the time the restarted node takes to be a replica in
 sync + 2 s: there is no replica to wait for before); consumers resume (every
 task accepted after the last failover completes); with ``WAIT_REPLICAS=1``
 every task that got a 202 is completed or dead-lettered by its status record
-(none lost). Without it the loss is counted and printed, not asserted.
+(none lost). Without it the loss is counted and printed, not asserted. The
+last test adds a second replica, so that WAIT_REPLICAS=1 has one left after a
+failover and must answer 202 again within the failover time + 2 s as well.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections import Counter
@@ -30,9 +33,10 @@ from typing import Any
 
 import pytest
 import valkey
-from sentinel_deploy import SentinelDeployment
+from sentinel_deploy import HOST, Node, SentinelDeployment
 
 from harness import Twistd, logged_task_ids, wait_for
+from taskserver.cluster.embedded import free_loopback_port
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +44,8 @@ pytestmark = pytest.mark.slow
 ROUNDS = 2
 #: What the issue allows beyond the failover time for POST to answer 202 again.
 SLACK_S = 2.0
+#: The sentinels' down-after-milliseconds (see the deployment fixture).
+DOWN_AFTER_MS = 1500
 #: Seconds of steady load before each kill (test input: when to strike, not a wait).
 STEADY_S = 1.0
 
@@ -88,6 +94,12 @@ class Load:
             starts = [s for s, code, _ in self.answers if code == 202 and s >= moment]
         return min(starts) if starts else None
 
+    def longest_gap_s(self) -> float:
+        """The longest stretch between two 202s (by when their requests were sent)."""
+        with self._lock:
+            starts = sorted(s for s, code, _ in self.answers if code == 202)
+        return max((b - a for a, b in itertools.pairwise(starts)), default=0.0)
+
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
@@ -96,12 +108,42 @@ class Load:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelDeployment]:
-    deployment = SentinelDeployment(tmp_path_factory.mktemp("sentinel"))
+    # 1.5 s, not the deployment's 1 s: at 1 s the sentinels now and then judged a primary
+    # down about 1 s after promoting it and failed over again (seen in 3 of 5 runs, once
+    # onto the killed node just restarted with its stale data: 10,277 tasks lost without
+    # WAIT_REPLICAS); at 1.5 s, none in 12 failovers. The README's fault table says both.
+    deployment = SentinelDeployment(
+        tmp_path_factory.mktemp("sentinel"), down_after_ms=DOWN_AFTER_MS
+    )
     try:
         deployment.start()
         yield deployment
     finally:
         deployment.stop()
+
+
+def add_replica(deployment: SentinelDeployment, name: str) -> Node:
+    """One more data node, a replica of the primary, as the deployment's own are started;
+    returns once every sentinel lists it (their INFO of the primary: up to 10 s)."""
+    primary = deployment.primary()
+    assert primary is not None
+    directory = deployment.directory / name
+    directory.mkdir()
+    port = free_loopback_port()
+    node = Node(
+        name,
+        port,
+        directory,
+        [
+            deployment.binary, "--port", str(port), "--bind", HOST,
+            "--dir", str(directory.resolve()), "--appendonly", "yes", "--save", "",
+            "--daemonize", "no", "--logfile", "", "--replicaof", HOST, str(primary.port),
+        ],
+    )  # fmt: skip
+    node.spawn()
+    deployment.data_nodes.append(node)
+    deployment.wait_ready()
+    return node
 
 
 def statuses(client: valkey.Valkey, task_ids: list[str]) -> dict[str, str | None]:
@@ -121,9 +163,18 @@ def switches(deployment: SentinelDeployment) -> int:
 
 
 def fail_over_under_load(
-    deployment: SentinelDeployment, workdir: Path, wait_replicas: int
+    deployment: SentinelDeployment,
+    workdir: Path,
+    wait_replicas: int,
+    slack_from_failover: bool | None = None,
 ) -> dict[str, Any]:
-    """ROUNDS failovers under load; the figures of the run (asserting the 202-again bound)."""
+    """ROUNDS failovers under load; the figures of the run (asserting the 202-again bound).
+
+    ``slack_from_failover``: 202s are due within the failover time + SLACK_S (by default
+    only without WAIT_REPLICAS), else within the killed node's return as a replica + SLACK_S.
+    """
+    if slack_from_failover is None:
+        slack_from_failover = not wait_replicas
     deployment.wait_ready()
     workdir.mkdir()
     server = Twistd(
@@ -170,8 +221,8 @@ def fail_over_under_load(
                 }
             )
             # With one replica, WAIT_REPLICAS=1 has none to wait for until the killed node is
-            # back in sync; without a wait, the new primary alone is enough.
-            allowed = (replica_back_s if wait_replicas else failover_s) + SLACK_S
+            # back in sync; without a wait (or with a second replica) the new primary is enough.
+            allowed = (failover_s if slack_from_failover else replica_back_s) + SLACK_S
             assert window_s <= allowed, (rounds[-1], f"allowed {allowed:.2f} s")
         assert rounds[0]["from"] != rounds[1]["from"], f"not over and back: {rounds}"
         last_failover = time.monotonic()
@@ -195,9 +246,11 @@ def fail_over_under_load(
         logged = logged_task_ids(workdir / "logs")
         figures = {
             "wait_replicas": wait_replicas,
+            "replicas": len(deployment.data_nodes) - 1,
             "rounds": rounds,
             "failovers": switches(deployment) - switches_before,
             "accepted": len(accepted),
+            "longest_without_202_s": round(load.longest_gap_s(), 2),
             "refused": dict(load.refused()),
             "lost": len(left),
             "lost_by_status": dict(Counter(left.values())),
@@ -222,6 +275,8 @@ def fail_over_under_load(
 def test_with_wait_replicas_1_no_accepted_task_is_lost_across_failovers(
     deployment: SentinelDeployment, tmp_path: Path
 ) -> None:
+    """The one replica is the new primary: POST answers 503 (no replica to wait for) until
+    the killed node is back as its replica, and no task that got a 202 is lost."""
     figures = fail_over_under_load(deployment, tmp_path / "wait-1", wait_replicas=1)
     assert figures["accepted"] > 100, figures
     assert figures["lost"] == 0, figures
@@ -234,3 +289,17 @@ def test_without_a_wait_failovers_lose_what_the_replica_had_not_got(
     figures = fail_over_under_load(deployment, tmp_path / "wait-0", wait_replicas=0)
     assert figures["accepted"] > 100, figures
     print(f"\nWAIT_REPLICAS=0 lost {figures['lost']} of {figures['accepted']} accepted tasks")
+
+
+def test_with_wait_replicas_1_and_two_replicas_posts_go_on_after_the_failover_time(
+    deployment: SentinelDeployment, tmp_path: Path
+) -> None:
+    """Two replicas (one added here, last: it changes the module's deployment): the new
+    primary has the other one at once, so 202s come back within the failover time + 2 s
+    with WAIT_REPLICAS=1 too, and none of them is lost."""
+    add_replica(deployment, "node-c")
+    figures = fail_over_under_load(
+        deployment, tmp_path / "wait-1-of-2", wait_replicas=1, slack_from_failover=True
+    )
+    assert figures["accepted"] > 100, figures
+    assert figures["lost"] == 0, figures
