@@ -46,34 +46,49 @@ _log = Logger(namespace="taskserver.sentinel")
 
 
 class PrimaryLog:
-    """What this process last knew of each primary; logs only the changes."""
+    """What this process last knew of each primary; logs only the changes.
+
+    Several pools (and their slots) discover at the same time: a discovery
+    that started before the newest change and fails after it says nothing
+    about the primary now, so :meth:`lost` takes the change count seen when
+    the attempt began and ignores stale news.
+    """
 
     def __init__(self) -> None:
         self._known: dict[str, tuple[str, int] | None] = {}
+        self._changes: dict[str, int] = {}
 
-    def found(self, name: str, address: tuple[str, int]) -> None:
-        before = self._known.get(name)
-        self._known[name] = address
-        if before != address:
-            host, port = address
-            _log.info(
-                "Redis primary of {name!r} is {host}:{port} (as the sentinels say)",
-                name=name,
-                host=host,
-                port=port,
-            )
-
-    def lost(self, name: str, why: str) -> None:
-        if self._known.get(name) is not None:
-            self._known[name] = None
-            _log.warn(
-                "Redis primary of {name!r} lost ({why}); asking the sentinels until one is named",
-                name=name,
-                why=why,
-            )
+    def changes(self, name: str) -> int:
+        return self._changes.get(name, 0)
 
     def current(self, name: str) -> tuple[str, int] | None:
         return self._known.get(name)
+
+    def found(self, name: str, address: tuple[str, int]) -> None:
+        if self._known.get(name) == address:
+            return
+        self._known[name] = address
+        self._changes[name] = self.changes(name) + 1
+        host, port = address
+        _log.info(
+            "Redis primary of {name!r} is {host}:{port} (as the sentinels say)",
+            name=name,
+            host=host,
+            port=port,
+        )
+
+    def lost(self, name: str, why: str, seen_changes: int | None = None) -> None:
+        if self._known.get(name) is None:
+            return
+        if seen_changes is not None and seen_changes != self.changes(name):
+            return
+        self._known[name] = None
+        self._changes[name] = self.changes(name) + 1
+        _log.warn(
+            "Redis primary of {name!r} lost ({why}); asking the sentinels until one is named",
+            name=name,
+            why=why,
+        )
 
 
 #: One per process: every pool of a child reports here.
@@ -97,6 +112,8 @@ class PrimaryProtocol(txredisapi.SentinelRedisProtocol):
         if not role or role[0] != "master":
             self.transport.loseConnection()
             return None
+        peer = self.transport.getPeer()
+        primaries.found(self.factory.service_name, (peer.host, peer.port))
         return txredisapi.RedisProtocol.connectionMade(self)
 
     #: The last refusal logged (each is retried every half second: log the changes only).
@@ -142,10 +159,11 @@ class PrimaryEndpoint:
 
     def connect(self, protocol_factory: Any) -> defer.Deferred[Any]:
         name = self._factory.service_name
+        seen = primaries.changes(name)
         d: defer.Deferred[Any] = self._factory.sentinel_manager.discover_master(name)
         d.addCallback(self._primary_named)
         d.addCallback(self._connect, protocol_factory)
-        d.addErrback(self._failed)
+        d.addErrback(self._failed, seen)
         return d
 
     def _primary_named(self, address: tuple[str, int]) -> tuple[str, int]:
@@ -162,15 +180,10 @@ class PrimaryEndpoint:
         if self._tls:
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
         d: defer.Deferred[Any] = endpoint.connect(protocol_factory)
+        return d
 
-        def connected(protocol: Any) -> Any:
-            primaries.found(self._factory.service_name, address)
-            return protocol
-
-        return d.addCallback(connected)
-
-    def _failed(self, failure: Failure) -> Failure:
-        primaries.lost(self._factory.service_name, _reason(failure))
+    def _failed(self, failure: Failure, seen_changes: int) -> Failure:
+        primaries.lost(self._factory.service_name, _reason(failure), seen_changes)
         return failure
 
 

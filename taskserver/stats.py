@@ -58,7 +58,14 @@ Labels = tuple[tuple[str, str], ...]
 
 
 def address_label(address: RedisAddress) -> str:
-    """``host:port`` (and ``/db`` unless 0): where Redis is, without user or password."""
+    """``host:port`` (and ``/db`` unless 0): where Redis is, without user or password.
+
+    With sentinels: the primary's name and the sentinels (the primary moves).
+    """
+    if address.sentinels:
+        sentinels = ",".join(s.display() for s in address.sentinels)
+        db = f"/{address.db}" if address.db else ""
+        return f"{address.sentinel_master}{db} via sentinels {sentinels}"
     host = f"[{address.host}]" if ":" in address.host else address.host
     return f"{host}:{address.port}" + (f"/{address.db}" if address.db else "")
 

@@ -1,0 +1,413 @@
+"""Redis Sentinel: the settings, the mended protocol, and pools that follow a real primary.
+
+The integration tests run a real deployment (tests/sentinel_deploy.py: a
+primary, a replica and three sentinels from the embedded valkey-server).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import txredisapi
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, globalLogPublisher
+
+from conftest import eventually
+from harness import Twistd, wait_for
+from sentinel_deploy import HOST, MASTER_NAME, SentinelDeployment, command
+from taskserver.config import (
+    ConfigError,
+    RedisAddress,
+    SentinelAddress,
+    load_settings,
+    redis_address_from_json,
+    settings_from_json,
+    settings_to_json,
+)
+from taskserver.redisclient import connect
+from taskserver.sentinel import PrimaryLog, PrimaryProtocol, primaries
+from taskserver.stats import address_label
+
+ADMIN = str(Path(sys.executable).parent / "taskserver-admin")
+
+# ---------------------------------------------------------------- settings
+
+
+def test_sentinels_name_the_primary_and_the_redis_options_are_the_data_nodes() -> None:
+    settings = load_settings(
+        {},
+        {
+            "REDIS_SENTINELS": "10.0.0.1:26379, sentinel-b:26380,[::1]:5000,sentinel-c",
+            "REDIS_SENTINEL_MASTER": "queue-1",
+            "REDIS_SENTINEL_PASSWORD": "s3",
+            "REDIS_PASSWORD": "d4",
+            "REDIS_USERNAME": "app",
+            "REDIS_DB": "2",
+            "REDIS_TLS": "true",
+        },
+    )
+    address = settings.redis
+    assert address is not None
+    assert address.sentinels == (
+        SentinelAddress("10.0.0.1", 26379),
+        SentinelAddress("sentinel-b", 26380),
+        SentinelAddress("::1", 5000),
+        SentinelAddress("sentinel-c", 26379),
+    )
+    assert (address.sentinel_master, address.sentinel_password) == ("queue-1", "s3")
+    assert (address.username, address.password, address.db, address.tls) == ("app", "d4", 2, True)
+    shown = address.display()
+    assert shown == (
+        "rediss+sentinel://app:***@10.0.0.1:26379,sentinel-b:26380,[::1]:5000,"
+        "sentinel-c:26379/queue-1/2"
+    )
+    assert "s3" not in repr(address) and "d4" not in repr(address)
+    assert address_label(address) == (
+        "queue-1/2 via sentinels 10.0.0.1:26379,sentinel-b:26380,[::1]:5000,sentinel-c:26379"
+    )
+    # the master hands settings and the address to its children as JSON
+    assert settings_from_json(settings_to_json(settings)) == settings
+    assert redis_address_from_json(json.loads(json.dumps(_asdict(address)))) == address
+
+
+def _asdict(address: RedisAddress) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(address)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"REDIS_SENTINELS": "a:1", "REDIS_URL": "redis://b"},
+            "REDIS_SENTINELS and REDIS_URL both set",
+        ),
+        (
+            {"REDIS_SENTINELS": "a:1", "REDIS_HOST": "b", "REDIS_PORT": "1"},
+            "REDIS_SENTINELS and REDIS_HOST, REDIS_PORT both set",
+        ),
+        ({"REDIS_SENTINEL_MASTER": "x"}, "REDIS_SENTINEL_MASTER set but REDIS_SENTINELS is not"),
+        ({"REDIS_SENTINEL_PASSWORD": "x"}, "REDIS_SENTINEL_PASSWORD set but REDIS_SENTINELS"),
+        ({"REDIS_SENTINELS": "a:b"}, "REDIS_SENTINELS (--redis-sentinels): 'a:b' is not host:port"),
+        ({"REDIS_SENTINELS": "a:1/x"}, "'a:1/x' is not host:port"),
+        ({"REDIS_SENTINELS": "u:p@a:1"}, "'u:p@a:1' is not host:port"),
+        (
+            {"REDIS_SENTINELS": "a:1", "REDIS_SENTINEL_MASTER": "my master"},
+            "REDIS_SENTINEL_MASTER (--redis-sentinel-master): expected a name of letters",
+        ),
+    ],
+)
+def test_sentinel_settings_that_cannot_work_stop_with_one_line(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=None) as raised:
+        load_settings({}, environ)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_with_sentinels_the_master_starts_no_embedded_redis() -> None:
+    """tap.py starts the embedded Redis only when settings.redis is None."""
+    assert load_settings({}, {"REDIS_SENTINELS": "a:1"}).redis is not None
+
+
+# ---------------------------------------------------------------- the mended protocol
+
+
+class _Factory:
+    service_name = "unit-primary"
+
+
+def _connected_protocol(role: bytes = b"master") -> tuple[PrimaryProtocol, StringTransport]:
+    protocol = PrimaryProtocol(charset="utf-8", convertNumbers=False)
+    protocol.factory = _Factory()
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 7000))
+    protocol.makeConnection(transport)
+    assert b"ROLE" in transport.value()
+    protocol.dataReceived(b"*3\r\n$%d\r\n%s\r\n:0\r\n*0\r\n" % (len(role), role))
+    return protocol, transport
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"-READONLY You can't write against a read only replica.",
+        b"-UNBLOCKED force unblock from blocking operation, instance state changed "
+        b"(master -> replica?)",
+        b"-LOADING Redis is loading the dataset in memory",
+        b"-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+    ],
+)
+def test_a_reply_from_a_node_that_is_not_the_primary_drops_the_connection_at_once(
+    reply: bytes,
+) -> None:
+    """The caller still gets the error (it retries or answers 503); the slot reconnects and
+    asks the sentinels again. txredisapi alone keeps the connection."""
+    protocol, transport = _connected_protocol()
+    assert protocol.whenConnected().called and not transport.disconnecting
+    answer = protocol.execute_command("SET", "k", "v")
+    protocol.dataReceived(reply + b"\r\n")
+    failure = answer.result
+    answer.addErrback(lambda _: None)
+    assert isinstance(failure.value, txredisapi.ResponseError)
+    assert transport.disconnecting
+
+
+def test_other_errors_keep_the_connection() -> None:
+    protocol, transport = _connected_protocol()
+    answer = protocol.execute_command("INCR", "k")
+    protocol.dataReceived(b"-ERR value is not an integer or out of range\r\n")
+    answer.addErrback(lambda _: None)
+    assert not transport.disconnecting
+
+
+def test_a_node_that_says_it_is_a_replica_is_not_used() -> None:
+    protocol, transport = _connected_protocol(role=b"slave")
+    assert transport.disconnecting and not protocol.whenConnected().called
+
+
+def test_a_refused_role_closes_the_connection_instead_of_hanging() -> None:
+    """txredisapi's SentinelRedisProtocol leaves it open and never ready (an errback nobody has)."""
+    protocol = PrimaryProtocol(charset="utf-8", convertNumbers=False)
+    protocol.factory = _Factory()
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"-NOAUTH Authentication required.\r\n")
+    assert transport.disconnecting and not protocol.whenConnected().called
+
+
+def test_the_primary_log_says_each_change_once_and_ignores_stale_news() -> None:
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        log = PrimaryLog()
+        log.found("m", ("10.0.0.1", 6379))
+        log.found("m", ("10.0.0.1", 6379))  # another pool, same primary
+        seen = log.changes("m")
+        log.lost("m", "refused", seen)
+        log.lost("m", "refused", seen)  # another pool's attempt
+        stale = log.changes("m") - 1  # an attempt that began before the loss
+        log.found("m", ("10.0.0.2", 6379))
+        log.lost("m", "no sentinel names a healthy primary", stale)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [e for e in events if e.get("log_namespace") == "taskserver.sentinel"]
+    assert [(e["log_level"].name, e.get("host"), e.get("why")) for e in said] == [
+        ("info", "10.0.0.1", None),
+        ("warn", None, "refused"),
+        ("info", "10.0.0.2", None),
+    ]
+    assert log.current("m") == ("10.0.0.2", 6379)
+
+
+# ---------------------------------------------------------------- a real deployment
+
+
+def sentinel_address(deployment: SentinelDeployment, **extra: Any) -> RedisAddress:
+    return RedisAddress(
+        host="",
+        port=0,
+        password=deployment.password,
+        sentinels=tuple(SentinelAddress(h, p) for h, p in deployment.sentinel_addresses()),
+        sentinel_password=deployment.sentinel_password,
+        **extra,
+    )
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[SentinelDeployment]:
+    running = SentinelDeployment(tmp_path / "sentinel")
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_demoted_primary_drops_the_pools_at_once_and_they_follow_the_new_one(
+    deployment: SentinelDeployment,
+) -> None:
+    """UNBLOCKED on a blocking pop and READONLY on a write, from a primary turned replica
+    under a live connection: both connections close at once, retry (the sentinels still
+    name the old node, whose ROLE turns them away), and move once the sentinels name the
+    new primary. Without the mend they would stay on the replica for good."""
+    address = sentinel_address(deployment)
+    api = connect(address, 1, 1.0)
+    blocking = connect(address, 1, 1.0)
+    try:
+        assert await api.set("k", "before") == "OK"
+        old = deployment.primary()
+        (new,) = deployment.replicas()
+        assert old is not None
+        popping = blocking.brpoplpush("queue", "processing", 30)
+
+        async def blocked() -> bool:
+            info = deployment.data_command(old, "INFO", "clients")
+            return "blocked_clients:1" in info
+
+        await eventually(blocked)
+        # the replica becomes a primary of its own and the old primary its replica,
+        # behind the sentinels' back: no connection is killed by a sentinel here
+        deployment.data_command(new, "REPLICAOF", "NO", "ONE")
+        deployment.data_command(old, "REPLICAOF", HOST, new.port)
+        with pytest.raises(txredisapi.ResponseError, match="UNBLOCKED"):
+            await popping
+        with pytest.raises(txredisapi.ResponseError, match="READONLY"):
+            await api.set("k", "on a replica")
+
+        async def closed() -> bool:
+            return bool(api._factory.size == 0 and blocking._factory.size == 0)
+
+        await eventually(closed, timeout=2)
+        # the operator points the sentinels at the new primary
+        for sentinel in deployment.sentinels:
+            command(sentinel.port, "SENTINEL", "REMOVE", MASTER_NAME)
+            command(sentinel.port, "SENTINEL", "MONITOR", MASTER_NAME, HOST, new.port, 2)
+
+        async def written() -> bool:
+            try:
+                return bool(await api.set("k", "after") == "OK")
+            except txredisapi.RedisError:
+                return False
+
+        await eventually(written, timeout=10)
+        assert deployment.data_command(new, "GET", "k") == "after"
+        deployment.data_command(new, "LPUSH", "queue", "task")
+        assert await blocking.brpoplpush("queue", "processing", 5) == "task"
+        assert primaries.current(MASTER_NAME) == (HOST, new.port)
+    finally:
+        await api.disconnect()
+        await blocking.disconnect()
+
+
+# ---------------------------------------------------------------- twistd through sentinels
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[SentinelDeployment]:
+    """A deployment whose data nodes and sentinels each have a password."""
+    running = SentinelDeployment(
+        tmp_path / "sentinel", password="data-secret", sentinel_password="sentinel-secret"
+    )
+    running.start()
+    yield running
+    running.stop()
+
+
+def sentinel_environment(deployment: SentinelDeployment) -> dict[str, str]:
+    return {
+        "REDIS_SENTINELS": deployment.sentinels_setting(),
+        "REDIS_PASSWORD": deployment.password or "",
+        "REDIS_SENTINEL_PASSWORD": deployment.sentinel_password or "",
+    }
+
+
+class Poster:
+    """POSTs one task after another from a thread; records (sent at, status, seconds taken)."""
+
+    def __init__(self, server: Twistd) -> None:
+        self.server = server
+        self.answers: list[tuple[float, int, float]] = []
+        self.accepted: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            sent = time.monotonic()
+            try:
+                code, document = self.server.request("POST", "/api/v1/task", {"user_id": f"u{n}"})
+            except OSError:
+                code, document = 0, {}
+            self.answers.append((sent, code, time.monotonic() - sent))
+            if code == 202:
+                self.accepted.append(document["task_id"])
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_a_cluster_through_sentinels_survives_a_sigkill_of_the_primary_without_a_restart(
+    guarded: SentinelDeployment, twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    environ = sentinel_environment(guarded)
+    server = twistd(WORKERS="2", RATE_LIMITS="", **environ)
+    server.wait_until_ready(2)
+    assert "Redis: rediss" not in server.output and "redis+sentinel://:***@" in server.output
+    first = server.post_task("before-the-failover")
+    assert first
+    wait_for(lambda: server.status_of(first) == "completed", what="a task completed")
+
+    # taskserver-admin finds the primary through the sentinels too
+    admin_env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
+    report = subprocess.run(
+        [ADMIN, "stats", "--json"],
+        cwd=tmp_path,
+        env={**admin_env, **environ},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["totals"]["completed"] >= 1
+
+    poster = Poster(server)
+    wait_for(lambda: len(poster.accepted) >= 5, what="load accepted")
+    killed_at = time.monotonic()
+    old = guarded.kill_primary()
+    failover_s = guarded.wait_for_failover(old)
+    new = guarded.primary()
+    assert new is not None
+    wait_for(
+        lambda: any(sent > killed_at and code == 202 for sent, code, _ in poster.answers),
+        timeout=failover_s + 10,
+        what="a 202 after the failover",
+    )
+    poster.stop()
+    after = [
+        (sent - killed_at, code, took) for sent, code, took in poster.answers if sent > killed_at
+    ]
+    first_202 = next(at for at, code, _ in after if code == 202)
+    refused = [(at, code, took) for at, code, _took in after if code != 202 for took in [_took]]
+    window = max((at + took for at, _, took in refused), default=0.0)
+    print(
+        f"failover (sentinels) {failover_s:.2f} s; first 202 {first_202:.2f} s after the kill; "
+        f"{len(refused)} refused answers, last one done {window:.2f} s after the kill; "
+        f"slowest refusal {max((t for _, _, t in refused), default=0):.2f} s"
+    )
+    assert first_202 <= failover_s + 2.0
+    assert {code for _, code, _ in refused} <= {503}, "refused with a 503, never a hang or 500"
+    assert all(took < 2.5 for _, _, took in refused), "503s come fast (REDIS_TIMEOUT is 1 s)"
+
+    # consumers resume on the new primary: tasks accepted after the failover complete
+    last = server.post_task("after-the-failover")
+    assert last
+    wait_for(lambda: server.status_of(last) == "completed", timeout=20, what="consumers resumed")
+    late = [task_id for task_id in poster.accepted[-5:]]
+    wait_for(
+        lambda: all(server.status_of(task_id) == "completed" for task_id in late),
+        timeout=20,
+        what="the load's last tasks completed",
+    )
+    output = server.output
+    assert f"Redis primary of 'mymaster' is {HOST}:{new.port}" in output
+    lost = output.count("Redis primary of 'mymaster' lost")
+    found_new = output.count(f"Redis primary of 'mymaster' is {HOST}:{new.port}")
+    assert 1 <= lost <= 3 and 1 <= found_new <= 3, "one line per change per process (master, 2)"
+    assert server.stop(signal.SIGTERM) == 0
