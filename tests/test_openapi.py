@@ -153,18 +153,36 @@ def test_the_server_serves_the_document(cluster: Twistd) -> None:
         assert json.loads(response.read()) == openapi.document()
 
 
-@pytest.mark.timeout(150)
-def test_schemathesis_finds_nothing(cluster: Twistd, tmp_path: Path) -> None:
-    """Every default check, every phase, a fixed seed and bounded examples (about half a
-    minute here); 429 and 503 are documented answers. On failure, its report is printed."""
-    schema = tmp_path / "openapi.json"
-    schema.write_text(json.dumps(served_document()))
+def fuzz(
+    cluster: Twistd, folder: Path, document: dict[str, Any], max_examples: int, *more: str
+) -> subprocess.CompletedProcess[str]:
+    """``st run`` of ``document`` against the cluster, with schemathesis.toml and our seed."""
+    schema = folder / "openapi.json"
+    schema.write_text(json.dumps(document))
     st = str(Path(sys.executable).parent / "st")
     command = [
         st, "--no-color", "--config-file", str(FUZZ_CONFIG),
         "run", str(schema), "--url", cluster.url,
-        "--seed", str(FUZZ_SEED), "--max-examples", str(FUZZ_MAX_EXAMPLES),
-        "--generation-database", "none", "--request-timeout", "10",
+        "--seed", str(FUZZ_SEED), "--max-examples", str(max_examples),
+        "--generation-database", "none", "--request-timeout", "10", *more,
     ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=140, cwd=tmp_path)
+    return subprocess.run(command, capture_output=True, text=True, timeout=140, cwd=folder)
+
+
+@pytest.mark.timeout(150)
+def test_schemathesis_finds_nothing(cluster: Twistd, tmp_path: Path) -> None:
+    """Every default check, every phase, a fixed seed and bounded examples (about half a
+    minute here); 429 and 503 are documented answers. On failure, its report is printed."""
+    run = fuzz(cluster, tmp_path, served_document(), FUZZ_MAX_EXAMPLES)
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
+
+
+def test_schemathesis_would_say_so(cluster: Twistd, tmp_path: Path) -> None:
+    """The same run fails when the document and the server disagree (a pid documented
+    as a string): the check above can fail."""
+    document = served_document()
+    answer = document["paths"]["/healthz"]["get"]["responses"]["200"]
+    answer["content"]["application/json"]["schema"]["properties"]["pid"] = {"type": "string"}
+    run = fuzz(cluster, tmp_path, document, 5, "--include-operation-id=healthz")
+    assert run.returncode != 0
+    assert "pid" in run.stdout and "Response violates schema" in run.stdout, run.stdout[-5000:]
