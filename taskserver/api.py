@@ -428,6 +428,16 @@ class TaskAPI:
             raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
         return respond(request, 200, status_document(task_id, record))
 
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        """The OpenAPI document of every route (:mod:`taskserver.openapi`)."""
+        from taskserver import openapi  # here: it imports this module for its limits
+
+        body = openapi.body()
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
+
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
         return respond(request, 200, {"status": "ok", "pid": os.getpid()})

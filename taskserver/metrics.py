@@ -120,6 +120,7 @@ _ROUTES = {
     path.encode("ascii"): path
     for path in ("/api/v1/task", "/healthz", "/readyz", "/kill", "/metrics", "/dashboard", "/")
 }
+_ROUTES[b"/openapi.json"] = "/openapi.json"
 _TASK_PREFIX = b"/api/v1/task/"
 _DASHBOARD_PREFIX = b"/dashboard/"
 

@@ -65,6 +65,7 @@ def test_a_field_is_the_name_and_its_labels_sorted() -> None:
         (b"/readyz", "/readyz"),
         (b"/kill", "/kill"),
         (b"/metrics", "/metrics"),
+        (b"/openapi.json", "/openapi.json"),
         (b"/", "/"),
         (b"/dashboard", "/dashboard"),
         (b"/dashboard/static/dashboard.js", "/dashboard"),
