@@ -33,9 +33,9 @@ from typing import Any
 
 import pytest
 import valkey
-from sentinel_deploy import HOST, Node, SentinelDeployment
 
 from harness import Twistd, logged_task_ids, wait_for
+from sentinel_deploy import HOST, Node, SentinelDeployment
 from taskserver.cluster.embedded import free_loopback_port
 
 pytestmark = pytest.mark.slow
