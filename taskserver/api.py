@@ -19,6 +19,7 @@ import re
 import sys
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 
@@ -176,14 +177,34 @@ def _require_utf8(payload: Any) -> None:
         ) from None
 
 
-def parse_task_body(content_type: bytes | None, body: bytes) -> tuple[str, Any]:
-    """Validate a POST body; returns ``(user_id, payload)`` or raises ApiError."""
+@dataclass(frozen=True)
+class TaskRequest:
+    """One validated task submission: a single POST's body, or one item of a batch."""
+
+    user_id: str
+    payload: Any
+    #: TASK_HANDLERS name, or None for TASK_HANDLER.
+    type: str | None = None
+    #: How long after admission it becomes due; 0 runs it now.
+    delay_ms: int = 0
+
+
+def parse_json_body(content_type: bytes | None, body: bytes) -> Any:
+    """The body as JSON (strict: no NaN, no duplicate keys), or ApiError (415, 400)."""
     if not is_json_media_type(content_type):
         raise ApiError(415, "unsupported_media_type", "send the task as application/json")
     try:
-        document = _STRICT_JSON.decode(body.decode("utf-8"))
+        return _STRICT_JSON.decode(body.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}"[:300]) from None
+
+
+def parse_task_document(document: Any, surrogates: bool = True) -> TaskRequest:
+    """Validate one task document (the one validator, for single POSTs and batch items).
+
+    ``surrogates`` is False when the raw text shows no ``\\u`` escape, so no
+    lone surrogate can be in it and the payload need not be walked.
+    """
     if not isinstance(document, dict):
         raise ApiError(
             400, "not_an_object", 'the body must be a JSON object like {"user_id": "..."}'
@@ -196,9 +217,16 @@ def parse_task_body(content_type: bytes | None, body: bytes) -> tuple[str, Any]:
     if "user_id" not in document:
         raise ApiError(400, "missing_user_id", "user_id is required")
     user_id, payload = validate_user_id(document["user_id"]), document.get("payload")
-    if b"\\u" in body and _SURROGATE_ESCAPE.search(body) is not None:
+    if surrogates:
         _require_utf8(payload)
-    return user_id, payload
+    return TaskRequest(user_id, payload)
+
+
+def parse_task_body(content_type: bytes | None, body: bytes) -> TaskRequest:
+    """Validate a POST body; returns the TaskRequest or raises ApiError."""
+    document = parse_json_body(content_type, body)
+    surrogates = b"\\u" in body and _SURROGATE_ESCAPE.search(body) is not None
+    return parse_task_document(document, surrogates)
 
 
 def idempotency_key(header: bytes | None) -> str | None:
@@ -218,7 +246,16 @@ def idempotency_key(header: bytes | None) -> str | None:
 def status_document(task_id: str, record: dict[str, str]) -> dict[str, Any]:
     """The public view of a status record."""
     document: dict[str, Any] = {"task_id": task_id}
-    for name in ("user_id", "status", "queued_at", "started_at", "finished_at", "error"):
+    for name in (
+        "user_id",
+        "type",
+        "status",
+        "queued_at",
+        "run_at",
+        "started_at",
+        "finished_at",
+        "error",
+    ):
         if name in record:
             document[name] = record[name]
     document["attempts"] = int(record.get("attempts", "0"))
@@ -305,9 +342,10 @@ class TaskAPI:
     async def create_task(self, request: IRequest) -> bytes:
         """``POST /api/v1/task`` (answered by TaskResource, not routed by Klein)."""
         body = read_body(request)
-        user_id, payload = parse_task_body(request.getHeader(b"content-type"), body)
+        submitted = parse_task_body(request.getHeader(b"content-type"), body)
+        user_id, payload = submitted.user_id, submitted.payload
         key = idempotency_key(request.getHeader(b"idempotency-key"))
-        task = Task.new(user_id, payload, self._clock.seconds())
+        task = Task.new(user_id, payload, self._clock.seconds(), submitted.type)
         # Before the claim: a sure refusal (replicas missing) must not hold the key.
         self._queue.check_admissions()
         if key is not None:
@@ -324,7 +362,7 @@ class TaskAPI:
         by_address = decision is not None and not decision.allowed
         if decision is None or decision.allowed:
             # No release on failure: the script may have run (see _release).
-            decision = await self._queue.admit(task, self._limiter)
+            decision = await self._queue.admit(task, self._limiter, submitted.delay_ms)
         headers = decision.headers(self._clock.seconds())
         if not decision.allowed:
             self._count_refusal(decision, by_address)

@@ -36,7 +36,7 @@ from taskserver.keys import Keys
 from taskserver.ratelimit import Decision, RatePolicy
 from taskserver.redisclient import within
 from taskserver.scripts import Script, load
-from taskserver.task import MalformedTask, Task
+from taskserver.task import MalformedTask, Task, iso_utc
 
 # The scripts (lua/*.lua; each file says what its KEYS and ARGV are).
 ADMIT = load("admit")
@@ -63,6 +63,8 @@ STATUS_FIELDS = (
     "finished_at",
     "duration_ms",
     "error",
+    "type",
+    "run_at",
 )
 
 
@@ -87,8 +89,9 @@ class Reclaimed(NamedTuple):
     dead: int
 
 
-#: One task on its way into ADMIT: the task, its text and user id (encoded), its counters.
-_Admission = tuple[Task, bytes, bytes, Sequence[str]]
+#: One task on its way into ADMIT: the task, its text and user id (encoded), its counters,
+#: and its delay in ms (0: due now).
+_Admission = tuple[Task, bytes, bytes, Sequence[str], int]
 #: ADMIT's reply for one task, and whether the turn's wait (disk, replicas) was satisfied.
 _Admitted = tuple[Any, bool]
 
@@ -187,8 +190,11 @@ class TaskQueue:
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await within(script(self._redis, keys, args), self._timeout_s, self._clock)
 
-    async def admit(self, task: Task, policy: RatePolicy) -> Decision:
+    async def admit(self, task: Task, policy: RatePolicy, delay_ms: int = 0) -> Decision:
         """Check and charge ``task.user_id``'s tiers and, if allowed, enqueue the task.
+
+        With ``delay_ms`` the task goes to the delayed set instead, due that long
+        after admission by the Redis clock, and its record says "scheduled".
 
         One script (ADMIT) runs the rate limit, the push and the status record,
         so "counted" and "enqueued" cannot disagree. Admissions made in the
@@ -208,7 +214,7 @@ class TaskQueue:
         batch = self._coalescer(
             self._admissions, policy.arguments, partial(self._admit_many, policy.arguments)
         )
-        reply, durable = await batch.submit((task, text, user_id, counters))
+        reply, durable = await batch.submit((task, text, user_id, counters, delay_ms))
         decision = policy.decide(reply)
         if decision.allowed and not durable:
             raise DurabilityTimeout(
@@ -230,12 +236,20 @@ class TaskQueue:
     def _admit_arguments(
         self, tier_arguments: tuple[int, ...], tasks: list[_Admission]
     ) -> tuple[list[str], list[Any]]:
-        """ADMIT's KEYS and ARGV for these admissions."""
-        keys = [self.keys.pending]
-        args: list[Any] = [*tier_arguments, self._status_ttl_ms]
-        for task, text, user_id, counters in tasks:
+        """ADMIT's KEYS and ARGV for these admissions.
+
+        Three arguments per task in the common call (no task typed or delayed),
+        six otherwise: each argument costs encoding time on the request path.
+        """
+        keys = [self.keys.pending, self.keys.delayed]
+        extended = any(task.type is not None or delay_ms for task, _, _, _, delay_ms in tasks)
+        args: list[Any] = [*tier_arguments, self._status_ttl_ms, 6 if extended else 3]
+        for task, text, user_id, counters, delay_ms in tasks:
             keys += [*counters, self.keys.status(task.id)]
             args += [text, user_id, task.queued_at]
+            if extended:
+                run_at = iso_utc(self._clock.seconds() + delay_ms / 1000) if delay_ms else ""
+                args += [task.type or "", delay_ms, run_at]
         return keys, args
 
     async def _admit_many(

@@ -43,10 +43,18 @@ class Task:
     payload: Any
     queued_at: str
     attempts: int = 0
+    #: The handler it is routed to (TASK_HANDLERS); None for the default TASK_HANDLER.
+    type: str | None = None
 
     @classmethod
-    def new(cls, user_id: str, payload: Any, now: float) -> Task:
-        return cls(id=uuid.uuid4().hex, user_id=user_id, payload=payload, queued_at=iso_utc(now))
+    def new(cls, user_id: str, payload: Any, now: float, type: str | None = None) -> Task:
+        return cls(
+            id=uuid.uuid4().hex,
+            user_id=user_id,
+            payload=payload,
+            queued_at=iso_utc(now),
+            type=type,
+        )
 
     def to_json(self) -> str:
         document = {
@@ -56,6 +64,8 @@ class Task:
             "queued_at": self.queued_at,
             "attempts": self.attempts,
         }
+        if self.type is not None:  # untyped entries stay as they were
+            document["type"] = self.type
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -68,12 +78,15 @@ class Task:
                 payload=data.get("payload"),
                 queued_at=data["queued_at"],
                 attempts=int(data.get("attempts", 0)),
+                type=data.get("type"),
             )
         except (ValueError, TypeError, KeyError) as e:
             raise MalformedTask(f"not a task: {e}") from None
         if not (isinstance(task.id, str) and TASK_ID.match(task.id)):
             raise MalformedTask("not a task: bad id")
         if not isinstance(task.user_id, str) or not isinstance(task.queued_at, str):
+            raise MalformedTask("not a task: bad field types")
+        if task.type is not None and not isinstance(task.type, str):
             raise MalformedTask("not a task: bad field types")
         return task
 
@@ -84,10 +97,13 @@ class Task:
         queue entry once (:meth:`from_json`), afresh for every attempt, so a
         handler that changes its payload changes nothing anyone else reads.
         """
-        return {
+        argument = {
             "id": self.id,
             "user_id": self.user_id,
             "payload": self.payload,
             "queued_at": self.queued_at,
             "attempts": attempts,
         }
+        if self.type is not None:
+            argument["type"] = self.type
+        return argument

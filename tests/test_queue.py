@@ -71,6 +71,36 @@ async def test_enqueue_pushes_the_task_and_its_status_together(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_typed_task_keeps_its_type_in_the_entry_and_the_record(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    task = Task.new("u1", None, now=reactor.seconds(), type="email")
+    plain = new_task("u2")
+    await defer.gatherResults(  # one call, so it takes the six-argument stride for both
+        [defer.ensureDeferred(queue.enqueue(t)) for t in (task, plain)]
+    )
+    assert await redis.lrange(keys.pending, 0, -1) == [plain.to_json(), task.to_json()]
+    assert Task.from_json(task.to_json()).type == "email"
+    assert (await queue.status(task.id) or {})["type"] == "email"
+    assert "type" not in (await queue.status(plain.id) or {})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delayed_task_waits_in_the_delayed_set_as_scheduled(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    task = new_task()
+    await queue.admit(task, RatePolicy(keys, ()), delay_ms=60_000)
+    assert await redis.llen(keys.pending) == 0
+    redis_now_ms = int((await redis.execute_command("TIME"))[0]) * 1000
+    score = float(await redis.execute_command("ZSCORE", keys.delayed, task.to_json()))
+    assert redis_now_ms + 58_000 <= score <= redis_now_ms + 62_000
+    record = await queue.status(task.id) or {}
+    assert record["status"] == "scheduled"
+    assert record["run_at"] > task.queued_at
+
+
+@pytest_twisted.ensureDeferred
 async def test_fetch_start_finish(queue: TaskQueue, redis: Any, keys: Keys) -> None:
     first, second = new_task(), new_task()
     await queue.enqueue(first)

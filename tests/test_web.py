@@ -15,7 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
 from conftest import RunningServer, eventually, sleep, unused_port
-from taskserver.api import TaskAPI, is_json_media_type, parse_task_body
+from taskserver.api import TaskAPI, TaskRequest, is_json_media_type, parse_task_body
 from taskserver.config import RateTier, RedisAddress, parse_rate_limits
 from taskserver.httpserver import MAX_BODY_BYTES, ApiError, CountingChannel, TaskSite
 from taskserver.idempotency import ABANDONED_AFTER_S, IDEMPOTENCY_TTL_S, Claim, fingerprint
@@ -67,18 +67,22 @@ def test_bad_bodies_are_rejected_with_a_code(body: bytes, code: str) -> None:
 
 
 def test_good_bodies() -> None:
-    assert parse_task_body(b"application/json", b'{"user_id": "user123"}') == ("user123", None)
+    assert parse_task_body(b"application/json", b'{"user_id": "user123"}') == TaskRequest(
+        "user123", None
+    )
     assert parse_task_body(
         b"application/json; charset=utf-8",
         '{"user_id": "ünïcode ✓", "payload": {"a": [1, null]}}'.encode(),
-    ) == ("ünïcode ✓", {"a": [1, None]})
-    assert parse_task_body(b"application/json", b'{"user_id": "' + b"x" * 128 + b'"}')[0]
+    ) == TaskRequest("ünïcode ✓", {"a": [1, None]})
+    assert parse_task_body(b"application/json", b'{"user_id": "' + b"x" * 128 + b'"}').user_id
     assert (
-        parse_task_body(b"application/json", b'{"user_id": "a", "payload": "\\ud83d\\ude00"}')[1]
+        parse_task_body(
+            b"application/json", b'{"user_id": "a", "payload": "\\ud83d\\ude00"}'
+        ).payload
         == "\U0001f600"
     ), "a surrogate pair is one character"
     assert (
-        parse_task_body(b"application/json", b'{"user_id": "a", "payload": "\\\\ud800"}')[1]
+        parse_task_body(b"application/json", b'{"user_id": "a", "payload": "\\\\ud800"}').payload
         == "\\ud800"
     ), "an escaped backslash, then text"
 
@@ -88,7 +92,7 @@ def test_good_bodies() -> None:
 )
 def test_integers_a_double_holds_are_kept_exactly(number: int) -> None:
     body = b'{"user_id": "a", "payload": {"n": %d}}' % number
-    assert parse_task_body(b"application/json", body) == ("a", {"n": number})
+    assert parse_task_body(b"application/json", body) == TaskRequest("a", {"n": number})
 
 
 @pytest.mark.parametrize(
@@ -117,7 +121,7 @@ class FakeQueue:
         self.records: dict[str, dict[str, str]] = {}
         self.pending_status: defer.Deferred[None] | None = None
 
-    async def admit(self, task: Any, policy: FakeLimiter) -> Decision:
+    async def admit(self, task: Any, policy: FakeLimiter, delay_ms: int = 0) -> Decision:
         """Admits every task, or fails with the policy's ``error``."""
         if policy.error is not None:
             raise policy.error

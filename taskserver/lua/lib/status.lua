@@ -2,9 +2,22 @@
 -- a record or records an outcome sets its TTL, so no record outlives STATUS_TTL;
 -- marking a task started keeps the TTL of its enqueue.
 
-local function record_queued(status, user_id, queued_at, ttl_ms)
-  redis.call('HSET', status, 'status', 'queued', 'user_id', user_id,
-             'queued_at', queued_at, 'attempts', '0')
+local function record_queued(status, user_id, queued_at, task_type, ttl_ms)
+  if task_type == '' then
+    redis.call('HSET', status, 'status', 'queued', 'user_id', user_id,
+               'queued_at', queued_at, 'attempts', '0')
+  else
+    redis.call('HSET', status, 'status', 'queued', 'user_id', user_id,
+               'queued_at', queued_at, 'attempts', '0', 'type', task_type)
+  end
+  redis.call('PEXPIRE', status, ttl_ms)
+end
+
+-- A delayed task waiting in the delayed set until run_at.
+local function record_scheduled(status, user_id, queued_at, task_type, run_at, ttl_ms)
+  redis.call('HSET', status, 'status', 'scheduled', 'user_id', user_id,
+             'queued_at', queued_at, 'attempts', '0', 'run_at', run_at)
+  if task_type ~= '' then redis.call('HSET', status, 'type', task_type) end
   redis.call('PEXPIRE', status, ttl_ms)
 end
 
