@@ -101,6 +101,15 @@ class Keys:
         return f"{self.status_prefix}{task_id}"
 
     @property
+    def finished(self) -> str:
+        """Pub/Sub channel: the id of each task that became completed, dead or cancelled."""
+        return f"{self._queue_tag}:finished"
+
+    def user_tasks(self, user_id: str) -> str:
+        """A user's recent task ids, newest first, capped (USER_TASKS_MAX), expiring."""
+        return f"{self._queue_tag}:user:{user_hash(user_id)}"
+
+    @property
     def metrics(self) -> str:
         """Hash of the cluster's metric totals: field (name and labels) -> integer."""
         return f"{self._queue_tag}:metrics"
