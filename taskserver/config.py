@@ -226,12 +226,25 @@ def _sentinels(text: str) -> tuple[SentinelAddress, ...]:
             continue
         try:
             parts = urlsplit(f"//{item}")
-            port = parts.port or 26379
+            port = parts.port
         except ValueError as e:
             raise ConfigError(f"{item!r} is not host:port ({e})") from None
-        if not parts.hostname or parts.path or parts.username or parts.password:
+        # "?" and "#" split off a query or fragment that urlsplit would drop silently.
+        if (
+            not parts.hostname
+            or parts.path
+            or parts.username
+            or parts.password
+            or "?" in item
+            or "#" in item
+        ):
             raise ConfigError(f"{item!r} is not host:port")
-        found.append(SentinelAddress(parts.hostname, port))
+        if port == 0:
+            raise ConfigError(f"{item!r} has port 0")
+        found.append(SentinelAddress(parts.hostname, 26379 if port is None else port))
+    if text.strip() and not found:
+        # Set but empty must not fall back to the embedded Redis.
+        raise ConfigError(f"{text!r} names no sentinel")
     return tuple(found)
 
 

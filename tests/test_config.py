@@ -139,6 +139,16 @@ def test_command_line_beats_environment() -> None:
         ({"REDIS_PASSWORD": "s3cret"}, "REDIS_PASSWORD set but REDIS_HOST is not"),
         ({"HEARTBEAT_TTL": "nan"}, "HEARTBEAT_TTL (--heartbeat-ttl): expected seconds"),
         ({"KEY_PREFIX": "a b"}, "KEY_PREFIX (--key-prefix): expected 1-64 characters"),
+        ({"REDIS_SENTINELS": "host:0"}, "REDIS_SENTINELS (--redis-sentinels): 'host:0' has port 0"),
+        (
+            {"REDIS_SENTINELS": "a:1?x"},
+            "REDIS_SENTINELS (--redis-sentinels): 'a:1?x' is not host:port",
+        ),
+        (
+            {"REDIS_SENTINELS": "a:1#f"},
+            "REDIS_SENTINELS (--redis-sentinels): 'a:1#f' is not host:port",
+        ),
+        ({"REDIS_SENTINELS": ","}, "REDIS_SENTINELS (--redis-sentinels): ',' names no sentinel"),
     ],
 )
 def test_invalid_values_name_the_setting_in_one_line(environ: dict[str, str], message: str) -> None:
