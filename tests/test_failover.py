@@ -1,7 +1,7 @@
 """The failover fault suite: the Redis primary SIGKILLed under load, behind Sentinel, in a row.
 
 A real deployment (tests/sentinel_deploy.py: one primary, one replica, three
-sentinels, ``down-after-milliseconds`` 1000) and the real ``twistd -n
+sentinels, ``down-after-milliseconds`` 1500) and the real ``twistd -n
 taskserver`` with ``REDIS_SENTINELS``, 2 children, under a load of POSTs
 from a few client threads. Each round SIGKILLs the node the sentinels call the
 primary, measures the failover time from the sentinels (kill to a new
@@ -38,7 +38,7 @@ from harness import Twistd, logged_task_ids, wait_for
 from sentinel_deploy import HOST, Node, SentinelDeployment
 from taskserver.cluster.embedded import free_loopback_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 #: Fail over and back: the first round moves the primary away, the second moves it back.
 ROUNDS = 2
