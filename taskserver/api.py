@@ -17,9 +17,11 @@ import math
 import os
 import re
 import sys
+import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 
@@ -54,7 +56,7 @@ from taskserver.queue import TaskQueue
 from taskserver.ratelimit import Decision, RateLimiter, RatePolicy
 from taskserver.redisclient import RedisUnavailable
 from taskserver.stats import ClusterStats
-from taskserver.task import TASK_ID, Task
+from taskserver.task import TASK_ID, Task, iso_utc
 
 if TYPE_CHECKING:
     from taskserver.dashboard import DashboardResource, DashboardRoutes
@@ -64,7 +66,9 @@ USER_ID_MAX_CHARS = 128
 UNAVAILABLE_RETRY_AFTER_S = 2
 #: Unicode categories a user_id may not contain: controls, surrogates, line/paragraph separators.
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
-_ALLOWED_FIELDS = frozenset({"user_id", "payload"})
+#: How far ahead a task may be delayed (openapi.DELAY_MAX_S says the same).
+DELAY_MAX_S = 30 * 24 * 3600
+_ALLOWED_FIELDS = frozenset({"user_id", "payload", "delay_s", "run_at"})
 
 #: /kill waits for its answer to be sent, but not longer than this.
 KILL_FLUSH_TIMEOUT_S = 1.0
@@ -199,11 +203,14 @@ def parse_json_body(content_type: bytes | None, body: bytes) -> Any:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}"[:300]) from None
 
 
-def parse_task_document(document: Any, surrogates: bool = True) -> TaskRequest:
+def parse_task_document(
+    document: Any, surrogates: bool = True, *, now: float | None = None
+) -> TaskRequest:
     """Validate one task document (the one validator, for single POSTs and batch items).
 
     ``surrogates`` is False when the raw text shows no ``\\u`` escape, so no
-    lone surrogate can be in it and the payload need not be walked.
+    lone surrogate can be in it and the payload need not be walked. ``now`` (the
+    reactor's seconds; the wall clock if None) is what a ``run_at`` is measured from.
     """
     if not isinstance(document, dict):
         raise ApiError(
@@ -219,14 +226,58 @@ def parse_task_document(document: Any, surrogates: bool = True) -> TaskRequest:
     user_id, payload = validate_user_id(document["user_id"]), document.get("payload")
     if surrogates:
         _require_utf8(payload)
-    return TaskRequest(user_id, payload)
+    delay_ms = parse_delay(document, time.time() if now is None else now)
+    return TaskRequest(user_id, payload, delay_ms=delay_ms)
 
 
-def parse_task_body(content_type: bytes | None, body: bytes) -> TaskRequest:
+#: RFC 3339 date-time (what datetime.fromisoformat would take more loosely).
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
+def parse_delay(document: dict[str, Any], now: float) -> int:
+    """``delay_s`` or ``run_at`` (not both) as ms from ``now``; 0 when due now.
+
+    At most DELAY_MAX_S ahead: a delayed task's record and its place in the delayed
+    set are kept until it is due, so the bound bounds Redis memory. A past run_at is due now.
+    """
+    if "delay_s" in document and "run_at" in document:
+        raise ApiError(400, "invalid_delay", "give delay_s or run_at, not both")
+    if "delay_s" in document:
+        delay = document["delay_s"]
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not 0 <= delay <= DELAY_MAX_S
+        ):
+            raise ApiError(
+                400, "invalid_delay", f"delay_s must be a number of seconds from 0 to {DELAY_MAX_S}"
+            )
+        return math.ceil(delay * 1000)
+    if "run_at" not in document:
+        return 0
+    run_at = document["run_at"]
+    try:
+        if not isinstance(run_at, str) or not _RFC3339.fullmatch(run_at):
+            raise ValueError
+        due = datetime.fromisoformat(run_at.upper().replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError):
+        raise ApiError(
+            400, "invalid_run_at", "run_at must be an RFC 3339 time like 2026-12-07T10:00:00Z"
+        ) from None
+    if due - now > DELAY_MAX_S:
+        raise ApiError(400, "invalid_run_at", "run_at is more than 30 days ahead")
+    return max(0, math.ceil((due - now) * 1000))
+
+
+def parse_task_body(
+    content_type: bytes | None, body: bytes, *, now: float | None = None
+) -> TaskRequest:
     """Validate a POST body; returns the TaskRequest or raises ApiError."""
     document = parse_json_body(content_type, body)
     surrogates = b"\\u" in body and _SURROGATE_ESCAPE.search(body) is not None
-    return parse_task_document(document, surrogates)
+    return parse_task_document(document, surrogates, now=now)
 
 
 def idempotency_key(header: bytes | None) -> str | None:
@@ -254,6 +305,7 @@ def status_document(task_id: str, record: dict[str, str]) -> dict[str, Any]:
         "run_at",
         "started_at",
         "finished_at",
+        "cancelled_at",
         "error",
     ):
         if name in record:
@@ -342,7 +394,9 @@ class TaskAPI:
     async def create_task(self, request: IRequest) -> bytes:
         """``POST /api/v1/task`` (answered by TaskResource, not routed by Klein)."""
         body = read_body(request)
-        submitted = parse_task_body(request.getHeader(b"content-type"), body)
+        submitted = parse_task_body(
+            request.getHeader(b"content-type"), body, now=self._clock.seconds()
+        )
         user_id, payload = submitted.user_id, submitted.payload
         key = idempotency_key(request.getHeader(b"idempotency-key"))
         task = Task.new(user_id, payload, self._clock.seconds(), submitted.type)
@@ -373,17 +427,16 @@ class TaskAPI:
             )
         headers.append(("Location", f"/api/v1/task/{task.id}"))
         self.tally.count(TASKS_ENQUEUED)
-        return respond(
-            request,
-            202,
-            {
-                "task_id": task.id,
-                "user_id": task.user_id,
-                "status": "queued",
-                "queued_at": task.queued_at,
-            },
-            headers,
-        )
+        accepted = {
+            "task_id": task.id,
+            "user_id": task.user_id,
+            "status": "queued",
+            "queued_at": task.queued_at,
+        }
+        if submitted.delay_ms:
+            due = iso_utc(self._clock.seconds() + submitted.delay_ms / 1000)
+            accepted.update(status="scheduled", run_at=due)
+        return respond(request, 202, accepted, headers)
 
     def _count_refusal(self, decision: Decision, by_address: bool) -> None:
         """A 429: once as ``ip`` from the per-address tiers, else once per violated user tier."""
@@ -464,6 +517,24 @@ class TaskAPI:
         record = await self._queue.status(task_id) if TASK_ID.match(task_id) else None
         if record is None:
             raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
+        return respond(request, 200, status_document(task_id, record))
+
+    @app.route("/api/v1/task/<task_id>", methods=["DELETE"])
+    async def cancel_task(self, request: IRequest, task_id: str) -> bytes:
+        """A queued or scheduled task becomes cancelled and never runs (CANCEL)."""
+        if not TASK_ID.match(task_id):
+            raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
+        state, _ = await self._queue.cancel(task_id, iso_utc(self._clock.seconds()))
+        record = await self._queue.status(task_id) if state is not None else None
+        if state is None or record is None:
+            raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
+        if state != "cancelled":
+            refusal = ApiError(
+                409,
+                "task_not_cancellable",
+                f"the task is {state}: only a queued or scheduled task can be cancelled",
+            )
+            return respond(request, 409, {**refusal.document(), "status": state})
         return respond(request, 200, status_document(task_id, record))
 
     @app.route("/openapi.json", methods=["GET"])

@@ -138,6 +138,8 @@ class ConsumerService(Service):
         self._stopping = False
         #: Fetch nothing (the task log is full); running tasks finish, timers carry on.
         self._paused = False
+        #: Tasks this process fetched but did not run: cancelled while they waited.
+        self.cancelled_dropped = 0
         self._dispatcher: defer.Deferred[None] | None = None
         self._running: dict[defer.Deferred[None], str] = {}
         #: Finished tasks whose acknowledgement is on its way (their entries are still held).
@@ -291,6 +293,7 @@ class ConsumerService(Service):
                     consumer_id, room, started_at, idle=self._idle
                 )
                 alone, drain = batch.alone, batch.wait
+                self.cancelled_dropped += batch.cancelled
                 fetched: list[tuple[str, int | None]] = list(batch.tasks)
                 if not fetched and not drain and not self._paused:
                     raw = await self._queue.fetch(
@@ -412,6 +415,10 @@ class ConsumerService(Service):
                     "could not mark task {task_id} processing: {error}", task_id=task_.id, error=e
                 )
                 attempts, marked = task_.attempts + 1, False  # a guess: no wait observed
+            if attempts == 0:  # cancelled while it waited: acknowledged, not run
+                await self._until_done(lambda: self._queue.drop(consumer_id, raw))
+                self.cancelled_dropped += 1
+                return
         if attempts == 1 and marked:
             queued = queued_seconds(task_.queued_at)
             if queued is not None:

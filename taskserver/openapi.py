@@ -662,6 +662,7 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "required": ["user_id"],
             "additionalProperties": False,
+            "not": {"required": ["delay_s", "run_at"]},
             "properties": {
                 "user_id": _ref("UserId"),
                 "payload": {"description": "Any JSON value, handed to the handler as is."},

@@ -47,6 +47,7 @@ MARK_STARTED = load("mark_started")
 COMPLETE = load("complete")
 FAIL = load("fail")
 PROMOTE = load("promote")
+CANCEL = load("cancel")
 RECLAIM = load("reclaim")
 HEARTBEAT = load("heartbeat")
 
@@ -65,6 +66,7 @@ STATUS_FIELDS = (
     "error",
     "type",
     "run_at",
+    "cancelled_at",
 )
 
 
@@ -110,6 +112,8 @@ class Batch(NamedTuple):
     alone: bool = False
     #: Suspects wait for an idle consumer: start nothing, ask again once idle.
     wait: bool = False
+    #: Tasks it took but did not start: cancelled while they waited (dropped).
+    cancelled: int = 0
 
 
 def _encodable(text: str) -> bytes:
@@ -390,7 +394,8 @@ class TaskQueue:
             [most, started_at, self._status_ttl_ms, self.keys.status_prefix, "1" if idle else "0"],
         )
         tasks = [(str(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
-        return Batch(tasks, alone=mode == "alone", wait=mode == "wait")
+        mode, _, cancelled = str(mode).partition(":")
+        return Batch(tasks, mode == "alone", mode == "wait", int(cancelled or 0))
 
     async def give_back_unknown(self, consumer_id: str, held: Sequence[str]) -> int:
         """Return to the queue what is in our list but not in ``held`` (lost fetches)."""
@@ -402,7 +407,10 @@ class TaskQueue:
         return int(moved)
 
     async def mark_started(self, task: Task, started_at: str) -> int:
-        """Status "processing"; returns the attempt number (1 on the first run)."""
+        """Status "processing"; returns the attempt number (1 on the first run).
+
+        0 if its record says cancelled: it did not start, drop its entry.
+        """
         attempts = await self._eval(
             MARK_STARTED,
             [self.keys.status(task.id)],
@@ -488,9 +496,26 @@ class TaskQueue:
         """
         return "retrying" if attempts < self.max_attempts else "dead"
 
+    async def cancel(self, task_id: str, cancelled_at: str) -> tuple[str | None, bool]:
+        """Cancel a queued or scheduled task (see CANCEL): (its status now, cancelled now?).
+
+        The status is None for an unknown task; anything but "cancelled" means it
+        was not cancellable.
+        """
+        state, changed = await self._eval(
+            CANCEL,
+            [self.keys.status(task_id), self.keys.delayed, self.keys.finished],
+            [task_id, cancelled_at],
+        )
+        return (str(state) if state else None), bool(changed)
+
     async def promote(self, limit: int = 1000) -> int:
         """Move retries that are due into the queue; returns how many."""
-        return int(await self._eval(PROMOTE, [self.keys.delayed, self.keys.pending], [limit]))
+        return int(
+            await self._eval(
+                PROMOTE, [self.keys.delayed, self.keys.pending], [limit, self.keys.status_prefix]
+            )
+        )
 
     async def give_back(self, consumer_id: str, raw: str, delay_s: float) -> str:
         """Move one entry from the processing list to the delayed set (see GIVE_BACK).

@@ -33,11 +33,8 @@ from taskserver.httpserver import ApiError
 PLANNED: list[tuple[str, str, str | None]] = [
     ("post", "/api/v1/tasks", None),  # batches
     ("get", "/api/v1/tasks", None),  # waiting: a user's recent tasks
-    ("delete", "/api/v1/task/{task_id}", None),  # delaycancel
     ("get", "/api/v1/task/{task_id}", "wait"),  # waiting
     ("post", "/api/v1/task", "type"),  # results
-    ("post", "/api/v1/task", "delay_s"),  # delaycancel
-    ("post", "/api/v1/task", "run_at"),  # delaycancel
 ]
 PLANNED_ROUTES = {(method, path) for method, path, name in PLANNED if name is None}
 #: Methods werkzeug adds to every GET rule, which the document leaves implicit.

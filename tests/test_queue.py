@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 
 from taskserver import admin
 from taskserver.config import parse_rate_limits
@@ -484,3 +485,26 @@ async def test_a_task_whose_outcome_is_never_recorded_ends_in_the_dead_letters(
     assert len(entries) == 1 and entries[0].endswith(',"task":' + raw + "}")
     assert await redis.zcard(keys.delayed) == 0
     assert (await queue.status(task.id) or {})["status"] == "dead"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_due_scheduled_task_is_queued_and_a_cancelled_one_never_starts(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    due, cancelled = new_task(), new_task()
+    for task in (due, cancelled):
+        await queue.admit(task, RatePolicy(keys, ()), delay_ms=1)
+    assert await queue.cancel(cancelled.id, "2026-12-07T00:00:00.000Z") == ("cancelled", True)
+    assert await queue.cancel(cancelled.id, "2026-12-07T00:00:01.000Z") == ("cancelled", False)
+    assert await redis.execute_command("ZCARD", keys.delayed) == 1  # its entry left at once
+    await deferLater(reactor, 0.01)
+    assert await queue.promote() == 1
+    assert (await queue.status(due.id) or {})["status"] == "queued"
+    queued = new_task()
+    await queue.enqueue(queued)
+    assert (await queue.cancel(queued.id, "2026-12-07T00:00:02.000Z"))[0] == "cancelled"
+    batch = await queue.fetch_batch("p#0", 10, "2026-12-07T00:00:03.000Z")
+    assert [raw for raw, _ in batch.tasks] == [due.to_json()] and batch.cancelled == 1
+    assert await redis.lrange(keys.processing("p#0"), 0, -1) == [due.to_json()]
+    assert await queue.cancel(due.id, "x") == ("processing", False)
+    assert await queue.cancel("nope", "x") == (None, False)

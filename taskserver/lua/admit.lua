@@ -22,7 +22,9 @@ for a = 2 * n + 4, #ARGV, stride do
     if stride == 6 then task_type, delay_ms = ARGV[a + 3], tonumber(ARGV[a + 4]) end
     if delay_ms > 0 then
       now = now or now_ms()
-      record_scheduled(KEYS[k + n], ARGV[a + 1], ARGV[a + 2], task_type, ARGV[a + 5], ttl)
+      -- Kept until it is due, and STATUS_TTL after that.
+      record_scheduled(KEYS[k + n], ARGV[a + 1], ARGV[a + 2], task_type, ARGV[a + 5], ARGV[a],
+                       tonumber(ttl) + delay_ms)
       redis.call('ZADD', KEYS[2], now + delay_ms, ARGV[a])
     else
       record_queued(KEYS[k + n], ARGV[a + 1], ARGV[a + 2], task_type, ttl)

@@ -13,19 +13,23 @@ local function record_queued(status, user_id, queued_at, task_type, ttl_ms)
   redis.call('PEXPIRE', status, ttl_ms)
 end
 
--- A delayed task waiting in the delayed set until run_at.
-local function record_scheduled(status, user_id, queued_at, task_type, run_at, ttl_ms)
+-- A delayed task waiting in the delayed set until run_at; `entry` is its text there,
+-- so a cancel can remove it (CANCEL) without searching.
+local function record_scheduled(status, user_id, queued_at, task_type, run_at, entry, ttl_ms)
   redis.call('HSET', status, 'status', 'scheduled', 'user_id', user_id,
-             'queued_at', queued_at, 'attempts', '0', 'run_at', run_at)
+             'queued_at', queued_at, 'attempts', '0', 'run_at', run_at, 'entry', entry)
   if task_type ~= '' then redis.call('HSET', status, 'type', task_type) end
   redis.call('PEXPIRE', status, ttl_ms)
 end
 
 -- Records "processing" and returns the attempt number. One HSET that keeps the
 -- TTL of the enqueue; the whole record, with a TTL, only if it expired while the
--- task waited.
+-- task waited. A task whose record says "cancelled" does not start: 0 (the caller
+-- drops its entry), so a cancel and a start never both happen (CANCEL).
 local function mark_started(status, started_at, ttl_ms, user_id, queued_at)
-  local before = redis.call('HGET', status, 'attempts')
+  local record = redis.call('HMGET', status, 'attempts', 'status')
+  local before = record[1]
+  if record[2] == 'cancelled' then return 0 end
   if before then
     local attempts = (tonumber(before) or 0) + 1
     redis.call('HSET', status, 'status', 'processing', 'started_at', started_at,
