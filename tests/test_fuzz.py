@@ -110,7 +110,16 @@ bodies = st.one_of(
     json_values.map(lambda v: json.dumps(v).encode()),
     st.fixed_dictionaries(
         {"user_id": st.one_of(st.text(max_size=140), st.integers(), st.none())},
-        optional={"payload": json_values, "extra": json_values},
+        optional={
+            "payload": json_values,
+            "extra": json_values,
+            "delay_s": st.one_of(json_values, st.floats(-1e9, 1e12), st.integers(-(2**70), 2**70)),
+            "run_at": st.one_of(
+                json_values,
+                st.datetimes().map(lambda t: t.isoformat() + "Z"),
+                st.sampled_from(["2026-13-01T00:00:00Z", "9999-12-31T23:59:59+99:00", "T"]),
+            ),
+        },
     ).map(lambda v: json.dumps(v).encode()),
     st.text(max_size=50).map(lambda t: f'{{"user_id": "{t}", "user_id": "b"}}'.encode()),
     st.integers(1, 200_000).map(lambda n: b"[" * n),

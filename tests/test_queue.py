@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from typing import Any
 
@@ -508,3 +509,65 @@ async def test_a_due_scheduled_task_is_queued_and_a_cancelled_one_never_starts(
     assert await redis.lrange(keys.processing("p#0"), 0, -1) == [due.to_json()]
     assert await queue.cancel(due.id, "x") == ("processing", False)
     assert await queue.cancel("nope", "x") == (None, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancels_racing_fetches_and_promotion_each_task_runs_or_is_cancelled(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """600 tasks (half of them delayed and promoted while the race runs), a cancel for
+    each, and batch fetches from two consumers, all in flight together: every task is
+    exactly one of started or cancelled, and each cancel's answer says which."""
+    plain = [Task.new(f"p{n}", None, now=reactor.seconds()) for n in range(300)]
+    delayed = [Task.new(f"d{n}", None, now=reactor.seconds()) for n in range(300)]
+    await defer.gatherResults([defer.ensureDeferred(queue.enqueue(t)) for t in plain])
+    unlimited = RatePolicy(keys, ())
+    await defer.gatherResults(
+        [defer.ensureDeferred(queue.admit(t, unlimited, delay_ms=1)) for t in delayed]
+    )
+    everyone = plain + delayed
+    started: list[str] = []
+
+    async def fetcher(consumer: str) -> None:
+        for _ in range(150):
+            await queue.promote()
+            batch = await queue.fetch_batch(consumer, 2, "2026-01-01T00:00:00.000Z")
+            started.extend(Task.from_json(raw).id for raw, _ in batch.tasks)
+
+    answers: dict[str, tuple[str | None, bool]] = {}
+
+    async def canceller(tasks: list[Task]) -> None:
+        for start in range(0, len(tasks), 4):  # a few at a time, between the fetches
+            chunk = tasks[start : start + 4]
+            results = await defer.gatherResults(
+                [
+                    defer.ensureDeferred(queue.cancel(t.id, "2026-01-01T00:00:00.000Z"))
+                    for t in chunk
+                ]
+            )
+            answers.update((t.id, answer) for t, answer in zip(chunk, results, strict=True))
+
+    order = random.Random(12).sample(everyone, len(everyone))
+    await defer.gatherResults(
+        [defer.ensureDeferred(fetcher(c)) for c in ("race#0", "race#1")]
+        + [defer.ensureDeferred(canceller(order[i::2])) for i in range(2)]
+    )
+    for _ in range(100):  # what the fetchers had not reached yet
+        await queue.promote()
+        batch = await queue.fetch_batch("race#0", 100, "2026-01-01T00:00:00.000Z")
+        if not batch.tasks and not await redis.zcard(keys.delayed):
+            break
+        started.extend(Task.from_json(raw).id for raw, _ in batch.tasks)
+    else:
+        raise AssertionError("the queue did not drain")
+    assert len(started) == len(set(started)), "a task started twice"
+    cancelled = {task_id for task_id, (_, changed) in answers.items() if changed}
+    assert cancelled.isdisjoint(started), "a task was both cancelled and started"
+    assert cancelled | set(started) == {t.id for t in everyone}, (
+        "a task neither ran nor was cancelled"
+    )
+    for task_id, (state, changed) in answers.items():
+        record = await queue.status(task_id) or {}
+        assert record["status"] == ("cancelled" if changed else "processing")
+        assert changed or state == "processing", "a refused cancel names what it found"
+    assert await redis.llen(keys.pending) == 0
