@@ -118,9 +118,30 @@ def test_sentinel_settings_that_cannot_work_stop_with_one_line(
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_with_sentinels_the_master_starts_no_embedded_redis() -> None:
-    """tap.py starts the embedded Redis only when settings.redis is None."""
-    assert load_settings({}, {"REDIS_SENTINELS": "a:1"}).redis is not None
+def test_with_sentinels_the_master_starts_no_embedded_redis(tmp_path: Path) -> None:
+    """makeService neither looks for the embedded binary nor locks DATA_DIR with sentinels.
+
+    REDIS_SERVER_BIN names no file, so looking for it would stop start-up; locking
+    DATA_DIR would create the folder.
+    """
+    from taskserver import tap
+
+    options = tap.Options()
+    options.settings = load_settings(
+        {},
+        {
+            "REDIS_SENTINELS": "127.0.0.1:1",
+            "REDIS_SERVER_BIN": str(tmp_path / "no-such-server"),
+            "DATA_DIR": str(tmp_path / "data"),
+            "PORT": "0",
+            "INTERFACE": "127.0.0.1",
+        },
+    )
+    master = tap.makeService(options)
+    try:
+        assert not (tmp_path / "data").exists()
+    finally:
+        master._listener.close()
 
 
 # ---------------------------------------------------------------- the mended protocol
