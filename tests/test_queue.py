@@ -170,6 +170,23 @@ async def test_reap_puts_a_dead_process_tasks_before_the_queue(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_task_cancelled_between_its_pop_and_its_start_is_not_requeued_by_a_reap(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    dead = "host:4:dd"
+    [task] = await enqueued(queue, "user", 1)
+    await queue.heartbeat(dead, [f"{dead}#0"], ttl_s=30)
+    await queue.fetch(redis, keys.pending, keys.processing(f"{dead}#0"), 1)  # popped, not started
+    assert await queue.cancel(task.id, "2026-12-07T00:00:00.000Z") == ("cancelled", True)
+    await queue.forget_heartbeat(dead)  # it died before its start step
+
+    assert await queue.reap("me") == (0, 0)
+    assert await redis.llen(keys.processing(f"{dead}#0")) == 0
+    assert await redis.llen(keys.pending) == 0 and await redis.llen(keys.suspects) == 0
+    assert (await queue.status(task.id) or {})["status"] == "cancelled"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_process_never_reaps_itself(queue: TaskQueue, redis: Any, keys: Keys) -> None:
     me = "host:3:cc"
     await queue.heartbeat(me, [f"{me}#0"], ttl_s=30)

@@ -10,6 +10,7 @@
 -- stays) only if it was the only task its process was running; otherwise the crash
 -- cannot be pinned on one task and every task gets that attempt back. A task charged
 -- MAX_ATTEMPTS times this way (a poison pill) goes to the dead-letter list instead.
+-- A task cancelled after its pop but before its start step is dropped (never run).
 -- Returns {requeued, dead-lettered}. Being one script, two reapers can never both
 -- move the same entry. Status keys come from the tasks' ids, as in fetch_batch.lua.
 if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {-1, 0} end
@@ -31,7 +32,10 @@ for i = 6, #KEYS do
       status = ARGV[1] .. task.id
       local record = redis.call('HMGET', status, 'attempts', 'status')
       local attempts = tonumber(record[1] or '0') or 0
-      if died and running > 1 and record[2] == 'processing' and attempts > 0 then
+      if record[2] == 'cancelled' then
+        -- cancelled between its pop and its start step (MARK_STARTED): it never runs
+        outcome = 'cancelled'
+      elseif died and running > 1 and record[2] == 'processing' and attempts > 0 then
         redis.call('HINCRBY', status, 'attempts', -1)
       elseif died and attempts >= max_attempts then
         outcome = 'dead'
@@ -41,12 +45,14 @@ for i = 6, #KEYS do
         dead_letter(KEYS[4], dead_max, raw, error, attempts, now_ms())
         if redis.call('EXISTS', status) == 1 then redis.call('HSET', status, 'error', error) end
       end
-      if redis.call('EXISTS', status) == 1 then redis.call('HSET', status, 'status', outcome) end
+      if outcome ~= 'cancelled' and redis.call('EXISTS', status) == 1 then
+        redis.call('HSET', status, 'status', outcome)
+      end
     end
     if outcome == 'queued' then
       redis.call('RPUSH', target, raw)
       requeued = requeued + 1
-    else
+    elseif outcome == 'dead' then
       dead = dead + 1
     end
   end
