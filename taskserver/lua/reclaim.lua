@@ -10,7 +10,8 @@
 -- stays) only if it was the only task its process was running; otherwise the crash
 -- cannot be pinned on one task and every task gets that attempt back. A task charged
 -- MAX_ATTEMPTS times this way (a poison pill) goes to the dead-letter list instead.
--- A task cancelled after its pop but before its start step is dropped (never run).
+-- A task cancelled after its pop but before its start step (MARK_STARTED) is dropped:
+-- it never runs.
 -- Returns {requeued, dead-lettered}. Being one script, two reapers can never both
 -- move the same entry. Status keys come from the tasks' ids, as in fetch_batch.lua.
 if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {-1, 0} end
@@ -33,7 +34,6 @@ for i = 6, #KEYS do
       local record = redis.call('HMGET', status, 'attempts', 'status')
       local attempts = tonumber(record[1] or '0') or 0
       if record[2] == 'cancelled' then
-        -- cancelled between its pop and its start step (MARK_STARTED): it never runs
         outcome = 'cancelled'
       elseif died and running > 1 and record[2] == 'processing' and attempts > 0 then
         redis.call('HINCRBY', status, 'attempts', -1)
