@@ -27,6 +27,7 @@ from twisted.logger import LogEvent, globalLogPublisher
 from conftest import eventually
 from harness import Twistd, wait_for
 from sentinel_deploy import HOST, MASTER_NAME, SentinelDeployment, command
+from taskserver import tap
 from taskserver.config import (
     ConfigError,
     RedisAddress,
@@ -124,8 +125,6 @@ def test_with_sentinels_the_master_starts_no_embedded_redis(tmp_path: Path) -> N
     REDIS_SERVER_BIN names no file, so looking for it would stop start-up; locking
     DATA_DIR would create the folder.
     """
-    from taskserver import tap
-
     options = tap.Options()
     options.settings = load_settings(
         {},
