@@ -72,6 +72,9 @@ _ALLOWED_FIELDS = frozenset({"user_id", "payload", "delay_s", "run_at"})
 
 #: /kill waits for its answer to be sent, but not longer than this.
 KILL_FLUSH_TIMEOUT_S = 1.0
+#: GET /api/v1/tasks without a limit (at most USER_TASKS_MAX).
+USER_TASKS_DEFAULT_LIMIT = 20
+_LIMIT_DIGITS = re.compile(r"[0-9]{1,6}")
 
 
 def _peer_host(request: IRequest) -> str:
@@ -292,6 +295,33 @@ def idempotency_key(header: bytes | None) -> str | None:
             "Idempotency-Key must be 1 to 255 printable ASCII characters",
         )
     return key
+
+
+def _one_query_value(request: IRequest, name: str, code: str) -> str | None:
+    """A query parameter as text, None if absent; 400 ``code`` if repeated or not UTF-8."""
+    values = request.args.get(name.encode("ascii"), [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, code, f"{name} must be given once")
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, code, f"{name} must be UTF-8") from None
+
+
+def parse_user_tasks_query(request: IRequest, most: int) -> tuple[str, int]:
+    """GET /api/v1/tasks's ``user_id`` and ``limit`` (1 to ``most``, default 20 or ``most``)."""
+    user_id = _one_query_value(request, "user_id", "invalid_user_id")
+    if user_id is None:
+        raise ApiError(400, "missing_user_id", "the query must name a user_id")
+    validate_user_id(user_id)
+    text = _one_query_value(request, "limit", "invalid_limit")
+    if text is None:
+        return user_id, min(USER_TASKS_DEFAULT_LIMIT, most)
+    if not _LIMIT_DIGITS.fullmatch(text) or not 1 <= int(text) <= most:
+        raise ApiError(400, "invalid_limit", f"limit must be an integer from 1 to {most}")
+    return user_id, int(text)
 
 
 def status_document(task_id: str, record: dict[str, str]) -> dict[str, Any]:
@@ -519,6 +549,17 @@ class TaskAPI:
             raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
         return respond(request, 200, status_document(task_id, record))
 
+    @app.route("/api/v1/tasks", methods=["GET"])
+    async def user_tasks(self, request: IRequest) -> bytes:
+        """A user's latest tasks, newest first, as GET /api/v1/task/<id> shows each."""
+        most = self._queue.user_tasks_max
+        if most == 0:
+            raise ApiError(404, "user_tasks_off", "USER_TASKS_MAX is 0: no recent tasks are kept")
+        user_id, limit = parse_user_tasks_query(request, most)
+        found = await self._queue.user_tasks(user_id, limit)
+        tasks = [status_document(task_id, record) for task_id, record in found]
+        return respond(request, 200, {"user_id": user_id, "tasks": tasks})
+
     @app.route("/api/v1/task/<task_id>", methods=["DELETE"])
     async def cancel_task(self, request: IRequest, task_id: str) -> bytes:
         """A queued or scheduled task becomes cancelled and never runs (CANCEL)."""
@@ -542,7 +583,7 @@ class TaskAPI:
         """The OpenAPI document of every route (:mod:`taskserver.openapi`)."""
         from taskserver import openapi  # here: it imports this module for its limits
 
-        body = openapi.body()
+        body = openapi.body(self._queue.user_tasks_max)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"content-length", b"%d" % len(body))
         return body

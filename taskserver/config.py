@@ -538,6 +538,13 @@ OPTIONS: tuple[Option, ...] = (
         _int_in(1, 10_000_000),
     ),
     Option(
+        "user_tasks_max",
+        "USER_TASKS_MAX",
+        "100",
+        "recent task ids kept per user for GET /api/v1/tasks (0: none kept, route off)",
+        _int_in(0, 10_000),
+    ),
+    Option(
         "max_connections",
         "MAX_CONNECTIONS",
         "1000",
@@ -614,6 +621,7 @@ class Settings:
     max_attempts: int = _default("max_attempts")
     retry_backoff_s: float = _default("retry_backoff_s")
     dead_letter_max: int = _default("dead_letter_max")
+    user_tasks_max: int = _default("user_tasks_max")
     max_connections: int = _default("max_connections")
     ip_rate_limits: tuple[RateTier, ...] = _default("ip_rate_limits")
     trusted_proxies: tuple[str, ...] = _default("trusted_proxies")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from taskserver.api import USER_ID_MAX_CHARS
+from taskserver.api import USER_ID_MAX_CHARS, USER_TASKS_DEFAULT_LIMIT
+from taskserver.config import Settings
 from taskserver.dashboard import (
     DEAD_PAGE_DEFAULT_LIMIT,
     DEAD_PAGE_MAX_LIMIT,
@@ -27,10 +28,8 @@ JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 HTML = "text/html"
 TASK_ID_PATTERN = "^[0-9a-f]{32}$"
-#: The contract's defaults for the new routes' bounds (config.py's BATCH_MAX, USER_TASKS_MAX).
+#: The contract's defaults for the new routes' bounds (config.py's BATCH_MAX).
 BATCH_MAX_DEFAULT = 500
-USER_TASKS_MAX_DEFAULT = 100
-USER_TASKS_DEFAULT_LIMIT = 20
 WAIT_MAX_S = 60
 DELAY_MAX_S = 30 * 24 * 3600
 STATUSES = ["queued", "scheduled", "processing", "retrying", "completed", "dead", "cancelled"]
@@ -113,7 +112,7 @@ CSRF_TOKEN = {"$ref": "#/components/parameters/X-CSRF-Token"}
 OPERATOR_SECURITY: list[dict[str, list[str]]] = [{}, {"bearer": []}]
 
 
-def _task_routes() -> dict[str, Any]:
+def _task_routes(user_tasks_max: int) -> dict[str, Any]:
     return {
         "/api/v1/task": {
             "post": {
@@ -187,15 +186,19 @@ def _task_routes() -> dict[str, Any]:
                         "schema": {
                             "type": "integer",
                             "minimum": 1,
-                            "maximum": USER_TASKS_MAX_DEFAULT,
-                            "default": USER_TASKS_DEFAULT_LIMIT,
+                            "maximum": max(1, user_tasks_max),
+                            "default": min(USER_TASKS_DEFAULT_LIMIT, max(1, user_tasks_max)),
                         },
-                        "description": "At most USER_TASKS_MAX (100 by default).",
+                        "description": "At most USER_TASKS_MAX, this server's "
+                        f"{user_tasks_max} (100 by default).",
                     },
                 ],
                 "responses": {
-                    "200": _answer("The user's tasks still on record.", _ref("TaskList")),
+                    "200": _answer(
+                        "The user's latest tasks still on record, newest first.", _ref("TaskList")
+                    ),
                     "400": _error("`user_id` or `limit` is missing or invalid."),
+                    "404": _error("USER_TASKS_MAX is 0: no recent tasks are kept."),
                     "405": METHOD_NOT_ALLOWED,
                     "503": UNAVAILABLE,
                 },
@@ -713,8 +716,11 @@ def _schemas() -> dict[str, Any]:
         },
         "TaskList": {
             "type": "object",
-            "required": ["tasks"],
-            "properties": {"tasks": {"type": "array", "items": _ref("Task")}},
+            "required": ["user_id", "tasks"],
+            "properties": {
+                "user_id": {"type": "string"},
+                "tasks": {"type": "array", "items": _ref("Task")},
+            },
         },
         "BatchRequest": {
             "type": "object",
@@ -831,8 +837,8 @@ def _headers() -> dict[str, Any]:
 
 
 @functools.cache
-def document() -> dict[str, Any]:
-    """The OpenAPI document (built once; do not mutate it)."""
+def document(user_tasks_max: int = Settings.user_tasks_max) -> dict[str, Any]:
+    """The OpenAPI document, with this server's bounds (built once; do not mutate it)."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -842,7 +848,7 @@ def document() -> dict[str, Any]:
             "consumers and a task log. Every error is JSON "
             '(`{"error": code, "message": text}`); 429 is also RFC 9457 problem details.',
         },
-        "paths": {**_task_routes(), **_operator_routes(), **_dashboard_routes()},
+        "paths": {**_task_routes(user_tasks_max), **_operator_routes(), **_dashboard_routes()},
         "components": {
             "schemas": _schemas(),
             "headers": _headers(),
@@ -869,6 +875,6 @@ def document() -> dict[str, Any]:
 
 
 @functools.cache
-def body() -> bytes:
+def body(user_tasks_max: int = Settings.user_tasks_max) -> bytes:
     """The document as ``GET /openapi.json`` sends it."""
-    return json_body(document())
+    return json_body(document(user_tasks_max))

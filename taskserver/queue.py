@@ -49,6 +49,7 @@ FAIL = load("fail")
 PROMOTE = load("promote")
 CANCEL = load("cancel")
 RECLAIM = load("reclaim")
+USER_TASKS = load("user_tasks")
 HEARTBEAT = load("heartbeat")
 
 #: What FAIL answers when the entry was no longer in the processing list: a replay of
@@ -140,6 +141,7 @@ class TaskQueue:
         refuse_admissions: Callable[[], AdmissionsRefused | None] = lambda: None,
         wait_redis: Any = None,
         wait_refused: Callable[[str], None] = lambda why: None,
+        user_tasks_max: int = 0,
     ) -> None:
         """``durability``: what an admission waits for before it counts (see
         :mod:`taskserver.durability`); acknowledgements and outcomes never wait.
@@ -150,6 +152,9 @@ class TaskQueue:
         ``refuse_admissions()``: an error to raise instead of admitting (the
         replicas WAIT_REPLICAS asks for are missing, Redis refused the wait), or
         None. ``wait_refused(why)``: Redis answered a wait with an error.
+
+        ``user_tasks_max``: how many of a user's latest task ids ADMIT keeps in
+        the user's list (:meth:`user_tasks`); 0 keeps none and costs nothing.
 
         ``before_outcomes`` runs right before outcomes (COMPLETE, FAIL) are sent.
 
@@ -173,6 +178,7 @@ class TaskQueue:
         self._clock = clock
         self.max_attempts = max_attempts
         self._dead_letter_max = dead_letter_max
+        self.user_tasks_max = user_tasks_max
         self._admissions: dict[tuple[int, ...], Coalescer[_Admission, _Admitted]] = {}
         self._wait_redis = redis if wait_redis is None else wait_redis
         self._waits = defer.DeferredSemaphore(WAITS_IN_FLIGHT)
@@ -247,9 +253,18 @@ class TaskQueue:
         """
         keys = [self.keys.pending, self.keys.delayed]
         extended = any(task.type is not None or delay_ms for task, _, _, _, delay_ms in tasks)
-        args: list[Any] = [*tier_arguments, self._status_ttl_ms, 6 if extended else 3]
+        listed = self.user_tasks_max > 0
+        args: list[Any] = [
+            *tier_arguments,
+            self._status_ttl_ms,
+            6 if extended else 3,
+            self.user_tasks_max,
+            len(self.keys.status_prefix),
+        ]
         for task, text, user_id, counters, delay_ms in tasks:
             keys += [*counters, self.keys.status(task.id)]
+            if listed:
+                keys.append(self.keys.user_tasks(task.user_id))
             args += [text, user_id, task.queued_at]
             if extended:
                 run_at = iso_utc(self._clock.seconds() + delay_ms / 1000) if delay_ms else ""
@@ -368,6 +383,29 @@ class TaskQueue:
             if value is not None
         }
         return record or None
+
+    async def user_tasks(self, user_id: str, limit: int) -> list[tuple[str, dict[str, str]]]:
+        """The user's latest ``limit`` tasks, newest first: (task id, status record).
+
+        One call reads the list and the records; tasks whose records expired are
+        left out, so fewer than ``limit`` may come back.
+        """
+        rows = await self._eval(
+            USER_TASKS,
+            [self.keys.user_tasks(user_id)],
+            [self.keys.status_prefix, limit, *STATUS_FIELDS],
+        )
+        return [
+            (
+                str(task_id),
+                {
+                    name: value
+                    for name, value in zip(STATUS_FIELDS, values, strict=True)
+                    if value is not None
+                },
+            )
+            for task_id, *values in rows
+        ]
 
     async def ping(self) -> None:
         await within(self._redis.ping(), self._timeout_s, self._clock)

@@ -153,8 +153,25 @@ paths = st.one_of(
             "/api/v1/task/%ff",
             "/%2F%2Fhealthz",
             "/api/v1/task/" + "a" * 32 + "/",
+            "/api/v1/tasks",
+            "/api/v1/tasks?user_id=u&limit=100",
+            "/api/v1/tasks?user_id=u&limit=101",
+            "/api/v1/tasks?user_id=%ff&limit=%00",
         ]
     ),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["user_id", "limit", "wait", "x", ""]),
+            st.one_of(
+                st.integers(-(2**70), 2**70).map(str),
+                st.text(
+                    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12
+                ),
+                st.sampled_from(["%ff", "%00", "%e2%80%a8", "1e3", "0x10", " 1", "\u0000"]),
+            ),
+        ),
+        max_size=4,
+    ).map(lambda pairs: "/api/v1/tasks?" + "&".join(f"{k}={v}" for k, v in pairs)),
     st.text(
         alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="#"),
         max_size=40,

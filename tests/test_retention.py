@@ -1,6 +1,7 @@
 """Redis memory stays flat under steady load: every per-task and per-user key expires.
 
-Status records live STATUS_TTL, rate-limit counters one window, idempotency claims
+Status records live STATUS_TTL, a user's recent-tasks list STATUS_TTL after the user's
+latest submission, rate-limit counters one window, idempotency claims
 24 h (or STATUS_TTL, if shorter), dead letters are capped. Measured here with the
 TTLs scaled down (status 2 s, rate windows 1 s and 3 s) so that the steady state is
 reached in seconds. The bound checked at each sample follows from the answers
@@ -68,7 +69,9 @@ def keys_allowed(
     ``answered`` holds (time all answers of a batch were in, batch size): each of a
     batch's counters was created before that time, so it is gone a window after it.
     Of the ``tasks`` status records, those of tasks that ran (``ran_at``: when their
-    handler was called) are gone STATUS_TTL after their outcome was recorded.
+    handler was called) are gone STATUS_TTL after their outcome was recorded. Each
+    task is a new user's: its recent-tasks list, also made before that time, is gone
+    STATUS_TTL after it.
     """
     counters = sum(
         size
@@ -76,10 +79,11 @@ def keys_allowed(
         for lifetime in COUNTER_LIFETIMES_S
         if now - at <= lifetime + EXPIRY_SLACK_S
     )
+    lists = sum(size for at, size in answered if now - at <= STATUS_TTL_S + EXPIRY_SLACK_S)
     expired = sum(
         1 for at in ran_at if now - at > STATUS_TTL_S + COMPLETION_SLACK_S + EXPIRY_SLACK_S
     )
-    return FIXED_KEYS + counters + tasks - expired
+    return FIXED_KEYS + counters + lists + tasks - expired
 
 
 @pytest_twisted.ensureDeferred

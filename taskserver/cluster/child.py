@@ -188,6 +188,7 @@ class ChildService(Service):
             refuse_admissions=self._durability_refusal,
             wait_redis=waits,
             wait_refused=self._wait_refused,
+            user_tasks_max=settings.user_tasks_max,
         )
         limiter = RatePolicy(keys, settings.rate_limits)  # admitted by the queue's one call
         kill = None if settings.disable_kill else self._kill
