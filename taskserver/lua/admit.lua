@@ -58,12 +58,9 @@ for _, key in ipairs(list_order) do
   local list = lists[key]
   local length = redis.call('LPUSH', key, unpack(list.ids))
   if length > list_max then redis.call('LTRIM', key, 0, list_max - 1) end
-  -- Never shorter than a record it lists: a new list takes the TTL, an older one
-  -- only a longer one (a scheduled task's record outlives a plain one's).
-  if length == #list.ids then
-    redis.call('PEXPIRE', key, list.ttl)
-  else
-    redis.call('PEXPIRE', key, list.ttl, 'GT')
-  end
+  -- Never shorter than a record it lists (a scheduled task's record outlives a plain
+  -- one's). PTTL, not PEXPIRE's GT: that needs Redis 7, and a script's error midway
+  -- would leave its earlier writes in place.
+  if redis.call('PTTL', key) < list.ttl then redis.call('PEXPIRE', key, list.ttl) end
 end
 return replies
