@@ -259,7 +259,7 @@ class TaskQueue:
             self._status_ttl_ms,
             6 if extended else 3,
             self.user_tasks_max,
-            len(self.keys.status_prefix),
+            len(self.keys.status_prefix.encode("utf-8")),  # Lua counts bytes
         ]
         for task, text, user_id, counters, delay_ms in tasks:
             keys += [*counters, self.keys.status(task.id)]

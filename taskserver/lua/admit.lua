@@ -61,6 +61,8 @@ for _, key in ipairs(list_order) do
   -- Never shorter than a record it lists (a scheduled task's record outlives a plain
   -- one's). PTTL, not PEXPIRE's GT: that needs Redis 7, and a script's error midway
   -- would leave its earlier writes in place.
-  if redis.call('PTTL', key) < list.ttl then redis.call('PEXPIRE', key, list.ttl) end
+  if length == #list.ids or redis.call('PTTL', key) < list.ttl then
+    redis.call('PEXPIRE', key, list.ttl)  -- a new list (no TTL yet), or one to extend
+  end
 end
 return replies
