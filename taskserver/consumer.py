@@ -476,10 +476,9 @@ class ConsumerService(Service):
                 self._tally.observe(TASK_WAIT, started - queued)
         argument = task_.handler_argument(attempts)
         error = ""
-        result: tuple[bytes, str] | None = None
+        returned: Any = None
         try:
             returned = await self._call_handler(self._handler_of(task_), argument)
-            result = stored_result(returned, self._result_max_bytes)
         except UnknownTaskType as e:
             error = error_text(e)
             self.log.warn("task {task_id}: {error}", task_id=task_.id, error=e)
@@ -494,6 +493,7 @@ class ConsumerService(Service):
         finished = self._clock.seconds()
         self._tally.observe(TASK_DURATION, finished - started)
         duration_ms = (finished - started) * 1000
+        result = None if error else stored_result(returned, self._result_max_bytes)
         # The line first, then the outcome that removes the entry: a crash between
         # them runs the task again (its line may appear twice), never loses its line.
         self._task_log.record(
