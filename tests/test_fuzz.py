@@ -3,7 +3,9 @@
 Whatever arrives (random methods, paths, headers, forwarding headers,
 bodies, encodings, deep nesting, huge numbers, duplicate keys), the answer
 is a JSON 4xx (or a 2xx), never a 5xx, never a crash, and no Redis key is
-ever written outside the key prefix. The server runs with its own embedded
+ever written outside the key prefix. Its handlers echo their task
+(TASK_HANDLER, and the ``echo`` type), so whatever JSON a task carries comes
+back as its ``result``. The server runs with its own embedded
 Redis, so every key in it is checked. It trusts 127.0.0.1 as a proxy and
 limits per address, so the forwarding headers are parsed on every POST. Two
 more servers keep GET /kill on: one trusts no proxy (whatever a forwarding

@@ -368,6 +368,31 @@ async def test_results_are_kept_with_the_record_in_the_one_call_of_a_turn(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_completion_without_a_result_sends_the_arguments_it_always_did(
+    queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five per task; a task with a result adds its triple after all of them."""
+    sent: list[list[Any]] = []
+
+    async def capture(script: Any, keys: Any, args: Any) -> list[int]:
+        sent.append(list(args))
+        return [1] * (len(keys) - 1)
+
+    monkeypatch.setattr(queue, "_eval", capture)
+    plain, typed = new_task(), new_task()
+    await defer.gatherResults(
+        [
+            defer.ensureDeferred(queue.complete("p#0", "a", plain, "t", 1.0)),
+            defer.ensureDeferred(queue.complete("p#0", "b", typed, "t", 1.0, (b"[1]", ""))),
+        ]
+    )
+    [args] = sent
+    assert len(args) == 1 + 5 * 2 + 3 and args[-3:] == [2, b"[1]", ""]
+    await queue.complete("p#0", "a", plain, "t", 1.0)
+    assert len(sent[-1]) == 1 + 5
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_result_is_written_once_and_only_if_the_entry_was_there(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
