@@ -19,7 +19,7 @@ import re
 import sys
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
@@ -68,7 +68,7 @@ UNAVAILABLE_RETRY_AFTER_S = 2
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 #: How far ahead a task may be delayed (openapi.DELAY_MAX_S says the same).
 DELAY_MAX_S = 30 * 24 * 3600
-_ALLOWED_FIELDS = frozenset({"user_id", "payload", "delay_s", "run_at"})
+_ALLOWED_FIELDS = frozenset({"user_id", "payload", "type", "delay_s", "run_at"})
 
 #: /kill waits for its answer to be sent, but not longer than this.
 KILL_FLUSH_TIMEOUT_S = 1.0
@@ -207,13 +207,18 @@ def parse_json_body(content_type: bytes | None, body: bytes) -> Any:
 
 
 def parse_task_document(
-    document: Any, surrogates: bool = True, *, now: float | None = None
+    document: Any,
+    surrogates: bool = True,
+    *,
+    now: float | None = None,
+    task_types: Collection[str] = frozenset(),
 ) -> TaskRequest:
     """Validate one task document (the one validator, for single POSTs and batch items).
 
     ``surrogates`` is False when the raw text shows no ``\\u`` escape, so no
     lone surrogate can be in it and the payload need not be walked. ``now`` (the
     reactor's seconds; the wall clock if None) is what a ``run_at`` is measured from.
+    ``task_types``: the TASK_HANDLERS names a ``type`` may name.
     """
     if not isinstance(document, dict):
         raise ApiError(
@@ -229,8 +234,29 @@ def parse_task_document(
     user_id, payload = validate_user_id(document["user_id"]), document.get("payload")
     if surrogates:
         _require_utf8(payload)
+    task_type = parse_task_type(document, task_types)
     delay_ms = parse_delay(document, time.time() if now is None else now)
-    return TaskRequest(user_id, payload, delay_ms=delay_ms)
+    return TaskRequest(user_id, payload, task_type, delay_ms)
+
+
+def parse_task_type(document: dict[str, Any], task_types: Collection[str]) -> str | None:
+    """``type``: one of ``task_types`` (TASK_HANDLERS), or None (absent: TASK_HANDLER).
+
+    Checked here, at submission, so a task is never accepted that no handler would run.
+    """
+    if "type" not in document:
+        return None
+    task_type = document["type"]
+    if not isinstance(task_type, str) or not task_type:
+        raise ApiError(400, "invalid_task_type", "type must be a non-empty string")
+    if task_type not in task_types:
+        known = ", ".join(sorted(task_types)) or "none (TASK_HANDLERS is empty)"
+        raise ApiError(
+            400,
+            "unknown_task_type",
+            f"unknown task type {json.dumps(task_type[:64])}; the known types: {known}"[:300],
+        )
+    return task_type
 
 
 #: RFC 3339 date-time (what datetime.fromisoformat would take more loosely).
@@ -275,12 +301,16 @@ def parse_delay(document: dict[str, Any], now: float) -> int:
 
 
 def parse_task_body(
-    content_type: bytes | None, body: bytes, *, now: float | None = None
+    content_type: bytes | None,
+    body: bytes,
+    *,
+    now: float | None = None,
+    task_types: Collection[str] = frozenset(),
 ) -> TaskRequest:
     """Validate a POST body; returns the TaskRequest or raises ApiError."""
     document = parse_json_body(content_type, body)
     surrogates = b"\\u" in body and _SURROGATE_ESCAPE.search(body) is not None
-    return parse_task_document(document, surrogates, now=now)
+    return parse_task_document(document, surrogates, now=now, task_types=task_types)
 
 
 def idempotency_key(header: bytes | None) -> str | None:
@@ -343,6 +373,13 @@ def status_document(task_id: str, record: dict[str, str]) -> dict[str, Any]:
     document["attempts"] = int(record.get("attempts", "0"))
     if "duration_ms" in record:
         document["duration_ms"] = float(record["duration_ms"])
+    if "result" in record:
+        try:
+            document["result"] = json.loads(record["result"])
+        except ValueError:  # never written so by the consumer; said, not a 500
+            document["result_note"] = "result not readable: not JSON"
+    elif "result_note" in record:
+        document["result_note"] = record["result_note"]
     return document
 
 
@@ -371,6 +408,7 @@ class TaskAPI:
         tally: Tally | None = None,
         dashboard: DashboardRoutes | None = None,
         not_ready: Callable[[], ApiError | None] = lambda: None,
+        task_types: Collection[str] = frozenset(),
     ) -> None:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
@@ -382,7 +420,9 @@ class TaskAPI:
         with its Redis, keys and labels bound); None turns GET /metrics off.
         ``tally`` counts the process's requests, admissions and refusals.
         ``not_ready()`` is why /readyz should fail though Redis answers, or None.
+        ``task_types``: the TASK_HANDLERS names a task's ``type`` may be.
         """
+        self._task_types = frozenset(task_types)
         #: None unless it has tiers: the request path then does not even call it.
         self._ip_limiter = ip_limiter if ip_limiter is not None and ip_limiter.active else None
         self._trusted_proxies = tuple(trusted_proxies)
@@ -425,7 +465,10 @@ class TaskAPI:
         """``POST /api/v1/task`` (answered by TaskResource, not routed by Klein)."""
         body = read_body(request)
         submitted = parse_task_body(
-            request.getHeader(b"content-type"), body, now=self._clock.seconds()
+            request.getHeader(b"content-type"),
+            body,
+            now=self._clock.seconds(),
+            task_types=self._task_types,
         )
         user_id, payload = submitted.user_id, submitted.payload
         key = idempotency_key(request.getHeader(b"idempotency-key"))
@@ -433,7 +476,7 @@ class TaskAPI:
         # Before the claim: a sure refusal (replicas missing) must not hold the key.
         self._queue.check_admissions()
         if key is not None:
-            claim = Claim(task.id, fingerprint(user_id, payload), task.queued_at)
+            claim = Claim(task.id, fingerprint(user_id, payload, task.type), task.queued_at)
             earlier = await self._idempotency.claim(user_id, key, claim)
             if earlier is not None:
                 replayed = await self._replay(request, user_id, key, claim, earlier)
@@ -463,6 +506,8 @@ class TaskAPI:
             "status": "queued",
             "queued_at": task.queued_at,
         }
+        if task.type is not None:
+            accepted["type"] = task.type
         if submitted.delay_ms:
             due = iso_utc(self._clock.seconds() + submitted.delay_ms / 1000)
             accepted.update(status="scheduled", run_at=due)

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, cast, get_args, get_origin, get_type_hints
@@ -181,6 +181,32 @@ def _handler(text: str) -> str:
     if not _HANDLER.match(value):
         raise ConfigError(f"expected module:function, got {text!r}")
     return value
+
+
+#: A task type's name (what a POST's ``"type"`` names; openapi.py's TaskRequest says the same).
+TASK_TYPE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+def _task_handlers(text: str) -> tuple[tuple[str, str], ...]:
+    """``name=module:function,...`` as ``((name, spec), ...)``; empty: no typed tasks."""
+    routes: list[tuple[str, str]] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, equals, spec = part.partition("=")
+        name = name.strip()
+        if not equals or not TASK_TYPE.match(name):
+            raise ConfigError(
+                f"expected name=module:function entries (a name is 1-64 of a-z 0-9 _ . -, "
+                f"starting with a letter or digit), got {part.strip()!r}"
+            )
+        if any(name == known for known, _ in routes):
+            raise ConfigError(f"the task type {name!r} is named twice")
+        try:
+            routes.append((name, _handler(spec)))
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
+    return tuple(routes)
 
 
 _TIER = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*(ms|s|m|h)?\s*$")
@@ -426,7 +452,25 @@ OPTIONS: tuple[Option, ...] = (
         _int_in(0, 64),
     ),
     Option(
-        "handler", "TASK_HANDLER", DEFAULT_HANDLER, "module:function run for each task", _handler
+        "handler",
+        "TASK_HANDLER",
+        DEFAULT_HANDLER,
+        "module:function run for each task without a type",
+        _handler,
+    ),
+    Option(
+        "task_handlers",
+        "TASK_HANDLERS",
+        "",
+        "name=module:function,... run for tasks of that type (POST's type)",
+        _task_handlers,
+    ),
+    Option(
+        "result_max_bytes",
+        "RESULT_MAX_BYTES",
+        "65536",
+        "largest handler result (JSON, bytes) kept in the status record",
+        _int_in(0, 16 << 20),
     ),
     Option(
         "concurrency",
@@ -601,6 +645,8 @@ class Settings:
     redis: RedisAddress | None = None
     redis_server_bin: str | None = _default("redis_server_bin")
     handler: str = _default("handler")
+    task_handlers: tuple[tuple[str, str], ...] = _default("task_handlers")
+    result_max_bytes: int = _default("result_max_bytes")
     concurrency: int = _default("concurrency")
     rate_limits: tuple[RateTier, ...] = _default("rate_limits")
     kill_token: str | None = field(default=_default("kill_token"), repr=False)
@@ -752,14 +798,21 @@ def redis_address_from_json(value: Mapping[str, Any]) -> RedisAddress:
     return cast(RedisAddress, _from_json_value(RedisAddress, dict(value)))
 
 
-def resolve_handler(spec: str) -> Callable[[dict[str, Any]], Any]:
-    """Import ``module:function``; a ConfigError says what is missing."""
+def resolve_handler(spec: str, setting: str = "TASK_HANDLER") -> Callable[[dict[str, Any]], Any]:
+    """Import ``module:function``; a ConfigError, naming ``setting``, says what is missing."""
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:
-        raise ConfigError(f"TASK_HANDLER: cannot import {module_name!r}: {e}") from None
+        raise ConfigError(f"{setting}: cannot import {module_name!r}: {e}") from None
     handler = getattr(module, attribute, None)
     if not callable(handler):
-        raise ConfigError(f"TASK_HANDLER: {module_name!r} has no function {attribute!r}")
+        raise ConfigError(f"{setting}: {module_name!r} has no function {attribute!r}")
     return handler
+
+
+def resolve_task_handlers(
+    routes: Sequence[tuple[str, str]],
+) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """Import every TASK_HANDLERS entry (at start-up: a bad one stops it), by type name."""
+    return {name: resolve_handler(spec, f"TASK_HANDLERS ({name})") for name, spec in routes}

@@ -15,8 +15,9 @@ healthy.
 from __future__ import annotations
 
 import inspect
+import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, cast
 
@@ -55,6 +56,8 @@ ERROR_MAX_CHARS = 1000
 PROMOTE_EVERY_S = 0.25
 #: Longest wait between two attempts of a task.
 RETRY_BACKOFF_MAX_S = 300.0
+#: RESULT_MAX_BYTES's default: the largest result (its JSON, in bytes) a record keeps.
+RESULT_MAX_BYTES = 65536
 
 
 class TaskTimeout(Exception):
@@ -72,6 +75,44 @@ def retry_delay_s(attempts: int, base_s: float, rng: Callable[[], float] = rando
 
 
 Handler = Callable[[dict[str, Any]], Any]
+
+
+class UnknownTaskType(Exception):
+    """A queued task's type has no handler (TASK_HANDLERS changed since it was submitted)."""
+
+
+def stored_result(value: Any, max_bytes: int) -> tuple[bytes, str] | None:
+    """What the status record keeps of a handler's return value (see TaskQueue.complete).
+
+    None for None (no result). Otherwise ``(json, "")``: the value as compact
+    JSON, encoded once, here; or ``(b"", why)`` when it is not JSON (a set,
+    bytes, NaN, a string with a lone surrogate) or its JSON is over ``max_bytes``.
+    """
+    if value is None:
+        return None
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        encoded = text.encode("utf-8")
+    except Exception as e:  # whatever it is, the task succeeded: never fail it for this
+        return b"", f"result not stored: not JSON ({_why_not_json(e)})"
+    if len(encoded) > max_bytes:
+        size = len(encoded)
+        return b"", f"result not stored: {size} bytes, over RESULT_MAX_BYTES {max_bytes}"
+    return encoded, ""
+
+
+def _why_not_json(error: Exception) -> str:
+    """A few words for the note: the type that is not JSON (``set``), or what went wrong."""
+    if isinstance(error, UnicodeEncodeError):
+        return "a string holds a lone surrogate"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    message = error_text(error).partition(": ")[2]
+    if message.startswith("Object of type "):  # "Object of type set is not JSON serializable"
+        return message.removeprefix("Object of type ").partition(" ")[0]
+    if message.startswith("Out of range float"):
+        return "NaN or Infinity"
+    return message[:100]
 
 
 def error_text(error: BaseException) -> str:
@@ -112,6 +153,8 @@ class ConsumerService(Service):
         blocking_redis: Any,
         handler: Handler,
         task_log: TaskLog,
+        typed_handlers: Mapping[str, Handler] | None = None,
+        result_max_bytes: int = RESULT_MAX_BYTES,
         concurrency: int,
         heartbeat_ttl_s: float,
         shutdown_timeout_s: float,
@@ -121,11 +164,19 @@ class ConsumerService(Service):
         retry_backoff_s: float = 1.0,
         tally: Tally | None = None,
     ) -> None:
-        """``tally`` counts outcomes, run and wait times, and what the reaper gives back."""
+        """``tally`` counts outcomes, run and wait times, and what the reaper gives back.
+
+        ``handler`` runs the tasks without a type; ``typed_handlers`` (TASK_HANDLERS)
+        the others, by type. A task whose type has none fails (UnknownTaskType), and
+        goes the way of failures: retried, then dead, visibly. ``result_max_bytes``:
+        see :func:`stored_result`.
+        """
         self._tally = tally if tally is not None else Tally()
         self._queue = queue
         self._blocking = blocking_redis
         self._handler = handler
+        self._typed_handlers = dict(typed_handlers or {})
+        self._result_max_bytes = result_max_bytes
         self._task_log = task_log
         self._heartbeat_ttl_s = heartbeat_ttl_s
         self._shutdown_timeout_s = shutdown_timeout_s
@@ -425,8 +476,12 @@ class ConsumerService(Service):
                 self._tally.observe(TASK_WAIT, started - queued)
         argument = task_.handler_argument(attempts)
         error = ""
+        returned: Any = None
         try:
-            await self._call_handler(argument)
+            returned = await self._call_handler(self._handler_of(task_), argument)
+        except UnknownTaskType as e:
+            error = error_text(e)
+            self.log.warn("task {task_id}: {error}", task_id=task_.id, error=e)
         except TaskTimeout as e:
             error = f"TaskTimeout: {e}"
             self.log.warn("task {task_id} timed out (attempt {n})", task_id=task_.id, n=attempts)
@@ -438,6 +493,7 @@ class ConsumerService(Service):
         finished = self._clock.seconds()
         self._tally.observe(TASK_DURATION, finished - started)
         duration_ms = (finished - started) * 1000
+        result = None if error else stored_result(returned, self._result_max_bytes)
         # The line first, then the outcome that removes the entry: a crash between
         # them runs the task again (its line may appear twice), never loses its line.
         self._task_log.record(
@@ -446,6 +502,7 @@ class ConsumerService(Service):
             task_id=task_.id,
             status=self._queue.failure_outcome(attempts) if error else "completed",
             duration_ms=duration_ms,
+            task_type=task_.type,
         )
         if error:
             delay = retry_delay_s(attempts, self._retry_backoff_s)
@@ -458,7 +515,7 @@ class ConsumerService(Service):
             if outcome == GONE:
                 self._log_gone(task_)
         else:
-            self._acknowledge(consumer_id, raw, task_, iso_utc(finished), duration_ms)
+            self._acknowledge(consumer_id, raw, task_, iso_utc(finished), duration_ms, result)
 
     def _count_failure(self, outcome: str) -> None:
         """A failed attempt; what it became, once recorded (GONE: another run records it)."""
@@ -469,7 +526,13 @@ class ConsumerService(Service):
             self._tally.count(TASKS_DEAD)
 
     def _acknowledge(
-        self, consumer_id: str, raw: str, task_: Task, finished_at: str, duration_ms: float
+        self,
+        consumer_id: str,
+        raw: str,
+        task_: Task,
+        finished_at: str,
+        duration_ms: float,
+        result: tuple[bytes, str] | None,
     ) -> None:
         """Record the success and remove the entry, without holding the task's slot.
 
@@ -478,17 +541,25 @@ class ConsumerService(Service):
         trip per batch of tasks instead of two.
         """
         acking = defer.Deferred.fromCoroutine(
-            self._record_success(consumer_id, raw, task_, finished_at, duration_ms)
+            self._record_success(consumer_id, raw, task_, finished_at, duration_ms, result)
         )
         self._acking[acking] = raw
         acking.addBoth(self._acked, acking)
 
     async def _record_success(
-        self, consumer_id: str, raw: str, task_: Task, finished_at: str, duration_ms: float
+        self,
+        consumer_id: str,
+        raw: str,
+        task_: Task,
+        finished_at: str,
+        duration_ms: float,
+        result: tuple[bytes, str] | None,
     ) -> None:
         try:
             removed = await self._until_done(
-                lambda: self._queue.complete(consumer_id, raw, task_, finished_at, duration_ms)
+                lambda: self._queue.complete(
+                    consumer_id, raw, task_, finished_at, duration_ms, result
+                )
             )
         except defer.CancelledError:
             raise
@@ -515,9 +586,21 @@ class ConsumerService(Service):
             task_id=task_.id,
         )
 
-    async def _call_handler(self, argument: dict[str, Any]) -> Any:
+    def _handler_of(self, task_: Task) -> Handler:
+        """TASK_HANDLER for an untyped task, else its type's; UnknownTaskType if none."""
+        if task_.type is None:
+            return self._handler
+        handler = self._typed_handlers.get(task_.type)
+        if handler is None:
+            known = ", ".join(sorted(self._typed_handlers)) or "none"
+            raise UnknownTaskType(
+                f"no handler for task type {task_.type[:64]!r} (TASK_HANDLERS has: {known})"
+            )
+        return handler
+
+    async def _call_handler(self, handler: Handler, argument: dict[str, Any]) -> Any:
         """Run the handler; cancel it (TaskTimeout) if it outlives TASK_TIMEOUT."""
-        result = self._handler(argument)
+        result = handler(argument)
         if not (isinstance(result, defer.Deferred) or inspect.isawaitable(result)):
             return result
         running: defer.Deferred[Any] = defer.ensureDeferred(cast(Any, result))

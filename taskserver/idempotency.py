@@ -39,9 +39,13 @@ TAKE_OVER = load("take_over")
 RELEASE = load("release")
 
 
-def fingerprint(user_id: str, payload: Any) -> str:
-    """What makes two requests the same: their user id and payload, as canonical JSON."""
-    canonical = json.dumps([user_id, payload], sort_keys=True, separators=(",", ":"))
+def fingerprint(user_id: str, payload: Any, task_type: str | None = None) -> str:
+    """What makes two requests the same: their user id, payload and type, as canonical JSON.
+
+    An untyped request's fingerprint is what it was before tasks had types.
+    """
+    same = [user_id, payload] if task_type is None else [user_id, payload, task_type]
+    canonical = json.dumps(same, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

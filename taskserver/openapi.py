@@ -82,7 +82,8 @@ METHOD_NOT_ALLOWED = _error(
 BODY_ERRORS = {
     "400": _error(
         "The body or the Idempotency-Key is not valid (`invalid_json`, `not_an_object`, "
-        "`missing_user_id`, `invalid_user_id`, `unknown_field`, `unknown_task_type`, "
+        "`missing_user_id`, `invalid_user_id`, `unknown_field`, `invalid_task_type`, "
+        "`unknown_task_type`, "
         "`invalid_delay`, `invalid_idempotency_key`, ...)."
     ),
     "405": METHOD_NOT_ALLOWED,
@@ -710,8 +711,16 @@ def _schemas() -> dict[str, Any]:
                 "attempts": {"type": "integer", "minimum": 0},
                 "duration_ms": {"type": "number"},
                 "error": {"type": "string", "description": "The last attempt's error."},
-                "result": {"description": "The handler's JSON return value."},
-                "result_note": {"type": "string", "description": "Why no result is stored."},
+                "result": {
+                    "description": "The handler's return value (any JSON), kept with the "
+                    "record when it is JSON of at most RESULT_MAX_BYTES; absent when the "
+                    "handler returned None."
+                },
+                "result_note": {
+                    "type": "string",
+                    "description": "Why the handler's return value is not kept (over "
+                    "RESULT_MAX_BYTES, or not JSON).",
+                },
             },
         },
         "TaskList": {

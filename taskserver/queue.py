@@ -68,6 +68,8 @@ STATUS_FIELDS = (
     "type",
     "run_at",
     "cancelled_at",
+    "result",
+    "result_note",
 )
 
 
@@ -100,6 +102,10 @@ _Admitted = tuple[Any, bool]
 
 #: One turn's admissions queued behind the waits in flight, and who waits for their replies.
 _Behind = tuple[list[_Admission], defer.Deferred[list[_Admitted]]]
+
+#: One success on its way into COMPLETE: the entry, its task, finished_at, duration ms, and
+#: the handler's result: (JSON text, "") kept, ("", why) not kept, or None (nothing returned).
+_Completion = tuple[str, Task, str, str, tuple[bytes, str] | None]
 
 Key = TypeVar("Key")
 Item = TypeVar("Item")
@@ -184,7 +190,7 @@ class TaskQueue:
         self._waits = defer.DeferredSemaphore(WAITS_IN_FLIGHT)
         #: Turns' admissions waiting for a free wait, by tier arguments, oldest first.
         self._behind: dict[tuple[int, ...], list[_Behind]] = {}
-        self._completions: dict[str, Coalescer[tuple[str, Task, str, str], Any]] = {}
+        self._completions: dict[str, Coalescer[_Completion, Any]] = {}
 
     def _coalescer(
         self,
@@ -457,9 +463,18 @@ class TaskQueue:
         return int(attempts)
 
     async def complete(
-        self, consumer_id: str, raw: str, task: Task, finished_at: str, duration_ms: float
+        self,
+        consumer_id: str,
+        raw: str,
+        task: Task,
+        finished_at: str,
+        duration_ms: float,
+        result: tuple[bytes, str] | None = None,
     ) -> bool:
         """Acknowledge and record success: the entry leaves the processing list.
+
+        ``result``: what the handler returned, for the record: ``(json, "")`` to keep,
+        ``(b"", why)`` for one not kept (too large, not JSON), None for nothing returned.
 
         True if the success is recorded, by this call or by an earlier try of it
         whose reply was lost (so it is counted once). False (and records nothing)
@@ -470,16 +485,20 @@ class TaskQueue:
         batch = self._coalescer(
             self._completions, consumer_id, partial(self._complete_many, consumer_id)
         )
-        return int(await batch.submit((raw, task, finished_at, f"{duration_ms:.3f}"))) > 0
+        done = (raw, task, finished_at, f"{duration_ms:.3f}", result)
+        return int(await batch.submit(done)) > 0
 
-    async def _complete_many(
-        self, consumer_id: str, done: list[tuple[str, Task, str, str]]
-    ) -> list[Any]:
+    async def _complete_many(self, consumer_id: str, done: list[_Completion]) -> list[Any]:
+        """COMPLETE's call: five arguments per task, then three per task with a result."""
         keys = [self.keys.processing(consumer_id)]
         args: list[Any] = [self._status_ttl_ms]
-        for raw, task, finished_at, duration_ms in done:
+        results: list[Any] = []
+        for number, (raw, task, finished_at, duration_ms, result) in enumerate(done, 1):
             keys.append(self.keys.status(task.id))
             args += [raw, finished_at, duration_ms, _encodable(task.user_id), task.queued_at]
+            if result is not None:
+                results += [number, result[0], result[1]]
+        args += results
         self._before_outcomes()
         return list(await self._eval(COMPLETE, keys, args))
 

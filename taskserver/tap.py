@@ -18,7 +18,14 @@ from twisted.python import usage
 from taskserver.cluster.embedded import find_server_binary, lock_data_dir
 from taskserver.cluster.listener import bind_listener
 from taskserver.cluster.master import Master
-from taskserver.config import OPTIONS, ConfigError, Settings, load_settings, resolve_handler
+from taskserver.config import (
+    OPTIONS,
+    ConfigError,
+    Settings,
+    load_settings,
+    resolve_handler,
+    resolve_task_handlers,
+)
 
 
 class Options(usage.Options):
@@ -53,6 +60,7 @@ def makeService(options: Options) -> IService:
     settings = options.settings
     try:
         resolve_handler(settings.handler)  # fail now, not in every child
+        resolve_task_handlers(settings.task_handlers)
         binary = None if settings.redis else find_server_binary(settings.redis_server_bin)
         data_lock = None if settings.redis else lock_data_dir(settings.data_dir)
         listener = bind_listener(settings.interface, settings.port)

@@ -6,8 +6,10 @@ Lines look like this (one line in the file, wrapped here)::
     2026-11-27T21:00:18.123Z user_id="user123" task_id=9f0c...
         status=completed duration_ms=0.412 pid=4242
 
-The user id is JSON-quoted with every non-ASCII and control character
-escaped, so nothing a client sends can split or forge a line.
+A typed task's line ends with its type, `` type="email"`` (lines of untyped
+tasks are as they were). The user id and the type are JSON-quoted with
+every non-ASCII and control character escaped, so nothing a client sends
+can split or forge a line.
 
 One process writes the file: in a cluster, children format their lines
 and send them to the master over a pipe of their own (whole lines only,
@@ -56,10 +58,17 @@ MOST_BYTES_PER_WRITE = 1 << 20
 
 
 def task_line(
-    *, finished: float, user_id: str, task_id: str, status: str, duration_ms: float, pid: int
+    *,
+    finished: float,
+    user_id: str,
+    task_id: str,
+    status: str,
+    duration_ms: float,
+    pid: int,
+    task_type: str | None = None,
 ) -> str:
     """The log line of one finished task, without its newline."""
-    return (
+    line = (
         f"{iso_utc(finished)} "
         f"user_id={json.dumps(user_id, ensure_ascii=True)} "
         f"task_id={task_id} "
@@ -67,6 +76,9 @@ def task_line(
         f"duration_ms={duration_ms:.3f} "
         f"pid={pid}"
     )
+    if task_type is None:
+        return line
+    return f"{line} type={json.dumps(task_type, ensure_ascii=True)}"
 
 
 class TaskLogSink(Protocol):
@@ -403,7 +415,14 @@ class TaskLog:
         self._pid = pid
 
     def record(
-        self, *, finished: float, user_id: str, task_id: str, status: str, duration_ms: float
+        self,
+        *,
+        finished: float,
+        user_id: str,
+        task_id: str,
+        status: str,
+        duration_ms: float,
+        task_type: str | None = None,
     ) -> None:
         self._sink(
             task_line(
@@ -413,5 +432,6 @@ class TaskLog:
                 status=status,
                 duration_ms=duration_ms,
                 pid=self._pid,
+                task_type=task_type,
             )
         )

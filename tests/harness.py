@@ -34,7 +34,8 @@ EMBEDDED_REDIS = re.compile(r"Redis: embedded \S+ \(pid (\d+)\)")
 WORKER_READY = re.compile(r"worker-\d+ \(pid (\d+)\) ready")
 TASK_LINE = re.compile(
     r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z user_id="(?:[^"\\]|\\.)*" '
-    r"task_id=([0-9a-f]{32}) status=(completed|retrying|dead) duration_ms=\d+\.\d{3} pid=\d+$"
+    r"task_id=([0-9a-f]{32}) status=(completed|retrying|dead) duration_ms=\d+\.\d{3} pid=\d+"
+    r'(?: type="(?:[^"\\]|\\.)*")?$'
 )
 #: A deadline, not an expectation: start-up takes a second or two, longer on a loaded machine.
 START_TIMEOUT_S = 60.0

@@ -33,3 +33,18 @@ def poison_or_slow(task_: dict[str, Any]) -> defer.Deferred[None] | None:
     if task_["payload"] == {"poison": True}:
         suicide(task_)
     return slow(task_)
+
+
+def echo(task_: dict[str, Any]) -> dict[str, Any]:
+    """A result: what it was given, and the type it ran as."""
+    return {"echo": task_["payload"], "type": task_.get("type")}
+
+
+def not_json(task_: dict[str, Any]) -> set[int]:
+    """A result that is not JSON: it is not stored, and the record says why."""
+    return {1, 2, 3}
+
+
+def too_large(task_: dict[str, Any]) -> str:
+    """A result over RESULT_MAX_BYTES (70,002 bytes of JSON at the default 65,536)."""
+    return "x" * 70_000

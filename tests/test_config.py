@@ -22,6 +22,7 @@ from taskserver.config import (
     parse_rate_limits,
     parse_redis_url,
     resolve_handler,
+    resolve_task_handlers,
     settings_from_json,
     settings_to_json,
 )
@@ -135,6 +136,14 @@ def test_command_line_beats_environment() -> None:
         ({"RATE_LIMITS": "1 per second"}, "RATE_LIMITS (--rate-limits): expected tiers like"),
         ({"RATE_LIMITS": "1/1s,5/1000ms"}, "two tiers have the same window"),
         ({"TASK_HANDLER": "not a handler"}, "TASK_HANDLER (--handler): expected module:function"),
+        (
+            {"TASK_HANDLERS": "email"},
+            "TASK_HANDLERS (--task-handlers): expected name=module:function entries",
+        ),
+        ({"TASK_HANDLERS": "Email=a:b"}, "a name is 1-64 of a-z 0-9 _ . -"),
+        ({"TASK_HANDLERS": "email=a b"}, "TASK_HANDLERS (--task-handlers): email: expected"),
+        ({"TASK_HANDLERS": "a=m:f, a=m:g"}, "the task type 'a' is named twice"),
+        ({"RESULT_MAX_BYTES": "-1"}, "RESULT_MAX_BYTES (--result-max-bytes): expected a number"),
         ({"REDIS_TLS": "maybe"}, "REDIS_TLS (--redis-tls): expected true or false"),
         ({"REDIS_PASSWORD": "s3cret"}, "REDIS_PASSWORD set but REDIS_HOST is not"),
         ({"HEARTBEAT_TTL": "nan"}, "HEARTBEAT_TTL (--heartbeat-ttl): expected seconds"),
@@ -183,6 +192,26 @@ def test_rate_limit_units() -> None:
         RateTier("1m", 20, 60_000),
     )
     assert parse_rate_limits("") == ()
+
+
+def test_task_handlers_are_name_spec_pairs_and_survive_the_trip_to_a_child() -> None:
+    settings = load_settings(
+        {},
+        {"TASK_HANDLERS": " email=pkg.mod:send , resize=pkg.img:resize,", "RESULT_MAX_BYTES": "10"},
+    )
+    assert settings.task_handlers == (("email", "pkg.mod:send"), ("resize", "pkg.img:resize"))
+    assert settings.result_max_bytes == 10
+    assert settings_from_json(settings_to_json(settings)) == settings
+    assert Settings().task_handlers == () and Settings().result_max_bytes == 65536
+
+
+def test_every_task_handler_is_resolved_and_a_bad_one_is_named() -> None:
+    resolved = resolve_task_handlers([("done", "taskserver.handlers:complete")])
+    assert list(resolved) == ["done"] and resolved["done"]({"id": "x"}) is None
+    with pytest.raises(ConfigError, match=r"^TASK_HANDLERS \(email\): cannot import 'no_such'"):
+        resolve_task_handlers([("done", "taskserver.handlers:complete"), ("email", "no_such:f")])
+    with pytest.raises(ConfigError, match=r"^TASK_HANDLERS \(x\): 'taskserver.handlers' has no"):
+        resolve_task_handlers([("x", "taskserver.handlers:nope")])
 
 
 def test_handler_resolution() -> None:

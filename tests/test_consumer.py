@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from twisted.internet import defer, reactor
 from conftest import connect_raw, eventually, sleep
 from taskserver import admin
 from taskserver.config import RedisAddress
-from taskserver.consumer import ConsumerService, backoff_s
+from taskserver.consumer import ConsumerService, backoff_s, stored_result
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import RedisUnavailable
@@ -66,8 +67,10 @@ async def consumers(
     log_file.close()
 
 
-async def enqueue(queue: TaskQueue, user: str = "u", payload: Any = None) -> Task:
-    task = Task.new(user, payload, now=reactor.seconds())
+async def enqueue(
+    queue: TaskQueue, user: str = "u", payload: Any = None, type: str | None = None
+) -> Task:
+    task = Task.new(user, payload, now=reactor.seconds(), type=type)
     await queue.enqueue(task)
     return task
 
@@ -167,6 +170,120 @@ async def test_a_task_that_always_fails_ends_in_the_dead_letters(
     assert (record["error"], record["attempts"]) == ("ValueError: bad input", "3")
     [entry] = await redis.lrange(keys.dead, 0, -1)
     assert task.id in entry
+
+
+def test_a_result_is_kept_as_compact_json_or_a_note_says_why_not() -> None:
+    assert stored_result(None, 100) is None
+    assert stored_result({"a": [1, 2.5], "é": "ü"}, 100) == (
+        '{"a":[1,2.5],"é":"ü"}'.encode(),
+        "",
+    )
+    assert stored_result("x" * 9, 11) == (b'"' + b"x" * 9 + b'"', ""), "exactly at the bound"
+    assert stored_result("x" * 10, 11) == (
+        b"",
+        "result not stored: 12 bytes, over RESULT_MAX_BYTES 11",
+    )
+    assert stored_result("é" * 5, 11) == (
+        b"",
+        "result not stored: 12 bytes, over RESULT_MAX_BYTES 11",
+    )
+    for value, why in [
+        ({1, 2}, "set"),
+        (b"raw", "bytes"),
+        (float("nan"), "NaN or Infinity"),
+        ([float("inf")], "NaN or Infinity"),
+        ("\ud800", "a string holds a lone surrogate"),
+        (object(), "object"),
+    ]:
+        assert stored_result(value, 1000) == (b"", f"result not stored: not JSON ({why})")
+
+
+@pytest.mark.parametrize(
+    ("returned", "result", "note"),
+    [
+        ({"sent": True, "to": ["a@b.c"]}, {"sent": True, "to": ["a@b.c"]}, None),
+        ({1, 2}, None, "result not stored: not JSON (set)"),
+        ("x" * 70, None, "result not stored: 72 bytes, over RESULT_MAX_BYTES 64"),
+        (None, None, None),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_the_handlers_return_value_is_kept_with_the_record(
+    consumers: Factory, queue: TaskQueue, returned: Any, result: Any, note: str | None
+) -> None:
+    async def handler(task: dict[str, Any]) -> Any:
+        return returned
+
+    consumers(handler, result_max_bytes=64)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "completed"))
+    record = await queue.status(task.id) or {}
+    assert (json.loads(record["result"]) if "result" in record else None) == result
+    assert record.get("result_note") == note
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_attempt_keeps_its_error_and_the_success_after_it_its_result(
+    consumers: Factory, queue: TaskQueue
+) -> None:
+    def flaky(task: dict[str, Any]) -> int:
+        if task["attempts"] == 1:
+            raise ConnectionError("downstream is down")
+        return task["attempts"]
+
+    consumers(flaky, retry_backoff_s=0.05)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "completed"))
+    record = await queue.status(task.id) or {}
+    assert (record["result"], record["error"]) == ("2", "ConnectionError: downstream is down")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_typed_task_runs_its_types_handler_and_its_line_says_the_type(
+    consumers: Factory, queue: TaskQueue, tmp_path: Path
+) -> None:
+    ran: list[tuple[str, Any]] = []
+
+    def default(task: dict[str, Any]) -> str:
+        ran.append(("default", task.get("type")))
+        return "default"
+
+    def email(task: dict[str, Any]) -> str:
+        ran.append(("email", task["type"]))
+        return "sent"
+
+    consumers(default, typed_handlers={"email": email}, concurrency=1)
+    typed = await enqueue(queue, "alice", type="email")
+    untyped = await enqueue(queue, "bob")
+    await eventually(status_is(queue, untyped, "completed"))
+    await eventually(status_is(queue, typed, "completed"))
+    assert sorted(ran) == [("default", None), ("email", "email")]
+    assert (await queue.status(typed.id) or {})["type"] == "email"
+    assert (await queue.status(typed.id) or {})["result"] == '"sent"'
+    assert "type" not in (await queue.status(untyped.id) or {})
+    lines = {line.split("task_id=")[1][:32]: line for line in log_lines(tmp_path)}
+    assert lines[typed.id].endswith(' pid=4242 type="email"')
+    assert lines[untyped.id].endswith(" pid=4242"), "an untyped line is as it was"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queued_task_whose_type_is_gone_fails_visibly(
+    consumers: Factory, queue: TaskQueue, tmp_path: Path
+) -> None:
+    """TASK_HANDLERS lost its type after it was queued: retried, then dead, with why."""
+    consumers(lambda task: None, typed_handlers={"email": lambda task: None}, retry_backoff_s=0.01)
+    task = await enqueue(queue, type="resize")
+    await eventually(status_is(queue, task, "dead"))
+    record = await queue.status(task.id) or {}
+    assert record["error"] == (
+        "UnknownTaskType: no handler for task type 'resize' (TASK_HANDLERS has: email)"
+    )
+    assert record["attempts"] == "3"
+    assert [line.split(" status=")[1].split()[0] for line in log_lines(tmp_path)] == [
+        "retrying",
+        "retrying",
+        "dead",
+    ]
 
 
 @pytest_twisted.ensureDeferred

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from harness import Twistd, alive, wait_for
 from taskserver.config import RedisAddress
@@ -131,3 +132,60 @@ def test_simultaneous_requests_across_processes_admit_exactly_one(
     assert sorted(code for code, _ in answers) == [202] + [429] * 39
     for server in servers:
         assert server.stop() == 0
+
+
+def test_typed_and_untyped_tasks_run_their_handlers_and_keep_their_results(
+    twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    """TASK_HANDLERS routes by type; GET shows each result, or why it was not kept."""
+    server = twistd(
+        TASK_HANDLER="sample_handlers:echo",
+        TASK_HANDLERS="echo=sample_handlers:echo,nojson=sample_handlers:not_json,"
+        "big=sample_handlers:too_large",
+    )
+    server.wait_until_listening()
+    submitted = {}
+    for user, body in [
+        ("plain", {"payload": {"n": 1}}),
+        ("typed", {"payload": [1, "é"], "type": "echo"}),
+        ("set", {"type": "nojson"}),
+        ("large", {"type": "big"}),
+    ]:
+        code, created = server.request("POST", "/api/v1/task", {"user_id": user, **body})
+        assert code == 202, created
+        assert created.get("type") == body.get("type")
+        submitted[user] = created["task_id"]
+    for body, error in [
+        ({"user_id": "u", "type": "fax"}, "unknown_task_type"),
+        ({"user_id": "u", "type": 5}, "invalid_task_type"),
+        ({"user_id": "u", "type": ""}, "invalid_task_type"),
+    ]:
+        code, refused = server.request("POST", "/api/v1/task", body)
+        assert (code, refused["error"]) == (400, error), refused
+        if error == "unknown_task_type":
+            assert refused["message"].endswith("the known types: big, echo, nojson")
+
+    def finished(task_id: str) -> dict[str, Any] | None:
+        code, document = server.request("GET", f"/api/v1/task/{task_id}")
+        return document if code == 200 and document["status"] == "completed" else None
+
+    records = {
+        user: wait_for(lambda t=task_id: finished(t), what=f"{user}'s task completed")
+        for user, task_id in submitted.items()
+    }
+    assert records["plain"]["result"] == {"echo": {"n": 1}, "type": None}
+    assert "type" not in records["plain"]
+    assert records["typed"]["result"] == {"echo": [1, "é"], "type": "echo"}
+    assert records["typed"]["type"] == "echo"
+    assert records["set"]["result_note"] == "result not stored: not JSON (set)"
+    assert records["large"]["result_note"] == (
+        "result not stored: 70002 bytes, over RESULT_MAX_BYTES 65536"
+    )
+    assert "result" not in records["set"] and "result" not in records["large"]
+    lines = (tmp_path / "logs" / "tasks.log").read_text().splitlines()
+    by_id = {line.split("task_id=")[1][:32]: line for line in lines}
+    assert by_id[submitted["typed"]].endswith(' type="echo"')
+    assert by_id[submitted["large"]].endswith(' type="big"')
+    assert " type=" not in by_id[submitted["plain"]]
+    assert server.stop() == 0
+    assert "Traceback" not in server.output

@@ -3,7 +3,9 @@
 Whatever arrives (random methods, paths, headers, forwarding headers,
 bodies, encodings, deep nesting, huge numbers, duplicate keys), the answer
 is a JSON 4xx (or a 2xx), never a 5xx, never a crash, and no Redis key is
-ever written outside the key prefix. The server runs with its own embedded
+ever written outside the key prefix. Its handlers echo their task
+(TASK_HANDLER, and the ``echo`` type), so whatever JSON a task carries comes
+back as its ``result``. The server runs with its own embedded
 Redis, so every key in it is checked. It trusts 127.0.0.1 as a proxy and
 limits per address, so the forwarding headers are parsed on every POST. Two
 more servers keep GET /kill on: one trusts no proxy (whatever a forwarding
@@ -16,15 +18,17 @@ from __future__ import annotations
 
 import json
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import valkey
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from harness import Twistd
+from harness import Twistd, wait_for
 from taskserver.cluster.embedded import EMBEDDED_ADDRESS_FILE
 
 PREFIX = "fuzzed"
@@ -41,6 +45,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twistd]:
             "DISABLE_KILL": "true",
             "TRUSTED_PROXY": "127.0.0.1",
             "IP_RATE_LIMITS": "1000000/1s",
+            "TASK_HANDLER": "sample_handlers:echo",
+            "TASK_HANDLERS": "echo=sample_handlers:echo,nojson=sample_handlers:not_json",
         },
     )
     server.wait_until_ready(1)
@@ -113,6 +119,11 @@ bodies = st.one_of(
         optional={
             "payload": json_values,
             "extra": json_values,
+            "type": st.one_of(
+                json_values,
+                st.sampled_from(["echo", "nojson", "", "Echo", "echo ", "fax"]),
+                st.text(max_size=70),
+            ),
             "delay_s": st.one_of(json_values, st.floats(-1e9, 1e12), st.integers(-(2**70), 2**70)),
             "run_at": st.one_of(
                 json_values,
@@ -234,6 +245,33 @@ def test_any_request_gets_a_json_answer_and_never_a_5xx(
     status, headers, answer = exchange(server, request)
     assert status < 500, (status, answer[:300])
     assert_json_answer(method, status, headers, answer)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(payload=json_values, task_type=st.sampled_from([None, "echo"]))
+def test_a_result_comes_back_as_the_handler_returned_it(
+    server: Twistd, payload: Any, task_type: str | None
+) -> None:
+    """Whatever JSON the handler returns (here: its payload) is what GET shows."""
+    body: dict[str, Any] = {"user_id": uuid.uuid4().hex, "payload": payload}
+    if task_type is not None:
+        body["type"] = task_type
+    code, created = server.request("POST", "/api/v1/task", body)
+    assume(code == 202)  # a payload no double holds, Infinity: 400s, fuzzed above
+    task_id = created["task_id"]
+
+    def completed() -> dict[str, Any] | None:
+        code, document = server.request("GET", f"/api/v1/task/{task_id}")
+        return document if code == 200 and document["status"] == "completed" else None
+
+    record = wait_for(completed, what="the task completed")
+    assert record["result"] == {"echo": payload, "type": task_type}
+    assert record.get("type") == task_type
 
 
 def assert_json_answer(method: str, status: int, headers: dict[str, str], answer: bytes) -> None:

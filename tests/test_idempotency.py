@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -65,3 +66,12 @@ async def test_a_key_taken_over_keeps_the_shorter_ttl_and_only_its_holder_releas
     assert await redis.get(name) == ours.to_json()
     assert await claims.release("u", "k", ours) is True
     assert await redis.get(name) is None
+
+
+def test_a_type_is_part_of_what_makes_two_requests_the_same() -> None:
+    """A retry that names another handler is another request (422), not a replay;
+    an untyped request's fingerprint is the one stored before tasks had types."""
+    assert fingerprint("u", {"a": 1}, None) == fingerprint("u", {"a": 1})
+    assert fingerprint("u", {"a": 1}) == hashlib.sha256(b'["u",{"a":1}]').hexdigest()
+    assert fingerprint("u", {"a": 1}, "email") != fingerprint("u", {"a": 1})
+    assert fingerprint("u", {"a": 1}, "email") != fingerprint("u", {"a": 1}, "resize")

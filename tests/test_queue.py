@@ -332,6 +332,82 @@ async def test_completions_of_one_turn_share_a_call(
 
 
 @pytest_twisted.ensureDeferred
+async def test_results_are_kept_with_the_record_in_the_one_call_of_a_turn(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """Mixed in one call: a result, a note, none; each lands in its own record only."""
+    warm, *tasks = await enqueued(queue, "r", 5)
+    warm_raw, *fetched = (await queue.fetch_batch("p#0", 5, "2026-01-01T00:00:00.000Z")).tasks
+    assert await queue.complete("p#0", warm_raw[0], warm, "t", 1.0)  # Redis knows COMPLETE now
+    results: list[tuple[bytes, str] | None] = [
+        None,
+        (b'{"sent":true,"n":[1,2]}', ""),
+        (b"", "result not stored: not JSON (set)"),
+        (b'"\xc3\xa9t\xc3\xa9"', ""),
+    ]
+    calls_before = await script_calls(redis)
+    await defer.gatherResults(
+        [
+            defer.ensureDeferred(
+                queue.complete("p#0", raw, t, "2026-01-01T00:00:01.000Z", 1.0, result)
+            )
+            for (raw, _), t, result in zip(fetched, tasks, results, strict=True)
+        ]
+    )
+    assert await script_calls(redis) - calls_before == 1
+    records = [await queue.status(t.id) or {} for t in tasks]
+    assert [r["status"] for r in records] == ["completed"] * 4
+    assert "result" not in records[0] and "result_note" not in records[0]
+    assert json.loads(records[1]["result"]) == {"sent": True, "n": [1, 2]}
+    assert "result_note" not in records[1]
+    assert records[2]["result_note"] == "result not stored: not JSON (set)"
+    assert "result" not in records[2]
+    assert json.loads(records[3]["result"]) == "\u00e9t\u00e9"
+    ttl = await redis.execute_command("PTTL", keys.status(tasks[1].id))
+    assert 3_500_000 < ttl <= 3_600_000, "the result expires with its record"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_completion_without_a_result_sends_the_arguments_it_always_did(
+    queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five per task; a task with a result adds its triple after all of them."""
+    sent: list[list[Any]] = []
+
+    async def capture(script: Any, keys: Any, args: Any) -> list[int]:
+        sent.append(list(args))
+        return [1] * (len(keys) - 1)
+
+    monkeypatch.setattr(queue, "_eval", capture)
+    plain, typed = new_task(), new_task()
+    await defer.gatherResults(
+        [
+            defer.ensureDeferred(queue.complete("p#0", "a", plain, "t", 1.0)),
+            defer.ensureDeferred(queue.complete("p#0", "b", typed, "t", 1.0, (b"[1]", ""))),
+        ]
+    )
+    [args] = sent
+    assert len(args) == 1 + 5 * 2 + 3 and args[-3:] == [2, b"[1]", ""]
+    await queue.complete("p#0", "a", plain, "t", 1.0)
+    assert len(sent[-1]) == 1 + 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_result_is_written_once_and_only_if_the_entry_was_there(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """A replay keeps the first result; an entry a reaper took back writes none."""
+    task, raw = await start(queue, redis)
+    assert await queue.complete("p#0", raw, task, "t", 1.0, (b"1", ""))
+    assert await queue.complete("p#0", raw, task, "t", 1.0, (b"2", "")), "a replay counts"
+    assert (await queue.status(task.id) or {})["result"] == "1"
+    other, other_raw = await start(queue, redis, "q#0")
+    await redis.lrem(keys.processing("q#0"), 1, other_raw)  # as a reaper does
+    assert not await queue.complete("q#0", other_raw, other, "t", 1.0, (b"3", ""))
+    assert "result" not in (await queue.status(other.id) or {})
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_death_with_several_tasks_running_blames_none_of_them(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:

@@ -64,3 +64,11 @@ def test_a_port_in_use_stops_with_one_line() -> None:
 def test_an_unknown_handler_stops_before_anything_is_bound() -> None:
     with pytest.raises(SystemExit, match=r"^taskserver: TASK_HANDLER: cannot import 'nope'"):
         makeService(options("--port", "0", "--handler", "nope:missing"))
+
+
+def test_an_unknown_typed_handler_stops_start_up_with_one_line() -> None:
+    with pytest.raises(SystemExit) as stopped:
+        makeService(options("--port", "0", "--task-handlers", "email=nope.mod:send"))
+    assert str(stopped.value.code) == (
+        "taskserver: TASK_HANDLERS (email): cannot import 'nope.mod': No module named 'nope'"
+    )

@@ -15,7 +15,13 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
 from conftest import RunningServer, eventually, sleep, unused_port
-from taskserver.api import TaskAPI, TaskRequest, is_json_media_type, parse_task_body
+from taskserver.api import (
+    TaskAPI,
+    TaskRequest,
+    is_json_media_type,
+    parse_task_body,
+    status_document,
+)
 from taskserver.config import RateTier, RedisAddress, parse_rate_limits
 from taskserver.httpserver import MAX_BODY_BYTES, ApiError, CountingChannel, TaskSite
 from taskserver.idempotency import ABANDONED_AFTER_S, IDEMPOTENCY_TTL_S, Claim, fingerprint
@@ -64,6 +70,46 @@ def test_bad_bodies_are_rejected_with_a_code(body: bytes, code: str) -> None:
         parse_task_body(b"application/json", body)
     assert caught.value.status == 400
     assert caught.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("type_", "code"),
+    [
+        (5, "invalid_task_type"),
+        ("", "invalid_task_type"),
+        (None, "invalid_task_type"),
+        (["email"], "invalid_task_type"),
+        ("resize", "unknown_task_type"),
+        ("Email", "unknown_task_type"),
+        ("x" * 10_000, "unknown_task_type"),
+    ],
+)
+def test_a_type_must_name_a_configured_handler(type_: Any, code: str) -> None:
+    body = json.dumps({"user_id": "a", "type": type_}).encode()
+    with pytest.raises(ApiError) as caught:
+        parse_task_body(b"application/json", body, task_types={"email"})
+    assert (caught.value.status, caught.value.code) == (400, code)
+    assert len(caught.value.document()["message"]) <= 300
+
+
+def test_a_known_type_is_kept_and_an_absent_one_is_none() -> None:
+    typed = b'{"user_id": "a", "type": "email", "payload": 1}'
+    assert parse_task_body(b"application/json", typed, task_types={"email"}) == TaskRequest(
+        "a", 1, "email"
+    )
+    untyped = b'{"user_id": "a"}'
+    assert parse_task_body(b"application/json", untyped, task_types={"email"}).type is None
+    with pytest.raises(ApiError, match="TASK_HANDLERS is empty"):
+        parse_task_body(b"application/json", typed)
+
+
+def test_status_document_parses_the_result_back() -> None:
+    base = {"status": "completed", "attempts": "1"}
+    assert status_document("t", {**base, "result": '{"a":[1,"é"]}'})["result"] == {"a": [1, "é"]}
+    assert status_document("t", {**base, "result": "null"})["result"] is None
+    noted = status_document("t", {**base, "result_note": "result not stored: not JSON (set)"})
+    assert "result" not in noted and noted["result_note"] == "result not stored: not JSON (set)"
+    assert not {"result", "result_note"} & set(status_document("t", base))
 
 
 def test_good_bodies() -> None:
@@ -197,6 +243,29 @@ def test_the_hot_path_answers_through_stubtreq() -> None:
     down, problem = stub_answer(stub, "POST", "/api/v1/task", b'{"user_id": "stub"}')
     assert (down.code, problem["error"]) == (503, "redis_unavailable")
     assert down.headers.getRawHeaders("Retry-After") == ["2"]
+
+
+def test_a_typed_task_is_accepted_with_its_type_and_an_unknown_one_is_a_400() -> None:
+    from treq.testing import StubTreq
+
+    queue, limiter = FakeQueue(), FakeLimiter()
+    api = TaskAPI(
+        limiter,  # type: ignore[arg-type]
+        queue,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        Clock(),
+        task_types={"email", "resize"},
+    )
+    stub = StubTreq(api.resource())
+    response, document = stub_answer(
+        stub, "POST", "/api/v1/task", b'{"user_id": "u", "type": "email"}'
+    )
+    assert (response.code, document["type"]) == (202, "email")
+    assert [task.type for task in queue.admitted] == ["email"]
+    refused, problem = stub_answer(stub, "POST", "/api/v1/task", b'{"user_id": "u", "type": "fax"}')
+    assert (refused.code, problem["error"]) == (400, "unknown_task_type")
+    assert problem["message"] == 'unknown task type "fax"; the known types: email, resize'
+    assert len(queue.admitted) == 1, "nothing admitted for it"
 
 
 def test_the_other_routes_go_through_klein() -> None:

@@ -20,7 +20,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from twisted.application.service import Service
@@ -58,6 +58,7 @@ from taskserver.config import (
     Settings,
     redis_address_from_json,
     resolve_handler,
+    resolve_task_handlers,
     settings_from_json,
 )
 from taskserver.consumer import ConsumerService, Handler
@@ -105,8 +106,12 @@ class ChildService(Service):
         restarts: int = 0,
         dashboard_secret: str | None = None,
         fetch_paused: str | None = None,
+        typed_handlers: Mapping[str, Handler] | None = None,
     ) -> None:
         """``tally`` counts this child's work; ``restarts``: how often its slot was restarted.
+
+        ``handler`` runs the tasks without a type, ``typed_handlers`` (TASK_HANDLERS,
+        by type name) the others.
 
         ``fetch_paused``: why the consumers start paused (see :meth:`pause_fetching`).
         """
@@ -118,6 +123,7 @@ class ChildService(Service):
         self._listener_fd = listener_fd
         self._family = address_family
         self._handler = handler
+        self._typed_handlers = dict(typed_handlers or {})
         self._reactor = reactor
         self._task_sink = task_sink
         self._flush_task_sink = flush_task_sink
@@ -219,6 +225,7 @@ class ChildService(Service):
             metrics_token=settings.metrics_token,
             tally=self.tally,
             not_ready=self._not_ready,
+            task_types=frozenset(self._typed_handlers),
             dashboard=DashboardRoutes(
                 api,
                 keys,
@@ -250,6 +257,8 @@ class ChildService(Service):
             queue=self.queue,
             blocking_redis=blocking,
             handler=self._handler,
+            typed_handlers=self._typed_handlers,
+            result_max_bytes=settings.result_max_bytes,
             task_log=TaskLog(self._task_sink, os.getpid()),
             concurrency=settings.concurrency,
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
@@ -456,6 +465,7 @@ def main() -> None:
         restarts=config.get("restarts", 0),
         dashboard_secret=config.get("dashboard_secret"),
         fetch_paused=config.get("fetch_paused"),
+        typed_handlers=resolve_task_handlers(settings.task_handlers),
     )
     watch = ParentWatch(
         CONFIG_FD,

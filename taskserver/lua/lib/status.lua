@@ -52,6 +52,16 @@ local function record_outcome(status, outcome, error, finished_at, duration_ms,
   redis.call('PEXPIRE', status, ttl_ms)
 end
 
+-- What a successful handler returned: its JSON text, or (result '') why it was not
+-- kept. Written with the outcome, under its TTL: a result expires with its record.
+local function record_result(status, result, note)
+  if result ~= '' then
+    redis.call('HSET', status, 'result', result)
+  else
+    redis.call('HSET', status, 'result_note', note)
+  end
+end
+
 -- A dead task back in the queue (taskserver-admin requeue): "queued", with a fresh set
 -- of attempts and nothing left of its last run. A record that expired stays away: the
 -- fetch writes a whole one again.
