@@ -588,3 +588,14 @@ async def test_cancels_racing_fetches_and_promotion_each_task_runs_or_is_cancell
         assert record["status"] == ("cancelled" if changed else "processing")
         assert changed or state == "processing", "a refused cancel names what it found"
     assert await redis.llen(keys.pending) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_start_step_charges_no_second_attempt(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """The consumer asks MARK_STARTED again when its reply timed out: same answer."""
+    task, _ = await start(queue, redis)
+    assert await queue.mark_started(task, "2026-01-01T00:00:00.000Z") == 1, "a replay"
+    assert (await queue.status(task.id) or {})["attempts"] == "1"
+    assert await queue.mark_started(task, "2026-01-01T00:00:05.000Z") == 2, "another start"
