@@ -522,8 +522,8 @@ class TaskQueue:
 
         For an outcome that could not be recorded: the task runs again after
         ``delay_s``, or, once its runs used up MAX_ATTEMPTS, goes to the dead
-        letters. Returns "retrying", "dead", or :data:`GONE` if the entry was
-        no longer there.
+        letters. Returns "retrying", "dead", "cancelled" (a cancelled task's
+        entry is only removed), or :data:`GONE` if the entry was no longer there.
         """
         try:
             status = self.keys.status(Task.from_json(raw).id)

@@ -599,3 +599,18 @@ async def test_a_replayed_start_step_charges_no_second_attempt(
     assert await queue.mark_started(task, "2026-01-01T00:00:00.000Z") == 1, "a replay"
     assert (await queue.status(task.id) or {})["attempts"] == "1"
     assert await queue.mark_started(task, "2026-01-01T00:00:05.000Z") == 2, "another start"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_task_given_back_stays_cancelled_and_is_not_requeued(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """Popped, cancelled before its start step, then given back (its start step failed)."""
+    [task] = await enqueued(queue, "user", 1)
+    raw = await queue.fetch(redis, keys.pending, keys.processing("p#0"), 1)
+    assert raw is not None
+    assert await queue.cancel(task.id, "2026-12-07T00:00:00.000Z") == ("cancelled", True)
+    assert await queue.give_back("p#0", raw, 0.0) == "cancelled"
+    assert await redis.llen(keys.processing("p#0")) == 0
+    assert await redis.zcard(keys.delayed) == 0 and await redis.llen(keys.pending) == 0
+    assert (await queue.status(task.id) or {})["status"] == "cancelled"
