@@ -191,6 +191,9 @@ class TaskRequest:
     type: str | None = None
     #: How long after admission it becomes due; 0 runs it now.
     delay_ms: int = 0
+    #: The delay as sent (``("delay_s", 60)`` or ``("run_at", "...")``), for the
+    #: Idempotency-Key fingerprint; None without one.
+    when: tuple[str, Any] | None = None
 
 
 def parse_json_body(content_type: bytes | None, body: bytes) -> Any:
@@ -227,7 +230,10 @@ def parse_task_document(
     if surrogates:
         _require_utf8(payload)
     delay_ms = parse_delay(document, time.time() if now is None else now)
-    return TaskRequest(user_id, payload, delay_ms=delay_ms)
+    when = next(
+        ((name, document[name]) for name in ("delay_s", "run_at") if name in document), None
+    )
+    return TaskRequest(user_id, payload, delay_ms=delay_ms, when=when)
 
 
 #: RFC 3339 date-time (what datetime.fromisoformat would take more loosely).
@@ -403,7 +409,7 @@ class TaskAPI:
         # Before the claim: a sure refusal (replicas missing) must not hold the key.
         self._queue.check_admissions()
         if key is not None:
-            claim = Claim(task.id, fingerprint(user_id, payload), task.queued_at)
+            claim = Claim(task.id, fingerprint(user_id, payload, submitted.when), task.queued_at)
             earlier = await self._idempotency.claim(user_id, key, claim)
             if earlier is not None:
                 replayed = await self._replay(request, user_id, key, claim, earlier)
@@ -479,15 +485,18 @@ class TaskAPI:
             )
         # Its own admission may have answered 503 durability_timeout: 200 only once durable.
         await self._queue.confirm_durable(earlier.task_id)
+        replayed = {
+            "task_id": earlier.task_id,
+            "user_id": user_id,
+            "status": record.get("status", "queued"),
+            "queued_at": earlier.queued_at,
+        }
+        if "run_at" in record:  # as the first answer said it
+            replayed["run_at"] = record["run_at"]
         return respond(
             request,
             200,
-            {
-                "task_id": earlier.task_id,
-                "user_id": user_id,
-                "status": record.get("status", "queued"),
-                "queued_at": earlier.queued_at,
-            },
+            replayed,
             [("Location", f"/api/v1/task/{earlier.task_id}"), ("Idempotent-Replayed", "true")],
         )
 

@@ -8,8 +8,8 @@ either claims or returns the existing claim. A claim is kept
 "no status record" as "the task was never created" and takes the key over,
 so a claim must never outlive the status record of its task (it is set
 before the record, with the same TTL, so it expires first).
-A request is "the same" when its user id and payload are equal as JSON
-(key order and spacing do not matter).
+A request is "the same" when its user id, payload and delay (``delay_s`` or
+``run_at``, as sent) are equal as JSON (key order and spacing do not matter).
 """
 
 from __future__ import annotations
@@ -39,9 +39,15 @@ TAKE_OVER = load("take_over")
 RELEASE = load("release")
 
 
-def fingerprint(user_id: str, payload: Any) -> str:
-    """What makes two requests the same: their user id and payload, as canonical JSON."""
-    canonical = json.dumps([user_id, payload], sort_keys=True, separators=(",", ":"))
+def fingerprint(user_id: str, payload: Any, when: tuple[str, Any] | None = None) -> str:
+    """What makes two requests the same: their user id, payload and ``when`` (the
+    delay as sent: ``("delay_s", 60)`` or ``("run_at", "...")``), as canonical JSON.
+
+    Without a delay the text is what it was before delays existed, so claims made
+    by an older version still match their retries.
+    """
+    parts = [user_id, payload] if when is None else [user_id, payload, list(when)]
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

@@ -859,6 +859,30 @@ async def test_the_same_key_with_another_body_is_422(server: RunningServer) -> N
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_same_key_with_another_delay_is_422(server: RunningServer) -> None:
+    """delay_s and run_at are part of the request: a retry must not change when it runs."""
+    first, _ = await post_with_key(server, b'{"user_id": "u2", "delay_s": 60}', "d")
+    assert first.code == 202
+    for body in (
+        b'{"user_id": "u2", "delay_s": 120}',
+        b'{"user_id": "u2"}',
+        b'{"user_id": "u2", "run_at": "2026-12-07T10:00:00Z"}',
+    ):
+        response, document = await post_with_key(server, body, "d")
+        assert (response.code, document["error"]) == (422, "idempotency_key_reused"), body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_delayed_post_answers_its_run_at(server: RunningServer) -> None:
+    body = b'{"user_id": "u3", "payload": 1, "delay_s": 60}'
+    first, created = await post_with_key(server, body, "r")
+    again, replayed = await post_with_key(server, body, "r")
+    assert (first.code, again.code) == (202, 200)
+    assert (replayed["status"], "run_at" in replayed) == ("scheduled", True)
+    assert set(replayed) == set(created), "the replay answers what the first answer said"
+
+
+@pytest_twisted.ensureDeferred
 async def test_keys_belong_to_one_user(server: RunningServer) -> None:
     first, a = await post_with_key(server, b'{"user_id": "alice"}', "same-key")
     second, b = await post_with_key(server, b'{"user_id": "bob"}', "same-key")
