@@ -17,7 +17,6 @@ import math
 import os
 import re
 import sys
-import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -191,6 +190,9 @@ class TaskRequest:
     type: str | None = None
     #: How long after admission it becomes due; 0 runs it now.
     delay_ms: int = 0
+    #: When it becomes due (RFC 3339, from the ``now`` it was parsed at), "" if now: the
+    #: one time the 202 and the status record both show.
+    run_at: str = ""
     #: The delay as sent (``("delay_s", 60)`` or ``("run_at", "...")``), for the
     #: Idempotency-Key fingerprint; None without one.
     when: tuple[str, Any] | None = None
@@ -206,14 +208,12 @@ def parse_json_body(content_type: bytes | None, body: bytes) -> Any:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}"[:300]) from None
 
 
-def parse_task_document(
-    document: Any, surrogates: bool = True, *, now: float | None = None
-) -> TaskRequest:
+def parse_task_document(document: Any, surrogates: bool = True, *, now: float) -> TaskRequest:
     """Validate one task document (the one validator, for single POSTs and batch items).
 
     ``surrogates`` is False when the raw text shows no ``\\u`` escape, so no
     lone surrogate can be in it and the payload need not be walked. ``now`` (the
-    reactor's seconds; the wall clock if None) is what a ``run_at`` is measured from.
+    injected clock's seconds) is what a delay is measured from.
     """
     if not isinstance(document, dict):
         raise ApiError(
@@ -229,11 +229,12 @@ def parse_task_document(
     user_id, payload = validate_user_id(document["user_id"]), document.get("payload")
     if surrogates:
         _require_utf8(payload)
-    delay_ms = parse_delay(document, time.time() if now is None else now)
+    delay_ms = parse_delay(document, now)
+    run_at = iso_utc(now + delay_ms / 1000) if delay_ms else ""
     when = next(
         ((name, document[name]) for name in ("delay_s", "run_at") if name in document), None
     )
-    return TaskRequest(user_id, payload, delay_ms=delay_ms, when=when)
+    return TaskRequest(user_id, payload, delay_ms=delay_ms, run_at=run_at, when=when)
 
 
 #: RFC 3339 date-time (what datetime.fromisoformat would take more loosely).
@@ -277,9 +278,7 @@ def parse_delay(document: dict[str, Any], now: float) -> int:
     return max(0, math.ceil((due - now) * 1000))
 
 
-def parse_task_body(
-    content_type: bytes | None, body: bytes, *, now: float | None = None
-) -> TaskRequest:
+def parse_task_body(content_type: bytes | None, body: bytes, *, now: float) -> TaskRequest:
     """Validate a POST body; returns the TaskRequest or raises ApiError."""
     document = parse_json_body(content_type, body)
     surrogates = b"\\u" in body and _SURROGATE_ESCAPE.search(body) is not None
@@ -422,7 +421,9 @@ class TaskAPI:
         by_address = decision is not None and not decision.allowed
         if decision is None or decision.allowed:
             # No release on failure: the script may have run (see _release).
-            decision = await self._queue.admit(task, self._limiter, submitted.delay_ms)
+            decision = await self._queue.admit(
+                task, self._limiter, submitted.delay_ms, submitted.run_at
+            )
         headers = decision.headers(self._clock.seconds())
         if not decision.allowed:
             self._count_refusal(decision, by_address)
@@ -440,8 +441,7 @@ class TaskAPI:
             "queued_at": task.queued_at,
         }
         if submitted.delay_ms:
-            due = iso_utc(self._clock.seconds() + submitted.delay_ms / 1000)
-            accepted.update(status="scheduled", run_at=due)
+            accepted.update(status="scheduled", run_at=submitted.run_at)
         return respond(request, 202, accepted, headers)
 
     def _count_refusal(self, decision: Decision, by_address: bool) -> None:

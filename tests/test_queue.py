@@ -92,14 +92,14 @@ async def test_a_delayed_task_waits_in_the_delayed_set_as_scheduled(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
     task = new_task()
-    await queue.admit(task, RatePolicy(keys, ()), delay_ms=60_000)
+    await queue.admit(task, RatePolicy(keys, ()), 60_000, "2030-01-01T00:00:00.000Z")
     assert await redis.llen(keys.pending) == 0
     redis_now_ms = int((await redis.execute_command("TIME"))[0]) * 1000
     score = float(await redis.execute_command("ZSCORE", keys.delayed, task.to_json()))
     assert redis_now_ms + 58_000 <= score <= redis_now_ms + 62_000
     record = await queue.status(task.id) or {}
     assert record["status"] == "scheduled"
-    assert record["run_at"] > task.queued_at
+    assert record["run_at"] == "2030-01-01T00:00:00.000Z", "the caller's run_at, as is"
 
 
 @pytest_twisted.ensureDeferred
@@ -511,7 +511,7 @@ async def test_a_due_scheduled_task_is_queued_and_a_cancelled_one_never_starts(
 ) -> None:
     due, cancelled = new_task(), new_task()
     for task in (due, cancelled):
-        await queue.admit(task, RatePolicy(keys, ()), delay_ms=1)
+        await queue.admit(task, RatePolicy(keys, ()), 1, "2026-12-07T00:00:00.000Z")
     assert await queue.cancel(cancelled.id, "2026-12-07T00:00:00.000Z") == ("cancelled", True)
     assert await queue.cancel(cancelled.id, "2026-12-07T00:00:01.000Z") == ("cancelled", False)
     assert await redis.execute_command("ZCARD", keys.delayed) == 1  # its entry left at once
@@ -540,7 +540,10 @@ async def test_cancels_racing_fetches_and_promotion_each_task_runs_or_is_cancell
     await defer.gatherResults([defer.ensureDeferred(queue.enqueue(t)) for t in plain])
     unlimited = RatePolicy(keys, ())
     await defer.gatherResults(
-        [defer.ensureDeferred(queue.admit(t, unlimited, delay_ms=1)) for t in delayed]
+        [
+            defer.ensureDeferred(queue.admit(t, unlimited, 1, "2026-12-07T00:00:00.000Z"))
+            for t in delayed
+        ]
     )
     everyone = plain + delayed
     started: list[str] = []
