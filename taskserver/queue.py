@@ -509,7 +509,7 @@ class TaskQueue:
         state, changed = await self._eval(
             CANCEL,
             [self.keys.status(task_id), self.keys.delayed, self.keys.finished],
-            [task_id, cancelled_at],
+            [task_id, cancelled_at, self._status_ttl_ms],
         )
         return (str(state) if state else None), bool(changed)
 

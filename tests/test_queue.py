@@ -617,3 +617,15 @@ async def test_a_cancelled_task_given_back_stays_cancelled_and_is_not_requeued(
     assert await redis.llen(keys.processing("p#0")) == 0
     assert await redis.zcard(keys.delayed) == 0 and await redis.llen(keys.pending) == 0
     assert (await queue.status(task.id) or {})["status"] == "cancelled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_scheduled_task_expires_status_ttl_after_its_cancel(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """Not STATUS_TTL plus the delay it was admitted with: it will never run."""
+    task = new_task()
+    await queue.admit(task, RatePolicy(keys, ()), 600_000, "2030-01-01T00:00:00.000Z")
+    assert await redis.execute_command("PTTL", keys.status(task.id)) > 3600_000
+    assert await queue.cancel(task.id, "2026-12-07T00:00:00.000Z") == ("cancelled", True)
+    assert 3590_000 < await redis.execute_command("PTTL", keys.status(task.id)) <= 3600_000
