@@ -404,7 +404,9 @@ class TaskAPI:
         )
         user_id, payload = submitted.user_id, submitted.payload
         key = idempotency_key(request.getHeader(b"idempotency-key"))
-        task = Task.new(user_id, payload, self._clock.seconds(), submitted.type)
+        task = Task.new(
+            user_id, payload, self._clock.seconds(), submitted.type, submitted.run_at or None
+        )
         # Before the claim: a sure refusal (replicas missing) must not hold the key.
         self._queue.check_admissions()
         if key is not None:

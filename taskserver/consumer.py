@@ -416,7 +416,7 @@ class ConsumerService(Service):
                 self.cancelled_dropped += 1
                 return
         if attempts == 1:
-            queued = queued_seconds(task_.queued_at)
+            queued = queued_seconds(task_.due_at)  # a delay is not a wait
             if queued is not None:
                 self._tally.observe(TASK_WAIT, started - queued)
         argument = task_.handler_argument(attempts)

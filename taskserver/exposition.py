@@ -41,7 +41,10 @@ COUNTERS = {
 HISTOGRAMS = {
     "http_request_duration_seconds": ("Time to answer an HTTP request, per route.", ("route",)),
     "task_duration_seconds": ("Handler run time of one task attempt.", ()),
-    "task_wait_seconds": ("Time from queued to the first attempt's start.", ()),
+    "task_wait_seconds": (
+        "Time from queued (a delayed task: due) to the first attempt's start.",
+        (),
+    ),
 }
 #: taskserver_queue_tasks' states, in the order shown.
 QUEUE_STATES = ("pending", "processing", "delayed", "dead", "suspects")
@@ -94,7 +97,7 @@ class StatsCollector:
         yield queue
         yield GaugeMetricFamily(
             PREFIX + "queue_oldest_age_seconds",
-            "Age of the oldest pending task (0 when none is pending).",
+            "Age of the oldest pending task, from its run_at if delayed (0 when none is pending).",
             value=stats.oldest_pending_age_s or 0.0,
         )
         yield GaugeMetricFamily(

@@ -16,9 +16,10 @@ from taskserver import admin
 from taskserver.config import RedisAddress
 from taskserver.consumer import ConsumerService, backoff_s
 from taskserver.keys import Keys
+from taskserver.metrics import Tally
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import RedisUnavailable
-from taskserver.task import Task
+from taskserver.task import Task, iso_utc
 from taskserver.tasklog import TaskLog, TaskLogFile
 
 Factory = Callable[..., ConsumerService]
@@ -572,3 +573,19 @@ async def test_a_start_step_whose_reply_timed_out_is_retried_and_a_cancel_it_fou
     assert answers == [0, 0], "asked again, and both answers said cancelled"
     assert (await queue.status(task.id) or {})["status"] == "cancelled"
     assert service.cancelled_dropped == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delayed_tasks_wait_is_counted_from_its_run_at(
+    consumers: Factory, queue: TaskQueue
+) -> None:
+    """Submitted an hour ago to run now: it waited for no one, the hour is its delay."""
+    now = reactor.seconds()
+    task = Task.new("u", None, now=now - 3600, run_at=iso_utc(now))
+    await queue.enqueue(task)
+    tally = Tally()
+    consumers(lambda task: None, tally=tally)
+    await eventually(status_is(queue, task, "completed"))
+    counts = tally.take()
+    assert counts["task_wait_seconds_count"] == 1
+    assert counts["task_wait_seconds_sum_us"] < 60_000_000, "the delay counted as a wait"
