@@ -89,7 +89,8 @@ class StatsCollector:
             yield self._histogram(name, help_text, label_names)
         queue = GaugeMetricFamily(
             PREFIX + "queue_tasks",
-            "Tasks per state now (suspects: waiting to run alone after their process died).",
+            "Tasks per state now (delayed: retries and scheduled tasks; suspects: waiting to run"
+            " alone after their process died).",
             labels=["state"],
         )
         for state in QUEUE_STATES:
