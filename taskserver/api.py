@@ -50,7 +50,7 @@ from taskserver.httpserver import (
 )
 from taskserver.idempotency import VALID_KEY, Claim, IdempotencyKeys, fingerprint
 from taskserver.logthrottle import WarningThrottle
-from taskserver.metrics import IP_TIER, TASKS_ENQUEUED, Tally
+from taskserver.metrics import IP_TIER, TASKS_CANCELLED, TASKS_ENQUEUED, Tally
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import Decision, RateLimiter, RatePolicy
 from taskserver.redisclient import RedisUnavailable
@@ -535,7 +535,9 @@ class TaskAPI:
         """A queued or scheduled task becomes cancelled and never runs (CANCEL)."""
         if not TASK_ID.match(task_id):
             raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
-        state, _ = await self._queue.cancel(task_id, iso_utc(self._clock.seconds()))
+        state, changed = await self._queue.cancel(task_id, iso_utc(self._clock.seconds()))
+        if changed:  # counted once: a second DELETE finds it cancelled already
+            self.tally.count(TASKS_CANCELLED)
         record = await self._queue.status(task_id) if state is not None else None
         if state is None or record is None:
             raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")

@@ -34,6 +34,7 @@ COUNTERS = {
     "tasks_retried": "Failed attempts whose task will run again.",
     "tasks_dead": "Tasks moved to the dead-letter list.",
     "tasks_reclaimed": "Tasks returned to the queue from a consumer whose process died.",
+    "tasks_cancelled": "Queued or scheduled tasks cancelled (DELETE), each once.",
     "worker_restarts": "Cluster children restarted by their master.",
     "task_log_write_errors": "Failed attempts to write the task log (its lines are kept, retried).",
 }

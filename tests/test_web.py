@@ -898,6 +898,20 @@ def test_a_delay_is_measured_from_the_injected_clock() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_cancel_is_counted_once(server: RunningServer, redis: Any) -> None:
+    _, created = await post(server, b'{"user_id": "u5", "delay_s": 600}')
+    for _ in range(2):
+        response = await treq.delete(f"{server.url}/api/v1/task/{created['task_id']}")
+        assert response.code == 200
+    metrics = server.child.queue.keys.metrics  # type: ignore[union-attr]
+
+    async def counted() -> Any:
+        return await redis.hget(metrics, "tasks_cancelled")
+
+    assert await eventually(counted) == "1"
+
+
+@pytest_twisted.ensureDeferred
 async def test_keys_belong_to_one_user(server: RunningServer) -> None:
     first, a = await post_with_key(server, b'{"user_id": "alice"}', "same-key")
     second, b = await post_with_key(server, b'{"user_id": "bob"}', "same-key")
