@@ -65,7 +65,7 @@ USER_ID_MAX_CHARS = 128
 UNAVAILABLE_RETRY_AFTER_S = 2
 #: Unicode categories a user_id may not contain: controls, surrogates, line/paragraph separators.
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
-#: How far ahead a task may be delayed (openapi.DELAY_MAX_S says the same).
+#: How far ahead a task may be delayed (the OpenAPI document reads it from here).
 DELAY_MAX_S = 30 * 24 * 3600
 _ALLOWED_FIELDS = frozenset({"user_id", "payload", "delay_s", "run_at"})
 
@@ -237,10 +237,13 @@ def parse_task_document(document: Any, surrogates: bool = True, *, now: float) -
     return TaskRequest(user_id, payload, delay_ms=delay_ms, run_at=run_at, when=when)
 
 
-#: RFC 3339 date-time (what datetime.fromisoformat would take more loosely).
-_RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+#: RFC 3339 date-time (what datetime.fromisoformat would take more loosely), with a
+#: space allowed for the T and no leap second (:60); the OpenAPI document's pattern.
+RUN_AT_PATTERN = (
+    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[Tt ]([01]\d|2[0-3]):[0-5]\d:[0-5]\d"
+    r"(\.\d{1,9})?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)$"
 )
+_RFC3339 = re.compile(RUN_AT_PATTERN, re.ASCII)
 
 
 def parse_delay(document: dict[str, Any], now: float) -> int:
