@@ -302,6 +302,11 @@ def idempotency_key(header: bytes | None) -> str | None:
     return key
 
 
+def task_not_found() -> ApiError:
+    """The 404 of every route that names a task (GET, DELETE): unknown, or expired."""
+    return ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
+
+
 def status_document(task_id: str, record: dict[str, str]) -> dict[str, Any]:
     """The public view of a status record."""
     document: dict[str, Any] = {"task_id": task_id}
@@ -530,20 +535,20 @@ class TaskAPI:
     async def get_task(self, request: IRequest, task_id: str) -> bytes:
         record = await self._queue.status(task_id) if TASK_ID.match(task_id) else None
         if record is None:
-            raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
+            raise task_not_found()
         return respond(request, 200, status_document(task_id, record))
 
     @app.route("/api/v1/task/<task_id>", methods=["DELETE"])
     async def cancel_task(self, request: IRequest, task_id: str) -> bytes:
         """A queued or scheduled task becomes cancelled and never runs (CANCEL)."""
         if not TASK_ID.match(task_id):
-            raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
+            raise task_not_found()
         state, changed = await self._queue.cancel(task_id, iso_utc(self._clock.seconds()))
         if changed:  # counted once: a second DELETE finds it cancelled already
             self.tally.count(TASKS_CANCELLED)
         record = await self._queue.status(task_id) if state is not None else None
         if state is None or record is None:
-            raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
+            raise task_not_found()
         if state != "cancelled":
             refusal = ApiError(
                 409,
