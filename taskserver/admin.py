@@ -80,7 +80,7 @@ def _print_stats(report: dict[str, Any]) -> None:
     )
     print(f"pending     {queue['pending']}   (oldest: {_seconds(queue['oldest_pending_age_s'])})")
     print(f"suspects    {queue['suspects']}   (running when their process died; run alone next)")
-    print(f"delayed     {queue['delayed']}   (retries waiting for their time)")
+    print(f"delayed     {queue['delayed']}   (retries and delayed tasks waiting for their time)")
     print(f"dead        {queue['dead']}")
     print(f"processing  {queue['processing']}")
     for process, info in sorted(report["processes"].items()):

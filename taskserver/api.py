@@ -17,7 +17,6 @@ import math
 import os
 import re
 import sys
-import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from taskserver.httpserver import (
 )
 from taskserver.idempotency import VALID_KEY, Claim, IdempotencyKeys, fingerprint
 from taskserver.logthrottle import WarningThrottle
-from taskserver.metrics import IP_TIER, TASKS_ENQUEUED, Tally
+from taskserver.metrics import IP_TIER, TASKS_CANCELLED, TASKS_ENQUEUED, Tally
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import Decision, RateLimiter, RatePolicy
 from taskserver.redisclient import RedisUnavailable
@@ -66,7 +65,7 @@ USER_ID_MAX_CHARS = 128
 UNAVAILABLE_RETRY_AFTER_S = 2
 #: Unicode categories a user_id may not contain: controls, surrogates, line/paragraph separators.
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
-#: How far ahead a task may be delayed (openapi.DELAY_MAX_S says the same).
+#: How far ahead a task may be delayed (the OpenAPI document reads it from here).
 DELAY_MAX_S = 30 * 24 * 3600
 _ALLOWED_FIELDS = frozenset({"user_id", "payload", "type", "delay_s", "run_at"})
 
@@ -194,6 +193,12 @@ class TaskRequest:
     type: str | None = None
     #: How long after admission it becomes due; 0 runs it now.
     delay_ms: int = 0
+    #: When it becomes due (RFC 3339, from the ``now`` it was parsed at), "" if now: the
+    #: one time the 202 and the status record both show.
+    run_at: str = ""
+    #: The delay as sent (``("delay_s", 60)`` or ``("run_at", "...")``), for the
+    #: Idempotency-Key fingerprint; None without one.
+    when: tuple[str, Any] | None = None
 
 
 def parse_json_body(content_type: bytes | None, body: bytes) -> Any:
@@ -210,15 +215,15 @@ def parse_task_document(
     document: Any,
     surrogates: bool = True,
     *,
-    now: float | None = None,
+    now: float,
     task_types: Collection[str] = frozenset(),
 ) -> TaskRequest:
     """Validate one task document (the one validator, for single POSTs and batch items).
 
     ``surrogates`` is False when the raw text shows no ``\\u`` escape, so no
     lone surrogate can be in it and the payload need not be walked. ``now`` (the
-    reactor's seconds; the wall clock if None) is what a ``run_at`` is measured from.
-    ``task_types``: the TASK_HANDLERS names a ``type`` may name.
+    injected clock's seconds) is what a delay is measured from. ``task_types``: the
+    TASK_HANDLERS names a ``type`` may name.
     """
     if not isinstance(document, dict):
         raise ApiError(
@@ -235,8 +240,12 @@ def parse_task_document(
     if surrogates:
         _require_utf8(payload)
     task_type = parse_task_type(document, task_types)
-    delay_ms = parse_delay(document, time.time() if now is None else now)
-    return TaskRequest(user_id, payload, task_type, delay_ms)
+    delay_ms = parse_delay(document, now)
+    run_at = iso_utc(now + delay_ms / 1000) if delay_ms else ""
+    when = next(
+        ((name, document[name]) for name in ("delay_s", "run_at") if name in document), None
+    )
+    return TaskRequest(user_id, payload, task_type, delay_ms, run_at, when)
 
 
 def parse_task_type(document: dict[str, Any], task_types: Collection[str]) -> str | None:
@@ -259,10 +268,13 @@ def parse_task_type(document: dict[str, Any], task_types: Collection[str]) -> st
     return task_type
 
 
-#: RFC 3339 date-time (what datetime.fromisoformat would take more loosely).
-_RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+#: RFC 3339 date-time (what datetime.fromisoformat would take more loosely), with a
+#: space allowed for the T and no leap second (:60); the OpenAPI document's pattern.
+RUN_AT_PATTERN = (
+    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[Tt ]([01]\d|2[0-3]):[0-5]\d:[0-5]\d"
+    r"(\.\d{1,9})?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)$"
 )
+_RFC3339 = re.compile(RUN_AT_PATTERN, re.ASCII)
 
 
 def parse_delay(document: dict[str, Any], now: float) -> int:
@@ -304,7 +316,7 @@ def parse_task_body(
     content_type: bytes | None,
     body: bytes,
     *,
-    now: float | None = None,
+    now: float,
     task_types: Collection[str] = frozenset(),
 ) -> TaskRequest:
     """Validate a POST body; returns the TaskRequest or raises ApiError."""
@@ -325,6 +337,11 @@ def idempotency_key(header: bytes | None) -> str | None:
             "Idempotency-Key must be 1 to 255 printable ASCII characters",
         )
     return key
+
+
+def task_not_found() -> ApiError:
+    """The 404 of every route that names a task (GET, DELETE): unknown, or expired."""
+    return ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
 
 
 def _one_query_value(request: IRequest, name: str, code: str) -> str | None:
@@ -472,11 +489,15 @@ class TaskAPI:
         )
         user_id, payload = submitted.user_id, submitted.payload
         key = idempotency_key(request.getHeader(b"idempotency-key"))
-        task = Task.new(user_id, payload, self._clock.seconds(), submitted.type)
+        task = Task.new(
+            user_id, payload, self._clock.seconds(), submitted.type, submitted.run_at or None
+        )
         # Before the claim: a sure refusal (replicas missing) must not hold the key.
         self._queue.check_admissions()
         if key is not None:
-            claim = Claim(task.id, fingerprint(user_id, payload, task.type), task.queued_at)
+            claim = Claim(
+                task.id, fingerprint(user_id, payload, task.type, submitted.when), task.queued_at
+            )
             earlier = await self._idempotency.claim(user_id, key, claim)
             if earlier is not None:
                 replayed = await self._replay(request, user_id, key, claim, earlier)
@@ -489,7 +510,9 @@ class TaskAPI:
         by_address = decision is not None and not decision.allowed
         if decision is None or decision.allowed:
             # No release on failure: the script may have run (see _release).
-            decision = await self._queue.admit(task, self._limiter, submitted.delay_ms)
+            decision = await self._queue.admit(
+                task, self._limiter, submitted.delay_ms, submitted.run_at
+            )
         headers = decision.headers(self._clock.seconds())
         if not decision.allowed:
             self._count_refusal(decision, by_address)
@@ -509,8 +532,7 @@ class TaskAPI:
         if task.type is not None:
             accepted["type"] = task.type
         if submitted.delay_ms:
-            due = iso_utc(self._clock.seconds() + submitted.delay_ms / 1000)
-            accepted.update(status="scheduled", run_at=due)
+            accepted.update(status="scheduled", run_at=submitted.run_at)
         return respond(request, 202, accepted, headers)
 
     def _count_refusal(self, decision: Decision, by_address: bool) -> None:
@@ -554,15 +576,18 @@ class TaskAPI:
             )
         # Its own admission may have answered 503 durability_timeout: 200 only once durable.
         await self._queue.confirm_durable(earlier.task_id)
+        replayed = {
+            "task_id": earlier.task_id,
+            "user_id": user_id,
+            "status": record.get("status", "queued"),
+            "queued_at": earlier.queued_at,
+        }
+        if "run_at" in record:  # as the first answer said it
+            replayed["run_at"] = record["run_at"]
         return respond(
             request,
             200,
-            {
-                "task_id": earlier.task_id,
-                "user_id": user_id,
-                "status": record.get("status", "queued"),
-                "queued_at": earlier.queued_at,
-            },
+            replayed,
             [("Location", f"/api/v1/task/{earlier.task_id}"), ("Idempotent-Replayed", "true")],
         )
 
@@ -591,7 +616,7 @@ class TaskAPI:
     async def get_task(self, request: IRequest, task_id: str) -> bytes:
         record = await self._queue.status(task_id) if TASK_ID.match(task_id) else None
         if record is None:
-            raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
+            raise task_not_found()
         return respond(request, 200, status_document(task_id, record))
 
     @app.route("/api/v1/tasks", methods=["GET"])
@@ -609,11 +634,13 @@ class TaskAPI:
     async def cancel_task(self, request: IRequest, task_id: str) -> bytes:
         """A queued or scheduled task becomes cancelled and never runs (CANCEL)."""
         if not TASK_ID.match(task_id):
-            raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
-        state, _ = await self._queue.cancel(task_id, iso_utc(self._clock.seconds()))
+            raise task_not_found()
+        state, changed = await self._queue.cancel(task_id, iso_utc(self._clock.seconds()))
+        if changed:  # counted once: a second DELETE finds it cancelled already
+            self.tally.count(TASKS_CANCELLED)
         record = await self._queue.status(task_id) if state is not None else None
         if state is None or record is None:
-            raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
+            raise task_not_found()
         if state != "cancelled":
             refusal = ApiError(
                 409,

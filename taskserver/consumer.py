@@ -457,21 +457,17 @@ class ConsumerService(Service):
             await self._until_done(lambda: self._queue.drop(consumer_id, raw))
             return
         started = self._clock.seconds()
-        marked = True
         if attempts is None:
-            try:
-                attempts = await self._queue.mark_started(task_, iso_utc(started))
-            except RedisUnavailable as e:
-                self.log.warn(
-                    "could not mark task {task_id} processing: {error}", task_id=task_.id, error=e
-                )
-                attempts, marked = task_.attempts + 1, False  # a guess: no wait observed
+            # Asked until it answers: only the answer says whether a cancel came first.
+            attempts = await self._until_done(
+                lambda: self._queue.mark_started(task_, iso_utc(started))
+            )
             if attempts == 0:  # cancelled while it waited: acknowledged, not run
                 await self._until_done(lambda: self._queue.drop(consumer_id, raw))
                 self.cancelled_dropped += 1
                 return
-        if attempts == 1 and marked:
-            queued = queued_seconds(task_.queued_at)
+        if attempts == 1:
+            queued = queued_seconds(task_.due_at)  # a delay is not a wait
             if queued is not None:
                 self._tally.observe(TASK_WAIT, started - queued)
         argument = task_.handler_argument(attempts)

@@ -34,6 +34,7 @@ COUNTERS = {
     "tasks_retried": "Failed attempts whose task will run again.",
     "tasks_dead": "Tasks moved to the dead-letter list.",
     "tasks_reclaimed": "Tasks returned to the queue from a consumer whose process died.",
+    "tasks_cancelled": "Queued or scheduled tasks cancelled (DELETE), each once.",
     "worker_restarts": "Cluster children restarted by their master.",
     "task_log_write_errors": "Failed attempts to write the task log (its lines are kept, retried).",
 }
@@ -41,7 +42,10 @@ COUNTERS = {
 HISTOGRAMS = {
     "http_request_duration_seconds": ("Time to answer an HTTP request, per route.", ("route",)),
     "task_duration_seconds": ("Handler run time of one task attempt.", ()),
-    "task_wait_seconds": ("Time from queued to the first attempt's start.", ()),
+    "task_wait_seconds": (
+        "Time from queued (a delayed task: due) to the first attempt's start.",
+        (),
+    ),
 }
 #: taskserver_queue_tasks' states, in the order shown.
 QUEUE_STATES = ("pending", "processing", "delayed", "dead", "suspects")
@@ -86,7 +90,8 @@ class StatsCollector:
             yield self._histogram(name, help_text, label_names)
         queue = GaugeMetricFamily(
             PREFIX + "queue_tasks",
-            "Tasks per state now (suspects: waiting to run alone after their process died).",
+            "Tasks per state now (delayed: retries and scheduled tasks; suspects: waiting to run"
+            " alone after their process died).",
             labels=["state"],
         )
         for state in QUEUE_STATES:
@@ -94,7 +99,7 @@ class StatsCollector:
         yield queue
         yield GaugeMetricFamily(
             PREFIX + "queue_oldest_age_seconds",
-            "Age of the oldest pending task (0 when none is pending).",
+            "Age of the oldest pending task, from its run_at if delayed (0 when none is pending).",
             value=stats.oldest_pending_age_s or 0.0,
         )
         yield GaugeMetricFamily(

@@ -8,8 +8,8 @@ either claims or returns the existing claim. A claim is kept
 "no status record" as "the task was never created" and takes the key over,
 so a claim must never outlive the status record of its task (it is set
 before the record, with the same TTL, so it expires first).
-A request is "the same" when its user id and payload are equal as JSON
-(key order and spacing do not matter).
+A request is "the same" when its user id, payload and delay (``delay_s`` or
+``run_at``, as sent) are equal as JSON (key order and spacing do not matter).
 """
 
 from __future__ import annotations
@@ -39,13 +39,24 @@ TAKE_OVER = load("take_over")
 RELEASE = load("release")
 
 
-def fingerprint(user_id: str, payload: Any, task_type: str | None = None) -> str:
-    """What makes two requests the same: their user id, payload and type, as canonical JSON.
+def fingerprint(
+    user_id: str,
+    payload: Any,
+    task_type: str | None = None,
+    when: tuple[str, Any] | None = None,
+) -> str:
+    """What makes two requests the same: their user id, payload, type and ``when`` (the
+    delay as sent: ``("delay_s", 60)`` or ``("run_at", "...")``), as canonical JSON.
 
-    An untyped request's fingerprint is what it was before tasks had types.
+    Without a type or a delay the text is what it was before tasks had them, so claims
+    made by an older version still match their retries.
     """
-    same = [user_id, payload] if task_type is None else [user_id, payload, task_type]
-    canonical = json.dumps(same, sort_keys=True, separators=(",", ":"))
+    parts: list[Any] = [user_id, payload]
+    if task_type is not None:
+        parts.append(task_type)
+    if when is not None:
+        parts.append(list(when))
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

@@ -85,6 +85,7 @@ TASKS_FAILED = "tasks_failed"
 TASKS_RETRIED = "tasks_retried"
 TASKS_DEAD = "tasks_dead"
 TASKS_RECLAIMED = "tasks_reclaimed"
+TASKS_CANCELLED = "tasks_cancelled"
 WORKER_RESTARTS = "worker_restarts"
 #: Failed attempts to write the task log (each retry that fails counts again).
 TASK_LOG_WRITE_ERRORS = "task_log_write_errors"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from taskserver.api import USER_ID_MAX_CHARS, USER_TASKS_DEFAULT_LIMIT
+from taskserver.api import DELAY_MAX_S, RUN_AT_PATTERN, USER_ID_MAX_CHARS, USER_TASKS_DEFAULT_LIMIT
 from taskserver.config import Settings
 from taskserver.dashboard import (
     DEAD_PAGE_DEFAULT_LIMIT,
@@ -31,7 +31,6 @@ TASK_ID_PATTERN = "^[0-9a-f]{32}$"
 #: The contract's defaults for the new routes' bounds (config.py's BATCH_MAX).
 BATCH_MAX_DEFAULT = 500
 WAIT_MAX_S = 60
-DELAY_MAX_S = 30 * 24 * 3600
 STATUSES = ["queued", "scheduled", "processing", "retrying", "completed", "dead", "cancelled"]
 
 
@@ -83,8 +82,7 @@ BODY_ERRORS = {
     "400": _error(
         "The body or the Idempotency-Key is not valid (`invalid_json`, `not_an_object`, "
         "`missing_user_id`, `invalid_user_id`, `unknown_field`, `invalid_task_type`, "
-        "`unknown_task_type`, "
-        "`invalid_delay`, `invalid_idempotency_key`, ...)."
+        "`unknown_task_type`, `invalid_delay`, `invalid_run_at`, `invalid_idempotency_key`, ...)."
     ),
     "405": METHOD_NOT_ALLOWED,
     "409": _error(
@@ -678,8 +676,10 @@ def _schemas() -> dict[str, Any]:
                 "delay_s": {"type": "number", "minimum": 0, "maximum": DELAY_MAX_S},
                 "run_at": {
                     "type": "string",
-                    "format": "date-time",
-                    "description": "RFC 3339, at most 30 days ahead; not with delay_s.",
+                    "pattern": RUN_AT_PATTERN,
+                    "description": "RFC 3339 (`T` or a space between date and time, no leap "
+                    "second), at most 30 days ahead; not with delay_s. A date that does not "
+                    "exist (February 30, year 0000) is 400 `invalid_run_at` too.",
                 },
             },
         },

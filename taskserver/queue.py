@@ -36,7 +36,7 @@ from taskserver.keys import Keys
 from taskserver.ratelimit import Decision, RatePolicy
 from taskserver.redisclient import within
 from taskserver.scripts import Script, load
-from taskserver.task import MalformedTask, Task, iso_utc
+from taskserver.task import MalformedTask, Task
 
 # The scripts (lua/*.lua; each file says what its KEYS and ARGV are).
 ADMIT = load("admit")
@@ -96,7 +96,7 @@ class Reclaimed(NamedTuple):
 
 #: One task on its way into ADMIT: the task, its text and user id (encoded), its counters,
 #: and its delay in ms (0: due now).
-_Admission = tuple[Task, bytes, bytes, Sequence[str], int]
+_Admission = tuple[Task, bytes, bytes, Sequence[str], int, str]
 #: ADMIT's reply for one task, and whether the turn's wait (disk, replicas) was satisfied.
 _Admitted = tuple[Any, bool]
 
@@ -206,11 +206,14 @@ class TaskQueue:
     async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await within(script(self._redis, keys, args), self._timeout_s, self._clock)
 
-    async def admit(self, task: Task, policy: RatePolicy, delay_ms: int = 0) -> Decision:
+    async def admit(
+        self, task: Task, policy: RatePolicy, delay_ms: int = 0, run_at: str = ""
+    ) -> Decision:
         """Check and charge ``task.user_id``'s tiers and, if allowed, enqueue the task.
 
         With ``delay_ms`` the task goes to the delayed set instead, due that long
-        after admission by the Redis clock, and its record says "scheduled".
+        after admission by the Redis clock, and its record says "scheduled" with
+        ``run_at`` (required with a delay: the due time the caller answered, as is).
 
         One script (ADMIT) runs the rate limit, the push and the status record,
         so "counted" and "enqueued" cannot disagree. Admissions made in the
@@ -219,6 +222,8 @@ class TaskQueue:
         task exists, its durability is unknown).
         """
         self.check_admissions()
+        if delay_ms and not run_at:
+            raise ValueError("a delayed admission needs its run_at")
         try:
             # Encoded here, not when the batch is sent, so one bad task fails alone. The
             # bytes go to Redis as they are: txredisapi encodes nothing a second time.
@@ -230,7 +235,7 @@ class TaskQueue:
         batch = self._coalescer(
             self._admissions, policy.arguments, partial(self._admit_many, policy.arguments)
         )
-        reply, durable = await batch.submit((task, text, user_id, counters, delay_ms))
+        reply, durable = await batch.submit((task, text, user_id, counters, delay_ms, run_at))
         decision = policy.decide(reply)
         if decision.allowed and not durable:
             raise DurabilityTimeout(
@@ -258,7 +263,7 @@ class TaskQueue:
         six otherwise: each argument costs encoding time on the request path.
         """
         keys = [self.keys.pending, self.keys.delayed]
-        extended = any(task.type is not None or delay_ms for task, _, _, _, delay_ms in tasks)
+        extended = any(task.type is not None or delay_ms for task, _, _, _, delay_ms, _ in tasks)
         listed = self.user_tasks_max > 0
         args: list[Any] = [
             *tier_arguments,
@@ -267,13 +272,12 @@ class TaskQueue:
             self.user_tasks_max,
             len(self.keys.status_prefix.encode("utf-8")),  # Lua counts bytes
         ]
-        for task, text, user_id, counters, delay_ms in tasks:
+        for task, text, user_id, counters, delay_ms, run_at in tasks:
             keys += [*counters, self.keys.status(task.id)]
             if listed:
                 keys.append(self.keys.user_tasks(task.user_id))
             args += [text, user_id, task.queued_at]
             if extended:
-                run_at = iso_utc(self._clock.seconds() + delay_ms / 1000) if delay_ms else ""
                 args += [task.type or "", delay_ms, run_at]
         return keys, args
 
@@ -562,7 +566,7 @@ class TaskQueue:
         state, changed = await self._eval(
             CANCEL,
             [self.keys.status(task_id), self.keys.delayed, self.keys.finished],
-            [task_id, cancelled_at],
+            [task_id, cancelled_at, self._status_ttl_ms],
         )
         return (str(state) if state else None), bool(changed)
 
@@ -579,8 +583,8 @@ class TaskQueue:
 
         For an outcome that could not be recorded: the task runs again after
         ``delay_s``, or, once its runs used up MAX_ATTEMPTS, goes to the dead
-        letters. Returns "retrying", "dead", or :data:`GONE` if the entry was
-        no longer there.
+        letters. Returns "retrying", "dead", "cancelled" (a cancelled task's
+        entry is only removed), or :data:`GONE` if the entry was no longer there.
         """
         try:
             status = self.keys.status(Task.from_json(raw).id)

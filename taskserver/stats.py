@@ -473,11 +473,11 @@ def _sample(raw: Any) -> Sample | None:
 
 
 def _age(oldest: Any, now_s: float) -> float | None:
-    """Seconds since the oldest pending task was queued (None if none, or unreadable)."""
+    """Seconds since the oldest pending task was due (None if none, or unreadable)."""
     if not oldest:
         return None
     try:
-        queued_at = Task.from_json(str(oldest)).queued_at
+        queued_at = Task.from_json(str(oldest)).due_at
         queued_s = datetime.fromisoformat(queued_at.replace("Z", "+00:00")).timestamp()
     except (MalformedTask, ValueError):
         return None

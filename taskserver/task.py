@@ -45,16 +45,32 @@ class Task:
     attempts: int = 0
     #: The handler it is routed to (TASK_HANDLERS); None for the default TASK_HANDLER.
     type: str | None = None
+    #: When a delayed task is due (its 202's run_at); None for one due at once. Its wait
+    #: (metrics, the oldest pending age) counts from here, not from queued_at.
+    run_at: str | None = None
 
     @classmethod
-    def new(cls, user_id: str, payload: Any, now: float, type: str | None = None) -> Task:
+    def new(
+        cls,
+        user_id: str,
+        payload: Any,
+        now: float,
+        type: str | None = None,
+        run_at: str | None = None,
+    ) -> Task:
         return cls(
             id=uuid.uuid4().hex,
             user_id=user_id,
             payload=payload,
             queued_at=iso_utc(now),
             type=type,
+            run_at=run_at,
         )
+
+    @property
+    def due_at(self) -> str:
+        """Since when it waits to run: run_at for a delayed task, else queued_at."""
+        return self.run_at or self.queued_at
 
     def to_json(self) -> str:
         document = {
@@ -66,6 +82,8 @@ class Task:
         }
         if self.type is not None:  # untyped entries stay as they were
             document["type"] = self.type
+        if self.run_at is not None:  # and so do undelayed ones
+            document["run_at"] = self.run_at
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -79,6 +97,7 @@ class Task:
                 queued_at=data["queued_at"],
                 attempts=int(data.get("attempts", 0)),
                 type=data.get("type"),
+                run_at=data.get("run_at"),
             )
         except (ValueError, TypeError, KeyError) as e:
             raise MalformedTask(f"not a task: {e}") from None
@@ -87,6 +106,8 @@ class Task:
         if not isinstance(task.user_id, str) or not isinstance(task.queued_at, str):
             raise MalformedTask("not a task: bad field types")
         if task.type is not None and not isinstance(task.type, str):
+            raise MalformedTask("not a task: bad field types")
+        if task.run_at is not None and not isinstance(task.run_at, str):
             raise MalformedTask("not a task: bad field types")
         return task
 

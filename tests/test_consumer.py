@@ -17,9 +17,10 @@ from taskserver import admin
 from taskserver.config import RedisAddress
 from taskserver.consumer import ConsumerService, backoff_s, stored_result
 from taskserver.keys import Keys
+from taskserver.metrics import Tally
 from taskserver.queue import TaskQueue
 from taskserver.redisclient import RedisUnavailable
-from taskserver.task import Task
+from taskserver.task import Task, iso_utc
 from taskserver.tasklog import TaskLog, TaskLogFile
 
 Factory = Callable[..., ConsumerService]
@@ -652,3 +653,56 @@ async def test_a_task_running_when_fetching_pauses_finishes_and_logs_its_line(
     await eventually(status_is(queue, task, "completed"))
     [line] = log_lines(tmp_path)
     assert f"task_id={task.id} status=completed" in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_step_whose_reply_timed_out_is_retried_and_a_cancel_it_found_holds(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, monkeypatch: Any
+) -> None:
+    """Popped, then cancelled before its start step, whose first reply is lost: the
+    consumer asks again (no guess), hears "cancelled", and never runs it."""
+    real_mark_started = queue.mark_started
+    answers: list[int] = []
+
+    async def cancelled_then_late(task_: Task, started_at: str) -> int:
+        if not answers:
+            assert await queue.cancel(task_.id, started_at) == ("cancelled", True)
+        answers.append(await real_mark_started(task_, started_at))
+        if len(answers) == 1:
+            raise RedisUnavailable("Redis did not answer within 2.0 s")
+        return answers[-1]
+
+    monkeypatch.setattr(queue, "mark_started", cancelled_then_late)
+    seen: list[dict[str, Any]] = []
+    service = consumers(seen.append, concurrency=1)
+
+    async def pop_waiting() -> bool:
+        return "cmd=brpoplpush" in str(await redis.execute_command("CLIENT", "LIST"))
+
+    await eventually(pop_waiting)  # the queue is empty: the next task comes by the pop
+    task = await enqueue(queue)
+
+    async def entry_gone() -> bool:
+        return bool(answers) and await redis.llen(keys.processing(service.consumer_ids[0])) == 0
+
+    await eventually(entry_gone)
+    assert seen == [], "a cancelled task never runs"
+    assert answers == [0, 0], "asked again, and both answers said cancelled"
+    assert (await queue.status(task.id) or {})["status"] == "cancelled"
+    assert service.cancelled_dropped == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delayed_tasks_wait_is_counted_from_its_run_at(
+    consumers: Factory, queue: TaskQueue
+) -> None:
+    """Submitted an hour ago to run now: it waited for no one, the hour is its delay."""
+    now = reactor.seconds()
+    task = Task.new("u", None, now=now - 3600, run_at=iso_utc(now))
+    await queue.enqueue(task)
+    tally = Tally()
+    consumers(lambda task: None, tally=tally)
+    await eventually(status_is(queue, task, "completed"))
+    counts = tally.take()
+    assert counts["task_wait_seconds_count"] == 1
+    assert counts["task_wait_seconds_sum_us"] < 60_000_000, "the delay counted as a wait"

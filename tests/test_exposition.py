@@ -150,6 +150,11 @@ def test_the_gauges_read_the_queue_now() -> None:
     assert value(families, "taskserver_redis_up") == 1
 
 
+def test_the_delayed_state_says_it_holds_scheduled_tasks_too() -> None:
+    help_text = parse(exposition(reading()))["taskserver_queue_tasks"].documentation
+    assert "delayed: retries and scheduled tasks" in help_text
+
+
 def test_an_empty_queue_has_oldest_age_zero_and_no_labelled_series() -> None:
     families = parse(exposition(reading(oldest_pending_age_s=None, metrics={})))
     assert value(families, "taskserver_queue_oldest_age_seconds") == 0

@@ -596,12 +596,13 @@ async def test_the_master_flushes_a_restart_counted_while_redis_was_down(
 
 
 class UnmarkableQueue:
-    """One task, fetched by the blocking pop; marking it started fails (Redis away)."""
+    """One task, fetched by the blocking pop; marking it started fails once (Redis away)."""
 
     def __init__(self, raw: str) -> None:
         self.keys = Keys("unmarkable")
         self.raw: str | None = raw
         self.completed: list[str] = []
+        self.marks = 0
 
     async def heartbeat(self, *args: Any) -> None:
         pass
@@ -622,15 +623,18 @@ class UnmarkableQueue:
         return raw
 
     async def mark_started(self, task: Task, started_at: str) -> int:
-        raise RedisUnavailable("Redis did not answer within 1.0 s")
+        self.marks += 1
+        if self.marks == 1:
+            raise RedisUnavailable("Redis did not answer within 1.0 s")
+        return 1
 
     async def complete(self, consumer_id: str, raw: str, *args: Any) -> bool:
         self.completed.append(raw)
         return True
 
 
-def test_no_wait_is_observed_when_the_start_could_not_be_marked() -> None:
-    """Then the attempt number is a guess from the task's text: a retry's looks like a first."""
+def test_a_start_step_that_failed_is_asked_again_and_its_answer_observed() -> None:
+    """No guess from the task's text: the attempt number (and so the wait) is Redis's answer."""
     clock, tally = Clock(), Tally()
     raw = Task.new("u", {}, 0.0).to_json()
     queue = UnmarkableQueue(raw)
@@ -648,10 +652,10 @@ def test_no_wait_is_observed_when_the_start_could_not_be_marked() -> None:
     with capturedLogs():
         consumer.startService()
         clock.advance(0.1)
-    assert queue.completed == [raw]
+    assert (queue.completed, queue.marks) == ([raw], 2)
     counts = tally.take()
     assert counts.get("tasks_completed") == 1
-    assert "task_wait_seconds_count" not in counts
+    assert counts["task_wait_seconds_count"] == 1
     assert counts["task_duration_seconds_count"] == 1
 
 

@@ -22,7 +22,7 @@ import pytest
 import schemathesis
 
 from harness import Twistd
-from taskserver import openapi
+from taskserver import api, openapi
 from taskserver.api import ENQUEUE_PATH, TaskAPI, parse_task_body
 from taskserver.dashboard import DashboardRoutes
 from taskserver.httpserver import ApiError
@@ -44,6 +44,8 @@ FUZZ_CONFIG = Path(__file__).parent.parent / "schemathesis.toml"
 #: Bounded and repeatable: the same seed, at most this many cases per operation and phase
 #: (about 30 s here, some 3,000 requests).
 FUZZ_SEED = 20261206
+#: Any clock: these bodies have no delay.
+NOW = 1_780_000_000.0
 FUZZ_MAX_EXAMPLES = 500
 
 
@@ -97,7 +99,7 @@ def test_planned_entries_are_not_served_yet() -> None:
         if (method, path) == ("post", "/api/v1/task") and name is not None:
             body = json.dumps({"user_id": "u", name: 1}).encode()
             with pytest.raises(ApiError, match="unknown field") as refused:
-                parse_task_body(b"application/json", body)
+                parse_task_body(b"application/json", body, now=NOW)
             assert refused.value.code == "unknown_field", f"{name} is served now"
 
 
@@ -181,3 +183,35 @@ def test_schemathesis_would_say_so(cluster: Twistd, tmp_path: Path) -> None:
     run = fuzz(cluster, tmp_path, document, 5, "--include-operation-id=healthz")
     assert run.returncode != 0
     assert "pid" in run.stdout and "Response violates schema" in run.stdout, run.stdout[-5000:]
+
+
+@pytest.mark.parametrize(
+    ("run_at", "accepted"),
+    [
+        ("2026-12-07T10:00:00Z", True),
+        ("2026-12-07t10:00:00z", True),
+        ("2026-12-07 10:00:00.123456789+01:00", True),
+        ("2026-12-07T10:00:60Z", False),  # a leap second: datetime has none
+        ("2026-12-07T24:00:00Z", False),
+        ("2026-13-07T10:00:00Z", False),
+        ("2026-12-07T10:00:00.1234567890Z", False),
+        ("2026-12-07T10:00:00+24:00", False),
+        ("2026-12-07T10:00:00", False),
+    ],
+)
+def test_the_run_at_pattern_is_what_the_parser_accepts(run_at: str, accepted: bool) -> None:
+    schema = openapi.document()["components"]["schemas"]["TaskRequest"]["properties"]["run_at"]
+    assert bool(re.search(schema["pattern"], run_at)) is accepted, "the document's pattern"
+    body = json.dumps({"user_id": "u", "run_at": run_at}).encode()
+    try:
+        parse_task_body(b"application/json", body, now=1_796_601_600.0)  # 2026-12-07
+    except ApiError as refused:
+        assert not accepted and refused.code == "invalid_run_at"
+    else:
+        assert accepted, "the parser took it"
+
+
+def test_the_body_errors_name_invalid_run_at_and_the_bound_is_the_parsers() -> None:
+    assert "`invalid_run_at`" in openapi.BODY_ERRORS["400"]["description"]
+    schema = openapi.document()["components"]["schemas"]["TaskRequest"]["properties"]
+    assert schema["delay_s"]["maximum"] == api.DELAY_MAX_S

@@ -92,14 +92,14 @@ async def test_a_delayed_task_waits_in_the_delayed_set_as_scheduled(
     queue: TaskQueue, redis: Any, keys: Keys
 ) -> None:
     task = new_task()
-    await queue.admit(task, RatePolicy(keys, ()), delay_ms=60_000)
+    await queue.admit(task, RatePolicy(keys, ()), 60_000, "2030-01-01T00:00:00.000Z")
     assert await redis.llen(keys.pending) == 0
     redis_now_ms = int((await redis.execute_command("TIME"))[0]) * 1000
     score = float(await redis.execute_command("ZSCORE", keys.delayed, task.to_json()))
     assert redis_now_ms + 58_000 <= score <= redis_now_ms + 62_000
     record = await queue.status(task.id) or {}
     assert record["status"] == "scheduled"
-    assert record["run_at"] > task.queued_at
+    assert record["run_at"] == "2030-01-01T00:00:00.000Z", "the caller's run_at, as is"
 
 
 @pytest_twisted.ensureDeferred
@@ -587,7 +587,7 @@ async def test_a_due_scheduled_task_is_queued_and_a_cancelled_one_never_starts(
 ) -> None:
     due, cancelled = new_task(), new_task()
     for task in (due, cancelled):
-        await queue.admit(task, RatePolicy(keys, ()), delay_ms=1)
+        await queue.admit(task, RatePolicy(keys, ()), 1, "2026-12-07T00:00:00.000Z")
     assert await queue.cancel(cancelled.id, "2026-12-07T00:00:00.000Z") == ("cancelled", True)
     assert await queue.cancel(cancelled.id, "2026-12-07T00:00:01.000Z") == ("cancelled", False)
     assert await redis.execute_command("ZCARD", keys.delayed) == 1  # its entry left at once
@@ -616,7 +616,10 @@ async def test_cancels_racing_fetches_and_promotion_each_task_runs_or_is_cancell
     await defer.gatherResults([defer.ensureDeferred(queue.enqueue(t)) for t in plain])
     unlimited = RatePolicy(keys, ())
     await defer.gatherResults(
-        [defer.ensureDeferred(queue.admit(t, unlimited, delay_ms=1)) for t in delayed]
+        [
+            defer.ensureDeferred(queue.admit(t, unlimited, 1, "2026-12-07T00:00:00.000Z"))
+            for t in delayed
+        ]
     )
     everyone = plain + delayed
     started: list[str] = []
@@ -664,3 +667,41 @@ async def test_cancels_racing_fetches_and_promotion_each_task_runs_or_is_cancell
         assert record["status"] == ("cancelled" if changed else "processing")
         assert changed or state == "processing", "a refused cancel names what it found"
     assert await redis.llen(keys.pending) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_start_step_charges_no_second_attempt(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """The consumer asks MARK_STARTED again when its reply timed out: same answer."""
+    task, _ = await start(queue, redis)
+    assert await queue.mark_started(task, "2026-01-01T00:00:00.000Z") == 1, "a replay"
+    assert (await queue.status(task.id) or {})["attempts"] == "1"
+    assert await queue.mark_started(task, "2026-01-01T00:00:05.000Z") == 2, "another start"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_task_given_back_stays_cancelled_and_is_not_requeued(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """Popped, cancelled before its start step, then given back (its start step failed)."""
+    [task] = await enqueued(queue, "user", 1)
+    raw = await queue.fetch(redis, keys.pending, keys.processing("p#0"), 1)
+    assert raw is not None
+    assert await queue.cancel(task.id, "2026-12-07T00:00:00.000Z") == ("cancelled", True)
+    assert await queue.give_back("p#0", raw, 0.0) == "cancelled"
+    assert await redis.llen(keys.processing("p#0")) == 0
+    assert await redis.zcard(keys.delayed) == 0 and await redis.llen(keys.pending) == 0
+    assert (await queue.status(task.id) or {})["status"] == "cancelled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_scheduled_task_expires_status_ttl_after_its_cancel(
+    queue: TaskQueue, redis: Any, keys: Keys
+) -> None:
+    """Not STATUS_TTL plus the delay it was admitted with: it will never run."""
+    task = new_task()
+    await queue.admit(task, RatePolicy(keys, ()), 600_000, "2030-01-01T00:00:00.000Z")
+    assert await redis.execute_command("PTTL", keys.status(task.id)) > 3600_000
+    assert await queue.cancel(task.id, "2026-12-07T00:00:00.000Z") == ("cancelled", True)
+    assert 3590_000 < await redis.execute_command("PTTL", keys.status(task.id)) <= 3600_000

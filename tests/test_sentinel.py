@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -119,12 +120,22 @@ def test_sentinel_settings_that_cannot_work_stop_with_one_line(
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_with_sentinels_the_master_starts_no_embedded_redis(tmp_path: Path) -> None:
+def test_with_sentinels_the_master_starts_no_embedded_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """makeService neither looks for the embedded binary nor locks DATA_DIR with sentinels.
 
     REDIS_SERVER_BIN names no file, so looking for it would stop start-up; locking
     DATA_DIR would create the folder.
     """
+    bound: list[socket.socket] = []
+    bind = tap.bind_listener
+
+    def bind_and_keep(interface: str, port: int) -> socket.socket:
+        bound.append(bind(interface, port))
+        return bound[-1]
+
+    monkeypatch.setattr(tap, "bind_listener", bind_and_keep)
     options = tap.Options()
     options.settings = load_settings(
         {},
@@ -136,11 +147,12 @@ def test_with_sentinels_the_master_starts_no_embedded_redis(tmp_path: Path) -> N
             "INTERFACE": "127.0.0.1",
         },
     )
-    master = tap.makeService(options)
+    tap.makeService(options)
     try:
         assert not (tmp_path / "data").exists()
     finally:
-        master._listener.close()
+        for listener in bound:
+            listener.close()
 
 
 # ---------------------------------------------------------------- the mended protocol

@@ -28,6 +28,7 @@ from taskserver.stats import (
     RedisPanel,
     RedisUnavailable,
     Sample,
+    _age,
     address_label,
     parse_field,
     read_stats,
@@ -335,3 +336,8 @@ async def test_what_the_flusher_writes_is_what_read_stats_reads(redis: Any, keys
     assert (live["process_id"], live["restarts"], live["connections"]) == ("p", 2, 4)
     assert live["uptime_s"] == pytest.approx(5.0, abs=2.0)
     assert [s.totals.get(TASKS_COMPLETED) for s in stats.history] == [3], "the first sample"
+
+
+def test_the_oldest_pending_age_of_a_delayed_task_counts_from_its_run_at() -> None:
+    task = Task.new("u", None, now=0.0, run_at=iso_utc(3600.0))
+    assert _age(task.to_json(), 3610.0) == 10.0, "its hour of delay is no wait"

@@ -58,3 +58,11 @@ def test_a_queue_entry_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(json, "loads", counting_loads)
     assert Task.from_json(raw).handler_argument(1)["payload"] == [1, {"deep": []}]
     assert parses == [raw]
+
+
+def test_a_delayed_task_carries_its_run_at_and_an_undelayed_entry_is_unchanged() -> None:
+    delayed = Task.new("u", 1, now=0.0, run_at="1970-01-01T01:00:00.000Z")
+    assert Task.from_json(delayed.to_json()) == delayed
+    assert delayed.due_at == "1970-01-01T01:00:00.000Z"
+    plain = Task.new("u", 1, now=0.0)
+    assert "run_at" not in json.loads(plain.to_json()) and plain.due_at == plain.queued_at

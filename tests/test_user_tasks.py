@@ -14,7 +14,7 @@ from taskserver.config import parse_rate_limits
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RatePolicy
-from taskserver.task import Task
+from taskserver.task import Task, iso_utc
 
 STATUS_TTL_S = 3600
 
@@ -62,7 +62,7 @@ async def test_expired_records_are_left_out_and_a_scheduled_task_keeps_the_list_
 
     policy = RatePolicy(keys, ())
     later = new_task("cat")
-    await queue.admit(later, policy, delay_ms=600_000)
+    await queue.admit(later, policy, 600_000, iso_utc(reactor.seconds() + 600))
     longer = await redis.execute_command("PTTL", keys.user_tasks("cat"))
     assert longer > STATUS_TTL_S * 1000 + 590_000, "the list lives as long as its records"
     await queue.enqueue(new_task("cat"))  # a plain task must not shorten it again

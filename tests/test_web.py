@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 
 import pytest
@@ -31,6 +32,8 @@ from taskserver.redisclient import RedisUnavailable
 JSON = {"Content-Type": "application/json"}
 #: A deadline generous enough for a loaded machine: it tells a hang from an answer, not speed.
 NEVER_A_HANG_S = 20.0
+#: The clock a parsed body is measured from (a delay is relative to it).
+NOW = 1_780_000_000.0
 
 # ------------------------------------------------------------------ pure validation
 
@@ -67,7 +70,7 @@ NEVER_A_HANG_S = 20.0
 )
 def test_bad_bodies_are_rejected_with_a_code(body: bytes, code: str) -> None:
     with pytest.raises(ApiError) as caught:
-        parse_task_body(b"application/json", body)
+        parse_task_body(b"application/json", body, now=NOW)
     assert caught.value.status == 400
     assert caught.value.code == code
 
@@ -87,20 +90,20 @@ def test_bad_bodies_are_rejected_with_a_code(body: bytes, code: str) -> None:
 def test_a_type_must_name_a_configured_handler(type_: Any, code: str) -> None:
     body = json.dumps({"user_id": "a", "type": type_}).encode()
     with pytest.raises(ApiError) as caught:
-        parse_task_body(b"application/json", body, task_types={"email"})
+        parse_task_body(b"application/json", body, now=NOW, task_types={"email"})
     assert (caught.value.status, caught.value.code) == (400, code)
     assert len(caught.value.document()["message"]) <= 300
 
 
 def test_a_known_type_is_kept_and_an_absent_one_is_none() -> None:
     typed = b'{"user_id": "a", "type": "email", "payload": 1}'
-    assert parse_task_body(b"application/json", typed, task_types={"email"}) == TaskRequest(
-        "a", 1, "email"
-    )
+    assert parse_task_body(
+        b"application/json", typed, now=NOW, task_types={"email"}
+    ) == TaskRequest("a", 1, "email")
     untyped = b'{"user_id": "a"}'
-    assert parse_task_body(b"application/json", untyped, task_types={"email"}).type is None
+    assert parse_task_body(b"application/json", untyped, now=NOW, task_types={"email"}).type is None
     with pytest.raises(ApiError, match="TASK_HANDLERS is empty"):
-        parse_task_body(b"application/json", typed)
+        parse_task_body(b"application/json", typed, now=NOW)
 
 
 def test_status_document_parses_the_result_back() -> None:
@@ -113,23 +116,19 @@ def test_status_document_parses_the_result_back() -> None:
 
 
 def test_good_bodies() -> None:
-    assert parse_task_body(b"application/json", b'{"user_id": "user123"}') == TaskRequest(
-        "user123", None
-    )
-    assert parse_task_body(
+    parse = partial(parse_task_body, now=NOW)
+    assert parse(b"application/json", b'{"user_id": "user123"}') == TaskRequest("user123", None)
+    assert parse(
         b"application/json; charset=utf-8",
         '{"user_id": "ünïcode ✓", "payload": {"a": [1, null]}}'.encode(),
     ) == TaskRequest("ünïcode ✓", {"a": [1, None]})
-    assert parse_task_body(b"application/json", b'{"user_id": "' + b"x" * 128 + b'"}').user_id
+    assert parse(b"application/json", b'{"user_id": "' + b"x" * 128 + b'"}').user_id
     assert (
-        parse_task_body(
-            b"application/json", b'{"user_id": "a", "payload": "\\ud83d\\ude00"}'
-        ).payload
+        parse(b"application/json", b'{"user_id": "a", "payload": "\\ud83d\\ude00"}').payload
         == "\U0001f600"
     ), "a surrogate pair is one character"
     assert (
-        parse_task_body(b"application/json", b'{"user_id": "a", "payload": "\\\\ud800"}').payload
-        == "\\ud800"
+        parse(b"application/json", b'{"user_id": "a", "payload": "\\\\ud800"}').payload == "\\ud800"
     ), "an escaped backslash, then text"
 
 
@@ -138,7 +137,7 @@ def test_good_bodies() -> None:
 )
 def test_integers_a_double_holds_are_kept_exactly(number: int) -> None:
     body = b'{"user_id": "a", "payload": {"n": %d}}' % number
-    assert parse_task_body(b"application/json", body) == TaskRequest("a", {"n": number})
+    assert parse_task_body(b"application/json", body, now=NOW) == TaskRequest("a", {"n": number})
 
 
 @pytest.mark.parametrize(
@@ -167,7 +166,9 @@ class FakeQueue:
         self.records: dict[str, dict[str, str]] = {}
         self.pending_status: defer.Deferred[None] | None = None
 
-    async def admit(self, task: Any, policy: FakeLimiter, delay_ms: int = 0) -> Decision:
+    async def admit(
+        self, task: Any, policy: FakeLimiter, delay_ms: int = 0, run_at: str = ""
+    ) -> Decision:
         """Admits every task, or fails with the policy's ``error``."""
         if policy.error is not None:
             raise policy.error
@@ -925,6 +926,58 @@ async def test_the_same_key_with_another_body_is_422(server: RunningServer) -> N
     response, document = await post_with_key(server, b'{"user_id": "u1", "payload": 2}', "k")
     assert response.code == 422
     assert document["error"] == "idempotency_key_reused"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_key_with_another_delay_is_422(server: RunningServer) -> None:
+    """delay_s and run_at are part of the request: a retry must not change when it runs."""
+    first, _ = await post_with_key(server, b'{"user_id": "u2", "delay_s": 60}', "d")
+    assert first.code == 202
+    for body in (
+        b'{"user_id": "u2", "delay_s": 120}',
+        b'{"user_id": "u2"}',
+        b'{"user_id": "u2", "run_at": "2026-12-07T10:00:00Z"}',
+    ):
+        response, document = await post_with_key(server, body, "d")
+        assert (response.code, document["error"]) == (422, "idempotency_key_reused"), body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_delayed_post_answers_its_run_at(server: RunningServer) -> None:
+    body = b'{"user_id": "u3", "payload": 1, "delay_s": 60}'
+    first, created = await post_with_key(server, body, "r")
+    again, replayed = await post_with_key(server, body, "r")
+    assert (first.code, again.code) == (202, 200)
+    assert replayed == created, "the replay answers what the first answer said"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_202_of_a_delayed_task_shows_the_run_at_of_its_record(
+    server: RunningServer,
+) -> None:
+    response, created = await post(server, b'{"user_id": "u4", "delay_s": 60.0005}')
+    assert (response.code, created["status"]) == (202, "scheduled")
+    record = await treq.get(f"{server.url}/api/v1/task/{created['task_id']}")
+    assert (await record.json())["run_at"] == created["run_at"]
+
+
+def test_a_delay_is_measured_from_the_injected_clock() -> None:
+    submitted = parse_task_body(b"application/json", b'{"user_id": "a", "delay_s": 1.5}', now=NOW)
+    assert (submitted.delay_ms, submitted.run_at) == (1500, "2026-05-28T20:26:41.500Z")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancel_is_counted_once(server: RunningServer, redis: Any) -> None:
+    _, created = await post(server, b'{"user_id": "u5", "delay_s": 600}')
+    for _ in range(2):
+        response = await treq.delete(f"{server.url}/api/v1/task/{created['task_id']}")
+        assert response.code == 200
+    metrics = server.child.queue.keys.metrics  # type: ignore[union-attr]
+
+    async def counted() -> Any:
+        return await redis.hget(metrics, "tasks_cancelled")
+
+    assert await eventually(counted) == "1"
 
 
 @pytest_twisted.ensureDeferred

@@ -1,4 +1,5 @@
--- KEYS: status, delayed, finished (the Pub/Sub channel). ARGV: task id, cancelled_at.
+-- KEYS: status, delayed, finished (the Pub/Sub channel). ARGV: task id, cancelled_at,
+-- status ttl ms (the record expires that long after its cancel, not after its delay).
 -- A queued or scheduled task becomes "cancelled", atomically with the check of its
 -- status: the start step (lib/status.lua mark_started, in FETCH_BATCH and
 -- MARK_STARTED) refuses a task whose record says cancelled, so a task either starts
@@ -15,5 +16,6 @@ if state == 'scheduled' then
 end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[2])
 redis.call('HDEL', KEYS[1], 'entry')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PUBLISH', KEYS[3], ARGV[1])
 return {'cancelled', 1}

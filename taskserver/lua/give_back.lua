@@ -6,10 +6,13 @@
 -- runs again after the delay (PROMOTE), not at once in a loop. Each run was charged an
 -- attempt by its fetch, so a task whose outcome can never be recorded ends in the
 -- dead-letter list after MAX_ATTEMPTS runs, like a task that keeps failing. Only if the
--- entry was still there, so a replay moves nothing twice. Returns 'retrying', 'dead'
--- or 'gone'.
+-- entry was still there, so a replay moves nothing twice. A task whose record says
+-- "cancelled" (cancelled between its pop and its start step) is only removed: it stays
+-- cancelled and never runs. Returns 'retrying', 'dead', 'cancelled' or 'gone'.
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 'gone' end
-local attempts = tonumber(redis.call('HGET', KEYS[4], 'attempts') or '0') or 0
+local record = redis.call('HMGET', KEYS[4], 'attempts', 'status')
+if record[2] == 'cancelled' then return 'cancelled' end
+local attempts = tonumber(record[1] or '0') or 0
 local error = 'its outcome could not be recorded'
 if attempts >= tonumber(ARGV[3]) then
   dead_letter(KEYS[3], tonumber(ARGV[4]), ARGV[1], error, attempts, now_ms())
