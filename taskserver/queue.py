@@ -442,6 +442,7 @@ class TaskQueue:
         for raw, task, finished_at, duration_ms in done:
             keys.append(self.keys.status(task.id))
             args += [raw, finished_at, duration_ms, _encodable(task.user_id), task.queued_at]
+        args.append(self.keys.finished)
         self._before_outcomes()
         return list(await self._eval(COMPLETE, keys, args))
 
@@ -472,6 +473,7 @@ class TaskQueue:
                 self.keys.processing(consumer_id),
                 self.keys.delayed,
                 self.keys.dead,
+                self.keys.finished,
             ],
             [
                 raw,
@@ -531,7 +533,13 @@ class TaskQueue:
             status = self.keys.status("-")  # no record to update
         answer = await self._eval(
             GIVE_BACK,
-            [self.keys.processing(consumer_id), self.keys.delayed, self.keys.dead, status],
+            [
+                self.keys.processing(consumer_id),
+                self.keys.delayed,
+                self.keys.dead,
+                status,
+                self.keys.finished,
+            ],
             [raw, max(0, int(delay_s * 1000)), self.max_attempts, self._dead_letter_max],
         )
         return str(answer)
@@ -593,6 +601,7 @@ class TaskQueue:
                 self.max_attempts,
                 self._dead_letter_max,
                 *consumer_ids,
+                self.keys.finished,
             ],
         )
         return Reclaimed(int(requeued), int(dead))
