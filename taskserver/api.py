@@ -57,6 +57,7 @@ from taskserver.ratelimit import Decision, RateLimiter, RatePolicy
 from taskserver.redisclient import RedisUnavailable
 from taskserver.stats import ClusterStats
 from taskserver.task import TASK_ID, Task, iso_utc
+from taskserver.waiters import TOO_MANY_WAITERS_RETRY_AFTER_S, TooManyWaiters, Waiters
 
 if TYPE_CHECKING:
     from taskserver.dashboard import DashboardResource, DashboardRoutes
@@ -69,6 +70,10 @@ _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 #: How far ahead a task may be delayed (openapi.DELAY_MAX_S says the same).
 DELAY_MAX_S = 30 * 24 * 3600
 _ALLOWED_FIELDS = frozenset({"user_id", "payload", "delay_s", "run_at"})
+#: The longest ``?wait=`` of GET /api/v1/task/<id> (openapi.WAIT_MAX_S says the same).
+WAIT_MAX_S = 60
+#: A decimal number, as JSON spells one (so "1e-3" too; not "nan", "inf", "0x10", " 1").
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?", re.ASCII)
 
 #: /kill waits for its answer to be sent, but not longer than this.
 KILL_FLUSH_TIMEOUT_S = 1.0
@@ -280,6 +285,21 @@ def parse_task_body(
     return parse_task_document(document, surrogates, now=now)
 
 
+def parse_wait(values: list[bytes] | None) -> float | None:
+    """The ``wait`` query parameter in seconds, None if absent; 0 < wait <= WAIT_MAX_S."""
+    if values is None:
+        return None
+    text = values[0].decode("latin-1") if len(values) == 1 else ""
+    seconds = float(text) if _DECIMAL.fullmatch(text) else math.nan
+    if not 0 < seconds <= WAIT_MAX_S:  # NaN fails too
+        raise ApiError(
+            400,
+            "invalid_wait",
+            f"wait must be one number of seconds, more than 0 and at most {WAIT_MAX_S}",
+        )
+    return seconds
+
+
 def idempotency_key(header: bytes | None) -> str | None:
     """The Idempotency-Key header, validated; None if absent."""
     if header is None:
@@ -341,6 +361,7 @@ class TaskAPI:
         tally: Tally | None = None,
         dashboard: DashboardRoutes | None = None,
         not_ready: Callable[[], ApiError | None] = lambda: None,
+        waiters: Waiters | None = None,
     ) -> None:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
@@ -352,6 +373,8 @@ class TaskAPI:
         with its Redis, keys and labels bound); None turns GET /metrics off.
         ``tally`` counts the process's requests, admissions and refusals.
         ``not_ready()`` is why /readyz should fail though Redis answers, or None.
+        ``waiters`` holds the requests that wait for a task to finish (``?wait=``); None:
+        such a request is answered at once, with the record as it is.
         """
         #: None unless it has tiers: the request path then does not even call it.
         self._ip_limiter = ip_limiter if ip_limiter is not None and ip_limiter.active else None
@@ -364,6 +387,7 @@ class TaskAPI:
         self._kill_token = kill_token
         self._read_stats = read_stats
         self._not_ready = not_ready
+        self._waiters = waiters
         self._metrics_token = metrics_token
         self._warnings = WarningThrottle(self.log, clock)
         self.tally = tally if tally is not None else Tally()
@@ -514,7 +538,27 @@ class TaskAPI:
 
     @app.route("/api/v1/task/<task_id>", methods=["GET"])
     async def get_task(self, request: IRequest, task_id: str) -> bytes:
-        record = await self._queue.status(task_id) if TASK_ID.match(task_id) else None
+        """The task's record; with ``?wait=<s>``, once it is finished or the time is up.
+
+        The wait holds no Redis connection and polls nothing: the process's one
+        subscription wakes it (:mod:`taskserver.waiters`). A client that hangs up
+        cancels it (Klein cancels the handler), which frees its place.
+        """
+        wait_s = parse_wait((request.args or {}).get(b"wait"))
+        if not TASK_ID.match(task_id):
+            record = None
+        elif wait_s is None or self._waiters is None:
+            record = await self._queue.status(task_id)
+        else:
+            try:
+                record = await self._waiters.wait(task_id, wait_s)
+            except TooManyWaiters as e:
+                raise ApiError(
+                    503,
+                    "too_many_waiters",
+                    f"{e}; retry shortly, or without wait",
+                    [("Retry-After", str(TOO_MANY_WAITERS_RETRY_AFTER_S))],
+                ) from None
         if record is None:
             raise ApiError(404, "task_not_found", "no such task (unknown, or its status expired)")
         return respond(request, 200, status_document(task_id, record))

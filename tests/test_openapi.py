@@ -33,7 +33,6 @@ from taskserver.httpserver import ApiError
 PLANNED: list[tuple[str, str, str | None]] = [
     ("post", "/api/v1/tasks", None),  # batches
     ("get", "/api/v1/tasks", None),  # waiting: a user's recent tasks
-    ("get", "/api/v1/task/{task_id}", "wait"),  # waiting
     ("post", "/api/v1/task", "type"),  # results
 ]
 PLANNED_ROUTES = {(method, path) for method, path, name in PLANNED if name is None}
