@@ -1,4 +1,4 @@
-"""Waiters: the registry's logic with a fake clock and fake reads; the subscription on a real Redis."""
+"""Waiters: the registry with a fake clock and fake reads; the subscription on a real Redis."""
 
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ async def test_a_real_subscription_wakes_a_waiter_and_survives_a_killed_connecti
         for task_id in (first, second):
             await redis.hset(keys.status(task_id), "status", "processing")
         started = reactor.seconds()
-        d, answers = wait(waiters, first, 20)
+        _, answers = wait(waiters, first, 20)
         await until(lambda: waiters.count == 1 and waiters._live)
         await redis.hset(keys.status(first), "status", "completed")
         await redis.publish(keys.finished, first)
@@ -236,7 +236,7 @@ async def test_a_real_subscription_wakes_a_waiter_and_survives_a_killed_connecti
         assert answers == [await queue.status(first)]
         assert reactor.seconds() - started < 5, "woken, not timed out"
 
-        d, answers = wait(waiters, second, 20)
+        _, answers = wait(waiters, second, 20)
         await until(lambda: waiters.count == 1)
         await redis.execute_command(
             "CLIENT", "KILL", "ID", await _subscribed_client_id(redis)
