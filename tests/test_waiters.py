@@ -32,9 +32,7 @@ class Records:
         return None if status is None else {"status": status}
 
 
-def waiting(
-    records: Records, clock: Clock, max_waiters: int = 10, live: bool = True
-) -> Waiters:
+def waiting(records: Records, clock: Clock, max_waiters: int = 10, live: bool = True) -> Waiters:
     waiters = Waiters(records, clock, "chan", max_waiters, timeout_s=2.0)
     if live:
         waiters.subscribed()
@@ -238,9 +236,7 @@ async def test_a_real_subscription_wakes_a_waiter_and_survives_a_killed_connecti
 
         _, answers = wait(waiters, second, 20)
         await until(lambda: waiters.count == 1)
-        await redis.execute_command(
-            "CLIENT", "KILL", "ID", await _subscribed_client_id(redis)
-        )
+        await redis.execute_command("CLIENT", "KILL", "ID", await _subscribed_client_id(redis))
         await until(lambda: not waiters._live)
         # finished while nobody listens: its message is lost
         await redis.hset(keys.status(second), "status", "dead")
