@@ -1,4 +1,4 @@
-"""Waiting for completion (``GET /api/v1/task/<id>?wait=``) through the real ``twistd -n taskserver``.
+"""Waiting for completion (``GET /api/v1/task/<id>?wait=``) through the real twistd.
 
 Two children: the GET may be answered by one child while another runs the task, so
 the answer comes through Redis Pub/Sub, not through the process that finished it.
