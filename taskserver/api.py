@@ -544,7 +544,15 @@ class TaskAPI:
         subscription wakes it (:mod:`taskserver.waiters`). A client that hangs up
         cancels it (Klein cancels the handler), which frees its place.
         """
-        wait_s = parse_wait((request.args or {}).get(b"wait"))
+        arguments = request.args or {}
+        unknown = sorted(name.decode("latin-1") for name in arguments if name != b"wait")
+        if unknown:
+            raise ApiError(
+                400,
+                "unknown_parameter",
+                f"unknown query parameter(s): {', '.join(map(repr, unknown))}"[:300],
+            )
+        wait_s = parse_wait(arguments.get(b"wait"))
         if not TASK_ID.match(task_id):
             record = None
         elif wait_s is None or self._waiters is None:

@@ -56,6 +56,8 @@ def test_a_waiting_get_answers_the_current_record_when_the_time_is_up(
         assert code == 400 and refused["error"] == "invalid_wait", (bad, refused)
     code, twice = server.request("GET", f"/api/v1/task/{task['task_id']}?wait=1&wait=2")
     assert code == 400 and twice["error"] == "invalid_wait"
+    code, unknown_parameter = server.request("GET", f"/api/v1/task/{task['task_id']}?w=1")
+    assert code == 400 and unknown_parameter["error"] == "unknown_parameter"
 
 
 def test_a_cancel_during_the_wait_answers_cancelled(twistd: Callable[..., Twistd]) -> None:
