@@ -79,3 +79,25 @@ def test_a_cancel_during_the_wait_answers_cancelled(twistd: Callable[..., Twistd
     took, code, record = wait_for(lambda: answer and answer[0], what="the waiting GET")
     assert code == 200 and record == cancelled, record
     assert took < 10, f"answered after {took:.2f} s: not woken by the cancel"
+
+
+def test_a_stopping_server_answers_its_waiters_with_the_current_record(
+    twistd: Callable[..., Twistd],
+) -> None:
+    server = twistd()
+    server.wait_until_ready(1)
+    code, task = server.request("POST", "/api/v1/task", {"user_id": "stop", "delay_s": 3600})
+    assert code == 202, task
+    answer: list[tuple[float, int, Any]] = []
+    waiting = threading.Thread(
+        target=lambda: answer.append(
+            timed_get(server, f"/api/v1/task/{task['task_id']}?wait=30", timeout=40)
+        )
+    )
+    waiting.start()
+    time.sleep(0.3)  # pacing only: the GET is in its wait by then
+    assert server.stop() == 0
+    waiting.join(40)
+    took, code, record = wait_for(lambda: answer and answer[0], what="the waiting GET")
+    assert code == 200 and record["status"] == "scheduled", record
+    assert took < 10, f"answered after {took:.2f} s: the stop did not answer it"
