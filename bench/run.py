@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -72,6 +74,10 @@ class Result:
     tasks_per_s_end_to_end: float = 0.0
     completed_during_load_pct: float = 0.0
     backlog_at_load_end: int = 0
+    #: Requests held open in GET /api/v1/task/<id>?wait=60 during the load.
+    open_waiters: int = 0
+    #: ... of which answered before the load ended (should be none: their tasks never finish).
+    waiters_answered_early: int = 0
 
 
 def free_port() -> int:
@@ -213,11 +219,50 @@ def bench_floor(workers: int, seconds: float, workdir: Path) -> Result:
         redis.stop()
 
 
+class Waiters:
+    """``count`` connections, each in ``GET /api/v1/task/<id>?wait=60`` of a scheduled task.
+
+    The records are written straight into Redis (a scheduled task far ahead, never due):
+    nothing finishes them, so each request stays open until :meth:`close`.
+    """
+
+    def __init__(self, port: int, client: valkey.Valkey, count: int) -> None:
+        ids = [uuid.uuid4().hex for _ in range(count)]
+        with client.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                key = f"taskserver:{{q}}:task:{task_id}"
+                pipe.hset(key, mapping={"status": "scheduled", "user_id": "bench", "attempts": 0})
+                pipe.expire(key, 600)
+            pipe.execute()
+        self.sockets: list[socket.socket] = []
+        for task_id in ids:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(f"GET /api/v1/task/{task_id}?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            self.sockets.append(sock)
+
+    def answered(self) -> int:
+        """How many have an answer already (a readable socket)."""
+        poller = select.poll()
+        for sock in self.sockets:
+            poller.register(sock, select.POLLIN)
+        return len(poller.poll(0))
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
 def bench_taskserver(
-    workers: int, seconds: float, workdir: Path, durability: str, external: str | None
+    workers: int,
+    seconds: float,
+    workdir: Path,
+    durability: str,
+    external: str | None,
+    waiters: int = 0,
 ) -> Result:
     """``external``: run on a Redis of our own with that ``appendfsync`` (REDIS_URL), not the
-    embedded one; there ``fsync`` is a WAITAOF after each turn's script."""
+    embedded one; there ``fsync`` is a WAITAOF after each turn's script. ``waiters``:
+    requests held open in a wait (:class:`Waiters`) during the load."""
     twistd = str(Path(sys.executable).parent / "twistd")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "TASK_"))}
     env.update({"PORT": "0", "INTERFACE": "127.0.0.1", "WORKERS": str(workers)})
@@ -225,6 +270,9 @@ def bench_taskserver(
     own_redis = Redis(workdir, external) if external else None
     if own_redis is not None:
         env["REDIS_URL"] = f"redis://127.0.0.1:{own_redis.port}/0"
+    if waiters:  # their connections, beside wrk's, and room for them all in one child
+        env["MAX_CONNECTIONS"] = str(waiters + 1000)
+        env["MAX_WAITERS"] = str(waiters + 1000)
     env["TASK_LOG_MAX_BYTES"] = str(10**10)  # one file to count lines in: no rotation mid-run
     log = open(workdir / "twistd.out", "w+")  # noqa: SIM115
     server = subprocess.Popen(
@@ -251,12 +299,20 @@ def bench_taskserver(
         run_wrk(port, 2, 64)  # warm-up
         wait_for(lambda: client.llen("taskserver:{q}:pending") == 0, 60, "warm-up drained")
         where = f", external Redis (appendfsync {external})" if external else ""
+        where += f", {waiters} open waiters" if waiters else ""
         result = Result("taskserver", workers, durability + where)
+        held = Waiters(port, client, waiters) if waiters else None
+        if held is not None:
+            time.sleep(2)  # pacing: let the children read the 5,000 requests before the load
         before_lines, before_calls = lines(), commandstats(client)
         before_cpu = (cpu_ticks(pids), cpu_ticks([redis_pid]))
         started = time.monotonic()
         out = run_wrk(port, seconds, 64, on_midway=lambda: connections_per_pid(port))
         result.backlog_at_load_end = int(client.llen("taskserver:{q}:pending"))
+        if held is not None:
+            result.open_waiters = waiters
+            result.waiters_answered_early = held.answered()
+            held.close()
         done_during_load = lines() - before_lines
         accepted = out["requests"] - out["non_2xx"]
         wait_for(lambda: lines() - before_lines >= accepted, 120, "every task in the log")
@@ -334,6 +390,12 @@ def main() -> None:
         help="run taskserver on a Redis of the bench's own with this appendfsync, not the embedded",
     )
     parser.add_argument("--no-floor", action="store_true", help="taskserver only")
+    parser.add_argument(
+        "--waiters",
+        type=int,
+        default=5000,
+        help="also run each mode with this many open GET ...?wait=60 (0: not)",
+    )
     arguments = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("bench: wrk is missing: apt-get install wrk (Debian's package)")
@@ -353,12 +415,25 @@ def main() -> None:
             )
             for mode in modes
         ]  # fmt: skip
+        if arguments.waiters:
+            runs += [
+                functools.partial(
+                    bench_taskserver, workers, arguments.seconds, durability=modes[0],
+                    external=arguments.external_redis, waiters=arguments.waiters,
+                )
+            ]  # fmt: skip
         for run in runs:
             with tempfile.TemporaryDirectory(prefix="taskserver-bench-") as workdir:
                 result = run(Path(workdir))
                 print(
                     f"{result.server} ({result.durability}), {workers} worker(s): "
-                    f"{result.requests_per_s:,.0f} req/s, p99 {result.p99_ms:.1f} ms",
+                    f"{result.requests_per_s:,.0f} req/s, p99 {result.p99_ms:.1f} ms"
+                    + (
+                        f", {result.waiters_answered_early} of {result.open_waiters} waiters "
+                        "answered before the load ended"
+                        if result.open_waiters
+                        else ""
+                    ),
                     flush=True,
                 )
                 results.append(result)

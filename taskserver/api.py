@@ -56,6 +56,7 @@ from taskserver.ratelimit import Decision, RateLimiter, RatePolicy
 from taskserver.redisclient import RedisUnavailable
 from taskserver.stats import ClusterStats
 from taskserver.task import TASK_ID, Task, iso_utc
+from taskserver.waiters import TOO_MANY_WAITERS_RETRY_AFTER_S, TooManyWaiters, Waiters
 
 if TYPE_CHECKING:
     from taskserver.dashboard import DashboardResource, DashboardRoutes
@@ -68,6 +69,10 @@ _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 #: How far ahead a task may be delayed (the OpenAPI document reads it from here).
 DELAY_MAX_S = 30 * 24 * 3600
 _ALLOWED_FIELDS = frozenset({"user_id", "payload", "type", "delay_s", "run_at"})
+#: The longest ``?wait=`` of GET /api/v1/task/<id> (openapi.WAIT_MAX_S says the same).
+WAIT_MAX_S = 60
+#: A decimal number, as JSON spells one (so "1e-3" too; not "nan", "inf", "0x10", " 1").
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?", re.ASCII)
 
 #: /kill waits for its answer to be sent, but not longer than this.
 KILL_FLUSH_TIMEOUT_S = 1.0
@@ -325,6 +330,21 @@ def parse_task_body(
     return parse_task_document(document, surrogates, now=now, task_types=task_types)
 
 
+def parse_wait(values: list[bytes] | None) -> float | None:
+    """The ``wait`` query parameter in seconds, None if absent; 0 < wait <= WAIT_MAX_S."""
+    if values is None:
+        return None
+    text = values[0].decode("latin-1") if len(values) == 1 else ""
+    seconds = float(text) if _DECIMAL.fullmatch(text) else math.nan
+    if not 0 < seconds <= WAIT_MAX_S:  # NaN fails too
+        raise ApiError(
+            400,
+            "invalid_wait",
+            f"wait must be one number of seconds, more than 0 and at most {WAIT_MAX_S}",
+        )
+    return seconds
+
+
 def idempotency_key(header: bytes | None) -> str | None:
     """The Idempotency-Key header, validated; None if absent."""
     if header is None:
@@ -426,6 +446,7 @@ class TaskAPI:
         dashboard: DashboardRoutes | None = None,
         not_ready: Callable[[], ApiError | None] = lambda: None,
         task_types: Collection[str] = frozenset(),
+        waiters: Waiters | None = None,
     ) -> None:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
@@ -438,6 +459,8 @@ class TaskAPI:
         ``tally`` counts the process's requests, admissions and refusals.
         ``not_ready()`` is why /readyz should fail though Redis answers, or None.
         ``task_types``: the TASK_HANDLERS names a task's ``type`` may be.
+        ``waiters`` holds the requests that wait for a task to finish (``?wait=``); None:
+        such a request is answered at once, with the record as it is.
         """
         self._task_types = frozenset(task_types)
         #: None unless it has tiers: the request path then does not even call it.
@@ -451,6 +474,7 @@ class TaskAPI:
         self._kill_token = kill_token
         self._read_stats = read_stats
         self._not_ready = not_ready
+        self._waiters = waiters
         self._metrics_token = metrics_token
         self._warnings = WarningThrottle(self.log, clock)
         self.tally = tally if tally is not None else Tally()
@@ -614,7 +638,35 @@ class TaskAPI:
 
     @app.route("/api/v1/task/<task_id>", methods=["GET"])
     async def get_task(self, request: IRequest, task_id: str) -> bytes:
-        record = await self._queue.status(task_id) if TASK_ID.match(task_id) else None
+        """The task's record; with ``?wait=<s>``, once it is finished or the time is up.
+
+        The wait holds no Redis connection and polls nothing: the process's one
+        subscription wakes it (:mod:`taskserver.waiters`). A client that hangs up
+        cancels it (Klein cancels the handler), which frees its place.
+        """
+        arguments = request.args or {}
+        unknown = sorted(name.decode("latin-1") for name in arguments if name != b"wait")
+        if unknown:
+            raise ApiError(
+                400,
+                "unknown_parameter",
+                f"unknown query parameter(s): {', '.join(map(repr, unknown))}"[:300],
+            )
+        wait_s = parse_wait(arguments.get(b"wait"))
+        if not TASK_ID.match(task_id):
+            record = None
+        elif wait_s is None or self._waiters is None:
+            record = await self._queue.status(task_id)
+        else:
+            try:
+                record = await self._waiters.wait(task_id, wait_s)
+            except TooManyWaiters as e:
+                raise ApiError(
+                    503,
+                    "too_many_waiters",
+                    f"{e}; retry shortly, or without wait",
+                    [("Retry-After", str(TOO_MANY_WAITERS_RETRY_AFTER_S))],
+                ) from None
         if record is None:
             raise task_not_found()
         return respond(request, 200, status_document(task_id, record))

@@ -612,6 +612,13 @@ OPTIONS: tuple[Option, ...] = (
         field="request_timeout_s",
     ),
     Option(
+        "max_waiters",
+        "MAX_WAITERS",
+        "10000",
+        "requests per child waiting for a task to finish (GET ...?wait=); more get 503",
+        _int_in(1, 1_000_000),
+    ),
+    Option(
         "task_log_max_bytes",
         "TASK_LOG_MAX_BYTES",
         "10000000",
@@ -673,6 +680,7 @@ class Settings:
     trusted_proxies: tuple[str, ...] = _default("trusted_proxies")
     idle_timeout_s: float = _default("idle_timeout_s")
     request_timeout_s: float = _default("request_timeout_s")
+    max_waiters: int = _default("max_waiters")
 
 
 def _raw_value(option: Option, cli: Mapping[str, str | None], environ: Mapping[str, str]) -> str:

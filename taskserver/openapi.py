@@ -223,7 +223,10 @@ def _task_routes(user_tasks_max: int) -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": _answer("The task's record.", _ref("Task")),
-                    "400": _error("`wait` is not a number in (0, 60]."),
+                    "400": _error(
+                        "`wait` is not one number in (0, 60] (`invalid_wait`), or the query "
+                        "has another parameter (`unknown_parameter`)."
+                    ),
                     "404": _error("No such task (unknown, or its status expired)."),
                     "405": METHOD_NOT_ALLOWED,
                     "503": _error(

@@ -503,6 +503,7 @@ class TaskQueue:
             if result is not None:
                 results += [number, result[0], result[1]]
         args += results
+        args.append(self.keys.finished)  # last, after the results
         self._before_outcomes()
         return list(await self._eval(COMPLETE, keys, args))
 
@@ -533,6 +534,7 @@ class TaskQueue:
                 self.keys.processing(consumer_id),
                 self.keys.delayed,
                 self.keys.dead,
+                self.keys.finished,
             ],
             [
                 raw,
@@ -592,7 +594,13 @@ class TaskQueue:
             status = self.keys.status("-")  # no record to update
         answer = await self._eval(
             GIVE_BACK,
-            [self.keys.processing(consumer_id), self.keys.delayed, self.keys.dead, status],
+            [
+                self.keys.processing(consumer_id),
+                self.keys.delayed,
+                self.keys.dead,
+                status,
+                self.keys.finished,
+            ],
             [raw, max(0, int(delay_s * 1000)), self.max_attempts, self._dead_letter_max],
         )
         return str(answer)
@@ -654,6 +662,7 @@ class TaskQueue:
                 self.max_attempts,
                 self._dead_letter_max,
                 *consumer_ids,
+                self.keys.finished,
             ],
         )
         return Reclaimed(int(requeued), int(dead))

@@ -101,6 +101,40 @@ def connect(address: RedisAddress, poolsize: int, reply_timeout_s: float | None)
     return handler
 
 
+class _PubSubMessages:
+    """Mixed into a pool's protocol: Pub/Sub messages go to ``factory.on_message``.
+
+    Every other reply (the SUBSCRIBE confirmation, ROLE, AUTH) goes to the
+    reply queue as before, so the protocol's own set-up (Sentinel's ROLE check
+    included) still works.
+    """
+
+    factory: Any
+
+    def replyReceived(self, reply: Any) -> None:
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] == "message":
+            self.factory.on_message(reply[1], reply[2])
+            return
+        super().replyReceived(reply)  # type: ignore[misc]
+
+
+def connect_subscriber(address: RedisAddress, reply_timeout_s: float | None) -> Any:
+    """A one-connection pool for SUBSCRIBE; each message goes to ``on_message(channel, text)``,
+    an attribute of the factory returned, which its user sets (it drops them until then).
+
+    Built by :func:`connect`, so it reconnects with the same back-off and, with
+    ``address.sentinels``, follows the primary like every other pool. Returns
+    the txredisapi factory: its ``getConnection(peek=True)`` waits for the
+    connection, and its ``disconnect()`` closes it for good. The protocol class
+    is swapped before the reactor can connect (connections are made in a later turn).
+    """
+    factory = connect(address, 1, reply_timeout_s)._factory
+    base = factory.protocol
+    factory.protocol = type(f"Subscribing{base.__name__}", (_PubSubMessages, base), {})
+    factory.on_message = lambda channel, text: None
+    return factory
+
+
 def _mend(factory: Any) -> None:
     """A capped back-off, and retrying forever, on one txredisapi factory."""
     factory.initialDelay = RECONNECT_INITIAL_DELAY_S

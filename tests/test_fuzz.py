@@ -187,6 +187,38 @@ paths = st.one_of(
         alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="#"),
         max_size=40,
     ).map(lambda p: "/" + p),
+    # ?wait= of an unknown task (404 at once when valid): every spelling of a number and not
+    st.tuples(
+        st.sampled_from(["/api/v1/task/" + "a" * 32, "/api/v1/task/x"]),
+        st.one_of(
+            st.floats().map(repr),
+            st.integers(-(2**70), 2**70).map(str),
+            st.text(
+                alphabet=st.characters(
+                    min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="#"
+                ),
+                max_size=12,
+            ),
+            st.sampled_from(
+                [
+                    "",
+                    "0",
+                    "60",
+                    "60.000001",
+                    "1e1",
+                    "1e-300",
+                    "-0",
+                    "%00",
+                    ".5",
+                    "1&wait=2",
+                    "%31",
+                    "1_0",
+                    "\u0031",
+                    "0x10",
+                ]
+            ),
+        ),
+    ).map(lambda pair: f"{pair[0]}?wait={pair[1]}"),
 )
 header_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)
 header_values = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)

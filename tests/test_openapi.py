@@ -32,7 +32,6 @@ from taskserver.httpserver import ApiError
 #: Each merge empties its entries; test_planned_entries_are_not_served_yet says which.
 PLANNED: list[tuple[str, str, str | None]] = [
     ("post", "/api/v1/tasks", None),  # batches
-    ("get", "/api/v1/task/{task_id}", "wait"),  # waiting
 ]
 PLANNED_ROUTES = {(method, path) for method, path, name in PLANNED if name is None}
 #: Methods werkzeug adds to every GET rule, which the document leaves implicit.

@@ -13,10 +13,11 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
 from taskserver import admin
-from taskserver.config import parse_rate_limits
+from taskserver.config import RedisAddress, parse_rate_limits
 from taskserver.keys import Keys
 from taskserver.queue import GONE, TaskQueue, UnencodableTask
 from taskserver.ratelimit import RatePolicy
+from taskserver.redisclient import connect_subscriber
 from taskserver.task import Task
 
 
@@ -705,3 +706,52 @@ async def test_a_cancelled_scheduled_task_expires_status_ttl_after_its_cancel(
     assert await redis.execute_command("PTTL", keys.status(task.id)) > 3600_000
     assert await queue.cancel(task.id, "2026-12-07T00:00:00.000Z") == ("cancelled", True)
     assert 3590_000 < await redis.execute_command("PTTL", keys.status(task.id)) <= 3600_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_scripts_that_finish_a_task_publish_its_id(
+    queue: TaskQueue, redis: Any, keys: Keys, redis_server: RedisAddress
+) -> None:
+    """COMPLETE (one message a call, the ids it recorded), FAIL and GIVE_BACK when dead,
+    RECLAIM for a poison pill, CANCEL; a retry or a requeue publishes nothing."""
+    heard: list[str] = []
+    subscriber = connect_subscriber(redis_server, 2.0)
+    subscriber.on_message = lambda channel, text: heard.append(f"{channel} {text}")
+    try:
+        connection = await subscriber.getConnection(peek=True)
+        await connection.execute_command("SUBSCRIBE", keys.finished, apply_timeout=False)
+        done = await enqueued(queue, "pub-", 2)
+        fetched = (await queue.fetch_batch("p#0", 2, "2026-01-01T00:00:00.000Z")).tasks
+        await defer.gatherResults(
+            [
+                defer.ensureDeferred(queue.complete("p#0", raw, t, "2026-01-01T00:00:01Z", 1.0))
+                for (raw, _), t in zip(fetched, done, strict=True)
+            ]
+        )
+        failing, raw = await start(queue, redis)
+        assert await queue.fail("p#0", raw, failing, 1, "once", 0.0, "t1", 1.0) == "retrying"
+        assert await queue.promote() == 1
+        await queue.fetch(redis, keys.pending, keys.processing("p#0"), 1)
+        assert await queue.fail("p#0", raw, failing, 2, "twice", 0.0, "t2", 1.0) == "dead"
+        given, raw = await start(queue, redis)
+        await queue.mark_started(given, "2026-01-01T00:00:00.000Z")  # attempts 2 of 2
+        assert await queue.give_back("p#0", raw, 0.0) == "dead"
+        poison, _ = await start(queue, redis, "gone:2:x#0")
+        await queue.mark_started(poison, "2026-01-01T00:00:00.000Z")
+        assert await queue.reclaim("gone:2:x", ["gone:2:x#0"], forget=True, force=True) == (0, 1)
+        cancelled = new_task()
+        await queue.enqueue(cancelled)
+        assert await queue.cancel(cancelled.id, "2026-01-01T00:00:00.000Z") == ("cancelled", True)
+        expected = [
+            " ".join(t.id for t in done),
+            failing.id,
+            given.id,
+            poison.id,
+            cancelled.id,
+        ]
+        deadline = reactor.seconds() + 5
+        while len(heard) < len(expected) and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.01)
+        assert heard == [f"{keys.finished} {ids}" for ids in expected]
+    finally:
+        await subscriber.disconnect()

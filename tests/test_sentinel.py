@@ -38,7 +38,7 @@ from taskserver.config import (
     settings_from_json,
     settings_to_json,
 )
-from taskserver.redisclient import connect
+from taskserver.redisclient import connect, connect_subscriber
 from taskserver.sentinel import PrimaryLog, PrimaryProtocol, primaries
 from taskserver.stats import address_label
 
@@ -321,6 +321,33 @@ async def test_a_demoted_primary_drops_the_pools_at_once_and_they_follow_the_new
     finally:
         await api.disconnect()
         await blocking.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_finished_subscription_is_made_on_the_primary_the_sentinels_name(
+    deployment: SentinelDeployment,
+) -> None:
+    """The waiters' subscriber is built like every pool: it asks the sentinels, passes the
+    ROLE check (the subscriber's protocol is the Sentinel one, with Pub/Sub mixed in), and
+    hears a PUBLISH made on the primary."""
+    heard: list[str] = []
+    subscriber = connect_subscriber(sentinel_address(deployment), 1.0)
+    subscriber.on_message = lambda channel, text: heard.append(text)
+    try:
+        connection = await subscriber.getConnection(peek=True)
+        assert isinstance(connection, PrimaryProtocol)
+        await connection.execute_command("SUBSCRIBE", "finished", apply_timeout=False)
+        primary = deployment.primary()
+        assert primary is not None
+        assert connection.transport.getPeer().port == primary.port
+        deployment.data_command(primary, "PUBLISH", "finished", "a b")
+
+        async def got() -> bool:
+            return heard == ["a b"]
+
+        await eventually(got, timeout=5)
+    finally:
+        await subscriber.disconnect()
 
 
 # ---------------------------------------------------------------- twistd through sentinels

@@ -70,9 +70,15 @@ from taskserver.keys import Keys
 from taskserver.metrics import MetricsFlusher, Tally, worker_entry
 from taskserver.queue import WAITS_IN_FLIGHT, TaskQueue
 from taskserver.ratelimit import RateLimiter, RatePolicy
-from taskserver.redisclient import RedisLinkWatch, connect, without_reconnect_attempts
+from taskserver.redisclient import (
+    RedisLinkWatch,
+    connect,
+    connect_subscriber,
+    without_reconnect_attempts,
+)
 from taskserver.stats import address_label, read_stats
 from taskserver.tasklog import TaskLog
+from taskserver.waiters import Waiters
 
 #: Connections for request-path commands (pipelined; blocking pops have their own pool, and
 #: so do the admissions that wait for the disk or replicas: WAITS_IN_FLIGHT connections).
@@ -140,6 +146,7 @@ class ChildService(Service):
         self.site: TaskSite | None = None
         self.consumers: ConsumerService | None = None
         self.queue: TaskQueue | None = None
+        self.waiters: Waiters | None = None
         self._fetch_paused = fetch_paused
 
     def pause_fetching(self, why: str) -> None:
@@ -196,6 +203,15 @@ class ChildService(Service):
             wait_refused=self._wait_refused,
             user_tasks_max=settings.user_tasks_max,
         )
+        self.waiters = Waiters(
+            self.queue.status,
+            reactor,
+            keys.finished,
+            settings.max_waiters,
+            settings.redis_timeout_s,
+            subscriber=connect_subscriber(self._redis, settings.redis_timeout_s),
+        )
+        self.waiters.startService()
         limiter = RatePolicy(keys, settings.rate_limits)  # admitted by the queue's one call
         kill = None if settings.disable_kill else self._kill
         idempotency = IdempotencyKeys(
@@ -226,6 +242,7 @@ class ChildService(Service):
             tally=self.tally,
             not_ready=self._not_ready,
             task_types=frozenset(self._typed_handlers),
+            waiters=self.waiters,
             dashboard=DashboardRoutes(
                 api,
                 keys,
@@ -317,6 +334,8 @@ class ChildService(Service):
             self._seat.retire()
         if self._port is not None:
             await self._port.stopListening()
+        if self.waiters is not None:  # every waiter answered now, before the drain
+            await self.waiters.stopService()
         if self.site is not None:
             self.site.drain()
             await self._connections_closed(DRAIN_TIMEOUT_S)

@@ -1,5 +1,5 @@
 -- uses: now_ms, status, dead_letter
--- KEYS: status, processing, delayed, dead.
+-- KEYS: status, processing, delayed, dead, finished (Pub/Sub: the id when dead).
 -- ARGV: raw task, attempts, outcome ('retrying' or 'dead', TaskQueue.failure_outcome),
 --       retry delay ms, error, finished_at, ttl ms, dead-letter max, duration ms,
 --       user_id, queued_at.
@@ -22,4 +22,5 @@ else
   dead_letter(KEYS[4], tonumber(ARGV[8]), ARGV[1], ARGV[5], tonumber(ARGV[2]), now_ms())
 end
 record_outcome(KEYS[1], outcome, ARGV[5], ARGV[6], ARGV[9], ARGV[10], ARGV[11], ARGV[7])
+if outcome == 'dead' then redis.call('PUBLISH', KEYS[5], string.match(KEYS[1], '[^:]+$')) end
 return outcome

@@ -1,5 +1,5 @@
 -- uses: now_ms, dead_letter
--- KEYS: processing, delayed, dead, status.
+-- KEYS: processing, delayed, dead, status, finished (Pub/Sub: the id when dead).
 -- ARGV: raw task, delay ms, max attempts, dead-letter max.
 -- Gives back one entry whose outcome could not be recorded (an error that retrying the
 -- same call would not cure): it leaves the processing list for the delayed set, so it
@@ -19,6 +19,7 @@ if attempts >= tonumber(ARGV[3]) then
   if redis.call('EXISTS', KEYS[4]) == 1 then
     redis.call('HSET', KEYS[4], 'status', 'dead', 'error', error)
   end
+  redis.call('PUBLISH', KEYS[5], string.match(KEYS[4], '[^:]+$'))
   return 'dead'
 end
 redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[2]), ARGV[1])

@@ -2,7 +2,8 @@
 -- KEYS: pending, consumers, heartbeat, dead, suspects, processing_1..n.
 -- ARGV: status key prefix, forget ('1': unregister the consumers), force ('1': even
 --       if the heartbeat exists), died ('1': the process died, so the task may have
---       killed it), max attempts, dead-letter max, consumer_id_1..n.
+--       killed it), max attempts, dead-letter max, consumer_id_1..n; last, the finished
+--       channel (Pub/Sub: the id of each task made dead).
 -- Without force, does nothing ({-1, 0}) while the heartbeat exists. Otherwise moves
 -- every entry of the processing lists back: after a graceful stop to the consuming
 -- end of the queue; after a death to the suspects, which run one at a time
@@ -44,6 +45,7 @@ for i = 6, #KEYS do
         local error = 'its process died while running it, ' .. attempts .. ' time(s)'
         dead_letter(KEYS[4], dead_max, raw, error, attempts, now_ms())
         if redis.call('EXISTS', status) == 1 then redis.call('HSET', status, 'error', error) end
+        redis.call('PUBLISH', ARGV[#ARGV], task.id)
       end
       if outcome ~= 'cancelled' and redis.call('EXISTS', status) == 1 then
         redis.call('HSET', status, 'status', outcome)

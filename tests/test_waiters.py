@@ -1,0 +1,249 @@
+"""Waiters: the registry with a fake clock and fake reads; the subscription on a real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+
+from conftest import eventually
+from taskserver.config import RedisAddress
+from taskserver.keys import Keys
+from taskserver.queue import TaskQueue
+from taskserver.redisclient import RedisUnavailable, connect, connect_subscriber
+from taskserver.waiters import TooManyWaiters, Waiters
+
+ID = "a" * 32
+
+
+class Records:
+    """Fake TaskQueue.status: a dict of records; counts the reads."""
+
+    def __init__(self, **records: str) -> None:
+        self.status = {task_id: status for task_id, status in records.items()}
+        self.reads = 0
+
+    async def __call__(self, task_id: str) -> dict[str, str] | None:
+        self.reads += 1
+        status = self.status.get(task_id)
+        return None if status is None else {"status": status}
+
+
+def waiting(records: Records, clock: Clock, max_waiters: int = 10, live: bool = True) -> Waiters:
+    waiters = Waiters(records, clock, "chan", max_waiters, timeout_s=2.0)
+    if live:
+        waiters.subscribed()
+    return waiters
+
+
+def wait(waiters: Waiters, task_id: str, seconds: float) -> tuple[defer.Deferred[Any], list[Any]]:
+    d = defer.Deferred.fromCoroutine(waiters.wait(task_id, seconds))
+    answers: list[Any] = []
+    d.addBoth(answers.append)
+    return d, answers
+
+
+def test_a_finished_task_is_answered_at_once() -> None:
+    clock, records = Clock(), Records(**{ID: "completed"})
+    waiters = waiting(records, clock)
+    _, answers = wait(waiters, ID, 30)
+    assert answers == [{"status": "completed"}]
+    assert waiters.count == 0
+
+
+def test_an_unknown_task_is_none_at_once() -> None:
+    waiters = waiting(Records(), Clock())
+    _, answers = wait(waiters, ID, 30)
+    assert answers == [None] and waiters.count == 0
+
+
+def test_the_timeout_answers_the_current_record() -> None:
+    clock, records = Clock(), Records(**{ID: "queued"})
+    waiters = waiting(records, clock)
+    _, answers = wait(waiters, ID, 1.5)
+    clock.advance(1.4)
+    assert answers == [] and waiters.count == 1
+    records.status[ID] = "processing"
+    clock.advance(0.1)
+    assert answers == [{"status": "processing"}], "the record as it is at the timeout"
+    assert waiters.count == 0 and clock.getDelayedCalls() == []
+
+
+def test_news_of_the_task_answers_its_waiters_only() -> None:
+    clock, other = Clock(), "b" * 32
+    records = Records(**{ID: "processing", other: "queued"})
+    waiters = waiting(records, clock)
+    _, mine = wait(waiters, ID, 30)
+    _, also_mine = wait(waiters, ID, 30)
+    _, theirs = wait(waiters, other, 30)
+    records.status[ID] = "completed"
+    waiters.message(f"{'c' * 32} {ID}")  # one message may name several ids
+    assert mine == also_mine == [{"status": "completed"}]
+    assert theirs == [] and waiters.count == 1
+    assert [c for c in clock.getDelayedCalls() if c.active()] != [], "theirs still times out"
+
+
+def test_news_that_is_not_final_keeps_it_waiting() -> None:
+    """A message without a finished record (a replay, a reconnect's re-read): wait on."""
+    clock, records = Clock(), Records(**{ID: "retrying"})
+    waiters = waiting(records, clock)
+    _, answers = wait(waiters, ID, 5)
+    waiters.message(ID)
+    assert answers == [] and records.reads == 2
+    clock.advance(5)
+    assert answers == [{"status": "retrying"}]
+
+
+def test_news_during_the_read_is_not_lost() -> None:
+    """The task finishes while its first read is under way: it reads again at once."""
+    clock = Clock()
+    replies: list[defer.Deferred[dict[str, str] | None]] = []
+
+    def read(task_id: str) -> defer.Deferred[dict[str, str] | None]:
+        replies.append(defer.Deferred())
+        return replies[-1]
+
+    waiters = Waiters(read, clock, "chan", 10, 2.0)
+    waiters.subscribed()
+    _, answers = wait(waiters, ID, 30)
+    waiters.message(ID)  # published after our read was sent, before its reply
+    replies[0].callback({"status": "processing"})
+    assert len(replies) == 2, "read again: the news may be newer than the reply"
+    replies[1].callback({"status": "completed"})
+    assert answers == [{"status": "completed"}]
+
+
+def test_it_reads_only_once_the_subscription_is_live() -> None:
+    clock, records = Clock(), Records(**{ID: "queued"})
+    waiters = waiting(records, clock, live=False)
+    _, answers = wait(waiters, ID, 30)
+    assert records.reads == 0 and waiters.count == 1, "registered, not read yet"
+    records.status[ID] = "completed"
+    waiters.subscribed()
+    assert answers == [{"status": "completed"}]
+
+
+def test_no_subscription_within_the_redis_timeout_is_unavailable() -> None:
+    clock, records = Clock(), Records(**{ID: "queued"})
+    waiters = waiting(records, clock, live=False)
+    _, answers = wait(waiters, ID, 30)
+    clock.advance(2.0)
+    assert isinstance(answers[0].value, RedisUnavailable) and waiters.count == 0
+
+
+def test_a_resubscription_rereads_every_waiter() -> None:
+    """A publish may be missed while the subscription was down: each waiter reads again."""
+    clock, records = Clock(), Records(**{ID: "processing"})
+    waiters = waiting(records, clock)
+    _, answers = wait(waiters, ID, 30)
+    waiters.unsubscribed()
+    records.status[ID] = "dead"  # its message went nowhere
+    assert answers == []
+    waiters.subscribed()
+    assert answers == [{"status": "dead"}]
+
+
+def test_a_client_that_goes_away_frees_its_place() -> None:
+    clock, records = Clock(), Records(**{ID: "queued"})
+    waiters = waiting(records, clock, max_waiters=1)
+    d, answers = wait(waiters, ID, 30)
+    d.cancel()  # what Klein does when the request's connection is lost
+    assert isinstance(answers[0].value, defer.CancelledError)
+    assert waiters.count == 0 and [c for c in clock.getDelayedCalls() if c.active()] == []
+    _, again = wait(waiters, ID, 1)
+    assert again == [] and waiters.count == 1, "the place is free again"
+
+
+def test_beyond_max_waiters_it_refuses() -> None:
+    clock, records = Clock(), Records(**{ID: "queued"})
+    waiters = waiting(records, clock, max_waiters=2)
+    wait(waiters, ID, 30)
+    wait(waiters, ID, 30)
+    _, third = wait(waiters, ID, 30)
+    assert isinstance(third[0].value, TooManyWaiters) and waiters.count == 2
+
+
+def test_stopping_answers_everyone_with_the_current_record() -> None:
+    clock, records = Clock(), Records(**{ID: "queued"})
+    waiters = waiting(records, clock)
+    waiters.startService()
+    _, first = wait(waiters, ID, 30)
+    _, second = wait(waiters, "b" * 32, 30)
+    stopped: list[Any] = []
+    waiters.stopService().addBoth(stopped.append)
+    assert first == [{"status": "queued"}] and second == [None]
+    assert stopped == [None] and waiters.count == 0
+
+
+def test_stopping_answers_those_waiting_for_the_subscription() -> None:
+    clock, records = Clock(), Records(**{ID: "queued"})
+    waiters = waiting(records, clock, live=False)
+    waiters.startService()
+    _, answers = wait(waiters, ID, 30)
+    stopped: list[Any] = []
+    waiters.stopService().addBoth(stopped.append)
+    assert answers == [{"status": "queued"}] and stopped == [None]
+
+
+# ------------------------------------------------------------ against a real Redis
+
+
+async def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait (with a deadline) until ``condition()`` holds."""
+
+    async def check() -> object:
+        return condition()
+
+    await eventually(check, timeout)
+
+
+async def _subscribed_client_id(redis: Any) -> str:
+    """The CLIENT id of the one connection in subscriber mode (to kill it)."""
+    listing = await redis.execute_command("CLIENT", "LIST")
+    for line in str(listing).splitlines():
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        if fields.get("sub") == "1" or "subscribe" in fields.get("cmd", ""):
+            return fields["id"]
+    raise AssertionError(f"no subscribed client in {listing}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_real_subscription_wakes_a_waiter_and_survives_a_killed_connection(
+    redis_server: RedisAddress, redis: Any, keys: Keys
+) -> None:
+    """The scripts' PUBLISH reaches the waiter; after CLIENT KILL, a completion whose
+    message was missed while the subscription was down is still answered at once."""
+    api = connect(redis_server, 1, 2.0)
+    queue = TaskQueue(api, keys, 60, 2.0, reactor, 3, 100)
+    subscriber = connect_subscriber(redis_server, 2.0)
+    waiters = Waiters(queue.status, reactor, keys.finished, 10, 2.0, subscriber=subscriber)
+    waiters.startService()
+    first, second = "1" * 32, "2" * 32
+    try:
+        for task_id in (first, second):
+            await redis.hset(keys.status(task_id), "status", "processing")
+        started = reactor.seconds()
+        _, answers = wait(waiters, first, 20)
+        await until(lambda: waiters.count == 1 and waiters._live)
+        await redis.hset(keys.status(first), "status", "completed")
+        await redis.publish(keys.finished, first)
+        await until(lambda: answers)
+        assert answers == [await queue.status(first)]
+        assert reactor.seconds() - started < 5, "woken, not timed out"
+
+        _, answers = wait(waiters, second, 20)
+        await until(lambda: waiters.count == 1)
+        await redis.execute_command("CLIENT", "KILL", "ID", await _subscribed_client_id(redis))
+        await until(lambda: not waiters._live)
+        # finished while nobody listens: its message is lost
+        await redis.hset(keys.status(second), "status", "dead")
+        assert await redis.publish(keys.finished, second) == 0, "no subscriber got it"
+        await until(lambda: answers, timeout=10)
+        assert answers[0]["status"] == "dead", "re-read when the subscription came back"
+        assert waiters._live
+    finally:
+        await waiters.stopService()
+        await api.disconnect()
