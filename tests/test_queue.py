@@ -372,7 +372,8 @@ async def test_results_are_kept_with_the_record_in_the_one_call_of_a_turn(
 async def test_a_completion_without_a_result_sends_the_arguments_it_always_did(
     queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Five per task; a task with a result adds its triple after all of them."""
+    """Five per task; a task with a result adds its triple after all of them; the
+    finished channel last."""
     sent: list[list[Any]] = []
 
     async def capture(script: Any, keys: Any, args: Any) -> list[int]:
@@ -388,9 +389,9 @@ async def test_a_completion_without_a_result_sends_the_arguments_it_always_did(
         ]
     )
     [args] = sent
-    assert len(args) == 1 + 5 * 2 + 3 and args[-3:] == [2, b"[1]", ""]
+    assert len(args) == 1 + 5 * 2 + 3 + 1 and args[-4:] == [2, b"[1]", "", queue.keys.finished]
     await queue.complete("p#0", "a", plain, "t", 1.0)
-    assert len(sent[-1]) == 1 + 5
+    assert len(sent[-1]) == 1 + 5 + 1
 
 
 @pytest_twisted.ensureDeferred
@@ -734,10 +735,10 @@ async def test_the_scripts_that_finish_a_task_publish_its_id(
         await queue.fetch(redis, keys.pending, keys.processing("p#0"), 1)
         assert await queue.fail("p#0", raw, failing, 2, "twice", 0.0, "t2", 1.0) == "dead"
         given, raw = await start(queue, redis)
-        await queue.mark_started(given, "2026-01-01T00:00:00.000Z")  # attempts 2 of 2
+        await queue.mark_started(given, "2026-01-01T00:00:09.000Z")  # attempts 2 of 2
         assert await queue.give_back("p#0", raw, 0.0) == "dead"
         poison, _ = await start(queue, redis, "gone:2:x#0")
-        await queue.mark_started(poison, "2026-01-01T00:00:00.000Z")
+        await queue.mark_started(poison, "2026-01-01T00:00:09.000Z")
         assert await queue.reclaim("gone:2:x", ["gone:2:x#0"], forget=True, force=True) == (0, 1)
         cancelled = new_task()
         await queue.enqueue(cancelled)
