@@ -466,6 +466,9 @@ class ConsumerService(Service):
                 await self._until_done(lambda: self._queue.drop(consumer_id, raw))
                 self.cancelled_dropped += 1
                 return
+        # The run is timed from here: start steps retried through an outage are no run time
+        # (``started`` stays the stamp they all carry, so a retry is known as a replay).
+        running_since = self._clock.seconds()
         if attempts == 1:
             queued = queued_seconds(task_.due_at)  # a delay is not a wait
             if queued is not None:
@@ -487,8 +490,8 @@ class ConsumerService(Service):
             error = error_text(e)
             self.log.failure("task {task_id} failed (attempt {n})", task_id=task_.id, n=attempts)
         finished = self._clock.seconds()
-        self._tally.observe(TASK_DURATION, finished - started)
-        duration_ms = (finished - started) * 1000
+        self._tally.observe(TASK_DURATION, finished - running_since)
+        duration_ms = (finished - running_since) * 1000
         result = None if error else stored_result(returned, self._result_max_bytes)
         # The line first, then the outcome that removes the entry: a crash between
         # them runs the task again (its line may appear twice), never loses its line.

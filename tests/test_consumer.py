@@ -706,3 +706,29 @@ async def test_a_delayed_tasks_wait_is_counted_from_its_run_at(
     counts = tally.take()
     assert counts["task_wait_seconds_count"] == 1
     assert counts["task_wait_seconds_sum_us"] < 60_000_000, "the delay counted as a wait"
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_steps_retried_through_an_outage_are_not_run_time(
+    consumers: Factory, queue: TaskQueue, monkeypatch: Any
+) -> None:
+    """The first start step's reply is lost (a retry after the back-off): the task's
+    duration_ms is its handler's time, not the back-off's."""
+    real_mark_started = queue.mark_started
+    calls: list[str] = []
+
+    async def lost_once(task_: Task, started_at: str) -> int:
+        calls.append(started_at)
+        attempts = await real_mark_started(task_, started_at)
+        if len(calls) == 1:
+            raise RedisUnavailable("Redis did not answer within 2.0 s")
+        return attempts
+
+    monkeypatch.setattr(queue, "mark_started", lost_once)
+    consumers(lambda task: None, concurrency=1)
+    task = await enqueue(queue)
+    await eventually(status_is(queue, task, "completed"))
+    record = await queue.status(task.id) or {}
+    assert len(calls) == 2 and calls[0] == calls[1], "asked again with the same stamp"
+    assert record["attempts"] == "1", "the replay charged no second attempt"
+    assert float(record["duration_ms"]) < 0.5 * backoff_s(1) * 1000, record
