@@ -606,8 +606,9 @@ class TaskAPI:
             "status": record.get("status", "queued"),
             "queued_at": earlier.queued_at,
         }
-        if "run_at" in record:  # as the first answer said it
-            replayed["run_at"] = record["run_at"]
+        for name in ("type", "run_at"):  # as the first answer said them
+            if name in record:
+                replayed[name] = record[name]
         return respond(
             request,
             200,

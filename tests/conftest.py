@@ -103,6 +103,7 @@ class RunningServer:
         settings: Settings,
         handler: Callable[[dict[str, Any]], Any],
         kill: Callable[[], None] | None = None,
+        typed_handlers: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.listener = bind_listener("127.0.0.1", 0)
@@ -119,6 +120,7 @@ class RunningServer:
             reactor,
             self.task_log_file.write_line,
             kill=kill,
+            typed_handlers=typed_handlers,
         )
 
     def start(self) -> None:
@@ -145,9 +147,12 @@ def start_server(settings: Settings) -> Iterator[Callable[..., RunningServer]]:
     def start(
         handler: Callable[[dict[str, Any]], Any] | None = None,
         kill: Callable[[], None] | None = None,
+        typed_handlers: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
         **overrides: Any,
     ) -> RunningServer:
-        server = RunningServer(replace(settings, **overrides), handler or (lambda task: None), kill)
+        server = RunningServer(
+            replace(settings, **overrides), handler or (lambda task: None), kill, typed_handlers
+        )
         server.start()
         started.append(server)
         return server

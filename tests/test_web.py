@@ -952,6 +952,18 @@ async def test_a_replayed_delayed_post_answers_its_run_at(server: RunningServer)
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_replayed_typed_post_answers_its_type(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(typed_handlers={"email": lambda task: None})
+    body = b'{"user_id": "u6", "type": "email", "delay_s": 60}'
+    first, created = await post_with_key(server, body, "t")
+    again, replayed = await post_with_key(server, body, "t")
+    assert (first.code, again.code, created["type"]) == (202, 200, "email")
+    assert replayed == created, "the replay answers what the first answer said"
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_202_of_a_delayed_task_shows_the_run_at_of_its_record(
     server: RunningServer,
 ) -> None:
