@@ -674,7 +674,7 @@ class TaskAPI:
 
     @app.route("/api/v1/tasks", methods=["GET"])
     async def user_tasks(self, request: IRequest) -> bytes:
-        """A user's latest tasks, newest first, as GET /api/v1/task/<id> shows each."""
+        """A user's latest tasks, newest first, as GET /api/v1/task/<id> shows each (no result)."""
         most = self._queue.user_tasks_max
         if most == 0:
             raise ApiError(404, "user_tasks_off", "USER_TASKS_MAX is 0: no recent tasks are kept")

@@ -119,7 +119,16 @@ def field(name: str, labels: Mapping[str, str] | Iterable[tuple[str, str]] = ())
 #: Paths that are a route of their own, as their label.
 _ROUTES = {
     path.encode("ascii"): path
-    for path in ("/api/v1/task", "/healthz", "/readyz", "/kill", "/metrics", "/dashboard", "/")
+    for path in (
+        "/api/v1/task",
+        "/api/v1/tasks",
+        "/healthz",
+        "/readyz",
+        "/kill",
+        "/metrics",
+        "/dashboard",
+        "/",
+    )
 }
 _ROUTES[b"/openapi.json"] = "/openapi.json"
 _TASK_PREFIX = b"/api/v1/task/"

@@ -194,7 +194,9 @@ def _task_routes(user_tasks_max: int) -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": _answer(
-                        "The user's latest tasks still on record, newest first.", _ref("TaskList")
+                        "The user's latest tasks still on record, newest first, each "
+                        "without its `result` (GET the task for it).",
+                        _ref("TaskList"),
                     ),
                     "400": _error("`user_id` or `limit` is missing or invalid."),
                     "404": _error("USER_TASKS_MAX is 0: no recent tasks are kept."),

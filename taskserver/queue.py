@@ -71,6 +71,8 @@ STATUS_FIELDS = (
     "result",
     "result_note",
 )
+#: What GET /api/v1/tasks shows of each record: all but the result (see user_tasks).
+LISTED_FIELDS = tuple(name for name in STATUS_FIELDS if name != "result")
 
 
 #: Admission waits (WAIT, WAITAOF) in flight at once per process: each holds a connection
@@ -395,22 +397,24 @@ class TaskQueue:
         return record or None
 
     async def user_tasks(self, user_id: str, limit: int) -> list[tuple[str, dict[str, str]]]:
-        """The user's latest ``limit`` tasks, newest first: (task id, status record).
+        """The user's latest ``limit`` tasks, newest first: (task id, status record
+        without its ``result``).
 
         One call reads the list and the records; tasks whose records expired are
-        left out, so fewer than ``limit`` may come back.
+        left out, so fewer than ``limit`` may come back. Results stay out so that
+        one call never carries ``limit`` times RESULT_MAX_BYTES while Redis waits on it.
         """
         rows = await self._eval(
             USER_TASKS,
             [self.keys.user_tasks(user_id)],
-            [self.keys.status_prefix, limit, *STATUS_FIELDS],
+            [self.keys.status_prefix, limit, *LISTED_FIELDS],
         )
         return [
             (
                 str(task_id),
                 {
                     name: value
-                    for name, value in zip(STATUS_FIELDS, values, strict=True)
+                    for name, value in zip(LISTED_FIELDS, values, strict=True)
                     if value is not None
                 },
             )

@@ -59,6 +59,7 @@ def test_a_field_is_the_name_and_its_labels_sorted() -> None:
         (b"/api/v1/task", "/api/v1/task"),
         (b"/api/v1/task/0123456789abcdef0123456789abcdef", "/api/v1/task/{task_id}"),
         (b"/api/v1/task/not-an-id", "/api/v1/task/{task_id}"),
+        (b"/api/v1/tasks", "/api/v1/tasks"),
         (b"/api/v1/task/", "other"),
         (b"/api/v1/task/a/b", "other"),
         (b"/healthz", "/healthz"),
