@@ -121,6 +121,7 @@ _ROUTES = {
     for path in ("/api/v1/task", "/healthz", "/readyz", "/kill", "/metrics", "/dashboard", "/")
 }
 _ROUTES[b"/openapi.json"] = "/openapi.json"
+_ROUTES[b"/api/v1/tasks"] = "/api/v1/tasks"
 _TASK_PREFIX = b"/api/v1/task/"
 _DASHBOARD_PREFIX = b"/dashboard/"
 

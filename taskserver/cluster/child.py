@@ -218,6 +218,7 @@ class ChildService(Service):
             metrics_token=settings.metrics_token,
             tally=self.tally,
             not_ready=self._not_ready,
+            batch_max=settings.batch_max,
             dashboard=DashboardRoutes(
                 api,
                 keys,
