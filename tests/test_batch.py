@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from conftest import RunningServer
 from test_queue import script_calls
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
+from conftest import RunningServer
 from taskserver.batch import batch_items, item_task_id
 from taskserver.coalesce import MOST_PER_CALL, Coalescer
 from taskserver.config import parse_rate_limits
@@ -77,9 +77,7 @@ def test_submit_all_sends_more_than_most_in_one_call() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_batch_of_500_is_one_admit_call_charging_each_user(
-    redis: Any, keys: Keys
-) -> None:
+async def test_a_batch_of_500_is_one_admit_call_charging_each_user(redis: Any, keys: Keys) -> None:
     queue = TaskQueue(redis, keys, status_ttl_s=60, timeout_s=2.0, clock=reactor)
     policy = RatePolicy(keys, parse_rate_limits("1/60s"))
     tasks = [(Task.new(f"batch-user-{n % 499}", n, reactor.seconds()), 0) for n in range(500)]
