@@ -31,7 +31,6 @@ from taskserver.httpserver import ApiError
 #: add (route: (method, path, None); a body field or query parameter: its name third).
 #: Each merge empties its entries; test_planned_entries_are_not_served_yet says which.
 PLANNED: list[tuple[str, str, str | None]] = [
-    ("post", "/api/v1/tasks", None),  # batches
     ("get", "/api/v1/tasks", None),  # waiting: a user's recent tasks
     ("get", "/api/v1/task/{task_id}", "wait"),  # waiting
     ("post", "/api/v1/task", "type"),  # results
