@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
 from conftest import RunningServer
+from harness import Twistd, wait_for, wait_until_logged
 from taskserver.batch import batch_items, item_task_id
 from taskserver.coalesce import MOST_PER_CALL, Coalescer
 from taskserver.config import parse_rate_limits
@@ -190,3 +194,52 @@ async def test_redis_down_is_503_for_the_whole_batch(
     server = start_server(redis=RedisAddress("127.0.0.1", 1), redis_timeout_s=0.2)
     response, answer = await post_batch(server, {"tasks": [{"user_id": "down"}]})
     assert (response.code, answer["error"]) == (503, "redis_unavailable")
+
+
+# ------------------------------------------------------------------ through twistd
+
+
+def test_a_batch_through_the_real_cluster(twistd: Callable[..., Twistd], tmp_path: Path) -> None:
+    """Mixed items (valid, invalid, rate-limited) through ``twistd -n taskserver``: results
+    in order, the accepted ones run, a replay answers the same, a metric per item."""
+    server = twistd(WORKERS="2")
+    server.wait_until_ready(2)
+    items: list[Any] = [
+        {"user_id": "e2e-a", "payload": {"n": 0}},
+        {"user_id": "e2e-a", "payload": {"n": 1}},  # 1/1s for e2e-a: 429
+        {"user_id": "e2e-b", "payload": {"n": 2}, "extra": True},  # unknown_field
+        {"user_id": "e2e-c", "payload": {"n": 3}},
+        {"user_id": "e2e-d", "delay_s": 0.5},
+        42,
+    ]
+    key = {"Idempotency-Key": "e2e-batch"}
+    code, answer = server.request("POST", "/api/v1/tasks", {"tasks": items}, key)
+    assert code == 200, answer
+    results = answer["results"]
+    assert [r["status"] for r in results] == [202, 429, 400, 202, 202, 400]
+    assert results[1]["error"] == "rate_limited" and results[1]["retry_after_s"] >= 1
+    assert [results[2]["error"], results[5]["error"]] == ["unknown_field", "not_an_object"]
+    assert results[4]["task"]["status"] == "scheduled"
+    accepted = {r["task"]["task_id"] for r in results if r["status"] == 202}
+    assert len(accepted) == 3
+
+    code, replayed = server.request("POST", "/api/v1/tasks", {"tasks": items}, key)
+    assert (code, replayed) == (200, answer), "a replay: the same answer, the same ids"
+    code, other = server.request("POST", "/api/v1/tasks", {"tasks": items[:1]}, key)
+    assert (code, other["error"]) == (422, "idempotency_key_reused")
+
+    counts = wait_until_logged(tmp_path / "logs", accepted)
+    assert all(counts[task_id] == 1 for task_id in accepted), "each ran once, replay or not"
+    for task_id in accepted:
+        wait_for(lambda t=task_id: server.status_of(t) == "completed", what=f"{task_id} done")
+
+    def counted() -> bool:  # each child adds its counts to Redis every few seconds
+        metrics = urllib.request.urlopen(server.url + "/metrics", timeout=5).read().decode()
+        enqueued = re.search(r"^taskserver_tasks_enqueued_total (\S+)", metrics, re.MULTILINE)
+        refused = re.search(r'^taskserver_rate_limited_total\{tier="1s"\} (\S+)', metrics, re.M)
+        return bool(enqueued and refused and (float(enqueued[1]), float(refused[1])) == (3, 1))
+
+    wait_for(counted, what="3 enqueued and 1 refused in /metrics")
+    code, too_many = server.request("POST", "/api/v1/tasks", {"tasks": [{"user_id": "x"}] * 501})
+    assert (code, too_many["error"]) == (400, "batch_too_large")
+    assert server.stop() == 0
