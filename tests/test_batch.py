@@ -18,10 +18,11 @@ from twisted.internet.task import Clock
 
 from conftest import RunningServer
 from harness import Twistd, wait_for, wait_until_logged
-from taskserver.batch import batch_items, item_task_id
+from taskserver.batch import BATCH_IDENTITY, batch_items, item_task_id
 from taskserver.coalesce import MOST_PER_CALL, Coalescer
 from taskserver.config import parse_rate_limits
 from taskserver.httpserver import ApiError
+from taskserver.idempotency import Claim, IdempotencyKeys, fingerprint
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RatePolicy
@@ -183,6 +184,35 @@ async def test_an_idempotency_key_covers_the_batch(server: RunningServer) -> Non
     assert again.headers.getRawHeaders("Idempotent-Replayed") == ["true"]
     other, refused = await post_batch(server, {"tasks": [{"user_id": "idem-c"}]}, key)
     assert (other.code, refused["error"]) == (422, "idempotency_key_reused")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_whose_first_request_is_in_flight_is_409(
+    server: RunningServer, redis: Any, keys: Keys
+) -> None:
+    """A claim without its answer yet: the first request is still being handled."""
+    document = {"tasks": [{"user_id": "inflight"}]}
+    claims = IdempotencyKeys(redis, keys, 2.0, reactor, server.settings.status_ttl_s)
+    claim = Claim("f" * 32, fingerprint(BATCH_IDENTITY, document), "2026-12-07T00:00:00.000Z")
+    assert await claims.claim(BATCH_IDENTITY, "in-flight", claim) is None
+    response, answer = await post_batch(server, document, {"Idempotency-Key": "in-flight"})
+    assert (response.code, answer["error"]) == (409, "idempotency_key_in_use")
+    assert response.headers.getRawHeaders("Retry-After") == ["1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_abandoned_batch_claim_is_taken_over(
+    server: RunningServer, redis: Any, keys: Keys
+) -> None:
+    """A claim whose request died before its answer (old by its TTL): the retry admits."""
+    document = {"tasks": [{"user_id": "abandoned"}]}
+    claims = IdempotencyKeys(redis, keys, 2.0, reactor, 60)  # as if claimed long ago
+    claim = Claim("e" * 32, fingerprint(BATCH_IDENTITY, document), "2026-12-07T00:00:00.000Z")
+    assert await claims.claim(BATCH_IDENTITY, "abandoned", claim) is None
+    response, answer = await post_batch(server, document, {"Idempotency-Key": "abandoned"})
+    assert response.code == 200 and answer["results"][0]["status"] == 202, answer
+    again, replayed = await post_batch(server, document, {"Idempotency-Key": "abandoned"})
+    assert (again.code, replayed) == (200, answer)
 
 
 @pytest_twisted.ensureDeferred
