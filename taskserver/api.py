@@ -434,16 +434,7 @@ class TaskAPI:
             )
         headers.append(("Location", f"/api/v1/task/{task.id}"))
         self.tally.count(TASKS_ENQUEUED)
-        accepted = {
-            "task_id": task.id,
-            "user_id": task.user_id,
-            "status": "queued",
-            "queued_at": task.queued_at,
-        }
-        if submitted.delay_ms:
-            due = iso_utc(self._clock.seconds() + submitted.delay_ms / 1000)
-            accepted.update(status="scheduled", run_at=due)
-        return respond(request, 202, accepted, headers)
+        return respond(request, 202, self._accepted_document(task, submitted.delay_ms), headers)
 
     @app.route("/api/v1/tasks", methods=["POST"])
     async def create_tasks(self, request: IRequest) -> bytes:
@@ -518,7 +509,8 @@ class TaskAPI:
         return respond(request, 200, answer)
 
     def _accepted_document(self, task: Task, delay_ms: int) -> dict[str, Any]:
-        """The body of a 202: the task's id, user, status and times."""
+        """The body of a 202, and of a batch's accepted item: the task's id, user, status
+        and times (one builder, so the two cannot drift apart)."""
         document = {
             "task_id": task.id,
             "user_id": task.user_id,
