@@ -119,10 +119,12 @@ def wait_for(check: Any, timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
-def run_wrk(port: int, seconds: float, connections: int, on_midway: Any = None) -> dict[str, Any]:
+def run_wrk(
+    port: int, seconds: float, connections: int, on_midway: Any = None, script: str = "post.lua"
+) -> dict[str, Any]:
     command = [
         "wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "--timeout", "5s",
-        "-s", str(ROOT / "bench" / "post.lua"), f"http://127.0.0.1:{port}",
+        "-s", str(ROOT / "bench" / script), f"http://127.0.0.1:{port}",
     ]  # fmt: skip
     wrk = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     midway = None
@@ -336,6 +338,86 @@ def bench_taskserver(
             own_redis.stop()
 
 
+@dataclass
+class BatchResult:
+    """Accepted tasks/s of single POSTs and of 100-task batches, on the same server."""
+
+    workers: int
+    single_tasks_per_s: float = 0.0
+    batch_tasks_per_s: float = 0.0
+    batch_requests_per_s: float = 0.0
+    batch_p99_ms: float = 0.0
+    batch_non_2xx: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.batch_tasks_per_s / max(1.0, self.single_tasks_per_s)
+
+
+#: Batches in flight: each carries 100 tasks, so fewer connections than single POSTs.
+BATCH_CONNECTIONS = 16
+ACCEPTED_TASKS = re.compile(r"^accepted tasks: (\d+)$", re.MULTILINE)
+
+
+def bench_batches(workers: int, seconds: float, workdir: Path) -> BatchResult:
+    """One taskserver (DURABILITY write, embedded Redis): single POSTs, then 100-task
+    batches (bench/post_batch.lua), each item from a distinct user, under the same load."""
+    twistd = str(Path(sys.executable).parent / "twistd")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "TASK_"))}
+    env.update({"PORT": "0", "INTERFACE": "127.0.0.1", "WORKERS": str(workers)})
+    env["TASK_LOG_MAX_BYTES"] = str(10**10)
+    log = open(workdir / "twistd.out", "w+")  # noqa: SIM115
+    server = subprocess.Popen(
+        [twistd, "--pidfile=", "-n", "taskserver"], cwd=workdir, env=env,
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        output = lambda: Path(log.name).read_text()  # noqa: E731
+        wait_for(lambda: output().count(") ready") >= workers, 60, "taskserver ready")
+        port = int(LISTENING.search(output())[1])  # type: ignore[index]
+        redis_port = int(EMBEDDED_REDIS.search(output())[2])  # type: ignore[index]
+        embedded = read_embedded_address(workdir / "data")
+        client = valkey.Valkey(port=redis_port, password=embedded.password if embedded else None)
+
+        def drained() -> bool:
+            return client.llen("taskserver:{q}:pending") == 0
+
+        result = BatchResult(workers)
+        run_wrk(port, 2, 64)  # warm-up
+        wait_for(drained, 120, "warm-up drained")
+        single = run_wrk(port, seconds, 64)
+        result.single_tasks_per_s = (single["requests"] - single["non_2xx"]) / int(seconds)
+        wait_for(drained, 300, "single POSTs drained")
+        batch = run_wrk(port, seconds, BATCH_CONNECTIONS, script="post_batch.lua")
+        accepted = ACCEPTED_TASKS.search(batch["text"])
+        if accepted is None:
+            raise SystemExit(f"bench: wrk printed no accepted tasks:\n{batch['text']}")
+        result.batch_tasks_per_s = int(accepted[1]) / int(seconds)
+        result.batch_requests_per_s = batch["requests_per_s"]
+        result.batch_p99_ms = batch["p99_ms"]
+        result.batch_non_2xx = batch["non_2xx"]
+        wait_for(drained, 300, "batches drained")
+        return result
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+
+
+def batch_report(results: list[BatchResult]) -> str:
+    lines = [
+        "| workers | single POSTs: accepted tasks/s | 100-task batches: accepted tasks/s "
+        "| batches/s | batch p99 ms | non-2xx | batch / single |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.workers} | {r.single_tasks_per_s:,.0f} | {r.batch_tasks_per_s:,.0f} "
+            f"| {r.batch_requests_per_s:,.0f} | {r.batch_p99_ms:.1f} | {r.batch_non_2xx} "
+            f"| {r.ratio:.1f} x |"
+        )
+    return "\n".join(lines)
+
+
 def fill(result: Result, out: dict[str, Any], server_ticks: int, redis_ticks: int) -> None:
     for name in (
         "requests_per_s",
@@ -396,13 +478,16 @@ def main() -> None:
         default=5000,
         help="also run each mode with this many open GET ...?wait=60 (0: not)",
     )
+    parser.add_argument(
+        "--batch-only", action="store_true", help="only the batch run (single POSTs vs batches)"
+    )
     arguments = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("bench: wrk is missing: apt-get install wrk (Debian's package)")
     counts = sorted({int(n) for n in arguments.workers.split(",")})
     results = []
     modes = [mode.strip() for mode in arguments.durability.split(",") if mode.strip()]
-    for workers in counts:
+    for workers in [] if arguments.batch_only else counts:
         runs: list[Callable[[Path], Result]] = (
             []
             if arguments.no_floor
@@ -437,14 +522,25 @@ def main() -> None:
                     flush=True,
                 )
                 results.append(result)
-    table = report(results)
+    batches = []
+    for workers in counts:
+        with tempfile.TemporaryDirectory(prefix="taskserver-bench-") as workdir:
+            batches.append(bench_batches(workers, arguments.seconds, Path(workdir)))
+            print(f"batches, {workers} worker(s): {batches[-1].ratio:.1f} x single", flush=True)
+    table = (report(results) + "\n\n" if results else "") + batch_report(batches)
     stamp = time.strftime("%Y-%m-%dT%H%M%S")
     out_dir = ROOT / "bench-results"
     out_dir.mkdir(exist_ok=True)
     machine = f"{os.cpu_count()} cores, {os.uname().sysname} {os.uname().release}"
     (out_dir / f"{stamp}.json").write_text(
         json.dumps(
-            {"when": stamp, "machine": machine, "results": [asdict(r) for r in results]}, indent=2
+            {
+                "when": stamp,
+                "machine": machine,
+                "results": [asdict(r) for r in results],
+                "batches": [asdict(r) for r in batches],
+            },
+            indent=2,
         )
     )
     (out_dir / f"{stamp}.md").write_text(f"{stamp}, {machine}\n\n{table}\n")

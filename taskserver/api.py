@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import unicodedata
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,10 +38,12 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RoutingException
 
+from taskserver.batch import BATCH_IDENTITY, accepted, batch_items, invalid, item_task_id, refused
 from taskserver.clientip import Network, client_address, is_cross_site, is_loopback_request
 from taskserver.durability import AdmissionsRefused, DurabilityTimeout
 from taskserver.exposition import exposition
 from taskserver.httpserver import (
+    BATCH_BODY_MAX_BYTES,
     ApiError,
     BoundedRequest,
     CountingChannel,
@@ -447,6 +450,7 @@ class TaskAPI:
         not_ready: Callable[[], ApiError | None] = lambda: None,
         task_types: Collection[str] = frozenset(),
         waiters: Waiters | None = None,
+        batch_max: int = 500,
     ) -> None:
         """``kill`` ends this process abruptly (GET /kill); None turns the route off.
 
@@ -461,8 +465,10 @@ class TaskAPI:
         ``task_types``: the TASK_HANDLERS names a task's ``type`` may be.
         ``waiters`` holds the requests that wait for a task to finish (``?wait=``); None:
         such a request is answered at once, with the record as it is.
+        ``batch_max``: most tasks in one POST /api/v1/tasks (BATCH_MAX).
         """
         self._task_types = frozenset(task_types)
+        self._batch_max = batch_max
         #: None unless it has tiers: the request path then does not even call it.
         self._ip_limiter = ip_limiter if ip_limiter is not None and ip_limiter.active else None
         self._trusted_proxies = tuple(trusted_proxies)
@@ -497,6 +503,7 @@ class TaskAPI:
             parsePOSTFormSubmission=False,
         )
         site.request_timeout_s = request_timeout_s
+        site.body_limits = {BATCH_PATH: BATCH_BODY_MAX_BYTES}
         site.tally, site.clock = self.tally, self._clock
         site.displayTracebacks = False
         site.noisy = False
@@ -547,17 +554,131 @@ class TaskAPI:
             )
         headers.append(("Location", f"/api/v1/task/{task.id}"))
         self.tally.count(TASKS_ENQUEUED)
-        accepted = {
+        return respond(request, 202, self._accepted_document(task, submitted.run_at), headers)
+
+    @app.route("/api/v1/tasks", methods=["POST"])
+    async def create_tasks(self, request: IRequest) -> bytes:
+        """``POST /api/v1/tasks``: many tasks, each validated and rate-limited as a single
+        POST's, admitted in one ADMIT call (:meth:`TaskQueue.admit_all`); 200 with a
+        result per item, in order (:mod:`taskserver.batch`)."""
+        body = read_body(request, BATCH_BODY_MAX_BYTES)
+        document = parse_json_body(request.getHeader(b"content-type"), body)
+        items = batch_items(document, self._batch_max)
+        key = idempotency_key(request.getHeader(b"idempotency-key"))
+        now = self._clock.seconds()
+        surrogates = b"\\u" in body and _SURROGATE_ESCAPE.search(body) is not None
+        parsed: list[TaskRequest | ApiError] = []
+        for item in items:
+            try:
+                parsed.append(
+                    parse_task_document(item, surrogates, now=now, task_types=self._task_types)
+                )
+            except ApiError as e:
+                parsed.append(e)
+        self._queue.check_admissions()
+        batch_id, queued_at = uuid.uuid4().hex, iso_utc(now)
+        claim = Claim(batch_id, fingerprint(BATCH_IDENTITY, document), queued_at)
+        if key is not None:
+            earlier = await self._idempotency.claim(BATCH_IDENTITY, key, claim)
+            if earlier is not None:
+                replayed = await self._replay_batch(request, key, claim, earlier)
+                if replayed is not None:
+                    return replayed
+        if self._ip_limiter is not None:  # the per-address tier: once, for the request
+            by_address = await self._ip_limiter.check(self._client_address(request))
+            if not by_address.allowed:
+                self._count_refusal(by_address, True)
+                if key is not None:
+                    await self._release(BATCH_IDENTITY, key, claim)
+                return respond(
+                    request,
+                    429,
+                    by_address.problem(),
+                    by_address.headers(now),
+                    content_type="application/problem+json",
+                )
+        tasks = [
+            (
+                Task(
+                    item_task_id(batch_id, i),
+                    p.user_id,
+                    p.payload,
+                    queued_at,
+                    type=p.type,
+                    run_at=p.run_at or None,
+                ),
+                p.delay_ms,
+                p.run_at,
+            )
+            for i, p in enumerate(parsed)
+            if isinstance(p, TaskRequest)
+        ]
+        decisions, durable = (
+            await self._queue.admit_all(tasks, self._limiter) if tasks else ([], True)
+        )
+        admitted = iter(zip(tasks, decisions, strict=True))
+        results: list[dict[str, Any]] = []
+        for submitted in parsed:
+            if isinstance(submitted, ApiError):
+                results.append(invalid(submitted))
+                continue
+            (task, _, run_at), decision = next(admitted)
+            if not decision.allowed:
+                self._count_refusal(decision, False)
+                results.append(refused(decision))
+                continue
+            self.tally.count(TASKS_ENQUEUED)
+            results.append(accepted(self._accepted_document(task, run_at)))
+        answer = {"results": results}
+        if key is not None:  # never released: some items may exist
+            await self._idempotency.store_answer(BATCH_IDENTITY, key, json.dumps(answer))
+        if not durable:
+            raise DurabilityTimeout(
+                f"batch {batch_id} was written, but not confirmed durable in time"
+            )
+        return respond(request, 200, answer)
+
+    def _accepted_document(self, task: Task, run_at: str) -> dict[str, Any]:
+        """The body of a 202, and of a batch's accepted item: the task's id, user, status
+        and times (one builder, so the two cannot drift apart)."""
+        document = {
             "task_id": task.id,
             "user_id": task.user_id,
             "status": "queued",
             "queued_at": task.queued_at,
         }
         if task.type is not None:
-            accepted["type"] = task.type
-        if submitted.delay_ms:
-            accepted.update(status="scheduled", run_at=submitted.run_at)
-        return respond(request, 202, accepted, headers)
+            document["type"] = task.type
+        if run_at:
+            document.update(status="scheduled", run_at=run_at)
+        return document
+
+    async def _replay_batch(
+        self, request: IRequest, key: str, claim: Claim, earlier: Claim
+    ) -> bytes | None:
+        """A retried batch: its first answer again (200), 422 if the body differs, 409
+        while the first is in flight; None if that one died first (the key is ours now)."""
+        if earlier.fingerprint != claim.fingerprint:
+            raise ApiError(
+                422,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different body",
+            )
+        stored = await self._idempotency.stored_answer(BATCH_IDENTITY, key)
+        if stored is None:
+            if await self._idempotency.take_over(BATCH_IDENTITY, key, earlier, claim):
+                return None
+            raise ApiError(
+                409,
+                "idempotency_key_in_use",
+                "the first request with this Idempotency-Key has not finished; retry shortly",
+                [("Retry-After", "1")],
+            )
+        answer = json.loads(stored)
+        first = next((r for r in answer["results"] if r["status"] == 202), None)
+        if first is not None:  # its own answer may have been 503 durability_timeout
+            await self._queue.confirm_durable(first["task"]["task_id"])
+        return respond(request, 200, answer, [("Idempotent-Replayed", "true")])
 
     def _count_refusal(self, decision: Decision, by_address: bool) -> None:
         """A 429: once as ``ip`` from the per-address tiers, else once per violated user tier."""
@@ -884,6 +1005,8 @@ def _utf8_url(request: server.Request) -> bool:
 
 #: The path of the route every task comes through.
 ENQUEUE_PATH = b"/api/v1/task"
+#: The path of batches (bodies up to BATCH_BODY_MAX_BYTES).
+BATCH_PATH = b"/api/v1/tasks"
 
 
 class TaskResource(Resource):

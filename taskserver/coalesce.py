@@ -52,6 +52,17 @@ class TurnBuffer(Generic[Item]):
         elif self._scheduled is None:
             self._scheduled = self._clock.callLater(0, self.flush)
 
+    def add_all(self, items: Sequence[Item]) -> None:
+        """Add ``items`` together: a full buffer is written only after the last of them,
+        so they always leave in the same write (which may then hold more than ``most``)."""
+        if not items:
+            return
+        self._items.extend(items)
+        if self._most is not None and len(self._items) >= self._most:
+            self.flush()
+        elif self._scheduled is None:
+            self._scheduled = self._clock.callLater(0, self.flush)
+
     def discard(self, unwanted: Callable[[Item], bool]) -> None:
         """Leave out the items not written yet for which ``unwanted`` is true."""
         self._items = [item for item in self._items if not unwanted(item)]
@@ -90,6 +101,15 @@ class Coalescer(Generic[Item, Reply]):
         answer: defer.Deferred[Reply] = defer.Deferred(self._withdraw)
         self._waiting.add((item, answer))
         return answer
+
+    def submit_all(self, items: Sequence[Item]) -> list[defer.Deferred[Reply]]:
+        """The replies for ``items``, all sent in the same call (a batch of the API).
+
+        The call may carry other items of the turn too, and more than ``most``.
+        """
+        answers: list[defer.Deferred[Reply]] = [defer.Deferred(self._withdraw) for _ in items]
+        self._waiting.add_all(list(zip(items, answers, strict=True)))
+        return answers
 
     def flush(self) -> None:
         """Send what is waiting now."""

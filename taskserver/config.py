@@ -625,6 +625,13 @@ OPTIONS: tuple[Option, ...] = (
         "rotate tasks.log at this size",
         _int_in(1024, 1 << 40),
     ),
+    Option(
+        "batch_max",
+        "BATCH_MAX",
+        "500",
+        "most tasks in one POST /api/v1/tasks",
+        _int_in(1, 10_000),
+    ),
 )
 
 
@@ -681,6 +688,7 @@ class Settings:
     idle_timeout_s: float = _default("idle_timeout_s")
     request_timeout_s: float = _default("request_timeout_s")
     max_waiters: int = _default("max_waiters")
+    batch_max: int = _default("batch_max")
 
 
 def _raw_value(option: Option, cli: Mapping[str, str | None], environ: Mapping[str, str]) -> str:

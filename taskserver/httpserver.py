@@ -26,6 +26,8 @@ from twisted.web.iweb import IRequest
 from taskserver.metrics import CLIENT_CLOSED_REQUEST, Tally, route_label
 
 MAX_BODY_BYTES = 64 * 1024
+#: The cap of the paths a site allows larger bodies (TaskSite.body_limits): batches.
+BATCH_BODY_MAX_BYTES = 1024 * 1024
 #: What every JSON answer says it is: the body is always UTF-8 (:func:`json_body`).
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 
@@ -71,33 +73,43 @@ def respond(
     return body
 
 
-def read_body(request: IRequest) -> bytes:
-    """The request body; ApiError 413 if it is over MAX_BODY_BYTES.
+def read_body(request: IRequest, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body; ApiError 413 if it is over ``limit`` bytes.
 
-    A BoundedRequest has dropped such a body as it arrived; any other
-    request (a test double's) is measured here.
+    A BoundedRequest has dropped such a body as it arrived (its own limit is
+    the one its site gives its path); any other request (a test double's) is
+    measured here.
     """
     if isinstance(request, BoundedRequest) and request.body_too_large:
         body = b""
     else:
         body = request.content.read()
-        if len(body) <= MAX_BODY_BYTES:
+        if len(body) <= limit:
             return body
-    raise ApiError(413, "body_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+    raise ApiError(413, "body_too_large", f"the body must be at most {limit} bytes")
 
 
 class BoundedRequest(server.Request):
-    """A request that stops buffering its body past MAX_BODY_BYTES.
+    """A request that stops buffering its body past its limit.
 
     twisted.web reads the whole body before the resource runs; this keeps
-    the bytes it stores bounded and lets the handler answer 413.
+    the bytes it stores bounded and lets the handler answer 413. The limit
+    is MAX_BODY_BYTES unless the site allows its path more
+    (:meth:`CountingChannel.lineReceived` tells it the path).
     """
 
     body_too_large = False
     _body_bytes = 0
+    body_limit = MAX_BODY_BYTES
+
+    def set_target(self, target: bytes) -> None:
+        """The request line's target is known (before its headers): choose the limit."""
+        site = getattr(self.channel, "site", None)
+        limits: dict[bytes, int] = getattr(site, "body_limits", {})
+        self.body_limit = limits.get(target.partition(b"?")[0], MAX_BODY_BYTES)
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > MAX_BODY_BYTES:
+        if length is not None and length > self.body_limit:
             self.body_too_large = True
             length = 0
         super().gotLength(length)
@@ -106,7 +118,7 @@ class BoundedRequest(server.Request):
         if self.body_too_large:
             return
         self._body_bytes += len(data)
-        if self._body_bytes > MAX_BODY_BYTES:
+        if self._body_bytes > self.body_limit:
             self.body_too_large = True
             self.content = BytesIO()  # type: ignore[assignment]  # drop what was kept
             return
@@ -143,6 +155,21 @@ class CountingChannel(http.HTTPChannel):
         finally:  # counting must never keep a closed connection in the site's set
             super().connectionLost(reason)
             self.site.connection_closed(self)
+
+    def lineReceived(self, line: bytes) -> None:
+        """A line of a request's head; the request line gives its request its target.
+
+        Public API only (HTTPChannel makes the Request when the request line
+        arrives): so a path allowed a larger body (batches) is known before
+        any of its body, and every other path keeps MAX_BODY_BYTES.
+        """
+        before = len(self.requests)
+        super().lineReceived(line)
+        if len(self.requests) > before:
+            request = self.requests[-1]
+            parts = line.split(b" ")
+            if len(parts) == 3 and isinstance(request, BoundedRequest):
+                request.set_target(parts[1])
 
     def dataReceived(self, data: bytes) -> None:
         self._bytes_since_answer += len(data)
@@ -230,6 +257,8 @@ class TaskSite(server.Site):
         self.channels: set[CountingChannel] = set()
         self.draining = False
         self.request_timeout_s = 10.0
+        #: Paths (no query) whose bodies may be larger than MAX_BODY_BYTES, and their caps.
+        self.body_limits: dict[bytes, int] = {}
         self.on_open: Callable[[], None] = lambda: None
         self.on_close: Callable[[], None] = lambda: None
         self._closed_waiters: dict[CountingChannel, list[Callable[[], None]]] = {}

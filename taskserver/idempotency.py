@@ -131,3 +131,24 @@ class IdempotencyKeys:
         """
         deleting = RELEASE(self._redis, [self._keys.idempotency(user_id, key)], [claim.to_json()])
         return bool(await within(deleting, self._timeout_s, self._clock))
+
+    async def store_answer(self, user_id: str, key: str, answer: str) -> None:
+        """Keep the answer of the request holding ``key`` (a batch's), as long as a claim.
+
+        A batch's items are partly admitted and partly refused, so its key is
+        never released: a replay answers with this text instead.
+        """
+        setting = self._redis.set(self._answer_key(user_id, key), answer, pexpire=self.ttl_ms)
+        await within(setting, self._timeout_s, self._clock)
+
+    async def stored_answer(self, user_id: str, key: str) -> str | None:
+        """The answer :meth:`store_answer` kept, or None (not yet, or never)."""
+        answer = await within(
+            self._redis.get(self._answer_key(user_id, key)), self._timeout_s, self._clock
+        )
+        if isinstance(answer, bytes):
+            return answer.decode("utf-8")
+        return answer if isinstance(answer, str) else None
+
+    def _answer_key(self, user_id: str, key: str) -> str:
+        return self._keys.idempotency(user_id, key) + ":answer"

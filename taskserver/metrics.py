@@ -131,6 +131,7 @@ _ROUTES = {
     )
 }
 _ROUTES[b"/openapi.json"] = "/openapi.json"
+_ROUTES[b"/api/v1/tasks"] = "/api/v1/tasks"
 _TASK_PREFIX = b"/api/v1/task/"
 _DASHBOARD_PREFIX = b"/dashboard/"
 

@@ -21,7 +21,7 @@ from taskserver.dashboard import (
     SESSION_MAX_AGE_S,
     STATIC_FILES,
 )
-from taskserver.httpserver import MAX_BODY_BYTES, json_body
+from taskserver.httpserver import BATCH_BODY_MAX_BYTES, MAX_BODY_BYTES, json_body
 from taskserver.ratelimit import QUOTA_EXCEEDED_TYPE
 
 JSON = "application/json"
@@ -157,9 +157,24 @@ def _task_routes(user_tasks_max: int) -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _answer(
-                        "One result per item, in the items' order.", _ref("BatchResults")
+                        "One result per item, in the items' order (also the replay of an "
+                        "earlier batch with the same Idempotency-Key: Idempotent-Replayed).",
+                        _ref("BatchResults"),
+                        headers={
+                            "Idempotent-Replayed": {
+                                "description": "`true` on a replay (absent on a first answer).",
+                                "required": False,
+                                "schema": {"const": "true"},
+                            }
+                        },
                     ),
                     **BODY_ERRORS,
+                    "400": _error(
+                        "The batch as a whole is not valid (`invalid_json`, `invalid_batch`, "
+                        "`empty_batch`, `batch_too_large`, `invalid_idempotency_key`); a bad "
+                        "item is a 400 result in a 200, not this."
+                    ),
+                    "413": _error(f"The body is over {BATCH_BODY_MAX_BYTES} bytes."),
                     "429": _answer(
                         "The per-address tier refused the request.",
                         _ref("Problem"),
@@ -745,7 +760,10 @@ def _schemas() -> dict[str, Any]:
                     "type": "array",
                     "minItems": 1,
                     "maxItems": BATCH_MAX_DEFAULT,
-                    "items": _ref("TaskRequest"),
+                    "items": {
+                        "description": "A task as POST /api/v1/task takes it (TaskRequest); "
+                        "an item that is not one is refused alone, as a 400 result."
+                    },
                     "description": "At most BATCH_MAX (500 by default) items.",
                 }
             },
@@ -761,7 +779,10 @@ def _schemas() -> dict[str, Any]:
                             {
                                 "type": "object",
                                 "required": ["status", "task"],
-                                "properties": {"status": {"const": 202}, "task": _ref("Task")},
+                                "properties": {
+                                    "status": {"const": 202},
+                                    "task": _ref("TaskAccepted"),
+                                },
                             },
                             {
                                 "type": "object",
@@ -770,7 +791,15 @@ def _schemas() -> dict[str, Any]:
                                     "status": {"enum": [400, 429]},
                                     "error": {"type": "string"},
                                     "message": {"type": "string"},
-                                    "retry_after": {"type": "integer", "minimum": 1},
+                                    "retry_after_s": {
+                                        "type": "integer",
+                                        "minimum": 1,
+                                        "description": "With a 429: seconds to wait.",
+                                    },
+                                    "violated-policies": {
+                                        "type": "array",
+                                        "items": {"type": "string"},
+                                    },
                                 },
                             },
                         ]

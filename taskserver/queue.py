@@ -246,6 +246,43 @@ class TaskQueue:
             )
         return decision
 
+    async def admit_all(
+        self, tasks: Sequence[tuple[Task, int, str]], policy: RatePolicy
+    ) -> tuple[list[Decision], bool]:
+        """:meth:`admit` for many ``(task, delay_ms, run_at)`` at once: one ADMIT call for all.
+
+        Each task is checked and charged for its own user, as a single
+        admission would be, and they all leave in the same call (with
+        whatever else this turn admits). Returns a decision per task, in
+        order, and whether the wait (disk, replicas) was satisfied for them:
+        False means the admitted tasks exist but their durability is unknown.
+        """
+        self.check_admissions()
+        admissions: list[_Admission] = []
+        for task, delay_ms, run_at in tasks:
+            if delay_ms and not run_at:
+                raise ValueError("a delayed admission needs its run_at")
+            try:
+                text = task.to_json().encode("utf-8")
+                user_id = task.user_id.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise UnencodableTask(f"task {task.id} is not valid UTF-8: {e.reason}") from None
+            admissions.append(
+                (task, text, user_id, policy.counters(task.user_id), delay_ms, run_at)
+            )
+        batch = self._coalescer(
+            self._admissions, policy.arguments, partial(self._admit_many, policy.arguments)
+        )
+        try:
+            replies = await defer.gatherResults(batch.submit_all(admissions), consumeErrors=True)
+        except defer.FirstError as e:
+            e.subFailure.raiseException()
+        decisions = [policy.decide(reply) for reply, _ in replies]
+        durable = all(
+            d for (_, d), decision in zip(replies, decisions, strict=True) if decision.allowed
+        )
+        return decisions, durable
+
     def check_admissions(self) -> None:
         """Raise what ``refuse_admissions()`` says (nothing is written then), or return.
 

@@ -111,27 +111,28 @@ json_values = st.recursive(
     ),
     max_leaves=20,
 )
+task_documents = st.fixed_dictionaries(
+    {"user_id": st.one_of(st.text(max_size=140), st.integers(), st.none())},
+    optional={
+        "payload": json_values,
+        "extra": json_values,
+        "type": st.one_of(
+            json_values,
+            st.sampled_from(["echo", "nojson", "", "Echo", "echo ", "fax"]),
+            st.text(max_size=70),
+        ),
+        "delay_s": st.one_of(json_values, st.floats(-1e9, 1e12), st.integers(-(2**70), 2**70)),
+        "run_at": st.one_of(
+            json_values,
+            st.datetimes().map(lambda t: t.isoformat() + "Z"),
+            st.sampled_from(["2026-13-01T00:00:00Z", "9999-12-31T23:59:59+99:00", "T"]),
+        ),
+    },
+)
 bodies = st.one_of(
     st.binary(max_size=300),
     json_values.map(lambda v: json.dumps(v).encode()),
-    st.fixed_dictionaries(
-        {"user_id": st.one_of(st.text(max_size=140), st.integers(), st.none())},
-        optional={
-            "payload": json_values,
-            "extra": json_values,
-            "type": st.one_of(
-                json_values,
-                st.sampled_from(["echo", "nojson", "", "Echo", "echo ", "fax"]),
-                st.text(max_size=70),
-            ),
-            "delay_s": st.one_of(json_values, st.floats(-1e9, 1e12), st.integers(-(2**70), 2**70)),
-            "run_at": st.one_of(
-                json_values,
-                st.datetimes().map(lambda t: t.isoformat() + "Z"),
-                st.sampled_from(["2026-13-01T00:00:00Z", "9999-12-31T23:59:59+99:00", "T"]),
-            ),
-        },
-    ).map(lambda v: json.dumps(v).encode()),
+    task_documents.map(lambda v: json.dumps(v).encode()),
     st.text(max_size=50).map(lambda t: f'{{"user_id": "{t}", "user_id": "b"}}'.encode()),
     st.integers(1, 200_000).map(lambda n: b"[" * n),
     st.integers(1, 10_000).map(lambda n: b'{"user_id": "x", "payload": ' + b"9" * n + b"}"),
@@ -150,6 +151,9 @@ paths = st.one_of(
     st.sampled_from(
         [
             "/api/v1/task",
+            "/api/v1/tasks",
+            "/api/v1/tasks?user_id=x",
+            "/api/v1/tasks/",
             "/api/v1/task/",
             "/api/v1/task/" + "a" * 32,
             "/healthz",
@@ -304,6 +308,48 @@ def test_a_result_comes_back_as_the_handler_returned_it(
     record = wait_for(completed, what="the task completed")
     assert record["result"] == {"echo": payload, "type": task_type}
     assert record.get("type") == task_type
+
+
+#: Batches: envelopes of hostile items, hostile envelopes, hostile bytes in an envelope.
+batch_bodies = st.one_of(
+    st.lists(st.one_of(task_documents, json_values), max_size=8).map(
+        lambda items: json.dumps({"tasks": items}).encode()
+    ),
+    st.dictionaries(st.sampled_from(["tasks", "task", "extra"]), json_values, max_size=2).map(
+        lambda v: json.dumps(v).encode()
+    ),
+    st.integers(1, 2000).map(lambda n: json.dumps({"tasks": [{"user_id": "n"}] * n}).encode()),
+    bodies.map(lambda b: b'{"tasks": [' + b + b"]}"),
+)
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    body=batch_bodies,
+    key=st.one_of(st.none(), st.sampled_from(["k1", "k2", "\x7f", ""])),
+    content_type=st.sampled_from(["application/json", "text/plain"]),
+)
+def test_any_batch_gets_a_json_answer_and_never_a_5xx(
+    server: Twistd, body: bytes, key: str | None, content_type: str
+) -> None:
+    lines = ["POST /api/v1/tasks HTTP/1.1", "Host: localhost", "Connection: close"]
+    lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+    if key is not None:
+        lines.append(f"Idempotency-Key: {key}")
+    request = "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
+    status, headers, answer = exchange(server, request)
+    assert status < 500, (status, answer[:300])
+    assert_json_answer("POST", status, headers, answer)
+    if status == 200:
+        items = json.loads(body)["tasks"]
+        results = json.loads(answer)["results"]
+        assert len(results) == len(items), "one result per item"
+        assert all(r["status"] in (202, 400, 429) for r in results)
 
 
 def assert_json_answer(method: str, status: int, headers: dict[str, str], answer: bytes) -> None:

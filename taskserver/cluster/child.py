@@ -243,6 +243,7 @@ class ChildService(Service):
             not_ready=self._not_ready,
             task_types=frozenset(self._typed_handlers),
             waiters=self.waiters,
+            batch_max=settings.batch_max,
             dashboard=DashboardRoutes(
                 api,
                 keys,
