@@ -26,7 +26,7 @@ from taskserver.idempotency import Claim, IdempotencyKeys, fingerprint
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
 from taskserver.ratelimit import RatePolicy
-from taskserver.task import TASK_ID, Task
+from taskserver.task import TASK_ID, Task, iso_utc
 
 JSON = {"Content-Type": "application/json"}
 
@@ -85,9 +85,10 @@ def test_submit_all_sends_more_than_most_in_one_call() -> None:
 async def test_a_batch_of_500_is_one_admit_call_charging_each_user(redis: Any, keys: Keys) -> None:
     queue = TaskQueue(redis, keys, status_ttl_s=60, timeout_s=2.0, clock=reactor)
     policy = RatePolicy(keys, parse_rate_limits("1/60s"))
-    tasks = [(Task.new(f"batch-user-{n % 499}", n, reactor.seconds()), 0) for n in range(500)]
-    tasks[7] = (Task.new("batch-user-late", 7, reactor.seconds()), 60_000)
-    await queue.admit_all([(Task.new("batch-warm", 0, reactor.seconds()), 0)], policy)
+    tasks = [(Task.new(f"batch-user-{n % 499}", n, reactor.seconds()), 0, "") for n in range(500)]
+    later = iso_utc(reactor.seconds() + 60)
+    tasks[7] = (Task.new("batch-user-late", 7, reactor.seconds(), run_at=later), 60_000, later)
+    await queue.admit_all([(Task.new("batch-warm", 0, reactor.seconds()), 0, "")], policy)
     before = await script_calls(redis)  # after the script is loaded (EVALSHA, not EVAL)
     decisions, durable = await queue.admit_all(tasks, policy)
     assert await script_calls(redis) - before == 1, "the whole batch in one script call"
