@@ -394,6 +394,21 @@ def parse_user_tasks_query(request: IRequest, most: int) -> tuple[str, int]:
     return user_id, int(text)
 
 
+def replayed_document(task_id: str, user_id: str, record: dict[str, str]) -> dict[str, Any]:
+    """What a replay answers for a task its first request created: the 202's fields,
+    with the status the record has now."""
+    replayed = {
+        "task_id": task_id,
+        "user_id": user_id,
+        "status": record.get("status", "queued"),
+        "queued_at": record.get("queued_at", ""),
+    }
+    for name in ("type", "run_at"):  # as the first answer said them
+        if name in record:
+            replayed[name] = record[name]
+    return replayed
+
+
 def status_document(task_id: str, record: dict[str, str]) -> dict[str, Any]:
     """The public view of a status record."""
     document: dict[str, Any] = {"task_id": task_id}
@@ -581,7 +596,7 @@ class TaskAPI:
         if key is not None:
             earlier = await self._idempotency.claim(BATCH_IDENTITY, key, claim)
             if earlier is not None:
-                replayed = await self._replay_batch(request, key, claim, earlier)
+                replayed = await self._replay_batch(request, key, claim, earlier, parsed)
                 if replayed is not None:
                     return replayed
         if self._ip_limiter is not None:  # the per-address tier: once, for the request
@@ -654,10 +669,20 @@ class TaskAPI:
         return document
 
     async def _replay_batch(
-        self, request: IRequest, key: str, claim: Claim, earlier: Claim
+        self,
+        request: IRequest,
+        key: str,
+        claim: Claim,
+        earlier: Claim,
+        parsed: Sequence[TaskRequest | ApiError],
     ) -> bytes | None:
         """A retried batch: its first answer again (200), 422 if the body differs, 409
-        while the first is in flight; None if that one died first (the key is ours now)."""
+        while the first is in flight; None if that one died first (the key is ours now).
+
+        With no stored answer, the first request may still have admitted its items
+        (its answer was lost after the script ran: a hang-up, a late reply, a crash):
+        then the answer is rebuilt from its items' records, never admitted again.
+        """
         if earlier.fingerprint != claim.fingerprint:
             raise ApiError(
                 422,
@@ -665,20 +690,65 @@ class TaskAPI:
                 "this Idempotency-Key was used with a different body",
             )
         stored = await self._idempotency.stored_answer(BATCH_IDENTITY, key)
-        if stored is None:
-            if await self._idempotency.take_over(BATCH_IDENTITY, key, earlier, claim):
-                return None
-            raise ApiError(
-                409,
-                "idempotency_key_in_use",
-                "the first request with this Idempotency-Key has not finished; retry shortly",
-                [("Retry-After", "1")],
-            )
-        answer = json.loads(stored)
+        if stored is not None:
+            answer = json.loads(stored)
+        else:
+            rebuilt = await self._batch_answer_from_records(earlier.task_id, parsed)
+            if rebuilt is None:
+                if await self._idempotency.take_over(BATCH_IDENTITY, key, earlier, claim):
+                    return None
+                raise ApiError(
+                    409,
+                    "idempotency_key_in_use",
+                    "the first request with this Idempotency-Key has not finished; retry shortly",
+                    [("Retry-After", "1")],
+                )
+            answer = rebuilt
+            await self._idempotency.store_answer(BATCH_IDENTITY, key, json.dumps(answer))
         first = next((r for r in answer["results"] if r["status"] == 202), None)
         if first is not None:  # its own answer may have been 503 durability_timeout
             await self._queue.confirm_durable(first["task"]["task_id"])
         return respond(request, 200, answer, [("Idempotent-Replayed", "true")])
+
+    async def _batch_answer_from_records(
+        self, batch_id: str, parsed: Sequence[TaskRequest | ApiError]
+    ) -> dict[str, Any] | None:
+        """The answer of batch ``batch_id`` as its items' records tell it, or None if none
+        of them exists (its admission never ran, or refused every item).
+
+        One script admitted all its items, so once one exists, a valid item without a
+        record was refused by its user's rate limit.
+        """
+        ids = [item_task_id(batch_id, i) for i in range(len(parsed))]
+        records = await defer.gatherResults(
+            [
+                defer.ensureDeferred(self._queue.status(task_id))
+                for task_id, item in zip(ids, parsed, strict=True)
+                if isinstance(item, TaskRequest)
+            ],
+            consumeErrors=True,
+        )
+        if not any(records):
+            return None
+        found = iter(records)
+        results: list[dict[str, Any]] = []
+        for task_id, item in zip(ids, parsed, strict=True):
+            if isinstance(item, ApiError):
+                results.append(invalid(item))
+                continue
+            record = next(found)
+            if record is None:
+                results.append(
+                    {
+                        "status": 429,
+                        "error": "rate_limited",
+                        "message": "its user's rate limit refused it when this batch was "
+                        "first sent",
+                    }
+                )
+            else:
+                results.append(accepted(replayed_document(task_id, item.user_id, record)))
+        return {"results": results}
 
     def _count_refusal(self, decision: Decision, by_address: bool) -> None:
         """A 429: once as ``ip`` from the per-address tiers, else once per violated user tier."""
@@ -721,15 +791,7 @@ class TaskAPI:
             )
         # Its own admission may have answered 503 durability_timeout: 200 only once durable.
         await self._queue.confirm_durable(earlier.task_id)
-        replayed = {
-            "task_id": earlier.task_id,
-            "user_id": user_id,
-            "status": record.get("status", "queued"),
-            "queued_at": earlier.queued_at,
-        }
-        for name in ("type", "run_at"):  # as the first answer said them
-            if name in record:
-                replayed[name] = record[name]
+        replayed = replayed_document(earlier.task_id, user_id, record)
         return respond(
             request,
             200,

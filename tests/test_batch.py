@@ -217,6 +217,34 @@ async def test_an_abandoned_batch_claim_is_taken_over(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_whose_answer_was_lost_after_its_admission_is_not_admitted_again(
+    server: RunningServer, redis: Any, keys: Keys
+) -> None:
+    """The first request's script ran, its answer never got stored (a hang-up, a late
+    reply, a crash): a retry rebuilds the answer from the items' records."""
+    document = {
+        "tasks": [{"user_id": "lost-a", "payload": 1}, {"user_id": "lost-b"}, {"user_id": 7}]
+    }
+    batch_id = "c" * 32
+    claims = IdempotencyKeys(redis, keys, 2.0, reactor, 60)  # as if claimed long ago
+    claim = Claim(batch_id, fingerprint(BATCH_IDENTITY, document), "2026-12-07T00:00:00.000Z")
+    assert await claims.claim(BATCH_IDENTITY, "lost", claim) is None
+    queue = TaskQueue(redis, keys, status_ttl_s=60, timeout_s=2.0, clock=reactor)
+    first = Task(item_task_id(batch_id, 0), "lost-a", 1, iso_utc(reactor.seconds()))
+    await queue.enqueue(first)  # item 1 was refused by its user's limit: no record
+    response, answer = await post_batch(server, document, {"Idempotency-Key": "lost"})
+    assert response.code == 200 and response.headers.getRawHeaders("Idempotent-Replayed")
+    results = answer["results"]
+    assert [r["status"] for r in results] == [202, 429, 400], results
+    assert results[0]["task"]["task_id"] == first.id, "the task that exists, not a second one"
+    # The server's admissions list each task for its user (USER_TASKS_MAX); ours did not.
+    for user in ("lost-a", "lost-b"):
+        assert await redis.exists(keys.user_tasks(user)) == 0, f"{user}'s item admitted again"
+    again, replayed = await post_batch(server, document, {"Idempotency-Key": "lost"})
+    assert (again.code, replayed) == (200, answer), "the rebuilt answer is kept"
+
+
+@pytest_twisted.ensureDeferred
 async def test_redis_down_is_503_for_the_whole_batch(
     start_server: Callable[..., RunningServer],
 ) -> None:
