@@ -105,25 +105,31 @@ class Waiters(Service):
         Raises TooManyWaiters beyond MAX_WAITERS, RedisUnavailable if the
         subscription or a read does not come within the Redis timeout.
         """
+        deadline = self._clock.seconds() + timeout_s
+        # A finished or unknown task is answered at once, needing neither a place nor
+        # the subscription.
+        record = await self._read_status(task_id)
+        if record is None or record.get("status") in FINISHED_STATUSES or self._stopping:
+            return record
         if self._count >= self._max_waiters:
             raise TooManyWaiters(f"this process already has {self._max_waiters} waiters")
-        deadline = self._clock.seconds() + timeout_s
         waiter = self._add(task_id)
         try:
             await self._until_subscribed()
             while True:
                 waiter.woken = False
                 record = await self._read_status(task_id)
+                now = self._clock.seconds()  # read once: the timer's delay is never negative
                 if (
                     record is None
                     or record.get("status") in FINISHED_STATUSES
                     or self._stopping
-                    or self._clock.seconds() >= deadline
+                    or now >= deadline
                 ):
                     return record
                 if waiter.woken:  # news came while we read: read again
                     continue
-                await self._sleep(waiter, deadline - self._clock.seconds())
+                await self._sleep(waiter, deadline - now)
         finally:
             self._remove(waiter)
 

@@ -92,7 +92,7 @@ def test_news_that_is_not_final_keeps_it_waiting() -> None:
     waiters = waiting(records, clock)
     _, answers = wait(waiters, ID, 5)
     waiters.message(ID)
-    assert answers == [] and records.reads == 2
+    assert answers == [] and records.reads == 3, "the first look, the read once waiting, news"
     clock.advance(5)
     assert answers == [{"status": "retrying"}]
 
@@ -120,10 +120,21 @@ def test_it_reads_only_once_the_subscription_is_live() -> None:
     clock, records = Clock(), Records(**{ID: "queued"})
     waiters = waiting(records, clock, live=False)
     _, answers = wait(waiters, ID, 30)
-    assert records.reads == 0 and waiters.count == 1, "registered, not read yet"
+    assert records.reads == 1 and waiters.count == 1, "looked once, then registered, waiting"
     records.status[ID] = "completed"
     waiters.subscribed()
     assert answers == [{"status": "completed"}]
+
+
+def test_a_finished_task_is_answered_without_the_subscription_or_a_place() -> None:
+    """While the subscription is down, or every place is taken, a finished task still is."""
+    clock, records = Clock(), Records(**{ID: "completed", "b" * 32: "queued"})
+    waiters = waiting(records, clock, max_waiters=1, live=False)
+    wait(waiters, "b" * 32, 30)  # takes the one place, waiting for the subscription
+    _, answers = wait(waiters, ID, 30)
+    assert answers == [{"status": "completed"}]
+    _, unknown = wait(waiters, "c" * 32, 30)
+    assert unknown == [None]
 
 
 def test_no_subscription_within_the_redis_timeout_is_unavailable() -> None:
