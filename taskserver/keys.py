@@ -10,9 +10,9 @@ own, with a slot per address or user.
 
 What is true on Redis Cluster: every script touches one slot, so it runs;
 but the whole queue is in the one slot of ``{q}``, on one node (no sharding).
-Four scripts, FETCH_BATCH, PROMOTE, RECLAIM and REQUEUE_DEAD, build status keys
-(:attr:`Keys.status_prefix`, passed in ARGV) from the ids of the tasks they
-pop, which cannot be declared in KEYS beforehand; READ_STATS reads the
+Five scripts, FETCH_BATCH, PROMOTE, RECLAIM, REQUEUE_DEAD and USER_TASKS, build
+status keys (:attr:`Keys.status_prefix`, passed in ARGV) from the ids of the tasks
+they pop or list, which cannot be declared in KEYS beforehand; READ_STATS reads the
 processing list and heartbeat of each registered consumer. That works only
 because those keys are in the slot of the declared ones.
 """

@@ -9,6 +9,7 @@ reply timeout by default, so every call that a client waits on goes through
 
 from __future__ import annotations
 
+import socket
 from typing import Any, TypeVar
 
 import txredisapi
@@ -110,12 +111,42 @@ class _PubSubMessages:
     """
 
     factory: Any
+    transport: Any
+
+    def connectionMade(self) -> None:
+        keep_alive(self.transport)
+        super().connectionMade()  # type: ignore[misc]
 
     def replyReceived(self, reply: Any) -> None:
         if isinstance(reply, list) and len(reply) == 3 and reply[0] == "message":
             self.factory.on_message(reply[1], reply[2])
             return
         super().replyReceived(reply)  # type: ignore[misc]
+
+
+#: TCP keepalive of the subscriber: probes after this long silent, this often, this many.
+KEEPALIVE_IDLE_S = 5
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_PROBES = 3
+
+
+def keep_alive(transport: Any) -> None:
+    """Have the kernel probe a connection that is silent, and drop it when no one answers.
+
+    A subscriber writes nothing while it listens, so no reply timeout can tell
+    it that its Redis vanished without closing the connection (a host powered
+    off, a partition, a failover to a replica on another host): then the
+    probes do, within about 11 s, and the pool reconnects (to the new primary).
+    """
+    try:
+        handle = transport.getHandle()
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; elsewhere the system's own timings
+            handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+            handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+            handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    except (AttributeError, OSError):  # not a TCP socket (a test's transport)
+        pass
 
 
 def connect_subscriber(address: RedisAddress, reply_timeout_s: float | None) -> Any:

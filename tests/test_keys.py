@@ -71,9 +71,9 @@ def test_every_script_touches_one_slot() -> None:
     assert hash_tag(keys.ip_rate("10.0.0.1", "ip-60s")) == user_hash("10.0.0.1")
 
 
-def test_the_scripts_that_build_status_keys_are_the_four_the_docs_name() -> None:
+def test_the_scripts_that_build_status_keys_are_the_five_the_docs_name() -> None:
     """Keys built from ARGV work on Cluster only in the declared keys' slot: know which."""
     building = {script.name for script in SCRIPTS.values() if "status key prefix" in script.source}
-    assert building == {"fetch_batch", "promote", "reclaim", "requeue_dead"}
+    assert building == {"fetch_batch", "promote", "reclaim", "requeue_dead", "user_tasks"}
     named = " ".join((keys_module.__doc__ or "").split())
-    assert "FETCH_BATCH, PROMOTE, RECLAIM and REQUEUE_DEAD" in named
+    assert "FETCH_BATCH, PROMOTE, RECLAIM, REQUEUE_DEAD and USER_TASKS" in named

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,12 @@ from conftest import eventually
 from taskserver.config import RedisAddress
 from taskserver.keys import Keys
 from taskserver.queue import TaskQueue
-from taskserver.redisclient import RedisUnavailable, connect, connect_subscriber
+from taskserver.redisclient import (
+    KEEPALIVE_IDLE_S,
+    RedisUnavailable,
+    connect,
+    connect_subscriber,
+)
 from taskserver.waiters import TooManyWaiters, Waiters
 
 ID = "a" * 32
@@ -258,3 +264,18 @@ async def test_a_real_subscription_wakes_a_waiter_and_survives_a_killed_connecti
     finally:
         await waiters.stopService()
         await api.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_subscriber_has_the_kernel_probe_its_silent_connection(
+    redis_server: RedisAddress,
+) -> None:
+    """It writes nothing while it listens: keepalive is what notices a vanished primary."""
+    subscriber = connect_subscriber(redis_server, 2.0)
+    try:
+        connection = await subscriber.getConnection(peek=True)
+        handle = connection.transport.getHandle()
+        assert handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_S
+    finally:
+        await subscriber.disconnect()
