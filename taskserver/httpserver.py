@@ -81,7 +81,7 @@ def read_body(request: IRequest, limit: int = MAX_BODY_BYTES) -> bytes:
     measured here.
     """
     if isinstance(request, BoundedRequest) and request.body_too_large:
-        body = b""
+        limit = request.body_limit  # the cap it was held to (its path as sent decides)
     else:
         body = request.content.read()
         if len(body) <= limit:
