@@ -394,6 +394,23 @@ def parse_user_tasks_query(request: IRequest, most: int) -> tuple[str, int]:
     return user_id, int(text)
 
 
+def key_in_use() -> ApiError:
+    """409: the first request with this Idempotency-Key is still being handled."""
+    return ApiError(
+        409,
+        "idempotency_key_in_use",
+        "the first request with this Idempotency-Key has not finished; retry shortly",
+        [("Retry-After", "1")],
+    )
+
+
+def key_reused() -> ApiError:
+    """422: this Idempotency-Key came with another body before."""
+    return ApiError(
+        422, "idempotency_key_reused", "this Idempotency-Key was used with a different body"
+    )
+
+
 def replayed_document(task_id: str, user_id: str, record: dict[str, str]) -> dict[str, Any]:
     """What a replay answers for a task its first request created: the 202's fields,
     with the status the record has now."""
@@ -684,11 +701,7 @@ class TaskAPI:
         then the answer is rebuilt from its items' records, never admitted again.
         """
         if earlier.fingerprint != claim.fingerprint:
-            raise ApiError(
-                422,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with a different body",
-            )
+            raise key_reused()
         stored = await self._idempotency.stored_answer(BATCH_IDENTITY, key)
         if stored is not None:
             answer = json.loads(stored)
@@ -697,12 +710,7 @@ class TaskAPI:
             if rebuilt is None:
                 if await self._idempotency.take_over(BATCH_IDENTITY, key, earlier, claim):
                     return None
-                raise ApiError(
-                    409,
-                    "idempotency_key_in_use",
-                    "the first request with this Idempotency-Key has not finished; retry shortly",
-                    [("Retry-After", "1")],
-                )
+                raise key_in_use()
             answer = rebuilt
             await self._idempotency.store_answer(BATCH_IDENTITY, key, json.dumps(answer))
         first = next((r for r in answer["results"] if r["status"] == 202), None)
@@ -774,21 +782,12 @@ class TaskAPI:
         durability_timeout again while the task is still not confirmed durable.
         """
         if earlier.fingerprint != claim.fingerprint:
-            raise ApiError(
-                422,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with a different body",
-            )
+            raise key_reused()
         record = await self._queue.status(earlier.task_id)
         if record is None:
             if await self._idempotency.take_over(user_id, key, earlier, claim):
                 return None
-            raise ApiError(
-                409,
-                "idempotency_key_in_use",
-                "the first request with this Idempotency-Key has not finished; retry shortly",
-                [("Retry-After", "1")],
-            )
+            raise key_in_use()
         # Its own admission may have answered 503 durability_timeout: 200 only once durable.
         await self._queue.confirm_durable(earlier.task_id)
         replayed = replayed_document(earlier.task_id, user_id, record)
