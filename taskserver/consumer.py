@@ -191,6 +191,9 @@ class ConsumerService(Service):
         self._paused = False
         #: Tasks this process fetched but did not run: cancelled while they waited.
         self.cancelled_dropped = 0
+        #: Consumers whose processing list must be compared with what we hold before their
+        #: next fetch: an outage may have lost a reply (see _give_back_lost_fetch).
+        self._recheck: set[str] = set()
         self._dispatcher: defer.Deferred[None] | None = None
         self._running: dict[defer.Deferred[None], str] = {}
         #: Finished tasks whose acknowledgement is on its way (their entries are still held).
@@ -337,7 +340,8 @@ class ConsumerService(Service):
                 await self._slot_freed
                 continue
             try:
-                if failures:
+                if failures or consumer_id in self._recheck:
+                    self._recheck.discard(consumer_id)  # a failure below sets failures
                     await self._give_back_lost_fetch(consumer_id)
                 started_at = iso_utc(self._clock.seconds())
                 batch = await self._queue.fetch_batch(
@@ -427,12 +431,16 @@ class ConsumerService(Service):
             self.log.warn("a task whose outcome could never be recorded is dead-lettered")
 
     async def _give_back_lost_fetch(self, consumer_id: str) -> None:
-        """After a failed fetch, return what landed in our list without our knowing.
+        """After a failed fetch or a Redis outage, return what is in our list without our
+        knowing.
 
         If the connection drops while a fetch completes, Redis may have moved
-        tasks into our processing list and the reply is lost. We are alive and
-        keep our heartbeat, so no reaper would ever take them back: we do,
-        keeping the entries of the tasks we are running.
+        tasks into our processing list and the reply is lost. And after a
+        failover without WAIT_REPLICAS, the new primary may lack an
+        acknowledgement the old one answered: the task's entry is back in our
+        list, its record says processing. We are alive and keep our heartbeat,
+        so no reaper would ever take them back: we do (the task runs again, at
+        least once), keeping the entries of the tasks we are running.
         """
         held = [*self._running.values(), *self._acking.values()]
         moved = await self._queue.give_back_unknown(consumer_id, held)
@@ -619,4 +627,7 @@ class ConsumerService(Service):
                 failures += 1
                 if failures == 1:
                     self.log.warn("Redis write failed, retrying: {error}", error=e)
+                    # Redis was away: an acknowledgement it answered may not have reached
+                    # the replica that is its primary now, nor a fetch's reply us.
+                    self._recheck.update(self.consumer_ids)
                 await task.deferLater(self._clock, backoff_s(failures))

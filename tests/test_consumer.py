@@ -732,3 +732,31 @@ async def test_start_steps_retried_through_an_outage_are_not_run_time(
     assert len(calls) == 2 and calls[0] == calls[1], "asked again with the same stamp"
     assert record["attempts"] == "1", "the replay charged no second attempt"
     assert float(record["duration_ms"]) < 0.5 * backoff_s(1) * 1000, record
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_an_outage_an_entry_it_does_not_hold_goes_back_to_the_queue(
+    consumers: Factory, queue: TaskQueue, redis: Any, keys: Keys, monkeypatch: Any
+) -> None:
+    """A failover without WAIT_REPLICAS can bring back the entry of a task whose
+    acknowledgement the old primary answered (its record says processing): once a write
+    had to be retried, the consumer gives back what it does not hold before it fetches."""
+    real_complete = queue.complete
+    failed: list[str] = []
+
+    async def lost_once(*args: Any, **kwargs: Any) -> bool:
+        if not failed:
+            failed.append("once")
+            raise RedisUnavailable("Redis did not answer within 2.0 s")
+        return await real_complete(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "complete", lost_once)
+    seen: list[str] = []
+    service = consumers(lambda task: seen.append(task["id"]), concurrency=1)
+    ghost = Task.new("ghost", None, now=reactor.seconds())
+    await redis.lpush(keys.processing(service.consumer_ids[0]), ghost.to_json())
+    await redis.hset(keys.status(ghost.id), "status", "processing")
+    trigger = await enqueue(queue)
+    await eventually(status_is(queue, trigger, "completed"))
+    await eventually(status_is(queue, ghost, "completed"))
+    assert failed and seen.count(ghost.id) == 1, seen
