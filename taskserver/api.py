@@ -72,7 +72,7 @@ _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 #: How far ahead a task may be delayed (the OpenAPI document reads it from here).
 DELAY_MAX_S = 30 * 24 * 3600
 _ALLOWED_FIELDS = frozenset({"user_id", "payload", "type", "delay_s", "run_at"})
-#: The longest ``?wait=`` of GET /api/v1/task/<id> (openapi.WAIT_MAX_S says the same).
+#: The longest ``?wait=`` of GET /api/v1/task/<id> (the OpenAPI document reads it from here).
 WAIT_MAX_S = 60
 #: A decimal number, as JSON spells one (so "1e-3" too; not "nan", "inf", "0x10", " 1").
 _DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?", re.ASCII)
@@ -890,7 +890,7 @@ class TaskAPI:
         """The OpenAPI document of every route (:mod:`taskserver.openapi`)."""
         from taskserver import openapi  # here: it imports this module for its limits
 
-        body = openapi.body(self._queue.user_tasks_max)
+        body = openapi.body(self._queue.user_tasks_max, self._batch_max)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"content-length", b"%d" % len(body))
         return body

@@ -13,7 +13,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from taskserver.api import DELAY_MAX_S, RUN_AT_PATTERN, USER_ID_MAX_CHARS, USER_TASKS_DEFAULT_LIMIT
+from taskserver.api import (
+    DELAY_MAX_S,
+    RUN_AT_PATTERN,
+    USER_ID_MAX_CHARS,
+    USER_TASKS_DEFAULT_LIMIT,
+    WAIT_MAX_S,
+)
 from taskserver.config import Settings
 from taskserver.dashboard import (
     DEAD_PAGE_DEFAULT_LIMIT,
@@ -28,9 +34,6 @@ JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 HTML = "text/html"
 TASK_ID_PATTERN = "^[0-9a-f]{32}$"
-#: The contract's defaults for the new routes' bounds (config.py's BATCH_MAX).
-BATCH_MAX_DEFAULT = 500
-WAIT_MAX_S = 60
 STATUSES = ["queued", "scheduled", "processing", "retrying", "completed", "dead", "cancelled"]
 
 
@@ -665,7 +668,7 @@ def _dashboard_routes() -> dict[str, Any]:
     }
 
 
-def _schemas() -> dict[str, Any]:
+def _schemas(batch_max: int) -> dict[str, Any]:
     timestamp = {"type": "string", "description": "ISO-8601 UTC with milliseconds"}
     error: dict[str, Any] = {
         "type": "object",
@@ -759,12 +762,13 @@ def _schemas() -> dict[str, Any]:
                 "tasks": {
                     "type": "array",
                     "minItems": 1,
-                    "maxItems": BATCH_MAX_DEFAULT,
+                    "maxItems": batch_max,
                     "items": {
                         "description": "A task as POST /api/v1/task takes it (TaskRequest); "
                         "an item that is not one is refused alone, as a 400 result."
                     },
-                    "description": "At most BATCH_MAX (500 by default) items.",
+                    "description": f"At most BATCH_MAX, this server's {batch_max} "
+                    "(500 by default) items.",
                 }
             },
         },
@@ -880,7 +884,9 @@ def _headers() -> dict[str, Any]:
 
 
 @functools.cache
-def document(user_tasks_max: int = Settings.user_tasks_max) -> dict[str, Any]:
+def document(
+    user_tasks_max: int = Settings.user_tasks_max, batch_max: int = Settings.batch_max
+) -> dict[str, Any]:
     """The OpenAPI document, with this server's bounds (built once; do not mutate it)."""
     return {
         "openapi": "3.1.0",
@@ -893,7 +899,7 @@ def document(user_tasks_max: int = Settings.user_tasks_max) -> dict[str, Any]:
         },
         "paths": {**_task_routes(user_tasks_max), **_operator_routes(), **_dashboard_routes()},
         "components": {
-            "schemas": _schemas(),
+            "schemas": _schemas(batch_max),
             "headers": _headers(),
             "parameters": {
                 "X-CSRF-Token": {
@@ -918,6 +924,8 @@ def document(user_tasks_max: int = Settings.user_tasks_max) -> dict[str, Any]:
 
 
 @functools.cache
-def body(user_tasks_max: int = Settings.user_tasks_max) -> bytes:
+def body(
+    user_tasks_max: int = Settings.user_tasks_max, batch_max: int = Settings.batch_max
+) -> bytes:
     """The document as ``GET /openapi.json`` sends it."""
-    return json_body(document(user_tasks_max))
+    return json_body(document(user_tasks_max, batch_max))
