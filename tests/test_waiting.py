@@ -20,6 +20,19 @@ def timed_get(server: Twistd, path: str, timeout: float = 30.0) -> tuple[float, 
     return time.monotonic() - started, code, document
 
 
+def waiting_get(server: Twistd, task_id: str) -> tuple[threading.Thread, list[Any]]:
+    """A ``?wait=30`` GET of the task in a thread of its own; its timed answer lands in
+    the list returned once the thread ends."""
+    answer: list[tuple[float, int, Any]] = []
+    waiting = threading.Thread(
+        target=lambda: answer.append(
+            timed_get(server, f"/api/v1/task/{task_id}?wait=30", timeout=40)
+        )
+    )
+    waiting.start()
+    return waiting, answer
+
+
 def test_a_waiting_get_answers_completed_as_soon_as_the_task_finishes(
     twistd: Callable[..., Twistd],
 ) -> None:
@@ -65,13 +78,7 @@ def test_a_cancel_during_the_wait_answers_cancelled(twistd: Callable[..., Twistd
     server.wait_until_ready(2)
     code, task = server.request("POST", "/api/v1/task", {"user_id": "doomed", "delay_s": 3600})
     assert code == 202, task
-    answer: list[tuple[float, int, Any]] = []
-    waiting = threading.Thread(
-        target=lambda: answer.append(
-            timed_get(server, f"/api/v1/task/{task['task_id']}?wait=30", timeout=40)
-        )
-    )
-    waiting.start()
+    waiting, answer = waiting_get(server, task["task_id"])
     time.sleep(0.3)  # pacing only: a cancel before the GET's read is answered at once too
     code, cancelled = server.request("DELETE", f"/api/v1/task/{task['task_id']}")
     assert code == 200 and cancelled["status"] == "cancelled"
@@ -88,13 +95,7 @@ def test_a_stopping_server_answers_its_waiters_with_the_current_record(
     server.wait_until_ready(1)
     code, task = server.request("POST", "/api/v1/task", {"user_id": "stop", "delay_s": 3600})
     assert code == 202, task
-    answer: list[tuple[float, int, Any]] = []
-    waiting = threading.Thread(
-        target=lambda: answer.append(
-            timed_get(server, f"/api/v1/task/{task['task_id']}?wait=30", timeout=40)
-        )
-    )
-    waiting.start()
+    waiting, answer = waiting_get(server, task["task_id"])
     time.sleep(0.3)  # pacing only: the GET is in its wait by then
     assert server.stop() == 0
     waiting.join(40)
