@@ -544,17 +544,13 @@ class TaskAPI:
     async def create_task(self, request: IRequest) -> bytes:
         """``POST /api/v1/task`` (answered by TaskResource, not routed by Klein)."""
         body = read_body(request)
+        now = self._clock.seconds()  # one reading: queued_at and run_at are a delay apart
         submitted = parse_task_body(
-            request.getHeader(b"content-type"),
-            body,
-            now=self._clock.seconds(),
-            task_types=self._task_types,
+            request.getHeader(b"content-type"), body, now=now, task_types=self._task_types
         )
         user_id, payload = submitted.user_id, submitted.payload
         key = idempotency_key(request.getHeader(b"idempotency-key"))
-        task = Task.new(
-            user_id, payload, self._clock.seconds(), submitted.type, submitted.run_at or None
-        )
+        task = Task.new(user_id, payload, now, submitted.type, submitted.run_at or None)
         # Before the claim: a sure refusal (replicas missing) must not hold the key.
         self._queue.check_admissions()
         if key is not None:
