@@ -175,6 +175,8 @@ class SentinelDeployment:
         self.binary = find_server_binary(None)
         self.data_nodes: list[Node] = []
         self.sentinels: list[Node] = []
+        #: Primaries of their own, started by start_standalone() (no replica, not waited on).
+        self.standalone: list[Node] = []
         self._first_primary_port = 0
 
     # ------------------------------------------------------------ building
@@ -242,7 +244,7 @@ class SentinelDeployment:
 
     def stop(self) -> None:
         """SIGKILL everything still running (nothing here needs a clean stop)."""
-        for node in [*self.sentinels, *self.data_nodes]:
+        for node in [*self.sentinels, *self.data_nodes, *self.standalone]:
             if node.running:
                 node.kill()
 
@@ -304,6 +306,27 @@ class SentinelDeployment:
 
         wait_until(moved, timeout, f"failover away from {old.name}")
         return time.monotonic() - started
+
+    def start_standalone(self, name: str = "node-c") -> Node:
+        """Start a data node that replicates from no one (a primary nobody monitors yet)."""
+        node = self._data_node(name, None)
+        node.spawn()
+        self.standalone.append(node)
+        self._wait_answers(node, START_TIMEOUT_S)
+        return node
+
+    def monitor(self, node: Node) -> None:
+        """Make every sentinel name ``node`` the primary (``SENTINEL REMOVE`` + ``MONITOR``
+        under the same name), behind the old primary's back: it is not told, and still
+        answers ROLE as a primary and takes writes, as a node cut off from the sentinels
+        does while they fail over without it."""
+        for sentinel in self.sentinels:
+            self._sentinel_command(sentinel, "SENTINEL", "REMOVE", MASTER_NAME)
+            self._sentinel_command(sentinel, "SENTINEL", "MONITOR", MASTER_NAME, HOST, node.port, 2)
+            if self.password is not None:
+                self._sentinel_command(
+                    sentinel, "SENTINEL", "SET", MASTER_NAME, "auth-pass", self.password
+                )
 
     # ------------------------------------------------------------ reading
 

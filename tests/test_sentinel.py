@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 import txredisapi
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
 
@@ -39,7 +41,16 @@ from taskserver.config import (
     settings_to_json,
 )
 from taskserver.redisclient import connect, connect_subscriber
-from taskserver.sentinel import PrimaryLog, PrimaryProtocol, primaries
+from taskserver.sentinel import (
+    DISCOVERY_TIMEOUT_S,
+    WATCH_EVERY_S,
+    EpochSentinel,
+    PrimaryEndpoint,
+    PrimaryLog,
+    PrimaryProtocol,
+    SentinelWatch,
+    primaries,
+)
 from taskserver.stats import address_label
 
 ADMIN = str(Path(sys.executable).parent / "taskserver-admin")
@@ -244,6 +255,196 @@ def test_the_primary_log_says_each_change_once_and_ignores_stale_news() -> None:
     assert log.current("m") == ("10.0.0.2", 6379)
 
 
+# ---------------------------------------------------------------- the watch, with a Clock
+
+NAME = "unit-primary"
+A = ("10.0.0.1", 6379)
+B = ("10.0.0.2", 6379)
+
+
+def master_state(address: tuple[str, int], epoch: int, flags: str = "master") -> list[str]:
+    """A ``SENTINEL MASTER`` reply, flat, as a sentinel sends it."""
+    host, port = address
+    return [
+        "name", NAME, "ip", host, "port", str(port), "flags", flags,
+        "config-epoch", str(epoch), "num-other-sentinels", "2",
+    ]  # fmt: skip
+
+
+class FakeSentinel:
+    """A sentinel link: answers ``SENTINEL MASTER`` with ``state`` (None: never answers)."""
+
+    def __init__(self, state: list[str] | None, connected: bool = True) -> None:
+        self.state = state
+        self._factory = _FakeLinkFactory(connected)
+        self.asked: list[defer.Deferred[Any]] = []
+        self.closed = False
+
+    def execute_command(self, *args: str) -> defer.Deferred[Any]:
+        assert args == ("SENTINEL", "MASTER", NAME)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.asked.append(d)
+        if self.state is not None:
+            d.callback(self.state)
+        return d
+
+    def disconnect(self) -> defer.Deferred[None]:
+        self.closed = True
+        return defer.succeed(None)
+
+
+class _FakeLinkFactory:
+    def __init__(self, connected: bool) -> None:
+        self.size = 1 if connected else 0
+        self.connectionQueue = _FakeQueue()
+
+
+class _FakeQueue:
+    peekers: list[defer.Deferred[Any]] = []
+
+
+class _PoolFactory:
+    """What PrimaryEndpoint reads of its pool: the name and the connections."""
+
+    service_name = NAME
+
+    def __init__(self) -> None:
+        self.pool: list[PrimaryProtocol] = []
+
+
+def pool_on(address: tuple[str, int] | None) -> tuple[PrimaryEndpoint, StringTransport]:
+    """A real PrimaryEndpoint whose pool has one connection, to ``address``."""
+    factory = _PoolFactory()
+    protocol, transport = _connected_protocol()
+    factory.pool.append(protocol)
+    endpoint = PrimaryEndpoint(factory, tls=False, connect_timeout_s=1.0)  # type: ignore[arg-type]
+    if address is not None:
+        endpoint._primary_named(address)
+    return endpoint, transport
+
+
+def discovered(sentinels: list[FakeSentinel], clock: Clock) -> defer.Deferred[Any]:
+    return EpochSentinel(list(sentinels), clock, DISCOVERY_TIMEOUT_S).discover_master(NAME)
+
+
+def test_discovery_believes_the_highest_epoch_not_the_first_answer() -> None:
+    """A lagging sentinel answers first with the primary just left (txredisapi takes it)."""
+    lagging, current = FakeSentinel(master_state(A, 1)), FakeSentinel(None)
+    answer = discovered([lagging, current], Clock())
+    assert not answer.called, "waits for every connected sentinel"
+    current.asked[0].callback(master_state(B, 2))
+    assert answer.result == B
+
+
+def test_discovery_skips_a_sentinel_that_does_not_answer_in_time() -> None:
+    clock = Clock()
+    silent, answering = FakeSentinel(None), FakeSentinel(master_state(A, 3))
+    answer = discovered([silent, answering], clock)
+    clock.advance(DISCOVERY_TIMEOUT_S - 0.01)
+    assert not answer.called
+    clock.advance(0.01)
+    assert answer.result == A
+    assert silent.asked[0].called, "the silent question is cancelled, not left waiting"
+
+
+def test_discovery_asks_only_the_connected_sentinels_while_one_is_connected() -> None:
+    """A sentinel that is down would make every discovery wait the whole timeout."""
+    down, up = FakeSentinel(None, connected=False), FakeSentinel(master_state(A, 1))
+    assert discovered([down, up], Clock()).result == A and down.asked == []
+    # none connected (a process starting): ask all, each waits for its link
+    clock = Clock()
+    starting = FakeSentinel(None, connected=False)
+    answer = discovered([starting], clock)
+    assert len(starting.asked) == 1
+    starting.asked[0].callback(master_state(B, 1))
+    assert answer.result == B
+
+
+@pytest.mark.parametrize(
+    ("states", "expected"),
+    [
+        # a sentinel of the newest epoch sees the new primary down: no stale fallback
+        ([master_state(A, 1), master_state(B, 2, "master,s_down")], None),
+        ([master_state(A, 1, "master,o_down"), master_state(B, 1)], B),
+        ([master_state(A, 0), master_state(B, 0), master_state(B, 0)], B),  # most of them
+        ([master_state(A, 0), master_state(B, 0)], A),  # a tie: the configured order
+        ([], None),
+    ],
+)
+def test_which_answer_names_the_primary(
+    states: list[list[str]], expected: tuple[str, int] | None
+) -> None:
+    answer = discovered([FakeSentinel(state) for state in states], Clock())
+    if expected is None:
+        assert isinstance(answer.result.value, txredisapi.MasterNotFoundError)
+        answer.addErrback(lambda _: None)
+    else:
+        assert answer.result == expected
+
+
+def watching(sentinels: list[FakeSentinel], clock: Clock) -> SentinelWatch:
+    watch = SentinelWatch(EpochSentinel(list(sentinels), clock, DISCOVERY_TIMEOUT_S), NAME, clock)
+    watch.startService()
+    return watch
+
+
+def test_the_watch_does_nothing_while_the_sentinels_name_the_pools_primary() -> None:
+    clock = Clock()
+    sentinels = [FakeSentinel(master_state(A, 4)) for _ in range(3)]
+    watch = watching(sentinels, clock)
+    endpoint, transport = pool_on(A)
+    watch.follow(endpoint)
+    clock.pump([WATCH_EVERY_S] * 5)
+    assert [len(s.asked) for s in sentinels] == [5, 5, 5]
+    assert not transport.disconnecting
+
+
+def test_the_watch_drops_a_pool_the_sentinels_have_left_within_one_interval() -> None:
+    """The pool's node still says it is the primary: only the sentinels know better."""
+    events: list[LogEvent] = []
+    clock = Clock()
+    sentinels = [FakeSentinel(master_state(A, 4)) for _ in range(3)]
+    watch = watching(sentinels, clock)
+    endpoint, transport = pool_on(A)
+    unconnected, _ = pool_on(None)  # never discovered: nothing to move
+    watch.follow(endpoint)
+    watch.follow(unconnected)
+    clock.advance(WATCH_EVERY_S)
+    for sentinel in sentinels[:2]:
+        sentinel.state = master_state(B, 5)
+    sentinels[2].state = None  # a lagging sentinel that times out is skipped
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock.advance(WATCH_EVERY_S)
+        assert not transport.disconnecting, "waits for the silent sentinel's timeout"
+        clock.advance(DISCOVERY_TIMEOUT_S)
+        assert transport.disconnecting
+        clock.pump([WATCH_EVERY_S, DISCOVERY_TIMEOUT_S] * 2)  # still behind: dropped, not said
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [e for e in events if e.get("log_namespace") == "taskserver.sentinel"]
+    assert [(e.get("host"), e.get("epoch"), e.get("count")) for e in said] == [("10.0.0.2", 5, 1)]
+
+
+def test_the_watch_stops_for_real_with_the_last_pool() -> None:
+    """Its question in flight is cancelled, it asks no more, its sentinel links close."""
+    clock = Clock()
+    silent = FakeSentinel(None)
+    watch = watching([silent], clock)
+    first, _ = pool_on(A)
+    second, _ = pool_on(A)
+    watch.follow(first)
+    watch.follow(second)
+    clock.advance(WATCH_EVERY_S)
+    assert len(silent.asked) == 1 and not silent.asked[0].called
+    assert watch.unfollow(first).called and watch.running
+    stopped = watch.unfollow(second)
+    assert stopped.called and not watch.running
+    assert silent.asked[0].called and silent.closed
+    clock.advance(WATCH_EVERY_S * 3)
+    assert len(silent.asked) == 1 and clock.getDelayedCalls() == []
+
+
 # ---------------------------------------------------------------- a real deployment
 
 
@@ -315,6 +516,56 @@ async def test_a_demoted_primary_drops_the_pools_at_once_and_they_follow_the_new
 
         await eventually(written, timeout=10)
         assert deployment.data_command(new, "GET", "k") == "after"
+        deployment.data_command(new, "LPUSH", "queue", "task")
+        assert await blocking.brpoplpush("queue", "processing", 5) == "task"
+        assert primaries.current(MASTER_NAME) == (HOST, new.port)
+    finally:
+        await api.disconnect()
+        await blocking.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pools_leave_a_primary_the_sentinels_have_left_though_it_still_says_it_is_one(
+    deployment: SentinelDeployment,
+) -> None:
+    """The hole of a failover run: the sentinels named another node while the old primary,
+    never told, still answered ROLE as a primary and took writes (no READONLY, no closed
+    connection). The watch moves the pools within its interval plus a bound; without it
+    they would write to the old node until something closed their connections."""
+    address = sentinel_address(deployment)
+    api = connect(address, 2, 1.0)
+    blocking = connect(address, 1, 1.0)
+    try:
+        assert await api.set("k", "before") == "OK"
+        old = deployment.primary()
+        assert old is not None
+        new = deployment.start_standalone()
+        popping = blocking.brpoplpush("queue", "processing", 30)
+        deployment.monitor(new)
+        moved_at = time.monotonic()
+        errors: list[str] = []
+        n = 0
+
+        async def written_to_the_new_node() -> bool:
+            nonlocal n
+            n += 1
+            try:
+                await api.set("k", f"write {n}")
+            except txredisapi.RedisError as e:  # a dropped connection's command
+                errors.append(str(e))
+            return bool(deployment.data_command(new, "GET", "k"))
+
+        await eventually(written_to_the_new_node, timeout=WATCH_EVERY_S + 2.0)
+        took = time.monotonic() - moved_at
+        print(f"pools on the new primary {took:.2f} s after the sentinels named it ({n} writes)")
+        assert deployment.data_command(old, "ROLE")[0] == "master", (
+            "the old node never stepped down"
+        )
+        assert not [e for e in errors if "READONLY" in e], errors
+        # the blocking pool moved too: its pop on the old node was cut (the consumer
+        # pops again), and the next one waits on the new node
+        with pytest.raises(txredisapi.ConnectionError):
+            await popping
         deployment.data_command(new, "LPUSH", "queue", "task")
         assert await blocking.brpoplpush("queue", "processing", 5) == "task"
         assert primaries.current(MASTER_NAME) == (HOST, new.port)
