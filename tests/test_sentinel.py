@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from conftest import eventually
 from harness import Twistd, wait_for
@@ -535,12 +535,14 @@ async def test_pools_leave_a_primary_the_sentinels_have_left_though_it_still_say
     address = sentinel_address(deployment)
     api = connect(address, 2, 1.0)
     blocking = connect(address, 1, 1.0)
+    events: list[LogEvent] = []
     try:
         assert await api.set("k", "before") == "OK"
         old = deployment.primary()
         assert old is not None
         new = deployment.start_standalone()
         popping = blocking.brpoplpush("queue", "processing", 30)
+        globalLogPublisher.addObserver(events.append)
         deployment.monitor(new)
         moved_at = time.monotonic()
         errors: list[str] = []
@@ -557,7 +559,11 @@ async def test_pools_leave_a_primary_the_sentinels_have_left_though_it_still_say
 
         await eventually(written_to_the_new_node, timeout=WATCH_EVERY_S + 2.0)
         took = time.monotonic() - moved_at
+        globalLogPublisher.removeObserver(events.append)
         print(f"pools on the new primary {took:.2f} s after the sentinels named it ({n} writes)")
+        said = [formatEvent(e) for e in events if "reconnecting them" in e.get("log_format", "")]
+        print(*said, sep="\n")
+        assert len(said) == 1, "one line for the process, not one per pool"
         assert deployment.data_command(old, "ROLE")[0] == "master", (
             "the old node never stepped down"
         )
@@ -570,6 +576,7 @@ async def test_pools_leave_a_primary_the_sentinels_have_left_though_it_still_say
         assert await blocking.brpoplpush("queue", "processing", 5) == "task"
         assert primaries.current(MASTER_NAME) == (HOST, new.port)
     finally:
+        globalLogPublisher.removeObserver(events.append)
         await api.disconnect()
         await blocking.disconnect()
 
