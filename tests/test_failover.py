@@ -240,8 +240,14 @@ def fail_over_under_load(
                 if status not in ("completed", "dead")
             }
 
+        # A task whose record is gone (None) was lost with a failover and never settles:
+        # wait for the others only (waiting for all took the whole 30 s when any was lost).
         with contextlib.suppress(AssertionError):  # what is left is counted and judged below
-            wait_for(lambda: not unsettled(), 30, "every accepted task completed or dead")
+            wait_for(
+                lambda: all(status is None for status in unsettled().values()),
+                30,
+                "every accepted task with a record completed or dead",
+            )
         left = unsettled()
         logged = logged_task_ids(workdir / "logs")
         figures = {
