@@ -107,6 +107,12 @@ class StatsCollector:
             "Cluster children that reported within the last 10 s.",
             value=len(stats.workers()),
         )
+        yield GaugeMetricFamily(
+            PREFIX + "waiters",
+            "Open GET /api/v1/task/<id>?wait= requests, summed over those children (as of"
+            " their last report, at most 1 s old).",
+            value=sum(worker["waiters"] for worker in stats.workers()),
+        )
 
     def _labelled(self, name: str, help_text: str, label_names: tuple[str, ...]) -> Metric:
         assert self._stats is not None

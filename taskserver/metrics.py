@@ -394,9 +394,18 @@ class MetricsFlusher(Service):
 
 
 def worker_entry(
-    process_id: str, started_at: float, restarts: int, in_flight: int, connections: int
+    process_id: str,
+    started_at: float,
+    restarts: int,
+    in_flight: int,
+    connections: int,
+    waiters: int = 0,
 ) -> dict[str, Any]:
-    """A child's workers entry, but ``seen_at`` (the flush script adds Redis's time)."""
+    """A child's workers entry, but ``seen_at`` (the flush script adds Redis's time).
+
+    ``waiters``: its open ``?wait=`` requests (:attr:`taskserver.waiters.Waiters.count`),
+    summed over the live entries as ``taskserver_waiters``.
+    """
     return {
         "process_id": process_id,
         "host": socket.gethostname(),
@@ -405,4 +414,5 @@ def worker_entry(
         "restarts": restarts,
         "in_flight": in_flight,
         "connections": connections,
+        "waiters": waiters,
     }

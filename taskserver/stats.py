@@ -246,6 +246,7 @@ class ClusterStats:
                     "restarts": entry["restarts"],
                     "in_flight": entry["in_flight"],
                     "connections": entry["connections"],
+                    "waiters": entry.get("waiters", 0),
                 }
             )
         return sorted(live, key=lambda w: (w["host"], w["process_id"]))
@@ -458,6 +459,8 @@ def _workers(entries: Iterable[tuple[Any, Any]]) -> Iterable[dict[str, Any]]:
                 "restarts": int(entry["restarts"]),
                 "in_flight": int(entry["in_flight"]),
                 "connections": int(entry["connections"]),
+                # An entry from a version before the gauge: it holds none we know of.
+                "waiters": int(entry.get("waiters", 0)),
                 "seen_at": int(entry["seen_at"]),
             }
         except (ValueError, TypeError, KeyError):

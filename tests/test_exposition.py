@@ -8,6 +8,7 @@ import itertools
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest_twisted
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample as PromSample
 from twisted.internet import reactor
 
-from conftest import RunningServer, unused_port
+from conftest import RunningServer, eventually, unused_port
 from harness import Load, Twistd, wait_for
 from taskserver.config import RateTier, RedisAddress
 from taskserver.exposition import exposition
@@ -82,9 +83,9 @@ def reading(**overrides: Any) -> ClusterStats:
         },
         "workers_seen": [
             {"seen_at": 999_000, "started_at": 1.0, "process_id": "a", "host": "h", "pid": 1}
-            | {"restarts": 0, "in_flight": 0, "connections": 0},
+            | {"restarts": 0, "in_flight": 0, "connections": 0, "waiters": 3},
             {"seen_at": 980_000, "started_at": 1.0, "process_id": "b", "host": "h", "pid": 2}
-            | {"restarts": 0, "in_flight": 0, "connections": 0},
+            | {"restarts": 0, "in_flight": 0, "connections": 0, "waiters": 5},
         ],
         "consumers": [Consumer("a#0", 2, True)],
         "redis": RedisPanel("127.0.0.1:6379", embedded=True, up=True),
@@ -147,7 +148,32 @@ def test_the_gauges_read_the_queue_now() -> None:
         assert value(families, "taskserver_queue_tasks", state=state) == expected
     assert value(families, "taskserver_queue_oldest_age_seconds") == 12.5
     assert value(families, "taskserver_workers") == 1, "b last reported 20 s ago"
+    assert families["taskserver_waiters"].type == "gauge"
+    assert value(families, "taskserver_waiters") == 3, "a's; b's 5 are a gone process's"
     assert value(families, "taskserver_redis_up") == 1
+
+
+def test_the_waiters_are_summed_over_the_live_children() -> None:
+    entry = {"started_at": 1.0, "host": "h", "restarts": 0, "in_flight": 0, "connections": 0}
+    workers = [
+        entry | {"seen_at": 999_000, "process_id": "a", "pid": 1, "waiters": 3},
+        entry | {"seen_at": 998_000, "process_id": "c", "pid": 3, "waiters": 4},
+        entry | {"seen_at": 997_000, "process_id": "old", "pid": 4},  # from before the gauge
+    ]
+    families = parse(exposition(reading(workers_seen=workers)))
+    assert value(families, "taskserver_waiters") == 7
+    families = parse(exposition(reading(workers_seen=[])))
+    assert value(families, "taskserver_waiters") == 0, "no child: none, not absent"
+
+
+def test_the_readme_s_metrics_table_lists_every_metric_exposed() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    documented = set(re.findall(r"^\| `(taskserver_\w+)` \|", readme, re.MULTILINE))
+    exposed = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in parse(exposition(reading())).values()
+    }
+    assert exposed == documented
 
 
 def test_the_delayed_state_says_it_holds_scheduled_tasks_too() -> None:
@@ -225,6 +251,36 @@ async def test_without_redis_a_scrape_is_200_with_redis_up_zero(
     families = parse(await response.content())
     assert list(families) == ["taskserver_redis_up"]
     assert value(families, "taskserver_redis_up") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_open_wait_shows_in_taskserver_waiters_until_it_is_answered(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    """Through a real child: its workers entry carries its waiters, and a scrape sums them."""
+    server = start_server()
+    posted = await treq.post(
+        server.url + "/api/v1/task",
+        json={"user_id": "gauge", "delay_s": 3600},
+        headers={"Content-Type": "application/json"},
+    )
+    assert posted.code == 202
+    task_id = (await posted.json())["task_id"]
+
+    async def waiters_shown(expected: int) -> bool:
+        return (
+            value(parse(await (await scrape(server)).content()), "taskserver_waiters") == expected
+        )
+
+    await eventually(lambda: waiters_shown(0))
+    waiting = treq.get(f"{server.url}/api/v1/task/{task_id}?wait=30")
+    await eventually(lambda: waiters_shown(1))
+    assert server.child.waiters is not None and server.child.waiters.count == 1
+    cancelled = await treq.delete(f"{server.url}/api/v1/task/{task_id}")
+    assert cancelled.code == 200
+    answered = await waiting
+    assert answered.code == 200 and (await answered.json())["status"] == "cancelled"
+    await eventually(lambda: waiters_shown(0))
 
 
 # ------------------------------------------------------------------ a scrape stays bounded

@@ -245,7 +245,7 @@ def test_the_flusher_waits_while_it_has_no_connection() -> None:
 
 
 def test_a_worker_entry_is_this_process() -> None:
-    entry = worker_entry("abc-0-1", 1764630000.5, 2, 3, 4)
+    entry = worker_entry("abc-0-1", 1764630000.5, 2, 3, 4, 5)
     assert entry == {
         "process_id": "abc-0-1",
         "host": socket.gethostname(),
@@ -254,6 +254,7 @@ def test_a_worker_entry_is_this_process() -> None:
         "restarts": 2,
         "in_flight": 3,
         "connections": 4,
+        "waiters": 5,
     }
 
 
@@ -314,7 +315,8 @@ async def test_the_script_applies_each_batch_of_a_process_once(redis: Any, keys:
 @pytest_twisted.ensureDeferred
 async def test_the_script_writes_the_worker_entry_with_redis_time(redis: Any, keys: Keys) -> None:
     before = await redis_ms(redis)
-    entry = worker_entry("w-0-0", 1764630000.25, 1, 2, 3)
+    entry = worker_entry("w-0-0", 1764630000.25, 1, 2, 3, 4)
+    assert (entry["in_flight"], entry["connections"], entry["waiters"]) == (2, 3, 4)
     await add(redis, keys, {}, "w-0-0", json.dumps(entry))
     after = await redis_ms(redis)
     stored = json.loads((await redis.hgetall(keys.workers))["w-0-0"])
@@ -696,6 +698,7 @@ async def test_a_child_counts_admissions_refusals_and_outcomes(
     entry = json.loads(next(iter(entries.values())))
     assert entry["pid"] == os.getpid() and entry["restarts"] == 0
     assert entry["in_flight"] == 0 and entry["host"] == socket.gethostname()
+    assert entry["waiters"] == 0
     await server.stop()
     assert await redis.hgetall(keys.workers) == {}, "a clean stop removes its entry"
 

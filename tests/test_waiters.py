@@ -205,6 +205,72 @@ def test_stopping_answers_those_waiting_for_the_subscription() -> None:
     assert answers == [{"status": "queued"}] and stopped == [None]
 
 
+class FailingRecords(Records):
+    """Records whose reads of the ids in ``failing`` raise RedisUnavailable."""
+
+    def __init__(self, **records: str) -> None:
+        super().__init__(**records)
+        self.failing: set[str] = set()
+
+    async def __call__(self, task_id: str) -> dict[str, str] | None:
+        if task_id in self.failing:
+            raise RedisUnavailable("no answer")
+        return await super().__call__(task_id)
+
+
+def test_the_count_is_each_open_wait_until_it_ends_whichever_way() -> None:
+    """What ``taskserver_waiters`` reports: up by one per wait, down by one per end
+    (answered, timed out, a failed read, the client gone, the stop), never below zero."""
+    clock = Clock()
+    answered, timed_out, failed, gone, stopped = ("1" * 32, "2" * 32, "3" * 32, "4" * 32, "5" * 32)
+    records = FailingRecords(
+        **dict.fromkeys((answered, timed_out, failed, gone, stopped), "queued")
+    )
+    waiters = waiting(records, clock)
+    waiters.startService()
+    answers: dict[str, list[Any]] = {}
+    deferreds: dict[str, defer.Deferred[Any]] = {}
+    for n, task_id in enumerate((answered, timed_out, failed, gone, stopped), start=1):
+        deferreds[task_id], answers[task_id] = wait(
+            waiters, task_id, 5 if task_id == timed_out else 30
+        )
+        assert waiters.count == n, f"the wait for {task_id[0]} counted"
+
+    records.status[answered] = "completed"
+    waiters.message(answered)
+    assert answers[answered] == [{"status": "completed"}] and waiters.count == 4
+
+    clock.advance(5)
+    assert answers[timed_out] == [{"status": "queued"}] and waiters.count == 3
+
+    records.failing.add(failed)
+    waiters.message(failed)  # news, then a read that fails
+    assert isinstance(answers[failed][0].value, RedisUnavailable) and waiters.count == 2
+
+    deferreds[gone].cancel()  # the client hung up
+    assert isinstance(answers[gone][0].value, defer.CancelledError) and waiters.count == 1
+
+    done: list[Any] = []
+    waiters.stopService().addBoth(done.append)
+    assert answers[stopped] == [{"status": "queued"}] and done == [None]
+    assert waiters.count == 0
+    waiters.message(answered)  # late news of a gone waiter counts nothing
+    assert waiters.count == 0
+
+
+def test_a_wait_that_needs_no_place_is_never_counted() -> None:
+    """Answered at the first read (finished, unknown, stopping) or refused: count unchanged."""
+    clock = Clock()
+    records = Records(**{ID: "dead", "b" * 32: "queued"})
+    waiters = waiting(records, clock, max_waiters=1)
+    wait(waiters, ID, 30)
+    wait(waiters, "c" * 32, 30)
+    assert waiters.count == 0
+    wait(waiters, "b" * 32, 30)
+    _, refused = wait(waiters, "b" * 32, 30)
+    assert isinstance(refused[0].value, TooManyWaiters) and waiters.count == 1
+
+
 # ------------------------------------------------------------ against a real Redis
 
 

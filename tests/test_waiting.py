@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness import Twistd, wait_for
 
@@ -18,6 +21,18 @@ def timed_get(server: Twistd, path: str, timeout: float = 30.0) -> tuple[float, 
     started = time.monotonic()
     code, document = server.request("GET", path, timeout=timeout)
     return time.monotonic() - started, code, document
+
+
+def open_waiters(server: Twistd) -> float:
+    """``taskserver_waiters`` of a scrape: the open ``?wait=`` GETs of the cluster's children,
+    as of their last report (once a second)."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "taskserver_waiters":
+                return sample.value
+    raise AssertionError("no taskserver_waiters in GET /metrics")
 
 
 def waiting_get(server: Twistd, task_id: str) -> tuple[threading.Thread, list[Any]]:
@@ -79,13 +94,14 @@ def test_a_cancel_during_the_wait_answers_cancelled(twistd: Callable[..., Twistd
     code, task = server.request("POST", "/api/v1/task", {"user_id": "doomed", "delay_s": 3600})
     assert code == 202, task
     waiting, answer = waiting_get(server, task["task_id"])
-    time.sleep(0.3)  # pacing only: a cancel before the GET's read is answered at once too
+    wait_for(lambda: open_waiters(server) == 1, what="the GET counted as a waiter")
     code, cancelled = server.request("DELETE", f"/api/v1/task/{task['task_id']}")
     assert code == 200 and cancelled["status"] == "cancelled"
     waiting.join(40)
     took, code, record = wait_for(lambda: answer and answer[0], what="the waiting GET")
     assert code == 200 and record == cancelled, record
     assert took < 10, f"answered after {took:.2f} s: not woken by the cancel"
+    wait_for(lambda: open_waiters(server) == 0, what="the answered GET no longer counted")
 
 
 def test_a_stopping_server_answers_its_waiters_with_the_current_record(
@@ -96,7 +112,7 @@ def test_a_stopping_server_answers_its_waiters_with_the_current_record(
     code, task = server.request("POST", "/api/v1/task", {"user_id": "stop", "delay_s": 3600})
     assert code == 202, task
     waiting, answer = waiting_get(server, task["task_id"])
-    time.sleep(0.3)  # pacing only: the GET is in its wait by then
+    wait_for(lambda: open_waiters(server) == 1, what="the GET counted as a waiter")
     assert server.stop() == 0
     waiting.join(40)
     took, code, record = wait_for(lambda: answer and answer[0], what="the waiting GET")

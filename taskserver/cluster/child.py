@@ -311,13 +311,14 @@ class ChildService(Service):
 
     def _worker_entry(self, started_at: float) -> dict[str, Any]:
         """This child's entry in the workers hash, as of now."""
-        assert self.consumers is not None and self.site is not None
+        assert self.consumers is not None and self.site is not None and self.waiters is not None
         return worker_entry(
             self.consumers.process_id,
             started_at,
             self._restarts,
             self.consumers.in_flight,
             len(self.site.channels),
+            self.waiters.count,
         )
 
     def _connection_closed(self) -> None:
