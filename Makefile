@@ -27,8 +27,11 @@ lint: venv
 	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/mypy
 
+# Two processes run the suite at once (most tests wait on subprocesses and sockets), then the
+# tests marked `serial` (they measure or bound timings under load) run alone.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 -m "not serial"
+	$(BIN)/pytest -m serial
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from harness import (
     Load,
     Twistd,
@@ -29,6 +31,7 @@ def start_cluster(twistd: Callable[..., Twistd], **environ: str) -> tuple[Twistd
     return server, pids
 
 
+@pytest.mark.serial  # how connections spread depends on the children keeping up
 def test_children_share_the_port_and_connections_spread_evenly(
     twistd: Callable[..., Twistd],
 ) -> None:
@@ -277,6 +280,7 @@ def test_children_and_redis_exit_when_the_master_is_killed(
     )
 
 
+@pytest.mark.serial  # under load, through a kill
 def test_a_killed_embedded_redis_is_restarted_and_keeps_the_queue(
     twistd: Callable[..., Twistd], tmp_path: Path
 ) -> None:

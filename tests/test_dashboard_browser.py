@@ -28,6 +28,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from harness import Twistd
 
+#: Poll timings in a browser: run alone (`make test` runs `serial` tests last).
+pytestmark = pytest.mark.serial
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 INSTALL_HINT = "apt-get install chromium chromium-driver"

@@ -764,6 +764,7 @@ async def post_task(server: RunningServer, user_id: str) -> Any:
 # ------------------------------------------------------------------ a real cluster
 
 
+@pytest.mark.serial  # kills and counts under load
 def test_a_cluster_s_totals_and_workers_are_in_redis(
     twistd: Callable[..., Twistd], redis_server: RedisAddress, keys: Keys
 ) -> None:

@@ -6,6 +6,7 @@ import ast
 import inspect
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
@@ -140,6 +141,7 @@ async def test_simultaneous_requests_of_a_new_user_admit_exactly_one(
             await client.disconnect()
 
 
+@pytest.mark.serial  # paced in real seconds against real windows
 @pytest_twisted.ensureDeferred
 async def test_paced_client_gets_the_minute_quota_then_waits_for_the_window(
     redis: Any, keys: Keys

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from statistics import mean
 from typing import Any
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import defer, reactor
@@ -22,6 +23,9 @@ from twisted.internet import defer, reactor
 from conftest import RunningServer, eventually, sleep
 from taskserver.config import parse_rate_limits
 from taskserver.keys import Keys
+
+#: A steady load against TTLs of seconds: run alone (`make test` runs `serial` tests last).
+pytestmark = pytest.mark.serial
 
 RATE_PER_S = 100
 LOAD_S = 8.0
