@@ -78,6 +78,8 @@ class Result:
     open_waiters: int = 0
     #: ... of which answered before the load ended (should be none: their tasks never finish).
     waiters_answered_early: int = 0
+    #: wrk's 64 connections per child, midway (``connections_per_child`` counts the waiters too).
+    load_connections_per_child: list[int] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -105,6 +107,25 @@ def connections_per_pid(port: int) -> list[int]:
         text=True,
     ).stdout
     counts: Counter[int] = Counter(int(pid) for pid in re.findall(r"pid=(\d+)", out))
+    return sorted(counts.values(), reverse=True)
+
+
+def load_connections_per_pid(port: int) -> list[int]:
+    """Like :func:`connections_per_pid`, but only the connections wrk opened (not the waiters)."""
+    query = ["ss", "-tnpH", "state", "established"]
+    clients = subprocess.run([*query, f"( dport = :{port} )"], capture_output=True, text=True)
+    wrk_ports = {
+        fields[2].rsplit(":", 1)[1]
+        for fields in map(str.split, clients.stdout.splitlines())
+        if '(("wrk",' in fields[-1]
+    }
+    servers = subprocess.run([*query, f"( sport = :{port} )"], capture_output=True, text=True)
+    counts: Counter[int] = Counter(
+        int(pid)
+        for fields in map(str.split, servers.stdout.splitlines())
+        if fields[3].rsplit(":", 1)[1] in wrk_ports
+        for pid in re.findall(r"pid=(\d+)", fields[-1])
+    )
     return sorted(counts.values(), reverse=True)
 
 
@@ -309,7 +330,13 @@ def bench_taskserver(
         before_lines, before_calls = lines(), commandstats(client)
         before_cpu = (cpu_ticks(pids), cpu_ticks([redis_pid]))
         started = time.monotonic()
-        out = run_wrk(port, seconds, 64, on_midway=lambda: connections_per_pid(port))
+        out = run_wrk(
+            port,
+            seconds,
+            64,
+            on_midway=lambda: (connections_per_pid(port), load_connections_per_pid(port)),
+        )
+        out["midway"], result.load_connections_per_child = out["midway"]
         result.backlog_at_load_end = int(client.llen("taskserver:{q}:pending"))
         if held is not None:
             result.open_waiters = waiters
