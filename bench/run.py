@@ -475,10 +475,15 @@ def report(results: list[Result]) -> str:
         if r.server == "taskserver" and r.workers in floors:
             ratio = f" ({r.requests_per_s / floors[r.workers].requests_per_s:.2f} x floor)"
         e2e = f"{r.tasks_per_s_end_to_end:,.0f}" if r.server == "taskserver" else "-"
+        load_conns = (
+            f" (wrk's: {'/'.join(map(str, r.load_connections_per_child))})"
+            if r.open_waiters
+            else ""
+        )
         lines.append(
             f"| {r.server} | {r.workers} | {r.durability} | {r.requests_per_s:,.0f}{ratio} "
             f"| {r.p50_ms:.1f} / {r.p90_ms:.1f} / {r.p99_ms:.1f} | {r.non_2xx} "
-            f"| {'/'.join(map(str, r.connections_per_child))} "
+            f"| {'/'.join(map(str, r.connections_per_child))}{load_conns} "
             f"| {r.server_cpu_ms_per_request:.3f} | {r.redis_cpu_ms_per_request:.3f} "
             f"| {r.redis_calls_per_task:.1f} ({r.redis_round_trips_per_task:.1f}) | {e2e} "
             f"| {r.completed_during_load_pct:.0f} % | {r.backlog_at_load_end} |"
@@ -542,7 +547,8 @@ def main() -> None:
                     f"{result.requests_per_s:,.0f} req/s, p99 {result.p99_ms:.1f} ms"
                     + (
                         f", {result.waiters_answered_early} of {result.open_waiters} waiters "
-                        "answered before the load ended"
+                        "answered before the load ended, wrk's connections per child "
+                        + "/".join(map(str, result.load_connections_per_child))
                         if result.open_waiters
                         else ""
                     ),
