@@ -78,6 +78,8 @@ class Result:
     open_waiters: int = 0
     #: ... of which answered before the load ended (should be none: their tasks never finish).
     waiters_answered_early: int = 0
+    #: wrk's 64 connections per child, midway (``connections_per_child`` counts the waiters too).
+    load_connections_per_child: list[int] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -105,6 +107,25 @@ def connections_per_pid(port: int) -> list[int]:
         text=True,
     ).stdout
     counts: Counter[int] = Counter(int(pid) for pid in re.findall(r"pid=(\d+)", out))
+    return sorted(counts.values(), reverse=True)
+
+
+def load_connections_per_pid(port: int) -> list[int]:
+    """Like :func:`connections_per_pid`, but only the connections wrk opened (not the waiters)."""
+    query = ["ss", "-tnpH", "state", "established"]
+    clients = subprocess.run([*query, f"( dport = :{port} )"], capture_output=True, text=True)
+    wrk_ports = {
+        fields[2].rsplit(":", 1)[1]
+        for fields in map(str.split, clients.stdout.splitlines())
+        if '(("wrk",' in fields[-1]
+    }
+    servers = subprocess.run([*query, f"( sport = :{port} )"], capture_output=True, text=True)
+    counts: Counter[int] = Counter(
+        int(pid)
+        for fields in map(str.split, servers.stdout.splitlines())
+        if fields[3].rsplit(":", 1)[1] in wrk_ports
+        for pid in re.findall(r"pid=(\d+)", fields[-1])
+    )
     return sorted(counts.values(), reverse=True)
 
 
@@ -309,7 +330,13 @@ def bench_taskserver(
         before_lines, before_calls = lines(), commandstats(client)
         before_cpu = (cpu_ticks(pids), cpu_ticks([redis_pid]))
         started = time.monotonic()
-        out = run_wrk(port, seconds, 64, on_midway=lambda: connections_per_pid(port))
+        out = run_wrk(
+            port,
+            seconds,
+            64,
+            on_midway=lambda: (connections_per_pid(port), load_connections_per_pid(port)),
+        )
+        out["midway"], result.load_connections_per_child = out["midway"]
         result.backlog_at_load_end = int(client.llen("taskserver:{q}:pending"))
         if held is not None:
             result.open_waiters = waiters
@@ -448,10 +475,15 @@ def report(results: list[Result]) -> str:
         if r.server == "taskserver" and r.workers in floors:
             ratio = f" ({r.requests_per_s / floors[r.workers].requests_per_s:.2f} x floor)"
         e2e = f"{r.tasks_per_s_end_to_end:,.0f}" if r.server == "taskserver" else "-"
+        load_conns = (
+            f" (wrk's: {'/'.join(map(str, r.load_connections_per_child))})"
+            if r.open_waiters
+            else ""
+        )
         lines.append(
             f"| {r.server} | {r.workers} | {r.durability} | {r.requests_per_s:,.0f}{ratio} "
             f"| {r.p50_ms:.1f} / {r.p90_ms:.1f} / {r.p99_ms:.1f} | {r.non_2xx} "
-            f"| {'/'.join(map(str, r.connections_per_child))} "
+            f"| {'/'.join(map(str, r.connections_per_child))}{load_conns} "
             f"| {r.server_cpu_ms_per_request:.3f} | {r.redis_cpu_ms_per_request:.3f} "
             f"| {r.redis_calls_per_task:.1f} ({r.redis_round_trips_per_task:.1f}) | {e2e} "
             f"| {r.completed_during_load_pct:.0f} % | {r.backlog_at_load_end} |"
@@ -515,7 +547,8 @@ def main() -> None:
                     f"{result.requests_per_s:,.0f} req/s, p99 {result.p99_ms:.1f} ms"
                     + (
                         f", {result.waiters_answered_early} of {result.open_waiters} waiters "
-                        "answered before the load ended"
+                        "answered before the load ended, wrk's connections per child "
+                        + "/".join(map(str, result.load_connections_per_child))
                         if result.open_waiters
                         else ""
                     ),

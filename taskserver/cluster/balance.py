@@ -4,9 +4,17 @@
 Linux wakes the most recently waiting process first and Twisted accepts up
 to ~100 connections per wake-up, so with a plainly inherited socket one
 child can take every connection. Here each child keeps a seat in a small
-shared-memory scoreboard (open connections, whether it is accepting, a
-heartbeat) and accepts only while it holds no more than the least-loaded
-live, accepting child plus a small slack, like nginx's ``accept_disabled``.
+shared-memory scoreboard (its load, whether it is accepting, a heartbeat)
+and accepts only while its load is no more than the least-loaded live,
+accepting child's plus a small slack, like nginx's ``accept_disabled``.
+
+A child's load is its open connections except those parked in a
+``GET ...?wait=``: such a connection can carry no other request until its
+wait ends and costs next to nothing meanwhile, so counting it would let
+thousands of waiters decide where the busy connections go (and the slack,
+10 % of thousands, would let one child take them all). Every other open
+connection counts, an idle keep-alive one too: it may send a request at
+any moment. ``MAX_CONNECTIONS`` still bounds all open connections.
 
 The socket stays shared, so what it buys is kept: a child that dies or
 stalls takes no queued connection with it. A stalled child stops beating;
@@ -22,13 +30,14 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTime
 
-#: One seat: open connections (int64), accepting (int64, 0/1), heartbeat (float64, monotonic s).
+#: One seat: load (int64, see :class:`Seat`), accepting (int64, 0/1),
+#: heartbeat (float64, monotonic s).
 _SEAT = struct.Struct("=qqd")
 #: A seat whose heartbeat is older than this is ignored (its child died or stalls).
 STALE_AFTER_S = 0.5
@@ -39,11 +48,11 @@ RECHECK_EVERY_S = 0.005
 
 
 def accept_allowance(own: int, others: Sequence[int]) -> int:
-    """How many connections a child holding ``own`` may accept now.
+    """How many connections a child whose load is ``own`` may accept now.
 
-    ``others`` are the open-connection counts of the other live, accepting
-    children. The slack grows with the load (10 % of the mean) so a busy
-    cluster does not stop accepting over a difference of one connection.
+    ``others`` are the loads of the other live, accepting children. The
+    slack grows with the load (10 % of the mean) so a busy cluster does not
+    stop accepting over a difference of one connection.
     """
     if not others:
         return 1_000_000
@@ -69,26 +78,26 @@ class Scoreboard:
         os.set_inheritable(fd, True)
         return cls(fd, seats)
 
-    def write(self, seat: int, connections: int, accepting: bool, beat: float) -> None:
-        _SEAT.pack_into(self._map, seat * _SEAT.size, connections, int(accepting), beat)
+    def write(self, seat: int, load: int, accepting: bool, beat: float) -> None:
+        _SEAT.pack_into(self._map, seat * _SEAT.size, load, int(accepting), beat)
 
     def read(self, seat: int) -> tuple[int, bool, float]:
-        connections, accepting, beat = _SEAT.unpack_from(self._map, seat * _SEAT.size)
-        return connections, bool(accepting), beat
+        load, accepting, beat = _SEAT.unpack_from(self._map, seat * _SEAT.size)
+        return load, bool(accepting), beat
 
     def clear(self, seat: int) -> None:
         self.write(seat, 0, False, 0.0)
 
-    def live_connections(self, now: float, exclude: int = -1) -> list[int]:
-        """Connection counts of the live, accepting seats (other than ``exclude``)."""
-        counts = []
+    def live_loads(self, now: float, exclude: int = -1) -> list[int]:
+        """Loads of the live, accepting seats (other than ``exclude``)."""
+        loads = []
         for seat in range(self.seats):
             if seat == exclude:
                 continue
-            connections, accepting, beat = self.read(seat)
+            load, accepting, beat = self.read(seat)
             if accepting and now - beat <= STALE_AFTER_S:
-                counts.append(connections)
-        return counts
+                loads.append(load)
+        return loads
 
     def close(self) -> None:
         self._map.close()
@@ -96,20 +105,33 @@ class Scoreboard:
 
 
 class Seat:
-    """One child's place on the scoreboard: counts its connections, decides when it may accept."""
+    """One child's place on the scoreboard: counts its load, decides when it may accept.
+
+    ``parked`` says how many of the open connections wait in a ``?wait=`` now
+    (the child's waiters); they are left out of the load. It is read at each
+    :meth:`publish`: on every open and close, and on the heartbeat, so a
+    connection that starts or ends a wait is seen within :data:`BEAT_EVERY_S`.
+    A new connection counts at once, before its request is read.
+    """
 
     def __init__(self, scoreboard: Scoreboard, index: int) -> None:
         self.scoreboard = scoreboard
         self.index = index
         self.connections = 0
         self.accepting = True
+        self.parked: Callable[[], int] = lambda: 0
+
+    @property
+    def load(self) -> int:
+        """Open connections, less those parked in a wait."""
+        return self.connections - min(max(0, self.parked()), self.connections)
 
     def publish(self) -> None:
-        self.scoreboard.write(self.index, self.connections, self.accepting, time.monotonic())
+        self.scoreboard.write(self.index, self.load, self.accepting, time.monotonic())
 
     def allowance(self) -> int:
-        others = self.scoreboard.live_connections(time.monotonic(), exclude=self.index)
-        return accept_allowance(self.connections, others)
+        others = self.scoreboard.live_loads(time.monotonic(), exclude=self.index)
+        return accept_allowance(self.load, others)
 
     def opened(self) -> None:
         self.connections += 1

@@ -257,6 +257,8 @@ class ChildService(Service):
         ).site(settings.idle_timeout_s, settings.request_timeout_s)
         if self._seat is not None:
             seat = self._seat
+            waiters = self.waiters
+            seat.parked = lambda: waiters.count
             self.site.on_open = seat.opened
             seat.publish()
             self._beat = task.LoopingCall(seat.publish)
