@@ -375,6 +375,12 @@ class BatchResult:
     batch_requests_per_s: float = 0.0
     batch_p99_ms: float = 0.0
     batch_non_2xx: int = 0
+    #: CPU time per accepted task (master and children; embedded Redis): what the
+    #: figures above cost, less sensitive than throughput to other load on the machine.
+    single_server_cpu_us_per_task: float = 0.0
+    single_redis_cpu_us_per_task: float = 0.0
+    batch_server_cpu_us_per_task: float = 0.0
+    batch_redis_cpu_us_per_task: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -402,7 +408,8 @@ def bench_batches(workers: int, seconds: float, workdir: Path) -> BatchResult:
         output = lambda: Path(log.name).read_text()  # noqa: E731
         wait_for(lambda: output().count(") ready") >= workers, 60, "taskserver ready")
         port = int(LISTENING.search(output())[1])  # type: ignore[index]
-        redis_port = int(EMBEDDED_REDIS.search(output())[2])  # type: ignore[index]
+        redis_pid, redis_port = map(int, EMBEDDED_REDIS.search(output()).groups())  # type: ignore[union-attr]
+        pids = [server.pid, *map(int, WORKER_STARTED.findall(output()))]
         embedded = read_embedded_address(workdir / "data")
         client = valkey.Valkey(port=redis_port, password=embedded.password if embedded else None)
 
@@ -412,14 +419,31 @@ def bench_batches(workers: int, seconds: float, workdir: Path) -> BatchResult:
         result = BatchResult(workers)
         run_wrk(port, 2, 64)  # warm-up
         wait_for(drained, 120, "warm-up drained")
+
+        def cpu_us_per_task(before: tuple[int, int], tasks: int) -> tuple[float, float]:
+            per_task = 1e6 / TICKS / max(1, tasks)
+            server_ticks = cpu_ticks(pids) - before[0]
+            return server_ticks * per_task, (cpu_ticks([redis_pid]) - before[1]) * per_task
+
+        before = (cpu_ticks(pids), cpu_ticks([redis_pid]))
         single = run_wrk(port, seconds, 64)
-        result.single_tasks_per_s = (single["requests"] - single["non_2xx"]) / int(seconds)
+        single_accepted = single["requests"] - single["non_2xx"]
+        result.single_tasks_per_s = single_accepted / int(seconds)
+        (
+            result.single_server_cpu_us_per_task,
+            result.single_redis_cpu_us_per_task,
+        ) = cpu_us_per_task(before, single_accepted)
         wait_for(drained, 300, "single POSTs drained")
+        before = (cpu_ticks(pids), cpu_ticks([redis_pid]))
         batch = run_wrk(port, seconds, BATCH_CONNECTIONS, script="post_batch.lua")
         accepted = ACCEPTED_TASKS.search(batch["text"])
         if accepted is None:
             raise SystemExit(f"bench: wrk printed no accepted tasks:\n{batch['text']}")
         result.batch_tasks_per_s = int(accepted[1]) / int(seconds)
+        (
+            result.batch_server_cpu_us_per_task,
+            result.batch_redis_cpu_us_per_task,
+        ) = cpu_us_per_task(before, int(accepted[1]))
         result.batch_requests_per_s = batch["requests_per_s"]
         result.batch_p99_ms = batch["p99_ms"]
         result.batch_non_2xx = batch["non_2xx"]
@@ -433,14 +457,17 @@ def bench_batches(workers: int, seconds: float, workdir: Path) -> BatchResult:
 def batch_report(results: list[BatchResult]) -> str:
     lines = [
         "| workers | single POSTs: accepted tasks/s | 100-task batches: accepted tasks/s "
-        "| batches/s | batch p99 ms | non-2xx | batch / single |",
-        "|---|---|---|---|---|---|---|",
+        "| batches/s | batch p99 ms | non-2xx | batch / single "
+        "| CPU us/task during the load, single: server + Redis | batch: server + Redis |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.workers} | {r.single_tasks_per_s:,.0f} | {r.batch_tasks_per_s:,.0f} "
             f"| {r.batch_requests_per_s:,.0f} | {r.batch_p99_ms:.1f} | {r.batch_non_2xx} "
-            f"| {r.ratio:.1f} x |"
+            f"| {r.ratio:.1f} x "
+            f"| {r.single_server_cpu_us_per_task:.0f} + {r.single_redis_cpu_us_per_task:.0f} "
+            f"| {r.batch_server_cpu_us_per_task:.0f} + {r.batch_redis_cpu_us_per_task:.0f} |"
         )
     return "\n".join(lines)
 

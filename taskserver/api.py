@@ -163,7 +163,10 @@ def validate_user_id(value: Any) -> str:
         raise ApiError(
             400, "invalid_user_id", f"user_id must be 1 to {USER_ID_MAX_CHARS} characters long"
         )
-    if any(unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for ch in value):
+    # Printable ASCII holds none of them (the common case, without a look at each character).
+    if not (value.isascii() and value.isprintable()) and any(
+        unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for ch in value
+    ):
         raise ApiError(400, "invalid_user_id", "user_id must not contain control characters")
     return value
 
@@ -605,8 +608,8 @@ class TaskAPI:
                 parsed.append(e)
         self._queue.check_admissions()
         batch_id, queued_at = uuid.uuid4().hex, iso_utc(now)
-        claim = Claim(batch_id, fingerprint(BATCH_IDENTITY, document), queued_at)
         if key is not None:
+            claim = Claim(batch_id, fingerprint(BATCH_IDENTITY, document), queued_at)
             earlier = await self._idempotency.claim(BATCH_IDENTITY, key, claim)
             if earlier is not None:
                 replayed = await self._replay_batch(request, key, claim, earlier, parsed)
@@ -655,8 +658,10 @@ class TaskAPI:
                 self._count_refusal(decision, False)
                 results.append(refused(decision))
                 continue
-            self.tally.count(TASKS_ENQUEUED)
             results.append(accepted(self._accepted_document(task, run_at)))
+        enqueued = sum(decision.allowed for decision in decisions)
+        if enqueued:
+            self.tally.count(TASKS_ENQUEUED, enqueued)
         answer = {"results": results}
         if key is not None:  # never released: some items may exist
             await self._idempotency.store_answer(BATCH_IDENTITY, key, json.dumps(answer))

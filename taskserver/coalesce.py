@@ -12,7 +12,7 @@ nobody waits longer than one turn.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -32,8 +32,8 @@ class TurnBuffer(Generic[Item]):
     """Items added during one reactor turn, handed to ``write`` together at its end.
 
     With ``most``, a buffer that reaches that many items is written at once.
-    Used as it is for writes nobody waits on (task-log lines on their way to
-    the file), and by :class:`Coalescer` for calls whose callers wait.
+    For writes nobody waits on (task-log lines on their way to the file);
+    :class:`Coalescer` does the same for calls whose callers wait.
     """
 
     def __init__(
@@ -52,21 +52,6 @@ class TurnBuffer(Generic[Item]):
         elif self._scheduled is None:
             self._scheduled = self._clock.callLater(0, self.flush)
 
-    def add_all(self, items: Sequence[Item]) -> None:
-        """Add ``items`` together: a full buffer is written only after the last of them,
-        so they always leave in the same write (which may then hold more than ``most``)."""
-        if not items:
-            return
-        self._items.extend(items)
-        if self._most is not None and len(self._items) >= self._most:
-            self.flush()
-        elif self._scheduled is None:
-            self._scheduled = self._clock.callLater(0, self.flush)
-
-    def discard(self, unwanted: Callable[[Item], bool]) -> None:
-        """Leave out the items not written yet for which ``unwanted`` is true."""
-        self._items = [item for item in self._items if not unwanted(item)]
-
     def flush(self) -> None:
         """Write what was added now (also what stopping code calls last)."""
         if self._scheduled is not None and self._scheduled.active():
@@ -77,12 +62,24 @@ class TurnBuffer(Generic[Item]):
             self._write(items)
 
 
+class _Waiting(NamedTuple, Generic[Item]):
+    """One caller's items in a Coalescer, and the Deferred it waits on (its reply, or
+    the list of replies of a :meth:`Coalescer.submit_all`)."""
+
+    items: Sequence[Item]
+    answer: defer.Deferred[Any]
+    #: From :meth:`Coalescer.submit`: one item, answered with its reply itself.
+    alone: bool
+
+
 class Coalescer(Generic[Item, Reply]):
     """Collects the items submitted during one reactor turn and sends them in one call.
 
     ``send(items)`` must answer one reply per item, in order; if it fails,
     every item of that call fails with the same error. An item whose caller
-    gives up (cancels) before the call is sent is left out of it.
+    gives up (cancels) before the call is sent is left out of it. A call
+    carries at most ``most`` items, except that the items of one
+    :meth:`submit_all` always leave together.
     """
 
     def __init__(
@@ -92,52 +89,82 @@ class Coalescer(Generic[Item, Reply]):
         most: int = MOST_PER_CALL,
     ) -> None:
         self._send = send
-        self._waiting: TurnBuffer[tuple[Item, defer.Deferred[Reply]]] = TurnBuffer(
-            self._send_batch, clock, most
-        )
+        self._clock = clock
+        self._most = most
+        #: The turn's callers so far: their items, and the Deferred each waits on.
+        self._waiting: list[_Waiting[Item]] = []
+        self._count = 0
+        self._scheduled: IDelayedCall | None = None
 
     def submit(self, item: Item) -> defer.Deferred[Reply]:
         """The reply for ``item``, once the call that carries it has answered."""
         answer: defer.Deferred[Reply] = defer.Deferred(self._withdraw)
-        self._waiting.add((item, answer))
+        self._add(_Waiting((item,), answer, alone=True))
         return answer
 
-    def submit_all(self, items: Sequence[Item]) -> list[defer.Deferred[Reply]]:
-        """The replies for ``items``, all sent in the same call (a batch of the API).
+    def submit_all(self, items: Sequence[Item]) -> defer.Deferred[list[Reply]]:
+        """The replies for ``items``, in order, all sent in the same call (a batch of the API).
 
-        The call may carry other items of the turn too, and more than ``most``.
+        One Deferred for them all, not one each: a batch of 500 costs one
+        callback, not 500. The call may carry other items of the turn too,
+        and more than ``most``.
         """
-        answers: list[defer.Deferred[Reply]] = [defer.Deferred(self._withdraw) for _ in items]
-        self._waiting.add_all(list(zip(items, answers, strict=True)))
-        return answers
+        answer: defer.Deferred[list[Reply]] = defer.Deferred(self._withdraw)
+        if not items:
+            answer.callback([])
+            return answer
+        self._add(_Waiting(items, answer, alone=False))
+        return answer
 
     def flush(self) -> None:
         """Send what is waiting now."""
-        self._waiting.flush()
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        waiting, self._waiting, self._count = self._waiting, [], 0
+        if waiting:
+            self._send_batch(waiting)
 
-    def _send_batch(self, batch: list[tuple[Item, defer.Deferred[Reply]]]) -> None:
+    def _add(self, waiting: _Waiting[Item]) -> None:
+        self._waiting.append(waiting)
+        self._count += len(waiting.items)
+        if self._count >= self._most:
+            self.flush()
+        elif self._scheduled is None:
+            self._scheduled = self._clock.callLater(0, self.flush)
+
+    def _send_batch(self, batch: list[_Waiting[Item]]) -> None:
         sent: defer.Deferred[Sequence[Reply]]
+        items = [item for waiting in batch for item in waiting.items]
         try:
-            sent = defer.ensureDeferred(self._send([item for item, _ in batch]))
+            sent = defer.ensureDeferred(self._send(items))
         except Exception:
             sent = defer.fail()
-        sent.addCallback(self._answer, batch).addErrback(self._fail, batch)
+        sent.addCallback(self._answer, batch, len(items)).addErrback(self._fail, batch)
 
-    def _withdraw(self, answer: defer.Deferred[Reply]) -> None:
-        """A cancelled caller: leave its item out if it has not been sent yet."""
-        self._waiting.discard(lambda waiting: waiting[1] is answer)
-
-    @staticmethod
-    def _answer(replies: Sequence[Reply], batch: list[tuple[Item, defer.Deferred[Reply]]]) -> None:
-        if len(replies) != len(batch):
-            raise ValueError(f"{len(replies)} replies for {len(batch)} items")
-        for (_, answer), reply in zip(batch, replies, strict=True):
-            if not answer.called:
-                answer.callback(reply)
+    def _withdraw(self, answer: defer.Deferred[Any]) -> None:
+        """A cancelled caller: leave its items out if they have not been sent yet."""
+        kept = [waiting for waiting in self._waiting if waiting.answer is not answer]
+        if len(kept) != len(self._waiting):
+            self._waiting = kept
+            self._count = sum(len(waiting.items) for waiting in kept)
 
     @staticmethod
-    def _fail(failure: Failure, batch: list[tuple[Any, defer.Deferred[Any]]]) -> None:
+    def _answer(replies: Sequence[Reply], batch: list[_Waiting[Any]], items: int) -> None:
+        if len(replies) != items:
+            raise ValueError(f"{len(replies)} replies for {items} items")
+        start = 0
+        for waiting in batch:
+            end = start + len(waiting.items)
+            if not waiting.answer.called:
+                waiting.answer.callback(
+                    replies[start] if waiting.alone else list(replies[start:end])
+                )
+            start = end
+
+    @staticmethod
+    def _fail(failure: Failure, batch: list[_Waiting[Any]]) -> None:
         """Fail every caller not answered yet (also when answering itself went wrong)."""
-        for _, answer in batch:
-            if not answer.called:
-                answer.errback(failure)
+        for waiting in batch:
+            if not waiting.answer.called:
+                waiting.answer.errback(failure)

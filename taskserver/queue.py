@@ -273,14 +273,19 @@ class TaskQueue:
         batch = self._coalescer(
             self._admissions, policy.arguments, partial(self._admit_many, policy.arguments)
         )
-        try:
-            replies = await defer.gatherResults(batch.submit_all(admissions), consumeErrors=True)
-        except defer.FirstError as e:
-            e.subFailure.raiseException()
-        decisions = [policy.decide(reply) for reply, _ in replies]
-        durable = all(
-            d for (_, d), decision in zip(replies, decisions, strict=True) if decision.allowed
-        )
+        replies = await batch.submit_all(admissions)
+        # Most replies of a batch are alike (a first task of a new user): decided once.
+        decided: dict[tuple[Any, ...], Decision] = {}
+        decisions = []
+        durable = True
+        for reply, satisfied in replies:
+            key = tuple(reply)
+            decision = decided.get(key)
+            if decision is None:
+                decision = decided[key] = policy.decide(reply)
+            decisions.append(decision)
+            if decision.allowed and not satisfied:
+                durable = False
         return decisions, durable
 
     def check_admissions(self) -> None:

@@ -75,7 +75,29 @@ def test_submit_all_sends_more_than_most_in_one_call() -> None:
     answers = coalescer.submit_all(list(range(MOST_PER_CALL + 50)))
     clock.advance(0)
     assert calls == [[-1, *range(MOST_PER_CALL + 50)]], "one call, though over MOST_PER_CALL"
-    assert before.result == -10 and [a.result for a in answers][-1] == (MOST_PER_CALL + 49) * 10
+    assert before.result == -10
+    assert answers.result == [n * 10 for n in range(MOST_PER_CALL + 50)], "one list, in order"
+
+
+def test_a_cancelled_submit_all_is_left_out_and_a_failure_fails_it_whole() -> None:
+    clock, calls = Clock(), []
+    failing = False
+
+    def send(items: list[int]) -> defer.Deferred[list[int]]:
+        calls.append(items)
+        return defer.fail(RuntimeError("down")) if failing else defer.succeed(items)
+
+    coalescer: Coalescer[int, int] = Coalescer(send, clock)
+    gone, kept = coalescer.submit_all([1, 2]), coalescer.submit_all([3])
+    gone.addErrback(lambda f: f.trap(defer.CancelledError))
+    gone.cancel()
+    clock.advance(0)
+    assert calls == [[3]] and kept.result == [3], "the cancelled batch never left"
+    failing = True
+    failed = coalescer.submit_all([4, 5])
+    clock.advance(0)
+    assert isinstance(failed.result.value, RuntimeError)
+    failed.addErrback(lambda f: None)
 
 
 # ------------------------------------------------------------------ one call in Redis
