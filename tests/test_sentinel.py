@@ -180,6 +180,9 @@ def _connected_protocol(role: bytes = b"master") -> tuple[PrimaryProtocol, Strin
     protocol.makeConnection(transport)
     assert b"ROLE" in transport.value()
     protocol.dataReceived(b"*3\r\n$%d\r\n%s\r\n:0\r\n*0\r\n" % (len(role), role))
+    if role == b"master":
+        assert transport.value().endswith(b"PING\r\n")
+        protocol.dataReceived(b"+PONG\r\n")
     return protocol, transport
 
 
@@ -218,6 +221,21 @@ def test_other_errors_keep_the_connection() -> None:
 
 def test_a_node_that_says_it_is_a_replica_is_not_used() -> None:
     protocol, transport = _connected_protocol(role=b"slave")
+    assert transport.disconnecting and not protocol.whenConnected().called
+
+
+def test_a_primary_still_loading_its_data_is_closed_before_it_is_used() -> None:
+    """ROLE says ``master`` while the node loads (a replica promoted while loading, a
+    restart with a large append-only file), PING says ``LOADING``: the connection closes
+    during its set-up, so its slot backs off (a connection dropped after it was usable
+    is retried at once: a reconnect per command for as long as the node loads)."""
+    protocol = PrimaryProtocol(charset="utf-8", convertNumbers=False)
+    protocol.factory = _Factory()
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 7000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n")
+    assert transport.value().endswith(b"PING\r\n"), "no probe after ROLE"
+    protocol.dataReceived(b"-LOADING Valkey is loading the dataset in memory\r\n")
     assert transport.disconnecting and not protocol.whenConnected().called
 
 
