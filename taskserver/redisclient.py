@@ -45,7 +45,9 @@ RECONNECT_LOG_FORMAT = "Scheduling retry"
 DEAD_CONNECTION_MESSAGE = ("Discarding dead connection.",)
 #: txredisapi logs this when AUTH fails; with a password we retry, so it repeats per attempt.
 AUTH_FAILED_PREFIX = "Redis error: could not auth"
-#: ... and at most one of those lines is written per this many seconds.
+#: ... and this when SELECT fails (REDIS_URL's database beyond the server's ``databases``).
+SELECT_FAILED_PREFIX = "Redis error: could not set dbid"
+#: ... and at most one line of each is written per this many seconds.
 AUTH_FAILED_LOG_EVERY_S = 60.0
 
 #: Redis error replies that mean "cannot serve now", not "your command is wrong".
@@ -187,12 +189,13 @@ def _keep_trying() -> defer.Deferred[None]:
 class _NotAReconnectAttempt:
     """Says no to the per-attempt lines, maybe to everything else.
 
-    A failed AUTH is written, but at most once per AUTH_FAILED_LOG_EVERY_S
-    (by the events' own timestamps): it says why Redis is unreachable.
+    A failed AUTH or SELECT is written, but at most once per
+    AUTH_FAILED_LOG_EVERY_S for each (by the events' own timestamps): it says
+    why Redis is unreachable, and the pool retries it twice a second.
     """
 
     def __init__(self) -> None:
-        self._auth_failure_logged_at: float | None = None
+        self._failure_logged_at: dict[str, float] = {}
 
     def __call__(self, event: LogEvent) -> PredicateResult:
         namespace, format = str(event.get("log_namespace", "")), str(event.get("log_format", ""))
@@ -201,12 +204,13 @@ class _NotAReconnectAttempt:
         message = event.get("message")
         if message == DEAD_CONNECTION_MESSAGE:
             return PredicateResult.no
-        if message and str(message[0]).startswith(AUTH_FAILED_PREFIX):
-            now = float(event.get("log_time", 0.0))
-            last = self._auth_failure_logged_at
-            if last is not None and now - last < AUTH_FAILED_LOG_EVERY_S:
-                return PredicateResult.no
-            self._auth_failure_logged_at = now
+        for prefix in (AUTH_FAILED_PREFIX, SELECT_FAILED_PREFIX):
+            if message and str(message[0]).startswith(prefix):
+                now = float(event.get("log_time", 0.0))
+                last = self._failure_logged_at.get(prefix)
+                if last is not None and now - last < AUTH_FAILED_LOG_EVERY_S:
+                    return PredicateResult.no
+                self._failure_logged_at[prefix] = now
         return PredicateResult.maybe
 
 

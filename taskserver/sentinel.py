@@ -13,7 +13,10 @@ txredisapi's ``Sentinel`` does the discovery and its
   (txredisapi only rediscovers when a connection is lost): the error still
   reaches its caller, which retries or answers 503;
 - a ROLE check that cannot hang: a refused AUTH or ROLE closes the
-  connection (txredisapi's leaves it open and never ready);
+  connection (txredisapi's leaves it open and never ready); so does a node
+  still loading its data (ROLE ``master``, PING ``LOADING``), before the
+  connection is used, so that its slot backs off instead of reconnecting
+  at once after every command;
 - a short discovery timeout, a capped back-off and retrying forever (a
   failed AUTH would stop txredisapi's reconnecting for good);
 - one log line per change of primary per process, whatever the number of
@@ -110,7 +113,15 @@ class PrimaryProtocol(txredisapi.SentinelRedisProtocol):
 
     def connectionMade(self) -> Any:
         """ROLE first (after AUTH): a node that is not the primary is closed, and so is
-        one that refuses either; then txredisapi's own set-up (AUTH, SELECT)."""
+        one that refuses either; then PING, which a node still loading its data answers
+        ``LOADING`` (ROLE already says ``master`` then): closed too; then txredisapi's own
+        set-up (AUTH, SELECT).
+
+        A connection closed here never became usable, so its slot's back-off grows
+        (to RECONNECT_MAX_DELAY_S); one closed on a ``LOADING`` reply to a command
+        reconnects at once (txredisapi's Sentinel pools retry immediately after a
+        usable connection), once per command sent, for as long as the node loads.
+        """
         d: defer.Deferred[Any] = defer.succeed(None)
         if self.password is not None:
             d.addCallback(lambda _: self.auth(self.password, self.username))
@@ -122,6 +133,11 @@ class PrimaryProtocol(txredisapi.SentinelRedisProtocol):
         if not role or role[0] != "master":
             self.transport.loseConnection()
             return None
+        d: defer.Deferred[Any] = self.ping()
+        d.addCallbacks(self._serving, self._refused)
+        return d
+
+    def _serving(self, _pong: Any) -> Any:
         peer = self.transport.getPeer()
         primaries.found(self.factory.service_name, (peer.host, peer.port))
         return txredisapi.RedisProtocol.connectionMade(self)
@@ -134,7 +150,9 @@ class PrimaryProtocol(txredisapi.SentinelRedisProtocol):
         text = failure.getErrorMessage()
         if text != PrimaryProtocol.last_refusal:
             PrimaryProtocol.last_refusal = text
-            _log.warn("a Redis node refused the connection's set-up (AUTH or ROLE): {e}", e=text)
+            _log.warn(
+                "a Redis node refused the connection's set-up (AUTH, ROLE or PING): {e}", e=text
+            )
 
     def replyReceived(self, reply: Any) -> None:
         super().replyReceived(reply)

@@ -19,14 +19,26 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_twisted
 import valkey
+from twisted.internet import reactor
+from twisted.logger import formatEvent, globalLogPublisher
 
-from conftest import unused_port
+from conftest import connect_raw, sleep, unused_port
 from harness import Load, Twistd, alive, logged_task_ids, wait_for
 from taskserver.cluster.embedded import find_server_binary, server_arguments
+from taskserver.config import RedisAddress
+from taskserver.redisclient import (
+    RedisUnavailable,
+    connect,
+    within,
+    without_reconnect_attempts,
+)
 
 TASKS = 8000
 CONCURRENCY = 16
@@ -230,3 +242,52 @@ def test_a_crashed_hosts_tasks_are_finished_by_the_other_host(
         for host in (doomed, survivor):
             if host.process.poll() is None:
                 host.process.kill()
+
+
+async def connections_received(client: Any) -> int:
+    info = await client.info("stats")
+    return int(info["total_connections_received"])
+
+
+@pytest.mark.parametrize(
+    ("refused", "setting"),
+    [
+        ("AUTH", {"password": "not-the-password"}),  # the server has none: AUTH is an error
+        ("SELECT", {"db": 99}),  # beyond the server's 16 databases
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_refused_auth_or_select_is_retried_with_back_off_and_said_once(
+    redis_server: RedisAddress, refused: str, setting: dict[str, Any]
+) -> None:
+    """txredisapi stops reconnecting for good when AUTH or SELECT fails; our pools retry
+    (a rotated password, a squatter on the port) with the capped back-off, neither at
+    full speed nor never, and write the reason once (not twice a second)."""
+    observer_lines: list[str] = []
+    observer = without_reconnect_attempts(lambda event: observer_lines.append(formatEvent(event)))
+    inspector = connect_raw(redis_server, poolsize=1)
+    await inspector._factory.deferred
+    globalLogPublisher.addObserver(observer)
+    try:
+        before = await connections_received(inspector)
+        pool = connect(replace(redis_server, **setting), 1, 1.0)
+        try:
+            with pytest.raises(RedisUnavailable):  # what a POST meets: a 503
+                await within(pool.ping(), 1.0, reactor)
+            await sleep(WINDOW_S - 1.0)  # the window over which attempts are counted
+            attempts = await connections_received(inspector) - before
+        finally:
+            await pool.disconnect()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        await inspector.disconnect()
+    said = [line for line in observer_lines if f"could not {REFUSED_WORDS[refused]}" in line]
+    print(f"{refused} refused: {attempts} attempts in {WINDOW_S:g} s, {len(said)} line(s) logged")
+    # 0, 0.1, 0.27, then every 0.5 s (jittered): about 8 in 3 s; at full speed, 30 or more.
+    assert 3 <= attempts <= 15, f"{attempts} connection attempts in {WINDOW_S} s"
+    assert len(said) == 1, said
+
+
+#: Seconds over which test_a_refused_auth_or_select_... counts connection attempts.
+WINDOW_S = 3.0
+REFUSED_WORDS = {"AUTH": "auth", "SELECT": "set dbid"}

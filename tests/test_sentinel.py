@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 import txredisapi
-from twisted.internet import defer
+from test_waiting import open_waiters, waiting_get
+from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -40,7 +41,12 @@ from taskserver.config import (
     settings_from_json,
     settings_to_json,
 )
-from taskserver.redisclient import connect, connect_subscriber
+from taskserver.redisclient import (
+    connect,
+    connect_subscriber,
+    within,
+    without_reconnect_attempts,
+)
 from taskserver.sentinel import (
     DISCOVERY_TIMEOUT_S,
     WATCH_EVERY_S,
@@ -180,6 +186,9 @@ def _connected_protocol(role: bytes = b"master") -> tuple[PrimaryProtocol, Strin
     protocol.makeConnection(transport)
     assert b"ROLE" in transport.value()
     protocol.dataReceived(b"*3\r\n$%d\r\n%s\r\n:0\r\n*0\r\n" % (len(role), role))
+    if role == b"master":
+        assert transport.value().endswith(b"PING\r\n")
+        protocol.dataReceived(b"+PONG\r\n")
     return protocol, transport
 
 
@@ -218,6 +227,21 @@ def test_other_errors_keep_the_connection() -> None:
 
 def test_a_node_that_says_it_is_a_replica_is_not_used() -> None:
     protocol, transport = _connected_protocol(role=b"slave")
+    assert transport.disconnecting and not protocol.whenConnected().called
+
+
+def test_a_primary_still_loading_its_data_is_closed_before_it_is_used() -> None:
+    """ROLE says ``master`` while the node loads (a replica promoted while loading, a
+    restart with a large append-only file), PING says ``LOADING``: the connection closes
+    during its set-up, so its slot backs off (a connection dropped after it was usable
+    is retried at once: a reconnect per command for as long as the node loads)."""
+    protocol = PrimaryProtocol(charset="utf-8", convertNumbers=False)
+    protocol.factory = _Factory()
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 7000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n")
+    assert transport.value().endswith(b"PING\r\n"), "no probe after ROLE"
+    protocol.dataReceived(b"-LOADING Valkey is loading the dataset in memory\r\n")
     assert transport.disconnecting and not protocol.whenConnected().called
 
 
@@ -608,6 +632,39 @@ async def test_the_finished_subscription_is_made_on_the_primary_the_sentinels_na
         await subscriber.disconnect()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_sentinel_dead_at_start_up_leaks_nothing_and_floods_no_log(
+    deployment: SentinelDeployment,
+) -> None:
+    """One of three sentinels (the first named) is down before the pool starts: the pool
+    works through the other two, and over several watch intervals the dead one's link
+    keeps no waiting question (txredisapi keeps cancelled ones until a connection comes),
+    no question stays out, the reactor's timers do not pile up, and its reconnect attempts
+    (every 0.5 s) write nothing to a log filtered as the processes' logs are."""
+    dead = deployment.sentinels[0]
+    dead.kill()
+    lines: list[str] = []
+    observer = without_reconnect_attempts(lambda event: lines.append(formatEvent(event)))
+    globalLogPublisher.addObserver(observer)
+    api = connect(sentinel_address(deployment), 2, 1.0)
+    try:
+        assert await within(api.set("k", "through two sentinels"), 5.0, reactor) == "OK"
+        watch, _endpoint = api._factory.followed
+        link = next(s for s in watch.sentinels.sentinels if s._factory.size == 0)
+        timers = len(reactor.getDelayedCalls())
+        for n in range(4):
+            await task.deferLater(reactor, WATCH_EVERY_S, lambda: None)  # watch ticks
+            assert await within(api.set("k", f"write {n}"), 1.0, reactor) == "OK"
+        assert link._factory.connectionQueue.peekers == [], "questions kept for a dead sentinel"
+        assert len(watch.sentinels._asking) <= 2, "questions still out"
+        assert len(reactor.getDelayedCalls()) <= timers + 10, "timers piling up"
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        await api.disconnect()
+    print(f"{len(lines)} line(s) logged with a dead sentinel:", *lines, sep="\n")
+    assert len(lines) <= 3, lines
+
+
 # ---------------------------------------------------------------- twistd through sentinels
 
 
@@ -733,3 +790,49 @@ def test_a_cluster_through_sentinels_survives_a_sigkill_of_the_primary_without_a
     found_new = output.count(f"Redis primary of 'mymaster' is {HOST}:{new.port}")
     assert 1 <= lost <= 3 and 1 <= found_new <= 3, "one line per change per process (master, 2)"
     assert server.stop(signal.SIGTERM) == 0
+
+
+#: The handler's time in test_a_waiting_get_...: the task finishes well after the failover.
+WAITED_TASK_S = 8.0
+
+
+def test_a_waiting_get_answers_when_its_task_completes_after_a_failover(
+    deployment: SentinelDeployment, twistd: Callable[..., Twistd]
+) -> None:
+    """A ``?wait=30`` GET open while the primary is SIGKILLed: the waiters' subscription
+    (on the dead primary) is lost, the child subscribes again on the new primary, and the
+    task, finished there after the failover, wakes the GET through the new primary's
+    Pub/Sub long before its 30 s are up. A subscriber that did not reconnect (tried by
+    hand: its slots told not to) left the GET to its deadline: answered at 30.00 s."""
+    server = twistd(
+        WORKERS="2",
+        RATE_LIMITS="",
+        TASK_HANDLER="sample_handlers:slow",
+        SLOW_HANDLER_S=str(WAITED_TASK_S),
+        **sentinel_environment(deployment),
+    )
+    server.wait_until_ready(2)
+    task_id = server.post_task("waits-across-a-failover")
+    assert task_id
+    wait_for(lambda: server.status_of(task_id) == "processing", what="the task running")
+    (replica,) = deployment.replicas()
+    record_key = f"taskserver:{{q}}:task:{task_id}"
+    wait_for(
+        lambda: deployment.data_command(replica, "HGET", record_key, "status") == "processing",
+        what="the replica has the running task's record",
+    )
+    waiting, answer = waiting_get(server, task_id)
+    wait_for(lambda: open_waiters(server) == 1, what="the GET waiting")
+    killed_at = time.monotonic()
+    old = deployment.kill_primary()
+    failover_s = deployment.wait_for_failover(old)
+    waiting.join(40)
+    ((took, code, record),) = answer
+    answered_after_kill = time.monotonic() - killed_at
+    print(
+        f"failover {failover_s:.2f} s; the ?wait= GET answered {code} {record.get('status')} "
+        f"after {took:.2f} s (the task takes {WAITED_TASK_S:g} s)"
+    )
+    assert code == 200 and record["status"] == "completed", (code, record)
+    assert took < 20, f"answered at {took:.2f} s: by its deadline, not by the news"
+    assert answered_after_kill > failover_s, "the task finished before the failover"
