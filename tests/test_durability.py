@@ -541,6 +541,7 @@ def kill_redis_under_load(workdir: Path, durability: str) -> dict[str, Any]:
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.serial  # SIGKILLs under load
 def test_a_sigkilled_embedded_redis_loses_no_task_with_fsync(tmp_path: Path) -> None:
     """fsync: every task that got a 202 completes (or is dead-lettered), across the kills.
 

@@ -38,7 +38,7 @@ from harness import Twistd, logged_task_ids, wait_for
 from sentinel_deploy import HOST, Node, SentinelDeployment
 from taskserver.cluster.embedded import free_loopback_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(300)]
 
 #: Fail over and back: the first round moves the primary away, the second moves it back.
 ROUNDS = 2

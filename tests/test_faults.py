@@ -40,6 +40,9 @@ from taskserver.redisclient import (
     without_reconnect_attempts,
 )
 
+#: Kills and outages under load: run alone (`make test` runs `serial` tests last).
+pytestmark = pytest.mark.serial
+
 TASKS = 8000
 CONCURRENCY = 16
 REAPED = re.compile(r"dead consumers' tasks: (\d+) back to the queue")

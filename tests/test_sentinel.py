@@ -717,6 +717,7 @@ class Poster:
         self._thread.join(10)
 
 
+@pytest.mark.serial  # a failover under load, bounded in time
 def test_a_cluster_through_sentinels_survives_a_sigkill_of_the_primary_without_a_restart(
     guarded: SentinelDeployment, twistd: Callable[..., Twistd], tmp_path: Path
 ) -> None:
