@@ -105,6 +105,23 @@ def test_busy_connections_spread_evenly_beside_many_waiters(board: Scoreboard) -
     assert busy[1] >= 30, busy
 
 
+def test_a_child_full_of_waiters_does_not_hold_the_others_back(board: Scoreboard) -> None:
+    """A child at MAX_CONNECTIONS with 990 of them parked in a wait has a load of 10: were
+    it still published as accepting, the other (load 30) would wait for it, and nobody
+    would accept until a wait ended."""
+    full, other = Seat(board, 0), Seat(board, 1)
+    full.max_connections = 1000
+    full.connections = 1000
+    full.parked = lambda: 990
+    full.publish()
+    other.connections = 30
+    other.publish()
+    assert full.load == 10 and board.read(0)[1] is False, "full: not accepting"
+    assert other.allowance() > 0, "the other child accepts"
+    full.closed()  # room again: accepting, and the lighter load again
+    assert board.read(0)[1] is True and other.allowance() <= 0
+
+
 @pytest.mark.serial  # how connections spread depends on the children keeping up
 def test_waiters_in_one_child_do_not_draw_the_busy_connections_to_the_other(
     twistd: Callable[..., Twistd],

@@ -112,6 +112,10 @@ class Seat:
     :meth:`publish`: on every open and close, and on the heartbeat, so a
     connection that starts or ends a wait is seen within :data:`BEAT_EVERY_S`.
     A new connection counts at once, before its request is read.
+
+    A seat holding ``max_connections`` (set by the :class:`BalancedPort` that
+    enforces it) is published as not accepting: full of waiters its load is
+    small, and the others must not hold back for a child that takes nothing.
     """
 
     def __init__(self, scoreboard: Scoreboard, index: int) -> None:
@@ -120,6 +124,7 @@ class Seat:
         self.connections = 0
         self.accepting = True
         self.parked: Callable[[], int] = lambda: 0
+        self.max_connections = 1_000_000
 
     @property
     def load(self) -> int:
@@ -127,7 +132,8 @@ class Seat:
         return self.connections - min(max(0, self.parked()), self.connections)
 
     def publish(self) -> None:
-        self.scoreboard.write(self.index, self.load, self.accepting, time.monotonic())
+        accepting = self.accepting and self.connections < self.max_connections
+        self.scoreboard.write(self.index, self.load, accepting, time.monotonic())
 
     def allowance(self) -> int:
         others = self.scoreboard.live_loads(time.monotonic(), exclude=self.index)
@@ -178,6 +184,8 @@ class BalancedPort(tcp.Port):
         port.seat = seat
         port.clock = reactor
         port.max_connections = max_connections
+        if seat is not None:
+            seat.max_connections = max_connections
         port.startListening()
         return port
 
