@@ -430,8 +430,17 @@ class SentinelWatch(Service):
         return d
 
     async def check(self) -> None:
-        """Ask once; drop the connections of every pool that is not on the chosen primary."""
-        chosen = choose_primary(await self.sentinels.answers(self._service_name))
+        """Ask once; drop the connections of every pool that is not on the chosen primary.
+
+        Only on the word of most of the configured sentinels: a minority that answered
+        alone (the others timed out, or their links were down this second) can be the
+        side of a partition that still names the old primary, and moving the pools to
+        it would lose every write they make there.
+        """
+        answers = await self.sentinels.answers(self._service_name)
+        if len(answers) <= len(self.sentinels.sentinels) // 2:
+            return
+        chosen = choose_primary(answers)
         if chosen is None:
             return  # no primary named now: the pools' own discovery waits for one
         behind = [e for e in self._endpoints if e.address not in (None, chosen.address)]

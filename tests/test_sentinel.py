@@ -450,6 +450,24 @@ def test_the_watch_drops_a_pool_the_sentinels_have_left_within_one_interval() ->
     assert [(e.get("host"), e.get("epoch"), e.get("count")) for e in said] == [("10.0.0.2", 5, 1)]
 
 
+def test_the_watch_moves_nothing_on_the_word_of_a_minority() -> None:
+    """One sentinel of three answers (cut off with the old primary, the others silent):
+    its word does not move a pool that is on the primary the majority named."""
+    clock = Clock()
+    sentinels = [FakeSentinel(master_state(B, 5)) for _ in range(3)]
+    watch = watching(sentinels, clock)
+    endpoint, transport = pool_on(B)
+    watch.follow(endpoint)
+    sentinels[0].state = master_state(A, 6)
+    for sentinel in sentinels[1:]:
+        sentinel.state = None  # they time out
+    clock.pump([WATCH_EVERY_S, DISCOVERY_TIMEOUT_S] * 3)
+    assert not transport.disconnecting
+    sentinels[1].state = master_state(A, 6)  # two of three: a majority
+    clock.pump([WATCH_EVERY_S, DISCOVERY_TIMEOUT_S])
+    assert transport.disconnecting
+
+
 def test_the_watch_stops_for_real_with_the_last_pool() -> None:
     """Its question in flight is cancelled, it asks no more, its sentinel links close."""
     clock = Clock()
@@ -548,6 +566,7 @@ async def test_a_demoted_primary_drops_the_pools_at_once_and_they_follow_the_new
         await blocking.disconnect()
 
 
+@pytest.mark.serial  # a move bounded in seconds
 @pytest_twisted.ensureDeferred
 async def test_pools_leave_a_primary_the_sentinels_have_left_though_it_still_says_it_is_one(
     deployment: SentinelDeployment,
@@ -632,6 +651,7 @@ async def test_the_finished_subscription_is_made_on_the_primary_the_sentinels_na
         await subscriber.disconnect()
 
 
+@pytest.mark.serial  # paced in real seconds, its timers and lines counted
 @pytest_twisted.ensureDeferred
 async def test_a_sentinel_dead_at_start_up_leaks_nothing_and_floods_no_log(
     deployment: SentinelDeployment,
@@ -797,6 +817,7 @@ def test_a_cluster_through_sentinels_survives_a_sigkill_of_the_primary_without_a
 WAITED_TASK_S = 8.0
 
 
+@pytest.mark.serial  # a failover, bounded in time
 def test_a_waiting_get_answers_when_its_task_completes_after_a_failover(
     deployment: SentinelDeployment, twistd: Callable[..., Twistd]
 ) -> None:
