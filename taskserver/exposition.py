@@ -110,7 +110,8 @@ class StatsCollector:
         yield GaugeMetricFamily(
             PREFIX + "waiters",
             "Open GET /api/v1/task/<id>?wait= requests, summed over those children (as of"
-            " their last report, at most 1 s old).",
+            " each one's last report, once a second; a child that died counts its last"
+            " report until it is forgotten, 10 s on).",
             value=sum(worker["waiters"] for worker in stats.workers()),
         )
 
