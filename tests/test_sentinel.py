@@ -866,6 +866,9 @@ def test_a_cluster_through_sentinels_survives_a_sigkill_of_the_primary_without_a
         timeout=20,
         what="the load's last tasks completed",
     )
+    # /readyz and taskserver-admin follow the new primary too (admin: a process started now)
+    assert server.request("GET", "/readyz")[0] == 200
+    wait_for(lambda: completed_by_admin() >= 6, what="taskserver-admin counting after the failover")
     output = server.output
     assert f"Redis primary of 'mymaster' is {HOST}:{new.port}" in output
     lost = output.count("Redis primary of 'mymaster' lost")
