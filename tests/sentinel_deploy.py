@@ -315,6 +315,65 @@ class SentinelDeployment:
         self._wait_answers(node, START_TIMEOUT_S)
         return node
 
+    def restart_loading(self, node: Node, keys: int, load_s: float) -> None:
+        """Restart ``node`` with ``keys`` keys to load, slowed down to take about ``load_s``:
+        returns while it loads (ROLE says ``master``, nearly every command ``LOADING``),
+        as a replica promoted while loading or a restart with a large append-only file.
+
+        The keys are written, the append-only file rewritten (its base is a snapshot,
+        loaded key by key), and the node restarted with Valkey's ``key-load-delay`` (a
+        debugging setting: microseconds per key loaded) and answering while it loads.
+        """
+        per_call = 1000
+        for first in range(0, keys, per_call):
+            pairs: list[str | int] = []
+            for n in range(first, min(keys, first + per_call)):
+                pairs += [f"filler:{n}", "x" * 16]
+            self.data_command(node, "MSET", *pairs)
+        self.data_command(node, "BGREWRITEAOF")
+        wait_until(
+            lambda: (
+                "aof_rewrite_in_progress:0" in self.data_command(node, "INFO", "persistence")
+                and "aof_rewrite_scheduled:0" in self.data_command(node, "INFO", "persistence")
+            ),
+            START_TIMEOUT_S,
+            f"{node.name}'s append-only file rewritten",
+        )
+        node.kill()
+        arguments = node.arguments
+        delay_us = max(1, int(load_s * 1_000_000 / keys))
+        node.arguments = [
+            *arguments,
+            "--key-load-delay", str(delay_us),
+            "--loading-process-events-interval-bytes", "1024",
+        ]  # fmt: skip
+        try:
+            node.spawn()
+        finally:
+            node.arguments = arguments  # a later restart loads at full speed
+        wait_until(
+            lambda: "loading:1" in self.data_command(node, "INFO", "persistence"),
+            START_TIMEOUT_S,
+            f"{node.name} loading",
+        )
+
+    def wait_for_sentinel_links(self, node: Node) -> None:
+        """Until every sentinel holds its two links to ``node`` (commands, hello messages):
+        connections counted on ``node`` after this are not theirs."""
+
+        def linked() -> bool:
+            info = self.data_command(node, "INFO", "clients")
+            line = next(x for x in info.splitlines() if x.startswith("connected_clients:"))
+            return int(line.split(":")[1]) - 1 >= 2 * len(self.sentinels)
+
+        wait_until(linked, START_TIMEOUT_S, f"the sentinels' links to {node.name}")
+
+    def connections_received(self, node: Node) -> int:
+        """The connections ``node`` has accepted since it started, this reading's included."""
+        info = self.data_command(node, "INFO", "stats")
+        line = next(x for x in info.splitlines() if x.startswith("total_connections_received:"))
+        return int(line.split(":")[1])
+
     def monitor(self, node: Node) -> None:
         """Make every sentinel name ``node`` the primary (``SENTINEL REMOVE`` + ``MONITOR``
         under the same name), behind the old primary's back: it is not told, and still

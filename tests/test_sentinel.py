@@ -28,9 +28,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from conftest import eventually
+from conftest import eventually, sleep
 from harness import Twistd, wait_for
-from sentinel_deploy import HOST, MASTER_NAME, SentinelDeployment, command
+from sentinel_deploy import HOST, MASTER_NAME, Node, SentinelDeployment, command
 from taskserver import tap
 from taskserver.config import (
     ConfigError,
@@ -42,6 +42,7 @@ from taskserver.config import (
     settings_to_json,
 )
 from taskserver.redisclient import (
+    RedisUnavailable,
     connect,
     connect_subscriber,
     within,
@@ -685,6 +686,87 @@ async def test_a_sentinel_dead_at_start_up_leaks_nothing_and_floods_no_log(
     assert len(lines) <= 3, lines
 
 
+#: Seconds a loading node takes in the LOADING tests, and the window they count connections in.
+LOAD_S = 8.0
+LOADING_WINDOW_S = 2.0
+
+
+async def commands_while_loading(
+    pool: Any, deployment: SentinelDeployment, node: Node
+) -> tuple[int, list[str]]:
+    """SETs at a client's pace for LOADING_WINDOW_S: the connections ``node`` accepted
+    meanwhile, and what the SETs met (each must be RedisUnavailable: a 503)."""
+    before = deployment.connections_received(node)
+    met: list[str] = []
+    started = reactor.seconds()
+    while reactor.seconds() - started < LOADING_WINDOW_S:
+        with pytest.raises(RedisUnavailable) as refused:
+            await within(pool.set("k", "while loading"), 0.1, reactor)
+        met.append(str(refused.value))
+        await sleep(0.02)
+    made = deployment.connections_received(node) - before - 1  # the reading's own
+    assert "loading:1" in deployment.data_command(node, "INFO", "persistence"), "loaded too soon"
+    return made, met
+
+
+async def written(pool: Any) -> bool:
+    try:
+        return bool(await within(pool.set("k", "loaded"), 1.0, reactor) == "OK")
+    except RedisUnavailable:
+        return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_loading_primary_named_by_the_sentinels_is_retried_with_back_off(
+    deployment: SentinelDeployment,
+) -> None:
+    """A primary still loading (ROLE ``master``, commands ``LOADING``): its connections are
+    closed during their set-up and retried with the capped back-off (before the mend: one
+    reconnect per command, at once); meanwhile commands are RedisUnavailable (POST answers
+    503), and the pool works once the node has loaded."""
+    node = deployment.start_standalone()
+    deployment.restart_loading(node, keys=4000, load_s=LOAD_S)
+    deployment.monitor(node)
+    deployment.wait_for_sentinel_links(node)
+    pool = connect(sentinel_address(deployment), 1, 1.0)
+    try:
+        made, met = await commands_while_loading(pool, deployment, node)
+        print(f"{made} connections to the loading node in {LOADING_WINDOW_S:g} s, {len(met)} SETs")
+        # 0, 0.27, then every 0.5 s: 5 seen; without the mend, 14 (for 27 SETs: one per LOADING)
+        assert made <= 7, f"{made} connections in {LOADING_WINDOW_S} s ({len(met)} commands)"
+        await eventually(lambda: written(pool), timeout=LOAD_S + 5)
+        assert deployment.data_command(node, "GET", "k") == "loaded"
+    finally:
+        await pool.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_loading_redis_answers_loading_on_the_same_connection(tmp_path: Path) -> None:
+    """Without Sentinel (the embedded Redis restarted with a large append-only file): the
+    connection stays (AUTH and SELECT work while loading), every command is RedisUnavailable
+    at once with the reason (a 503; a consumer's pop backs off), no reconnect at all, and a
+    blocking pop on the same pool works once the data is loaded."""
+    nodes = SentinelDeployment(tmp_path)
+    try:
+        node = nodes.start_standalone()
+        nodes.restart_loading(node, keys=4000, load_s=LOAD_S)
+        pool = connect(RedisAddress(host=HOST, port=node.port, db=1), 1, 1.0)
+        try:
+            await pool._factory.deferred  # connected (AUTH, SELECT passed): count from here
+            made, met = await commands_while_loading(pool, nodes, node)
+            print(f"{made} connection(s) in {LOADING_WINDOW_S:g} s, {len(met)} SETs: {met[-1]}")
+            assert made == 0, made
+            assert all("LOADING" in text for text in met), met
+            await eventually(lambda: written(pool), timeout=LOAD_S + 5)
+            nodes.data_command(node, "LPUSH", "queue", "task")  # db 0: the pool's is 1
+            await within(pool.lpush("queue", "task"), 1.0, reactor)
+            assert await within(pool.brpoplpush("queue", "processing", 5), 6.0, reactor) == "task"
+        finally:
+            await pool.disconnect()
+    finally:
+        nodes.stop()
+
+
 # ---------------------------------------------------------------- twistd through sentinels
 
 
@@ -805,6 +887,9 @@ def test_a_cluster_through_sentinels_survives_a_sigkill_of_the_primary_without_a
         timeout=20,
         what="the load's last tasks completed",
     )
+    # /readyz and taskserver-admin follow the new primary too (admin: a process started now)
+    assert server.request("GET", "/readyz")[0] == 200
+    wait_for(lambda: completed_by_admin() >= 6, what="taskserver-admin counting after the failover")
     output = server.output
     assert f"Redis primary of 'mymaster' is {HOST}:{new.port}" in output
     lost = output.count("Redis primary of 'mymaster' lost")
