@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -943,3 +945,65 @@ def test_a_waiting_get_answers_when_its_task_completes_after_a_failover(
     assert code == 200 and record["status"] == "completed", (code, record)
     assert took < 20, f"answered at {took:.2f} s: by its deadline, not by the news"
     assert answered_after_kill > failover_s, "the task finished before the failover"
+
+
+RECLAIMED = re.compile(r"gave (\d+) in-flight task\(s\) of worker-\d+ back to the queue")
+
+
+@pytest.mark.serial  # a failover, bounded in time
+def test_the_master_gives_dead_children_s_tasks_back_on_the_new_primary(
+    deployment: SentinelDeployment, twistd: Callable[..., Twistd]
+) -> None:
+    """After a failover, both children SIGKILLed with tasks in flight: the master (which
+    connects only to give tasks back) finds the new primary through the sentinels, moves
+    their tasks back there as suspects, and the replacement children take them again
+    (suspects run alone: one at a time, the others wait on the new primary)."""
+    server = twistd(
+        WORKERS="2",
+        RATE_LIMITS="",
+        TASK_HANDLER="sample_handlers:slow",
+        SLOW_HANDLER_S="30",
+        **sentinel_environment(deployment),
+    )
+    children = server.wait_until_ready(2)
+    task_ids = [server.post_task(f"held-{n}") for n in range(10)]
+    assert all(task_ids)
+    (replica,) = deployment.replicas()
+
+    def running_on_the_replica() -> bool:
+        return all(
+            deployment.data_command(replica, "HGET", f"taskserver:{{q}}:task:{t}", "status")
+            == "processing"
+            for t in task_ids
+        )
+
+    wait_for(running_on_the_replica, what="every task running, its record on the replica")
+    old = deployment.kill_primary()
+    deployment.wait_for_failover(old)
+    new = deployment.primary()
+    assert new is not None
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: sum(int(n) for n in RECLAIMED.findall(server.output)) >= len(task_ids),
+        timeout=30,
+        what="the master giving every in-flight task back",
+    )
+
+    def on_the_new_primary() -> tuple[Counter[str | None], int]:
+        statuses = Counter(
+            deployment.data_command(new, "HGET", f"taskserver:{{q}}:task:{t}", "status")
+            for t in task_ids
+        )
+        return statuses, int(deployment.data_command(new, "LLEN", "taskserver:{q}:suspects"))
+
+    # given back, a task is queued again (as a suspect); suspects run alone, so the
+    # replacements take them one at a time (processing: only they are alive to run it)
+    def taken_again() -> bool:
+        statuses, suspects = on_the_new_primary()
+        return statuses["processing"] >= 1 and statuses["processing"] + suspects == len(task_ids)
+
+    wait_for(taken_again, timeout=30, what="the tasks given back, and taken again, there")
+    statuses, suspects = on_the_new_primary()
+    print(f"on the new primary after the give-back: {dict(statuses)}, {suspects} suspects")
+    assert set(statuses) <= {"queued", "processing"}, statuses
