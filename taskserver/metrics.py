@@ -399,7 +399,7 @@ def worker_entry(
     restarts: int,
     in_flight: int,
     connections: int,
-    waiters: int = 0,
+    waiters: int,
 ) -> dict[str, Any]:
     """A child's workers entry, but ``seen_at`` (the flush script adds Redis's time).
 

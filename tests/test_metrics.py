@@ -443,7 +443,7 @@ async def test_a_child_s_flusher_keeps_its_entry_fresh_and_removes_it_at_a_stop(
         clock,
         1.0,
         worker_id="w-1-0",
-        worker=lambda: worker_entry("w-1-0", 1.0, 0, in_flight[0], 0),
+        worker=lambda: worker_entry("w-1-0", 1.0, 0, in_flight[0], 0, 0),
     )
     flusher.startService()
     tally.count("tasks_completed")

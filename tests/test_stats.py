@@ -322,7 +322,7 @@ async def test_what_the_flusher_writes_is_what_read_stats_reads(redis: Any, keys
     started = reactor.seconds() - 5
 
     def entry() -> dict[str, Any]:
-        return worker_entry("p", started, restarts=2, in_flight=1, connections=4)
+        return worker_entry("p", started, restarts=2, in_flight=1, connections=4, waiters=0)
 
     flusher = MetricsFlusher(tally, lambda: redis, keys, reactor, 2.0, worker_id="p", worker=entry)
     assert await flusher.flush()
