@@ -48,7 +48,7 @@ AUTH_FAILED_PREFIX = "Redis error: could not auth"
 #: ... and this when SELECT fails (REDIS_URL's database beyond the server's ``databases``).
 SELECT_FAILED_PREFIX = "Redis error: could not set dbid"
 #: ... and at most one line of each is written per this many seconds.
-AUTH_FAILED_LOG_EVERY_S = 60.0
+SETUP_REFUSED_LOG_EVERY_S = 60.0
 
 #: Redis error replies that mean "cannot serve now", not "your command is wrong".
 _UNAVAILABLE_REPLIES = (
@@ -190,7 +190,7 @@ class _NotAReconnectAttempt:
     """Says no to the per-attempt lines, maybe to everything else.
 
     A failed AUTH or SELECT is written, but at most once per
-    AUTH_FAILED_LOG_EVERY_S for each (by the events' own timestamps): it says
+    SETUP_REFUSED_LOG_EVERY_S for each (by the events' own timestamps): it says
     why Redis is unreachable, and the pool retries it twice a second.
     """
 
@@ -208,7 +208,7 @@ class _NotAReconnectAttempt:
             if message and str(message[0]).startswith(prefix):
                 now = float(event.get("log_time", 0.0))
                 last = self._failure_logged_at.get(prefix)
-                if last is not None and now - last < AUTH_FAILED_LOG_EVERY_S:
+                if last is not None and now - last < SETUP_REFUSED_LOG_EVERY_S:
                     return PredicateResult.no
                 self._failure_logged_at[prefix] = now
         return PredicateResult.maybe

@@ -35,11 +35,11 @@ from taskserver.cluster.embedded import (
 )
 from taskserver.config import ConfigError, RedisAddress
 from taskserver.redisclient import (
-    AUTH_FAILED_LOG_EVERY_S,
     AUTH_FAILED_PREFIX,
     RECONNECT_INITIAL_DELAY_S,
     RECONNECT_LOG_FORMAT,
     RECONNECT_MAX_DELAY_S,
+    SETUP_REFUSED_LOG_EVERY_S,
     RedisLinkWatch,
     RedisUnavailable,
     connect,
@@ -533,7 +533,7 @@ def test_the_address_file_keeps_the_password_from_other_users(tmp_path: Path) ->
 def test_failed_auth_lines_are_written_once_a_minute() -> None:
     seen: list[LogEvent] = []
     observer = without_reconnect_attempts(seen.append)
-    for at in (0.0, 1.0, AUTH_FAILED_LOG_EVERY_S - 0.5, AUTH_FAILED_LOG_EVERY_S + 0.5):
+    for at in (0.0, 1.0, SETUP_REFUSED_LOG_EVERY_S - 0.5, SETUP_REFUSED_LOG_EVERY_S + 0.5):
         observer(
             {
                 "log_namespace": "log_legacy",
@@ -541,7 +541,7 @@ def test_failed_auth_lines_are_written_once_a_minute() -> None:
                 "log_time": at,
             }
         )
-    assert [event["log_time"] for event in seen] == [0.0, AUTH_FAILED_LOG_EVERY_S + 0.5]
+    assert [event["log_time"] for event in seen] == [0.0, SETUP_REFUSED_LOG_EVERY_S + 0.5]
 
 
 @pytest_twisted.ensureDeferred
